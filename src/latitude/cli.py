@@ -1,0 +1,214 @@
+"""The `latitude` command. Thin: it parses arguments, calls the parts, and prints."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from latitude.lab import LabError, LabWorld
+from latitude.topology import TopologyError, default_lab_topology_path, load_topology
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run one web application in several regions.")
+lab_app = typer.Typer(no_args_is_help=True, help="The local world: regions joined by emulated ocean links.")
+app.add_typer(lab_app, name="lab")
+
+out = Console()
+err = Console(stderr=True)
+
+TopologyOption = Annotated[
+    Path | None, typer.Option("--topology", "-t", help="Topology file (default: the built-in three-region lab).")
+]
+StateDirOption = Annotated[
+    Path | None, typer.Option("--state-dir", help="Where the lab keeps its state (default: .latitude/lab).")
+]
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def progress_printer(quiet: bool = False):
+    def show(message: str) -> None:
+        if not quiet:
+            err.print(f"[dim]…[/dim] {message}", highlight=False)
+
+    return show
+
+
+@app.command()
+def check(file: Annotated[Path | None, typer.Argument(help="Topology file (default: ./latitude.toml).")] = None) -> None:
+    """Validate a topology file and print its regions."""
+    path = file or Path("latitude.toml")
+    topology = load_topology(path)
+    table = Table(title=f"{path}: {len(topology.regions)} regions, primary {topology.primary.name}")
+    for col in ("region", "role", "location", "public URL", "database", "session store"):
+        table.add_column(col)
+    for r in topology.regions:
+        table.add_row(
+            r.name, r.role, f"{r.latitude:.2f}, {r.longitude:.2f}", r.public_url or "(lab)",
+            _redact(r.database_url) or "(lab)", r.session_store_url or "(lab)",
+        )
+    out.print(table)
+    links = ", ".join(f"{a}↔{b} {topology.rtt_ms(a, b):.0f} ms" for a, b in topology.region_pairs())
+    if links:
+        out.print(f"links: {links}")
+    keys = ", ".join(k.id for k in topology.signing_keys) or "none"
+    out.print(f"signing keys: {keys} (signing with {topology.sign_with or '-'})")
+
+
+def _redact(url: str | None) -> str | None:
+    if not url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in creds else ''}@{host}"
+
+
+@lab_app.command("up")
+def lab_up(topology: TopologyOption = None, state_dir: StateDirOption = None) -> None:
+    """Start the local world: Postgres with streaming replicas, Valkey, emulated links."""
+    world = LabWorld(state_dir, topology, progress=progress_printer())
+    world.up()
+    print_status(world.status())
+
+
+@lab_app.command("status")
+def lab_status(
+    state_dir: StateDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show regions, ports, replication lag, links and what is down."""
+    status = LabWorld(state_dir).status()
+    if as_json:
+        print(json.dumps(status, indent=2))
+    else:
+        print_status(status)
+
+
+@lab_app.command("down")
+def lab_down(state_dir: StateDirOption = None) -> None:
+    """Stop everything the lab started."""
+    stopped = LabWorld(state_dir, progress=progress_printer()).down()
+    out.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@lab_app.command("link")
+def lab_link(
+    action: Annotated[str, typer.Argument(help="cut, heal, reset or set")],
+    a: Annotated[str, typer.Argument(help="One region of the link")],
+    b: Annotated[str, typer.Argument(help="The other region")],
+    rtt: Annotated[float | None, typer.Option("--rtt", help="New round-trip time in ms (set)")] = None,
+    jitter: Annotated[float | None, typer.Option("--jitter", help="New jitter in ms (set)")] = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Cut, heal, reset or re-time the link between two regions."""
+    result = LabWorld(state_dir).link(action, a, b, rtt_ms=rtt, jitter_ms=jitter)
+    out.print(f"{a}↔{b}: {result.get('state')}, RTT {result.get('rtt_ms')} ms")
+
+
+@lab_app.command("kill")
+def lab_kill(
+    region: str, part: Annotated[str, typer.Argument(help="db, sessions or app")], state_dir: StateDirOption = None
+) -> None:
+    """Kill one part of a region (as a crash would)."""
+    out.print(LabWorld(state_dir).kill(region, part))
+
+
+@lab_app.command("revive")
+def lab_revive(
+    region: str, part: Annotated[str, typer.Argument(help="db, sessions or app")], state_dir: StateDirOption = None
+) -> None:
+    """Start a killed part of a region again."""
+    out.print(LabWorld(state_dir).revive(region, part))
+
+
+def print_status(status: dict) -> None:
+    table = Table(title=f"lab world in {status['state_dir']}")
+    for col in ("region", "role", "pg", "valkey", "app", "replication", "lag bytes", "lag ms"):
+        table.add_column(col)
+    for r in status["regions"]:
+        ports = r["ports"]
+        lag_ms = "" if r["lag_ms"] is None else f"{r['lag_ms']:.1f}"
+        table.add_row(
+            r["name"], r["role"],
+            f"{ports['pg']} ({r['db']})", f"{ports['valkey']} ({r['sessions']})", f"{ports['app']} ({r['app']})",
+            r["replication"] or "-", "" if r["lag_bytes"] is None else str(r["lag_bytes"]), lag_ms,
+        )
+    out.print(table)
+    links = Table(title="links")
+    for col in ("link", "RTT ms", "jitter ms", "state", "open connections"):
+        links.add_column(col)
+    for link in status["links"]:
+        links.add_row(
+            f"{link['a']} ↔ {link['b']}", f"{link.get('rtt_ms') or 0:.0f}", f"{link.get('jitter_ms') or 0:.0f}",
+            str(link.get("state")), str(link.get("connections", "")),
+        )
+    out.print(links)
+    out.print(f"down: {', '.join(status['down'])}" if status["down"] else "down: nothing")
+
+
+@app.command()
+def demo(
+    once: Annotated[bool, typer.Option("--once", help="Print the figures, then tear the world down.")] = False,
+    topology: TopologyOption = None,
+    state_dir: StateDirOption = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON.")] = None,
+) -> None:
+    """Bring the default world up, show it, and keep it running until Ctrl-C."""
+    world = LabWorld(state_dir, topology, progress=progress_printer())
+    world.up()
+    try:
+        status = world.status()
+        print_status(status)
+        if json_file:
+            json_file.write_text(json.dumps(status, indent=2))
+        if not once:
+            out.print("the world is running; press Ctrl-C to stop it")
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            try:
+                signal.pause()
+            except KeyboardInterrupt:
+                pass
+    finally:
+        stopped = world.down()
+        out.print(f"stopped: {', '.join(stopped)}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except TopologyError as exc:
+        for problem in exc.problems:
+            err.print(f"{exc.source}: {problem}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except LabError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["app", "main", "default_lab_topology_path"]

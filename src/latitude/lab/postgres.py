@@ -1,0 +1,219 @@
+"""One lab Postgres server: a primary made by `initdb`, or a streaming replica made by
+`pg_basebackup -R` from the primary through the emulated link."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from latitude.lab.binaries import RunAs
+
+DATABASE = "app"
+SUPERUSER = "postgres"
+
+# Lab-only settings: durability against a machine crash buys nothing here and costs seconds.
+LAB_SETTINGS = {
+    "listen_addresses": "'127.0.0.1'",
+    "unix_socket_directories": "''",
+    "fsync": "off",
+    "full_page_writes": "off",
+    "shared_buffers": "32MB",
+    "max_connections": "200",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "wal_receiver_status_interval": "1s",
+    "hot_standby_feedback": "on",
+    "log_min_messages": "warning",
+}
+
+
+class PostgresError(Exception):
+    pass
+
+
+def database_url(port: int, host: str = "127.0.0.1") -> str:
+    return f"postgresql://{SUPERUSER}@{host}:{port}/{DATABASE}"
+
+
+@dataclass
+class PostgresNode:
+    name: str
+    data_dir: Path
+    port: int
+    bin_dir: Path
+    run_as: RunAs
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir.parent / "postgres.log"
+
+    @property
+    def url(self) -> str:
+        return database_url(self.port)
+
+    def _run(self, tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.bin_dir / tool), *args]
+        env = {**os.environ, "LC_ALL": "C", "PGCONNECT_TIMEOUT": "10"}
+        try:
+            result = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                **self.run_as.popen_kwargs(),
+            )
+        except subprocess.TimeoutExpired:
+            raise PostgresError(
+                f"{self.name}: {tool} did not finish within {timeout:.0f} s"
+            ) from None
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            raise PostgresError(f"{self.name}: {tool} failed: {' | '.join(detail)}")
+        return result
+
+    def _prepare_parent(self) -> None:
+        parent = self.data_dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.run_as.own(parent)
+        if self.data_dir.exists():
+            shutil.rmtree(self.data_dir)
+
+    def _configure(self, extra: dict[str, str]) -> None:
+        settings = {**LAB_SETTINGS, "port": str(self.port), **extra}
+        with open(self.data_dir / "postgresql.auto.conf", "a", encoding="utf-8") as f:
+            f.write("\n# latitude lab\n")
+            for key, value in settings.items():
+                f.write(f"{key} = {value}\n")
+
+    def init_primary(self) -> None:
+        self._prepare_parent()
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
+        self._configure({})
+        with open(self.data_dir / "pg_hba.conf", "a", encoding="utf-8") as f:
+            f.write("host replication all 127.0.0.1/32 trust\n")
+
+    def create_database(self) -> None:
+        with psycopg.connect(
+            database_url(self.port).rsplit("/", 1)[0] + "/postgres", autocommit=True
+        ) as c:
+            exists = c.execute(
+                "select 1 from pg_database where datname = %s", (DATABASE,)
+            ).fetchone()
+            if not exists:
+                c.execute(f"create database {DATABASE}")
+
+    def init_replica(self, upstream_port: int, slot: str) -> None:
+        """Clone the primary through `upstream_port` (the link relay), streaming via a slot."""
+        self._prepare_parent()
+        self._run(
+            "pg_basebackup",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(upstream_port),
+            "-U",
+            SUPERUSER,
+            "-D",
+            str(self.data_dir),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+            "-C",
+            "-S",
+            slot,
+            timeout=300,
+        )
+        self._configure(
+            {
+                "primary_conninfo": (
+                    f"'host=127.0.0.1 port={upstream_port} user={SUPERUSER} "
+                    f"application_name={self.name} connect_timeout=5'"
+                ),
+                "primary_slot_name": f"'{slot}'",
+            }
+        )
+
+    def start(self, timeout: float = 60) -> None:
+        self._run(
+            "pg_ctl",
+            "start",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_file),
+            "-w",
+            "-t",
+            str(int(timeout)),
+            "-s",
+            timeout=timeout + 5,
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        if not self.is_running():
+            return
+        self._run(
+            "pg_ctl",
+            "stop",
+            "-D",
+            str(self.data_dir),
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            "30",
+            "-s",
+            timeout=40,
+        )
+
+    def pid(self) -> int | None:
+        try:
+            first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+            pid = int(first)
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                with psycopg.connect(self.url, connect_timeout=2):
+                    return
+            except psycopg.Error as exc:
+                last = exc
+                time.sleep(0.1)
+        raise PostgresError(
+            f"{self.name}: Postgres on port {self.port} not ready after {timeout:.0f} s: {last}"
+        )

@@ -1,0 +1,647 @@
+"""The local world: one process group per region (Postgres, Valkey, the region's app), joined by
+the WAN emulator's links, with replication from the primary flowing through those links.
+
+State lives in one folder (default `.latitude/lab/`): `state.json` says what runs where, and
+`regions/<name>.toml` is the topology as seen from each region (other regions' URLs point at
+the relays of the link between them), which is what the region's processes are started with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from latitude.lab import process
+from latitude.lab.binaries import RunAs, postgres_bin_dir, reachable_by_others, valkey_server_binary
+from latitude.lab.postgres import PostgresError, PostgresNode, database_url
+from latitude.topology import Topology, default_lab_topology_path, load_topology
+
+LAB_KEY_ENV = "LATITUDE_LAB_KEY"
+PARTS = ("db", "sessions", "app")
+# Services a region offers to the other regions, each reached through the link between them.
+REMOTE_SERVICES = ("pg", "app", "mirror")
+
+Progress = Callable[[str], None]
+
+
+class LabError(Exception):
+    """The lab cannot do what was asked; the message says why and what to do."""
+
+
+class LabAlreadyRunning(LabError):
+    pass
+
+
+class LabNotRunning(LabError):
+    pass
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("LATITUDE_LAB_DIR", ".latitude/lab"))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class LinkControl:
+    """A client for the supervisor's loopback control API."""
+
+    port: int
+    token: str
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> dict:
+        import urllib.error
+        import urllib.request
+
+        from latitude.lab.supervisor import TOKEN_HEADER
+
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+            headers={TOKEN_HEADER: self.token, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("error", str(exc))
+            except ValueError:
+                message = str(exc)
+            raise LabError(message) from None
+        except OSError as exc:
+            raise LabError(f"the lab's link supervisor does not answer ({exc}); run `latitude lab down` and `latitude lab up`") from None
+
+
+class LabWorld:
+    def __init__(
+        self,
+        state_dir: Path | str | None = None,
+        topology_path: Path | str | None = None,
+        progress: Progress | None = None,
+    ):
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.state_dir = self.state_dir.absolute()
+        self._topology_path = Path(topology_path) if topology_path else None
+        self.progress: Progress = progress or (lambda _msg: None)
+
+    # ---- state ---------------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    def state(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            raise LabNotRunning(
+                f"no lab world in {self.state_dir}; start one with `latitude lab up`"
+            ) from None
+        except ValueError as exc:
+            raise LabError(f"{self.state_file} is damaged ({exc}); run `latitude lab down`") from None
+
+    def _write_state(self, state: dict) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.state_file)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LabError(
+                    f"another latitude command is changing the lab in {self.state_dir}; wait for it"
+                ) from None
+            yield
+
+    def is_running(self) -> bool:
+        try:
+            state = self.state()
+        except LabError:
+            return False
+        return process.read_pid(Path(state["supervisor"]["pid_file"])) is not None
+
+    def topology(self) -> Topology:
+        return load_topology(self.state_dir / "topology.toml")
+
+    def control(self) -> LinkControl:
+        state = self.state()
+        info_file = self.state_dir / "supervisor.json"
+        try:
+            info = json.loads(info_file.read_text())
+        except (OSError, ValueError):
+            raise LabNotRunning(
+                "the lab's link supervisor is not running; run `latitude lab down` then `latitude lab up`"
+            ) from None
+        del state
+        return LinkControl(info["port"], info["token"])
+
+    def region_env(self, region: str) -> dict[str, str]:
+        """Environment for a process of `region`: its topology file and the signing secret."""
+        state = self.state()
+        if region not in state["regions"]:
+            raise LabError(f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})")
+        return {
+            **os.environ,
+            LAB_KEY_ENV: state["secret"],
+            "LATITUDE_TOPOLOGY": state["regions"][region]["topology_file"],
+            "LATITUDE_REGION": region,
+        }
+
+    # ---- up ------------------------------------------------------------------------------
+
+    def up(self) -> dict:
+        with self._lock():
+            if self.is_running():
+                state = self.state()
+                raise LabAlreadyRunning(
+                    f"a lab world is already running from {self.state_dir} (started "
+                    f"{time.strftime('%H:%M:%S', time.localtime(state['started_at']))}); "
+                    "use `latitude lab status`, or `latitude lab down` before another `up`"
+                )
+            if self.state_file.exists():
+                self.progress("cleaning up a world that did not shut down")
+                self._down_locked()
+            try:
+                return self._up_locked()
+            except BaseException:
+                self.progress("start-up failed; stopping what was started")
+                with contextlib.suppress(Exception):
+                    self._down_locked()
+                raise
+
+    def _up_locked(self) -> dict:
+        started = time.monotonic()
+        source = self._topology_path or default_lab_topology_path()
+        topology = load_topology(source)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o755)
+        shutil.copyfile(source, self.state_dir / "topology.toml")
+        run_as = RunAs.for_postgres()
+        bin_dir = postgres_bin_dir(run_as)
+        valkey_bin = valkey_server_binary()
+        data_root = self._data_root(run_as)
+
+        names = [r.name for r in topology.regions]
+        ports = iter(_free_ports(4 * len(names)))
+        state: dict = {
+            "version": 1,
+            "started_at": time.time(),
+            "source_topology": str(Path(source).absolute()),
+            "secret": secrets.token_urlsafe(48),
+            "data_root": str(data_root),
+            "pg_bin": str(bin_dir),
+            "valkey_bin": str(valkey_bin),
+            "run_as": run_as.name,
+            "supervisor": {"pid_file": str(self.state_dir / "supervisor.pid")},
+            "primary": topology.primary.name,
+            "regions": {},
+        }
+        for r in topology.regions:
+            state["regions"][r.name] = {
+                "role": r.role,
+                "pg_port": next(ports),
+                "pg_data": str(data_root / r.name / "pg" / "data"),
+                "valkey_port": next(ports),
+                "app_port": next(ports),
+                "mirror_port": next(ports),
+                "relays": {},
+                "app": None,
+            }
+        self._write_state(state)
+
+        self.progress(f"starting the WAN emulator ({len(topology.region_pairs())} links)")
+        self._start_supervisor()
+        control = self.control()
+        for target in names:
+            for source_region in names:
+                if source_region == target:
+                    continue
+                relays = {}
+                for service in REMOTE_SERVICES:
+                    port = state["regions"][target][f"{service}_port"]
+                    relays[service] = control.call(
+                        "POST", "/relays", {"a": source_region, "b": target, "port": port}
+                    )["port"]
+                state["regions"][target]["relays"][source_region] = relays
+        self._write_state(state)
+
+        primary = topology.primary.name
+        pnode = self._pg(state, primary)
+        self.progress(f"{primary}: initdb and start the primary database")
+        pnode.init_primary()
+        pnode.start()
+        pnode.create_database()
+        for r in topology.regions:
+            if r.primary:
+                continue
+            rtt = topology.rtt_ms(r.name, primary)
+            self.progress(
+                f"{r.name}: pg_basebackup from {primary} over the emulated link ({rtt:.0f} ms RTT)"
+            )
+            node = self._pg(state, r.name)
+            upstream = state["regions"][primary]["relays"][r.name]["pg"]
+            node.init_replica(upstream, slot=r.name.replace("-", "_"))
+            node.start()
+        for name in names:
+            self.progress(f"{name}: start the Valkey session store")
+            self._start_valkey(state, name)
+        for name in names:
+            self._write_region_topology(state, topology, name)
+        self._write_state(state)
+        self.progress(f"waiting for replicas to stream from {primary}")
+        self._wait_streaming(state, topology, timeout=60)
+        state["up_seconds"] = round(time.monotonic() - started, 2)
+        self._write_state(state)
+        self.progress(f"world up in {state['up_seconds']:.1f} s")
+        return state
+
+    def _data_root(self, run_as: RunAs) -> Path:
+        root = self.state_dir / "regions"
+        if run_as.is_other and not reachable_by_others(self.state_dir):
+            # The database user cannot reach our state folder: keep its data in a private tmp dir.
+            root = Path(tempfile.mkdtemp(prefix="latitude-lab-"))
+            os.chmod(root, 0o755)
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def _pg(self, state: dict, region: str) -> PostgresNode:
+        r = state["regions"][region]
+        return PostgresNode(
+            name=region,
+            data_dir=Path(r["pg_data"]),
+            port=r["pg_port"],
+            bin_dir=Path(state["pg_bin"]),
+            run_as=RunAs.for_postgres(),
+        )
+
+    def _start_supervisor(self) -> None:
+        pid_file = self.state_dir / "supervisor.pid"
+        (self.state_dir / "supervisor.json").unlink(missing_ok=True)
+        process.start_detached(
+            [sys.executable, "-m", "latitude.lab.supervisor", str(self.state_dir)],
+            log_file=self.state_dir / "supervisor.log",
+            pid_file=pid_file,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if (self.state_dir / "supervisor.json").exists():
+                return
+            if process.read_pid(pid_file) is None:
+                break
+            time.sleep(0.02)
+        log = (self.state_dir / "supervisor.log").read_text(errors="replace")[-2000:]
+        raise LabError(f"the link supervisor did not start; its log says:\n{log}")
+
+    def _valkey_dir(self, state: dict, region: str) -> Path:
+        return self.state_dir / "regions" / region / "valkey"
+
+    def _start_valkey(self, state: dict, region: str) -> None:
+        folder = self._valkey_dir(state, region)
+        folder.mkdir(parents=True, exist_ok=True)
+        port = state["regions"][region]["valkey_port"]
+        process.start_detached(
+            [
+                state["valkey_bin"], "--port", str(port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(folder),
+                "--protected-mode", "no", "--daemonize", "no",
+            ],
+            log_file=folder / "valkey.log",
+            pid_file=folder / "valkey.pid",
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        raise LabError(f"{region}: Valkey did not answer on port {port}; see {folder / 'valkey.log'}")
+
+    def _write_region_topology(self, state: dict, topology: Topology, region: str) -> None:
+        """The topology as region `region` sees it: other regions reached through the links."""
+
+        def port_from(target: str, service: str) -> int:
+            t = state["regions"][target]
+            return t[f"{service}_port"] if target == region else t["relays"][region][service]
+
+        primary = topology.primary.name
+        lines = [
+            f"# Generated by `latitude lab up`: the world as seen from {region}.",
+            "",
+            "[app]",
+            f'name = "{topology.app_name}"',
+            "",
+        ]
+        for r in topology.regions:
+            lines += [
+                "[[regions]]",
+                f'name = "{r.name}"',
+                f"primary = {'true' if r.primary else 'false'}",
+                f"location = [{r.latitude}, {r.longitude}]",
+                f'public_url = "http://127.0.0.1:{port_from(r.name, "app")}"',
+                f'internal_url = "http://127.0.0.1:{port_from(r.name, "app")}"',
+                f'mirror_url = "http://127.0.0.1:{port_from(r.name, "mirror")}"',
+                f'database_url = "{database_url(port_from(r.name, "pg"))}"',
+                f'session_store_url = "redis://127.0.0.1:{state["regions"][r.name]["valkey_port"]}/0"',
+            ]
+            if not r.primary:
+                lines.append(f'primary_database_url = "{database_url(port_from(primary, "pg"))}"')
+            lines.append("")
+        lines += [
+            "[signing]",
+            f'keys = [{{ id = "lab-1", env = "{LAB_KEY_ENV}" }}]',
+            "",
+            "[routes]",
+            f"local = {json.dumps(list(topology.routes.local))}",
+            f"always_forward = {json.dumps(list(topology.routes.always_forward))}",
+            "",
+            "[links]",
+            f"default_rtt_ms = {topology.default_rtt_ms}",
+            "",
+        ]
+        for a, b in topology.region_pairs():
+            link = topology.link(a, b)
+            lines += [
+                "[[links.rtt]]",
+                f'between = ["{a}", "{b}"]',
+                f"rtt_ms = {link.rtt_ms}",
+                f"jitter_ms = {link.jitter_ms}",
+                "",
+            ]
+        for table in ("gateway", "mirror", "routing"):
+            values = getattr(topology, table)
+            if values:
+                lines.append(f"[{table}]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+                lines.append("")
+        path = self.state_dir / "regions" / region / "latitude.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines))
+        state["regions"][region]["topology_file"] = str(path)
+
+    def _wait_streaming(self, state: dict, topology: Topology, timeout: float) -> None:
+        replicas = {r.name for r in topology.regions if not r.primary}
+        deadline = time.monotonic() + timeout
+        seen: set[str] = set()
+        while time.monotonic() < deadline:
+            seen = {row["region"] for row in self._replication_rows(state) if row["state"] == "streaming"}
+            if replicas <= seen:
+                return
+            time.sleep(0.05)
+        raise LabError(f"replicas not streaming after {timeout:.0f} s: {', '.join(sorted(replicas - seen))}")
+
+    # ---- status --------------------------------------------------------------------------
+
+    def _replication_rows(self, state: dict) -> list[dict]:
+        primary = state["primary"]
+        url = database_url(state["regions"][primary]["pg_port"])
+        try:
+            with psycopg.connect(url, connect_timeout=2, autocommit=True) as c:
+                rows = c.execute(
+                    "select application_name, state,"
+                    " pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint,"
+                    " extract(epoch from replay_lag) * 1000"
+                    " from pg_stat_replication"
+                ).fetchall()
+        except psycopg.Error:
+            return []
+        return [
+            {"region": r[0], "state": r[1], "lag_bytes": r[2], "lag_ms": float(r[3]) if r[3] is not None else None}
+            for r in rows
+        ]
+
+    def status(self) -> dict:
+        state = self.state()
+        topology = self.topology()
+        supervisor_up = self.is_running()
+        links: list[dict] = []
+        if supervisor_up:
+            with contextlib.suppress(LabError):
+                links = self.control().call("GET", "/status", timeout=5)["links"]
+        replication = {row["region"]: row for row in self._replication_rows(state)}
+        regions = []
+        down: list[str] = [] if supervisor_up else ["link supervisor"]
+        for name, r in state["regions"].items():
+            pg_up = self._pg(state, name).is_running()
+            valkey_up = process.read_pid(self._valkey_dir(state, name) / "valkey.pid") is not None
+            app_pid = process.read_pid(self._app_pid_file(name))
+            app_state = "up" if app_pid else ("down" if r.get("app") else "none")
+            rep = replication.get(name)
+            lag_bytes = lag_ms = None
+            if r["role"] == "replica" and rep:
+                lag_bytes = rep["lag_bytes"]
+                lag_ms = rep["lag_ms"] if rep["lag_ms"] is not None else (0.0 if lag_bytes == 0 else None)
+            if not pg_up:
+                down.append(f"{name} db")
+            if not valkey_up:
+                down.append(f"{name} sessions")
+            if app_state == "down":
+                down.append(f"{name} app")
+            if r["role"] == "replica" and pg_up and not rep:
+                down.append(f"{name} replication")
+            regions.append(
+                {
+                    "name": name,
+                    "role": r["role"],
+                    "database_url": database_url(r["pg_port"]),
+                    "session_store_url": f"redis://127.0.0.1:{r['valkey_port']}/0",
+                    "app_url": f"http://127.0.0.1:{r['app_port']}",
+                    "mirror_url": f"http://127.0.0.1:{r['mirror_port']}",
+                    "topology_file": r.get("topology_file"),
+                    "ports": {"pg": r["pg_port"], "valkey": r["valkey_port"], "app": r["app_port"], "mirror": r["mirror_port"]},
+                    "db": "up" if pg_up else "down",
+                    "sessions": "up" if valkey_up else "down",
+                    "app": app_state,
+                    "replication": rep["state"] if rep else (None if r["role"] == "primary" else "not streaming"),
+                    "lag_bytes": lag_bytes,
+                    "lag_ms": lag_ms,
+                }
+            )
+        return {
+            "state_dir": str(self.state_dir),
+            "primary": state["primary"],
+            "started_at": state["started_at"],
+            "up_seconds": state.get("up_seconds"),
+            "regions": regions,
+            "links": [
+                {
+                    "a": link["a"], "b": link["b"], "rtt_ms": link.get("rtt_ms"),
+                    "jitter_ms": link.get("jitter_ms"), "state": link.get("state"),
+                    "connections": link.get("connections_open"),
+                }
+                for link in links
+            ] or [
+                {"a": a, "b": b, "rtt_ms": topology.rtt_ms(a, b), "state": "unknown"}
+                for a, b in topology.region_pairs()
+            ],
+            "down": down,
+        }
+
+    # ---- links and parts -----------------------------------------------------------------
+
+    def link(self, action: str, a: str, b: str, rtt_ms: float | None = None, jitter_ms: float | None = None) -> dict:
+        if action not in ("cut", "heal", "reset", "set"):
+            raise LabError(f"unknown link action {action!r}; use cut, heal, reset or set")
+        body: dict = {"a": a, "b": b}
+        if action == "set":
+            if rtt_ms is None and jitter_ms is None:
+                raise LabError("`link set` needs --rtt MS (and/or --jitter MS)")
+            if rtt_ms is not None:
+                if rtt_ms < 0:
+                    raise LabError(f"--rtt must be >= 0, got {rtt_ms}")
+                body["rtt_ms"] = rtt_ms
+            if jitter_ms is not None:
+                body["jitter_ms"] = jitter_ms
+        return self.control().call("POST", f"/links/{action}", body)
+
+    def relay_port(self, from_region: str, to_region: str, service: str) -> int:
+        """The port a process in `from_region` dials to reach `to_region`'s service."""
+        state = self.state()
+        target = state["regions"][to_region]
+        if from_region == to_region:
+            return target[f"{service}_port"]
+        return target["relays"][from_region][service]
+
+    def add_relay(self, from_region: str, to_region: str, port: int) -> int:
+        """A new relay across the link, for a service of the caller's own (tests, benchmarks)."""
+        return self.control().call("POST", "/relays", {"a": from_region, "b": to_region, "port": port})["port"]
+
+    def _app_pid_file(self, region: str) -> Path:
+        return self.state_dir / "regions" / region / "app.pid"
+
+    def set_app(self, region: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        """Fill a region's app slot with a command and start it (it is restarted by `revive`)."""
+        with self._lock():
+            state = self.state()
+            state["regions"][region]["app"] = {"argv": argv, "env": env or {}}
+            self._write_state(state)
+            self._start_app(state, region)
+
+    def _start_app(self, state: dict, region: str) -> None:
+        spec = state["regions"][region]["app"]
+        if not spec:
+            raise LabError(f"{region} has no app in this world; the lab's app slot is filled by `latitude demo`")
+        env = {**self.region_env(region), **spec["env"]}
+        process.start_detached(
+            spec["argv"],
+            log_file=self.state_dir / "regions" / region / "app.log",
+            pid_file=self._app_pid_file(region),
+            env=env,
+        )
+
+    def _check_part(self, region: str, part: str) -> dict:
+        state = self.state()
+        if region not in state["regions"]:
+            raise LabError(f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})")
+        if part not in PARTS:
+            raise LabError(f"unknown part {part!r}; use one of {', '.join(PARTS)}")
+        return state
+
+    def kill(self, region: str, part: str) -> str:
+        with self._lock():
+            state = self._check_part(region, part)
+            if part == "db":
+                node = self._pg(state, region)
+                if not node.is_running():
+                    return f"{region} db was already down"
+                node.stop(mode="immediate")
+            elif part == "sessions":
+                if not process.stop_pid_file(self._valkey_dir(state, region) / "valkey.pid", sig=signal.SIGKILL):
+                    return f"{region} sessions were already down"
+            else:
+                if not state["regions"][region]["app"]:
+                    raise LabError(f"{region} has no app in this world")
+                if not process.stop_pid_file(self._app_pid_file(region), sig=signal.SIGKILL):
+                    return f"{region} app was already down"
+            return f"{region} {part} killed"
+
+    def revive(self, region: str, part: str) -> str:
+        with self._lock():
+            state = self._check_part(region, part)
+            if part == "db":
+                node = self._pg(state, region)
+                if node.is_running():
+                    return f"{region} db is already up"
+                node.start()
+            elif part == "sessions":
+                if process.read_pid(self._valkey_dir(state, region) / "valkey.pid"):
+                    return f"{region} sessions are already up"
+                self._start_valkey(state, region)
+            else:
+                if process.read_pid(self._app_pid_file(region)):
+                    return f"{region} app is already up"
+                self._start_app(state, region)
+            return f"{region} {part} revived"
+
+    # ---- down ----------------------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        with self._lock():
+            if not self.state_file.exists():
+                raise LabNotRunning(f"no lab world in {self.state_dir}; nothing to stop")
+            return self._down_locked()
+
+    def _down_locked(self) -> list[str]:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            state = {"regions": {}}
+        stopped: list[str] = []
+        for name in state.get("regions", {}):
+            if process.stop_pid_file(self._app_pid_file(name)):
+                stopped.append(f"{name} app")
+        for name in state.get("regions", {}):
+            try:
+                node = self._pg(state, name)
+                if node.is_running():
+                    self.progress(f"{name}: stopping Postgres")
+                    try:
+                        node.stop(mode="fast")
+                    except PostgresError:
+                        pid = node.pid()
+                        if pid:
+                            process.stop_pid(pid)
+                    stopped.append(f"{name} db")
+            except KeyError:
+                pass
+            if process.stop_pid_file(self._valkey_dir(state, name) / "valkey.pid"):
+                stopped.append(f"{name} sessions")
+        if process.stop_pid_file(self.state_dir / "supervisor.pid"):
+            stopped.append("link supervisor")
+        data_root = state.get("data_root")
+        if data_root and not Path(data_root).is_relative_to(self.state_dir):
+            shutil.rmtree(data_root, ignore_errors=True)
+        self.state_file.unlink(missing_ok=True)
+        (self.state_dir / "supervisor.json").unlink(missing_ok=True)
+        return stopped

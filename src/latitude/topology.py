@@ -1,0 +1,525 @@
+"""The topology file, `latitude.toml`: regions, the primary, URLs, keys, routes, links.
+
+Loading never raises on bad input with a traceback-worthy error: every problem found becomes
+one line in `TopologyError.problems`, naming the key and saying how to fix it, so a user sees
+all of them at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlsplit
+
+MIN_SECRET_BYTES = 32
+
+HTTP_SCHEMES = ("http", "https")
+DATABASE_SCHEMES = ("postgresql", "postgres")
+SESSION_STORE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "unix", "memory")
+
+# Every key the file may hold, per table. A key outside these is a typo until proven otherwise.
+TOP_LEVEL_KEYS = {
+    "app",
+    "regions",
+    "signing",
+    "routes",
+    "links",
+    "gateway",
+    "mirror",
+    "routing",
+    "lab",
+}
+REGION_KEYS = {
+    "name",
+    "primary",
+    "location",
+    "public_url",
+    "internal_url",
+    "database_url",
+    "primary_database_url",
+    "session_store_url",
+    "mirror_url",
+}
+TABLE_KEYS: dict[str, set[str]] = {
+    "app": {"name"},
+    "signing": {"keys", "sign_with"},
+    "signing.keys": {"id", "env"},
+    "routes": {"local", "always_forward"},
+    "links": {"default_rtt_ms", "jitter_ms", "rtt"},
+    "links.rtt": {"between", "rtt_ms", "jitter_ms"},
+    "gateway": {
+        "deadline_s",
+        "connect_timeout_s",
+        "read_wait_s",
+        "session_limit_bytes",
+        "pooling",
+        "pool_size",
+        "session_cookie",
+        "session_key_template",
+        "consistency",
+    },
+    "mirror": {"root", "indexes", "retention_s", "max_lag_s", "poll_timeout_s"},
+    "routing": {
+        "zone",
+        "name",
+        "ttl_s",
+        "check_interval_s",
+        "check_threshold",
+        "check_path",
+        "history_path",
+    },
+    "lab": {"state_dir"},
+}
+
+
+class TopologyError(Exception):
+    """The topology file cannot be used; `problems` holds one line per problem found."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    primary: bool
+    latitude: float
+    longitude: float
+    public_url: str | None = None
+    internal_url: str | None = None
+    database_url: str | None = None
+    primary_database_url: str | None = None
+    session_store_url: str | None = None
+    mirror_url: str | None = None
+
+    @property
+    def role(self) -> str:
+        return "primary" if self.primary else "replica"
+
+
+@dataclass(frozen=True)
+class SigningKeySpec:
+    """A signing key as named in the file; the secret itself only ever lives in the environment."""
+
+    id: str
+    env: str
+    secret: bytes | None
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    a: str
+    b: str
+    rtt_ms: float
+    jitter_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Routes:
+    local: tuple[str, ...] = ()
+    always_forward: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Topology:
+    regions: tuple[Region, ...]
+    signing_keys: tuple[SigningKeySpec, ...] = ()
+    sign_with: str | None = None
+    routes: Routes = Routes()
+    links: tuple[LinkSpec, ...] = ()
+    default_rtt_ms: float = 100.0
+    gateway: Mapping[str, object] = field(default_factory=dict)
+    mirror: Mapping[str, object] = field(default_factory=dict)
+    routing: Mapping[str, object] = field(default_factory=dict)
+    app_name: str = "app"
+    is_lab: bool = False
+    source: str = "<memory>"
+
+    @property
+    def primary(self) -> Region:
+        return next(r for r in self.regions if r.primary)
+
+    def region(self, name: str) -> Region:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        known = ", ".join(r.name for r in self.regions)
+        raise KeyError(f"no region named {name!r} in {self.source} (regions: {known})")
+
+    def link(self, a: str, b: str) -> LinkSpec:
+        """The link between two regions; unlisted pairs get the default RTT."""
+        for link in self.links:
+            if {link.a, link.b} == {a, b}:
+                return link
+        return LinkSpec(a, b, self.default_rtt_ms)
+
+    def rtt_ms(self, a: str, b: str) -> float:
+        return 0.0 if a == b else self.link(a, b).rtt_ms
+
+    def region_pairs(self) -> list[tuple[str, str]]:
+        names = [r.name for r in self.regions]
+        return [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+
+
+def default_lab_topology_path() -> Path:
+    """The three-region lab topology that ships inside the package."""
+    return Path(str(resources.files("latitude").joinpath("data/lab.toml")))
+
+
+def load_topology(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> Topology:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TopologyError(
+            str(path), ["file not found; create it or pass --topology PATH to an existing file"]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TopologyError(str(path), [f"cannot read the file: {exc}"]) from None
+    return parse_topology(text, source=str(path), environ=environ)
+
+
+def parse_topology(
+    text: str, source: str = "<memory>", environ: Mapping[str, str] | None = None
+) -> Topology:
+    environ = os.environ if environ is None else environ
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError(source, [f"malformed TOML: {exc}"]) from None
+    return _Validator(source, environ).build(data)
+
+
+class _Validator:
+    def __init__(self, source: str, environ: Mapping[str, str]):
+        self.source = source
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{key}: {message}")
+
+    def check_keys(self, where: str, table: Mapping[str, object], allowed: set[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1)
+                hint = (
+                    f"did you mean {close[0]!r}?"
+                    if close
+                    else f"allowed: {', '.join(sorted(allowed))}"
+                )
+                self.problem(f"{where}.{key}" if where else key, f"unknown key; {hint}")
+
+    def table(self, data: Mapping[str, object], name: str) -> dict[str, object]:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            self.problem(name, f"must be a table, like [{name}]")
+            return {}
+        self.check_keys(name, value, TABLE_KEYS[name])
+        return value
+
+    def number(self, where: str, value: object, *, minimum: float = 0.0) -> float | None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            self.problem(where, f"must be a number, got {value!r}")
+            return None
+        if value < minimum:
+            self.problem(where, f"must be at least {minimum:g}, got {value!r}")
+            return None
+        return float(value)
+
+    def url(self, where: str, value: object, schemes: tuple[str, ...], example: str) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.problem(where, f"must be a URL string like {example}")
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            self.problem(where, f"{value!r} is not a valid URL ({exc}); write it like {example}")
+            return None
+        if parts.scheme not in schemes:
+            self.problem(
+                where,
+                f"{value!r} must use {' or '.join(s + '://' for s in schemes)}; "
+                f"write it like {example}",
+            )
+            return None
+        if parts.scheme not in ("unix", "memory") and not parts.hostname:
+            self.problem(where, f"{value!r} has no host; write it like {example}")
+            return None
+        return value
+
+    def build(self, data: dict[str, object]) -> Topology:
+        self.check_keys("", data, TOP_LEVEL_KEYS)
+        is_lab = "lab" in data
+        if is_lab:
+            self.table(data, "lab")
+        regions = self.regions(data.get("regions"), is_lab)
+        names = {r.name for r in regions}
+        keys, sign_with = self.signing(self.table(data, "signing"), is_lab)
+        routes = self.routes(self.table(data, "routes"))
+        default_rtt, links = self.links(self.table(data, "links"), names)
+        app = self.table(data, "app")
+        gateway = self.table(data, "gateway")
+        mirror = self.table(data, "mirror")
+        routing = self.table(data, "routing")
+        if self.problems:
+            raise TopologyError(self.source, self.problems)
+        return Topology(
+            regions=tuple(regions),
+            signing_keys=tuple(keys),
+            sign_with=sign_with,
+            routes=routes,
+            links=tuple(links),
+            default_rtt_ms=default_rtt,
+            gateway=gateway,
+            mirror=mirror,
+            routing=routing,
+            app_name=str(app.get("name", "app")),
+            is_lab=is_lab,
+            source=self.source,
+        )
+
+    def regions(self, raw: object, is_lab: bool) -> list[Region]:
+        if raw is None:
+            self.problem("regions", "no regions; add at least one [[regions]] table with a name")
+            return []
+        if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+            self.problem("regions", "must be an array of tables: write each region as [[regions]]")
+            return []
+        regions: list[Region] = []
+        seen: dict[str, str] = {}
+        for i, r in enumerate(raw, start=1):
+            where = f"regions[{i}]"
+            self.check_keys(where, r, REGION_KEYS)
+            name = r.get("name")
+            if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", name):
+                self.problem(
+                    f"{where}.name",
+                    f"{name!r} is not a region name; use lowercase letters, digits and '-', "
+                    'like name = "eu-west"',
+                )
+                continue
+            where = f"regions[{i}] ({name})"
+            if name in seen:
+                self.problem(
+                    f"{where}.name",
+                    f"duplicate region {name!r}, already defined by {seen[name]}; "
+                    "give each region a unique name",
+                )
+                continue
+            seen[name] = where
+            primary = r.get("primary", False)
+            if not isinstance(primary, bool):
+                self.problem(f"{where}.primary", "must be true or false")
+                primary = False
+            lat, lon = self.location(where, r.get("location"))
+            required = (
+                ()
+                if is_lab
+                else ("public_url", "internal_url", "database_url", "session_store_url")
+            )
+            for key in required:
+                if key not in r:
+                    self.problem(f"{where}.{key}", f"missing; every region needs {key}")
+            regions.append(
+                Region(
+                    name=name,
+                    primary=primary,
+                    latitude=lat,
+                    longitude=lon,
+                    public_url=self.url(
+                        f"{where}.public_url",
+                        r.get("public_url"),
+                        HTTP_SCHEMES,
+                        f"https://{name}.example.com",
+                    ),
+                    internal_url=self.url(
+                        f"{where}.internal_url",
+                        r.get("internal_url"),
+                        HTTP_SCHEMES,
+                        f"https://{name}.internal:8443",
+                    ),
+                    database_url=self.url(
+                        f"{where}.database_url",
+                        r.get("database_url"),
+                        DATABASE_SCHEMES,
+                        f"postgresql://app@db.{name}.internal:5432/app",
+                    ),
+                    primary_database_url=self.url(
+                        f"{where}.primary_database_url",
+                        r.get("primary_database_url"),
+                        DATABASE_SCHEMES,
+                        "postgresql://app@primary-db.internal:5432/app",
+                    ),
+                    session_store_url=self.url(
+                        f"{where}.session_store_url",
+                        r.get("session_store_url"),
+                        SESSION_STORE_SCHEMES,
+                        f"redis://sessions.{name}.internal:6379/0",
+                    ),
+                    mirror_url=self.url(
+                        f"{where}.mirror_url",
+                        r.get("mirror_url"),
+                        HTTP_SCHEMES,
+                        f"https://mirror.{name}.example.com",
+                    ),
+                )
+            )
+        primaries = [r.name for r in regions if r.primary]
+        if regions and not primaries:
+            self.problem("regions", "no primary region; set primary = true on exactly one region")
+        elif len(primaries) > 1:
+            self.problem(
+                "regions",
+                f"{len(primaries)} primary regions ({', '.join(primaries)}); "
+                "set primary = true on exactly one",
+            )
+        # A replica's fallback path needs the primary's database; default to the primary's own URL.
+        primary_db = next((r.database_url for r in regions if r.primary), None)
+        return [
+            r
+            if r.primary or r.primary_database_url or not primary_db
+            else replace(r, primary_database_url=primary_db)
+            for r in regions
+        ]
+
+    def location(self, where: str, raw: object) -> tuple[float, float]:
+        example = "location = [53.35, -6.26] (latitude, longitude in degrees)"
+        if raw is None:
+            self.problem(f"{where}.location", f"missing; write {example}")
+            return 0.0, 0.0
+        if not isinstance(raw, list) or len(raw) != 2:
+            self.problem(f"{where}.location", f"must be [latitude, longitude]; write {example}")
+            return 0.0, 0.0
+        lat = self.number(f"{where}.location[0]", raw[0], minimum=-90)
+        lon = self.number(f"{where}.location[1]", raw[1], minimum=-180)
+        if lat is not None and lat > 90:
+            self.problem(f"{where}.location[0]", f"latitude {lat:g} is outside -90..90")
+        if lon is not None and lon > 180:
+            self.problem(f"{where}.location[1]", f"longitude {lon:g} is outside -180..180")
+        return lat or 0.0, lon or 0.0
+
+    def signing(
+        self, table: dict[str, object], is_lab: bool
+    ) -> tuple[list[SigningKeySpec], str | None]:
+        raw = table.get("keys", [])
+        if not isinstance(raw, list) or not all(isinstance(k, dict) for k in raw):
+            self.problem(
+                "signing.keys", 'must be an array like [{ id = "k1", env = "LATITUDE_KEY_K1" }]'
+            )
+            return [], None
+        keys: list[SigningKeySpec] = []
+        for i, k in enumerate(raw, start=1):
+            where = f"signing.keys[{i}]"
+            self.check_keys(where, k, TABLE_KEYS["signing.keys"])
+            key_id, env = k.get("id"), k.get("env")
+            if not isinstance(key_id, str) or not key_id:
+                self.problem(f"{where}.id", 'missing; give the key an id like id = "k1"')
+                continue
+            if not isinstance(env, str) or not env:
+                self.problem(
+                    f"{where}.env",
+                    "missing; name the environment variable holding the secret, like "
+                    'env = "LATITUDE_KEY_K1" (secrets are never stored in the file)',
+                )
+                continue
+            value = self.environ.get(env)
+            secret = value.encode() if value else None
+            # The lab generates its own secrets, so a lab topology may name unset variables.
+            if not is_lab:
+                if secret is None:
+                    self.problem(
+                        f"{where} ({key_id})",
+                        f"secret missing: environment variable {env} is not set; "
+                        f"set it to a random string of at least {MIN_SECRET_BYTES} bytes, "
+                        f"e.g. `export {env}=$(openssl rand -base64 48)`",
+                    )
+                elif len(secret) < MIN_SECRET_BYTES:
+                    self.problem(
+                        f"{where} ({key_id})",
+                        f"secret in {env} is {len(secret)} bytes; it must be at least "
+                        f"{MIN_SECRET_BYTES} bytes (e.g. `openssl rand -base64 48`)",
+                    )
+            keys.append(SigningKeySpec(key_id, env, secret))
+        sign_with = table.get("sign_with")
+        ids = [k.id for k in keys]
+        if sign_with is None and keys:
+            sign_with = keys[0].id
+        elif sign_with is not None and sign_with not in ids:
+            self.problem(
+                "signing.sign_with",
+                f"{sign_with!r} is not one of the keys ({', '.join(ids) or 'none'})",
+            )
+        if not keys and not is_lab:
+            self.problem(
+                "signing.keys",
+                'no signing key; add [[signing.keys]] with id = "k1" and env = "LATITUDE_KEY_K1"',
+            )
+        return keys, sign_with if isinstance(sign_with, str) else None
+
+    def routes(self, table: dict[str, object]) -> Routes:
+        out: dict[str, tuple[str, ...]] = {}
+        for key in ("local", "always_forward"):
+            raw = table.get(key, [])
+            if not isinstance(raw, list) or not all(
+                isinstance(p, str) and p.startswith("/") for p in raw
+            ):
+                self.problem(
+                    f"routes.{key}", 'must be a list of paths starting with "/", like ["/auth/*"]'
+                )
+                raw = []
+            out[key] = tuple(raw)
+        return Routes(**out)
+
+    def links(self, table: dict[str, object], names: set[str]) -> tuple[float, list[LinkSpec]]:
+        default = self.number("links.default_rtt_ms", table.get("default_rtt_ms", 100)) or 100.0
+        jitter = self.number("links.jitter_ms", table.get("jitter_ms", 0)) or 0.0
+        raw = table.get("rtt", [])
+        if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
+            self.problem("links.rtt", "must be an array of tables: write each as [[links.rtt]]")
+            return default, []
+        links: list[LinkSpec] = []
+        for i, x in enumerate(raw, start=1):
+            where = f"links.rtt[{i}]"
+            self.check_keys(where, x, TABLE_KEYS["links.rtt"])
+            between = x.get("between")
+            if (
+                not isinstance(between, list)
+                or len(between) != 2
+                or not all(isinstance(b, str) for b in between)
+                or between[0] == between[1]
+            ):
+                self.problem(
+                    f"{where}.between",
+                    'must name two regions, like between = ["us-west", "eu-west"]',
+                )
+                continue
+            for b in between:
+                if names and b not in names:
+                    self.problem(
+                        f"{where}.between",
+                        f"unknown region {b!r}; known: {', '.join(sorted(names))}",
+                    )
+            rtt = self.number(f"{where}.rtt_ms", x.get("rtt_ms"))
+            j = self.number(f"{where}.jitter_ms", x.get("jitter_ms", jitter))
+            if rtt is not None and j is not None:
+                links.append(LinkSpec(between[0], between[1], rtt, j))
+        return default, links

@@ -1,0 +1,32 @@
+"""Shared fixtures. One local world per test run: tests that cut a link heal it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from latitude.lab import LabWorld
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> LabWorld:
+    """The default three-region world (us-west primary, eu-west, ap-southeast), started once."""
+    state_dir = Path(os.environ.get("LATITUDE_TEST_LAB_DIR") or tmp_path_factory.mktemp("lab"))
+    lab = LabWorld(state_dir)
+    lab.up()
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def healed(world: LabWorld):
+    """Yield the world, and afterwards heal every link and restore its RTT from the topology."""
+    yield world
+    topology = world.topology()
+    for a, b in topology.region_pairs():
+        world.link("heal", a, b)
+        world.link("set", a, b, rtt_ms=topology.rtt_ms(a, b), jitter_ms=topology.link(a, b).jitter_ms)
