@@ -10,15 +10,26 @@ from pathlib import Path
 
 
 def start_detached(
-    argv: list[str], *, log_file: Path, pid_file: Path, env: dict[str, str] | None = None,
-    cwd: Path | None = None, popen_kwargs: dict | None = None,
+    argv: list[str],
+    *,
+    log_file: Path,
+    pid_file: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    popen_kwargs: dict | None = None,
 ) -> int:
     """Start `argv` in its own session so it outlives the command that started it."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=env, cwd=cwd, start_new_session=True, **(popen_kwargs or {}),
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            **(popen_kwargs or {}),
         )
     write_pid(pid_file, proc.pid)
     return proc.pid

@@ -31,7 +31,6 @@ from latitude.lab.postgres import PostgresError, PostgresNode, database_url
 from latitude.topology import Topology, default_lab_topology_path, load_topology
 
 LAB_KEY_ENV = "LATITUDE_LAB_KEY"
-PARTS = ("db", "sessions", "app")
 # Services a region offers to the other regions, each reached through the link between them.
 REMOTE_SERVICES = ("pg", "app", "mirror")
 
@@ -82,7 +81,9 @@ class LinkControl:
 
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+            f"http://127.0.0.1:{self.port}{path}",
+            data=data,
+            method=method,
             headers={TOKEN_HEADER: self.token, "Content-Type": "application/json"},
         )
         try:
@@ -95,7 +96,9 @@ class LinkControl:
                 message = str(exc)
             raise LabError(message) from None
         except OSError as exc:
-            raise LabError(f"the lab's link supervisor does not answer ({exc}); run `latitude lab down` and `latitude lab up`") from None
+            raise LabError(
+                f"the lab's link supervisor does not answer ({exc}); run `latitude lab down` and `latitude lab up`"
+            ) from None
 
 
 class LabWorld:
@@ -124,7 +127,9 @@ class LabWorld:
                 f"no lab world in {self.state_dir}; start one with `latitude lab up`"
             ) from None
         except ValueError as exc:
-            raise LabError(f"{self.state_file} is damaged ({exc}); run `latitude lab down`") from None
+            raise LabError(
+                f"{self.state_file} is damaged ({exc}); run `latitude lab down`"
+            ) from None
 
     def _write_state(self, state: dict) -> None:
         tmp = self.state_file.with_suffix(".tmp")
@@ -170,7 +175,9 @@ class LabWorld:
         """Environment for a process of `region`: its topology file and the signing secret."""
         state = self.state()
         if region not in state["regions"]:
-            raise LabError(f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})")
+            raise LabError(
+                f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})"
+            )
         return {
             **os.environ,
             LAB_KEY_ENV: state["secret"],
@@ -236,7 +243,7 @@ class LabWorld:
                 "app_port": next(ports),
                 "mirror_port": next(ports),
                 "relays": {},
-                "app": None,
+                "services": {},
             }
         self._write_state(state)
 
@@ -332,21 +339,38 @@ class LabWorld:
         port = state["regions"][region]["valkey_port"]
         process.start_detached(
             [
-                state["valkey_bin"], "--port", str(port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(folder),
-                "--protected-mode", "no", "--daemonize", "no",
+                state["valkey_bin"],
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(folder),
+                "--protected-mode",
+                "no",
+                "--daemonize",
+                "no",
             ],
             log_file=folder / "valkey.log",
             pid_file=folder / "valkey.pid",
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as s:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), 0.5) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return
             time.sleep(0.02)
-        raise LabError(f"{region}: Valkey did not answer on port {port}; see {folder / 'valkey.log'}")
+        raise LabError(
+            f"{region}: Valkey did not answer on port {port}; see {folder / 'valkey.log'}"
+        )
 
     def _write_region_topology(self, state: dict, topology: Topology, region: str) -> None:
         """The topology as region `region` sees it: other regions reached through the links."""
@@ -415,11 +439,17 @@ class LabWorld:
         deadline = time.monotonic() + timeout
         seen: set[str] = set()
         while time.monotonic() < deadline:
-            seen = {row["region"] for row in self._replication_rows(state) if row["state"] == "streaming"}
+            seen = {
+                row["region"]
+                for row in self._replication_rows(state)
+                if row["state"] == "streaming"
+            }
             if replicas <= seen:
                 return
             time.sleep(0.05)
-        raise LabError(f"replicas not streaming after {timeout:.0f} s: {', '.join(sorted(replicas - seen))}")
+        raise LabError(
+            f"replicas not streaming after {timeout:.0f} s: {', '.join(sorted(replicas - seen))}"
+        )
 
     # ---- status --------------------------------------------------------------------------
 
@@ -437,7 +467,12 @@ class LabWorld:
         except psycopg.Error:
             return []
         return [
-            {"region": r[0], "state": r[1], "lag_bytes": r[2], "lag_ms": float(r[3]) if r[3] is not None else None}
+            {
+                "region": r[0],
+                "state": r[1],
+                "lag_bytes": r[2],
+                "lag_ms": float(r[3]) if r[3] is not None else None,
+            }
             for r in rows
         ]
 
@@ -455,19 +490,25 @@ class LabWorld:
         for name, r in state["regions"].items():
             pg_up = self._pg(state, name).is_running()
             valkey_up = process.read_pid(self._valkey_dir(state, name) / "valkey.pid") is not None
-            app_pid = process.read_pid(self._app_pid_file(name))
-            app_state = "up" if app_pid else ("down" if r.get("app") else "none")
+            services = {
+                svc: "up" if process.read_pid(self._service_pid_file(name, svc)) else "down"
+                for svc in r.get("services", {})
+            }
+            app_state = services.get("app", "none")
             rep = replication.get(name)
             lag_bytes = lag_ms = None
             if r["role"] == "replica" and rep:
                 lag_bytes = rep["lag_bytes"]
-                lag_ms = rep["lag_ms"] if rep["lag_ms"] is not None else (0.0 if lag_bytes == 0 else None)
+                lag_ms = (
+                    rep["lag_ms"]
+                    if rep["lag_ms"] is not None
+                    else (0.0 if lag_bytes == 0 else None)
+                )
             if not pg_up:
                 down.append(f"{name} db")
             if not valkey_up:
                 down.append(f"{name} sessions")
-            if app_state == "down":
-                down.append(f"{name} app")
+            down += [f"{name} {svc}" for svc, st in services.items() if st == "down"]
             if r["role"] == "replica" and pg_up and not rep:
                 down.append(f"{name} replication")
             regions.append(
@@ -479,11 +520,19 @@ class LabWorld:
                     "app_url": f"http://127.0.0.1:{r['app_port']}",
                     "mirror_url": f"http://127.0.0.1:{r['mirror_port']}",
                     "topology_file": r.get("topology_file"),
-                    "ports": {"pg": r["pg_port"], "valkey": r["valkey_port"], "app": r["app_port"], "mirror": r["mirror_port"]},
+                    "ports": {
+                        "pg": r["pg_port"],
+                        "valkey": r["valkey_port"],
+                        "app": r["app_port"],
+                        "mirror": r["mirror_port"],
+                    },
                     "db": "up" if pg_up else "down",
                     "sessions": "up" if valkey_up else "down",
                     "app": app_state,
-                    "replication": rep["state"] if rep else (None if r["role"] == "primary" else "not streaming"),
+                    "services": services,
+                    "replication": rep["state"]
+                    if rep
+                    else (None if r["role"] == "primary" else "not streaming"),
                     "lag_bytes": lag_bytes,
                     "lag_ms": lag_ms,
                 }
@@ -496,12 +545,16 @@ class LabWorld:
             "regions": regions,
             "links": [
                 {
-                    "a": link["a"], "b": link["b"], "rtt_ms": link.get("rtt_ms"),
-                    "jitter_ms": link.get("jitter_ms"), "state": link.get("state"),
+                    "a": link["a"],
+                    "b": link["b"],
+                    "rtt_ms": link.get("rtt_ms"),
+                    "jitter_ms": link.get("jitter_ms"),
+                    "state": link.get("state"),
                     "connections": link.get("connections_open"),
                 }
                 for link in links
-            ] or [
+            ]
+            or [
                 {"a": a, "b": b, "rtt_ms": topology.rtt_ms(a, b), "state": "unknown"}
                 for a, b in topology.region_pairs()
             ],
@@ -510,7 +563,14 @@ class LabWorld:
 
     # ---- links and parts -----------------------------------------------------------------
 
-    def link(self, action: str, a: str, b: str, rtt_ms: float | None = None, jitter_ms: float | None = None) -> dict:
+    def link(
+        self,
+        action: str,
+        a: str,
+        b: str,
+        rtt_ms: float | None = None,
+        jitter_ms: float | None = None,
+    ) -> dict:
         if action not in ("cut", "heal", "reset", "set"):
             raise LabError(f"unknown link action {action!r}; use cut, heal, reset or set")
         body: dict = {"a": a, "b": b}
@@ -535,37 +595,66 @@ class LabWorld:
 
     def add_relay(self, from_region: str, to_region: str, port: int) -> int:
         """A new relay across the link, for a service of the caller's own (tests, benchmarks)."""
-        return self.control().call("POST", "/relays", {"a": from_region, "b": to_region, "port": port})["port"]
+        return self.control().call(
+            "POST", "/relays", {"a": from_region, "b": to_region, "port": port}
+        )["port"]
 
-    def _app_pid_file(self, region: str) -> Path:
-        return self.state_dir / "regions" / region / "app.pid"
+    def _service_pid_file(self, region: str, service: str) -> Path:
+        return self.state_dir / "regions" / region / f"{service}.pid"
 
-    def set_app(self, region: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        """Fill a region's app slot with a command and start it (it is restarted by `revive`)."""
+    def set_service(
+        self, region: str, service: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> None:
+        """Fill one of a region's slots (`app`, `mirror`, ...) with a command and start it.
+
+        The command runs with the region's environment (`region_env`); `revive` restarts it.
+        """
         with self._lock():
             state = self.state()
-            state["regions"][region]["app"] = {"argv": argv, "env": env or {}}
+            if region not in state["regions"]:
+                raise LabError(
+                    f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})"
+                )
+            if service in ("db", "sessions"):
+                raise LabError(f"{service!r} is built into the lab; choose another service name")
+            process.stop_pid_file(self._service_pid_file(region, service))
+            state["regions"][region].setdefault("services", {})[service] = {
+                "argv": argv,
+                "env": env or {},
+            }
             self._write_state(state)
-            self._start_app(state, region)
+            self._start_service(state, region, service)
 
-    def _start_app(self, state: dict, region: str) -> None:
-        spec = state["regions"][region]["app"]
+    def set_app(self, region: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.set_service(region, "app", argv, env)
+
+    def service_log(self, region: str, service: str) -> Path:
+        return self.state_dir / "regions" / region / f"{service}.log"
+
+    def _start_service(self, state: dict, region: str, service: str) -> None:
+        spec = state["regions"][region].get("services", {}).get(service)
         if not spec:
-            raise LabError(f"{region} has no app in this world; the lab's app slot is filled by `latitude demo`")
+            raise LabError(
+                f"{region} has no {service} in this world; `latitude demo` fills the app slot"
+            )
         env = {**self.region_env(region), **spec["env"]}
         process.start_detached(
             spec["argv"],
-            log_file=self.state_dir / "regions" / region / "app.log",
-            pid_file=self._app_pid_file(region),
+            log_file=self.service_log(region, service),
+            pid_file=self._service_pid_file(region, service),
             env=env,
         )
 
     def _check_part(self, region: str, part: str) -> dict:
         state = self.state()
         if region not in state["regions"]:
-            raise LabError(f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})")
-        if part not in PARTS:
-            raise LabError(f"unknown part {part!r}; use one of {', '.join(PARTS)}")
+            raise LabError(
+                f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})"
+            )
+        services = state["regions"][region].get("services", {})
+        if part not in ("db", "sessions", *services):
+            names = ", ".join(("db", "sessions", *services))
+            raise LabError(f"unknown part {part!r} of {region}; use one of {names}")
         return state
 
     def kill(self, region: str, part: str) -> str:
@@ -577,13 +666,14 @@ class LabWorld:
                     return f"{region} db was already down"
                 node.stop(mode="immediate")
             elif part == "sessions":
-                if not process.stop_pid_file(self._valkey_dir(state, region) / "valkey.pid", sig=signal.SIGKILL):
+                if not process.stop_pid_file(
+                    self._valkey_dir(state, region) / "valkey.pid", sig=signal.SIGKILL
+                ):
                     return f"{region} sessions were already down"
-            else:
-                if not state["regions"][region]["app"]:
-                    raise LabError(f"{region} has no app in this world")
-                if not process.stop_pid_file(self._app_pid_file(region), sig=signal.SIGKILL):
-                    return f"{region} app was already down"
+            elif not process.stop_pid_file(
+                self._service_pid_file(region, part), sig=signal.SIGKILL
+            ):
+                return f"{region} {part} was already down"
             return f"{region} {part} killed"
 
     def revive(self, region: str, part: str) -> str:
@@ -599,9 +689,9 @@ class LabWorld:
                     return f"{region} sessions are already up"
                 self._start_valkey(state, region)
             else:
-                if process.read_pid(self._app_pid_file(region)):
-                    return f"{region} app is already up"
-                self._start_app(state, region)
+                if process.read_pid(self._service_pid_file(region, part)):
+                    return f"{region} {part} is already up"
+                self._start_service(state, region, part)
             return f"{region} {part} revived"
 
     # ---- down ----------------------------------------------------------------------------
@@ -618,9 +708,10 @@ class LabWorld:
         except (OSError, ValueError):
             state = {"regions": {}}
         stopped: list[str] = []
-        for name in state.get("regions", {}):
-            if process.stop_pid_file(self._app_pid_file(name)):
-                stopped.append(f"{name} app")
+        for name, region in state.get("regions", {}).items():
+            for service in region.get("services", {}):
+                if process.stop_pid_file(self._service_pid_file(name, service)):
+                    stopped.append(f"{name} {service}")
         for name in state.get("regions", {}):
             try:
                 node = self._pg(state, name)
