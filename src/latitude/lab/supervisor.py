@@ -36,7 +36,7 @@ def build_app(wan: WanEmulator, token: str, stop: asyncio.Event) -> web.Applicat
 
     async def status(request: web.Request) -> web.Response:
         links = []
-        for link in wan.links():
+        for link in wan.links:
             links.append({"a": link.a, "b": link.b, **link.stats()})
         return web.json_response({"pid": os.getpid(), "links": links})
 
