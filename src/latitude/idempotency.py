@@ -1,0 +1,318 @@
+"""Outcomes of forwarded requests, stored under their idempotency key in the primary database.
+
+A replica retries a forwarded write with the same ``Idempotency-Key`` until its deadline.
+The primary must run such a request at most once, so before running it the gateway claims
+the key here, and afterwards stores the response under it:
+
+- :attr:`Outcome.NEW`: the key was unknown; a ``running`` row now holds it. The caller runs
+  the request, then calls :meth:`IdempotencyStore.complete` (or
+  :meth:`IdempotencyStore.abandon` if the app failed before having any effect).
+- :attr:`Outcome.REPLAY`: the request already completed; answer with the stored status,
+  headers and body, without running anything.
+- :attr:`Outcome.IN_PROGRESS`: the same request is running right now (a concurrent
+  duplicate): the gateway answers ``409``.
+- :attr:`Outcome.MISMATCH`: the key was used for a different request (another request
+  hash, e.g. another body): the gateway answers ``422``.
+
+The table lives in the primary database so outcomes survive gateway restarts and are shared
+by every gateway process::
+
+    latitude_idempotency (key text primary key, request_hash text not null,
+                          state text not null,            -- 'running' | 'completed'
+                          status int, headers jsonb, body bytea,
+                          created_at timestamptz default now(), completed_at timestamptz)
+
+``created_at`` is when the current run claimed the key.
+
+**Stale claims.** A ``running`` row whose ``created_at`` is older than ``stale_after_s``
+(default 60 s) is taken to belong to a runner that died (process killed between claim and
+completion). A new request with the same key and the same hash takes it over: the row's
+``created_at`` is reset and the caller gets ``NEW`` (with ``Claim.taken_over`` set). This
+trades a small risk for liveness: if the first runner was not dead but merely slower than
+``stale_after_s``, the request runs twice. Choose ``stale_after_s`` well above the longest
+time a request may run (the gateway's deadline plus the app's own timeouts). A runner whose
+claim was taken over can no longer store its outcome if it passes its :class:`Claim` to
+``complete`` / ``abandon``: the claim is checked against ``created_at``. A takeover is a
+single conditional ``UPDATE``, so of two concurrent takers exactly one wins.
+
+This module is a leaf: it imports no other ``latitude`` module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+__all__ = [
+    "DEFAULT_STALE_AFTER_S",
+    "TABLE",
+    "Claim",
+    "IdempotencyError",
+    "IdempotencyStore",
+    "IdempotencyUnavailable",
+    "Outcome",
+]
+
+TABLE = "latitude_idempotency"
+DEFAULT_STALE_AFTER_S = 60.0
+
+_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as an HTTP header value allows
+
+_SCHEMA = f"""
+create table if not exists {TABLE} (
+    key text primary key,
+    request_hash text not null,
+    state text not null check (state in ('running', 'completed')),
+    status int,
+    headers jsonb,
+    body bytea,
+    created_at timestamptz not null default now(),
+    completed_at timestamptz
+);
+create index if not exists {TABLE}_created_at on {TABLE} (created_at)
+"""
+
+
+class IdempotencyError(Exception):
+    """Base class of the errors raised by this module."""
+
+
+class IdempotencyUnavailable(IdempotencyError):
+    """The primary database could not be reached (or failed) while claiming or storing."""
+
+
+class Outcome(enum.StrEnum):
+    NEW = "new"
+    REPLAY = "replay"
+    IN_PROGRESS = "in_progress"
+    MISMATCH = "mismatch"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer of :meth:`IdempotencyStore.begin`.
+
+    ``status`` / ``headers`` / ``body`` are set for ``REPLAY`` only. Headers are
+    ``(name, value)`` pairs of ``str`` (latin-1, as HTTP carries them), in the stored order;
+    :meth:`asgi_headers` gives them as ASGI byte pairs. ``started_at`` is the claim's
+    ``created_at`` (for ``NEW`` and ``IN_PROGRESS``).
+    """
+
+    outcome: Outcome
+    key: str
+    status: int | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    started_at: datetime | None = None
+    taken_over: bool = False
+
+    def asgi_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in self.headers]
+
+
+def _check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        raise ValueError(
+            f"invalid idempotency key {str(key)[:40]!r}: expected 1 to 255 visible ASCII characters"
+        )
+    return key
+
+
+def _header_text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _headers_json(headers: Iterable[Sequence[str | bytes]]) -> list[list[str]]:
+    pairs = []
+    for pair in headers:
+        name, value = pair
+        pairs.append([_header_text(name), _header_text(value)])
+    return pairs
+
+
+class IdempotencyStore:
+    """Claims and outcomes of forwarded requests, in the primary database.
+
+    Built on a ``psycopg_pool.AsyncConnectionPool`` given by the caller (who then owns it:
+    :meth:`close` leaves it open), or opened from a DSN with :meth:`open` (then :meth:`close`
+    closes it). Database failures raise :class:`IdempotencyUnavailable`.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool, *, _owns_pool: bool = False) -> None:
+        self._pool = pool
+        self._owns_pool = _owns_pool
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout_s: float = 5.0,
+    ) -> IdempotencyStore:
+        """Open a pool on ``dsn`` (waiting up to ``timeout_s`` for its first connections)."""
+        pool = AsyncConnectionPool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout_s,
+            kwargs={"autocommit": True},
+            check=AsyncConnectionPool.check_connection,
+            open=False,
+        )
+        try:
+            await pool.open(wait=True, timeout=timeout_s)
+        except (PoolTimeout, psycopg.Error) as exc:
+            await pool.close()
+            raise IdempotencyUnavailable(
+                f"idempotency store: cannot connect to the primary database ({exc})"
+            ) from exc
+        return cls(pool, _owns_pool=True)
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        return self._pool
+
+    async def close(self) -> None:
+        if self._owns_pool:
+            await self._pool.close()
+
+    async def __aenter__(self) -> IdempotencyStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def ensure_schema(self) -> None:
+        """Create the table (and its ``created_at`` index) if absent. Safe to run from several
+        processes at once: an advisory lock serializes them."""
+        async with self._transaction() as conn:
+            await conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (TABLE,))
+            for statement in _SCHEMA.split(";"):
+                await conn.execute(statement)
+
+    async def begin(
+        self, key: str, request_hash: str, stale_after_s: float = DEFAULT_STALE_AFTER_S
+    ) -> Claim:
+        """Claim ``key`` for the request identified by ``request_hash`` (see the module doc)."""
+        _check_key(key)
+        if not request_hash or not isinstance(request_hash, str):
+            raise ValueError("request_hash must be a non-empty string")
+        if stale_after_s <= 0:
+            raise ValueError(f"stale_after_s must be positive, not {stale_after_s!r}")
+        # The row can vanish between the insert and the select (abandoned or purged meanwhile):
+        # then claim again. Three rounds are plenty; a fourth would mean a pathological loop.
+        for _ in range(3):
+            async with self._transaction() as conn:
+                cur = await conn.execute(
+                    f"insert into {TABLE} (key, request_hash, state) values (%s, %s, 'running') "
+                    "on conflict (key) do nothing returning created_at",
+                    (key, request_hash),
+                )
+                inserted = await cur.fetchone()
+                if inserted:
+                    return Claim(Outcome.NEW, key, started_at=inserted[0])
+                cur = await conn.execute(
+                    f"select request_hash, state, status, headers, body, created_at from {TABLE} "
+                    "where key = %s",
+                    (key,),
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    continue
+                stored_hash, state, status, headers, body, created_at = row
+                if stored_hash != request_hash:
+                    return Claim(Outcome.MISMATCH, key)
+                if state == "completed":
+                    return Claim(
+                        Outcome.REPLAY,
+                        key,
+                        status=status,
+                        headers=[(n, v) for n, v in headers or []],
+                        body=bytes(body or b""),
+                    )
+                cur = await conn.execute(
+                    f"update {TABLE} set created_at = now() where key = %s and state = 'running' "
+                    "and request_hash = %s and created_at < now() - make_interval(secs => %s) "
+                    "returning created_at",
+                    (key, request_hash, float(stale_after_s)),
+                )
+                taken = await cur.fetchone()
+                if taken:
+                    return Claim(Outcome.NEW, key, started_at=taken[0], taken_over=True)
+                return Claim(Outcome.IN_PROGRESS, key, started_at=created_at)
+        raise IdempotencyError(f"idempotency key {key!r}: could not claim it (row keeps vanishing)")
+
+    async def complete(
+        self,
+        key: str,
+        status: int,
+        headers: Iterable[Sequence[str | bytes]],
+        body: bytes,
+        *,
+        claim: Claim | None = None,
+    ) -> bool:
+        """Store the response of a running request. Returns ``False`` (and stores nothing) if
+        the row is no longer running, or, with ``claim``, no longer that claim's run."""
+        _check_key(key)
+        query = (
+            f"update {TABLE} set state = 'completed', status = %s, headers = %s, body = %s, "
+            "completed_at = now() where key = %s and state = 'running'"
+        )
+        params: list[Any] = [int(status), Jsonb(_headers_json(headers)), bytes(body), key]
+        query, params = _with_claim(query, params, claim)
+        async with self._transaction() as conn:
+            cur = await conn.execute(query + " returning key", params)
+            return await cur.fetchone() is not None
+
+    async def abandon(self, key: str, *, claim: Claim | None = None) -> bool:
+        """Delete a running row (the app failed before any effect) so a retry may run it.
+        Returns ``False`` if there was no such running row (or, with ``claim``, not that run)."""
+        _check_key(key)
+        query, params = _with_claim(
+            f"delete from {TABLE} where key = %s and state = 'running'", [key], claim
+        )
+        async with self._transaction() as conn:
+            cur = await conn.execute(query + " returning key", params)
+            return await cur.fetchone() is not None
+
+    async def purge(self, older_than_s: float) -> int:
+        """Delete every row claimed more than ``older_than_s`` seconds ago; return how many."""
+        if older_than_s < 0:
+            raise ValueError(f"older_than_s must not be negative, not {older_than_s!r}")
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                f"delete from {TABLE} where created_at < now() - make_interval(secs => %s)",
+                (float(older_than_s),),
+            )
+            return cur.rowcount
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A pooled connection inside one transaction; connection-level database failures
+        become :class:`IdempotencyUnavailable`."""
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            raise IdempotencyUnavailable(
+                f"idempotency store: primary database unavailable ({type(exc).__name__}: {exc})"
+            ) from exc
+
+
+def _with_claim(query: str, params: list[Any], claim: Claim | None) -> tuple[str, list[Any]]:
+    if claim is None:
+        return query, params
+    if claim.started_at is None:
+        raise ValueError(f"claim for {claim.key!r} ({claim.outcome}) is not a running claim")
+    return query + " and created_at = %s", [*params, claim.started_at]

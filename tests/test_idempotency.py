@@ -1,0 +1,219 @@
+"""Idempotency outcomes in the lab's real primary Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from latitude.idempotency import (
+    TABLE,
+    Claim,
+    IdempotencyStore,
+    IdempotencyUnavailable,
+    Outcome,
+)
+
+HEADERS = [
+    ("content-type", "application/json"),
+    ("set-cookie", "a=1"),
+    ("set-cookie", "b=2"),  # repeated names and their order are kept
+    ("x-latitude-note", "caf\xe9"),  # latin-1, as HTTP carries it
+]
+BODY = b'{"id": 7}\x00\xff\xfe binary tail'
+
+
+@pytest.fixture(scope="module")
+def primary_dsn(world) -> str:
+    (primary,) = [r for r in world.status()["regions"] if r["role"] == "primary"]
+    return primary["database_url"]
+
+
+@pytest.fixture
+async def store(primary_dsn):
+    s = await IdempotencyStore.open(primary_dsn, max_size=12)
+    await s.ensure_schema()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{uuid.uuid4()}-"
+
+
+async def test_new_complete_replay_identical_bytes(store, prefix):
+    key = prefix + "k"
+    claim = await store.begin(key, "hash-a")
+    assert claim.outcome is Outcome.NEW and not claim.taken_over and claim.started_at
+    # Nothing stored yet: a duplicate now is a concurrent one.
+    assert (await store.begin(key, "hash-a")).outcome is Outcome.IN_PROGRESS
+
+    assert await store.complete(key, 201, HEADERS, BODY, claim=claim)
+    replay = await store.begin(key, "hash-a")
+    assert replay.outcome is Outcome.REPLAY
+    assert replay.status == 201
+    assert replay.headers == HEADERS
+    assert replay.body == BODY and type(replay.body) is bytes
+    assert replay.asgi_headers()[3] == (b"x-latitude-note", b"caf\xe9")
+
+    # Completed once: a second completion (e.g. a late duplicate) changes nothing.
+    assert not await store.complete(key, 500, [], b"other")
+    assert (await store.begin(key, "hash-a")).body == BODY
+
+
+async def test_asgi_byte_headers_are_accepted(store, prefix):
+    key = prefix + "bytes"
+    await store.begin(key, "h")
+    assert await store.complete(key, 200, [(b"content-type", b"text/plain")], memoryview(b"ok"))
+    replay = await store.begin(key, "h")
+    assert replay.headers == [("content-type", "text/plain")] and replay.body == b"ok"
+
+
+async def test_concurrent_begin_exactly_one_new(store, prefix):
+    key = prefix + "race"
+    claims = await asyncio.gather(*(store.begin(key, "same") for _ in range(10)))
+    outcomes = [c.outcome for c in claims]
+    assert outcomes.count(Outcome.NEW) == 1
+    assert set(outcomes) <= {Outcome.NEW, Outcome.IN_PROGRESS, Outcome.REPLAY}
+
+    # Racing with the winner's completion: still exactly one run, the rest see it running
+    # or completed.
+    key2 = prefix + "race-complete"
+
+    async def begin_and_complete_if_new() -> Claim:
+        claim = await store.begin(key2, "same")
+        if claim.outcome is Outcome.NEW:
+            await store.complete(key2, 200, HEADERS, BODY, claim=claim)
+        return claim
+
+    claims = await asyncio.gather(*(begin_and_complete_if_new() for _ in range(10)))
+    outcomes = [c.outcome for c in claims]
+    assert outcomes.count(Outcome.NEW) == 1
+    assert set(outcomes) <= {Outcome.NEW, Outcome.IN_PROGRESS, Outcome.REPLAY}
+    assert all(c.body == BODY for c in claims if c.outcome is Outcome.REPLAY)
+
+
+async def test_same_key_other_request_is_a_mismatch(store, prefix):
+    key = prefix + "m"
+    await store.begin(key, "body-1")
+    assert (await store.begin(key, "body-2")).outcome is Outcome.MISMATCH  # while running
+    await store.complete(key, 200, HEADERS, BODY)
+    mismatch = await store.begin(key, "body-2")  # and once completed
+    assert mismatch.outcome is Outcome.MISMATCH and mismatch.body == b"" and mismatch.status is None
+
+
+async def test_abandon_lets_a_retry_run(store, prefix):
+    key = prefix + "a"
+    claim = await store.begin(key, "h")
+    assert await store.abandon(key, claim=claim)
+    assert not await store.abandon(key)  # nothing left to abandon
+    retry = await store.begin(key, "h")
+    assert retry.outcome is Outcome.NEW and not retry.taken_over
+    # A completed outcome cannot be abandoned.
+    await store.complete(key, 200, [], b"done")
+    assert not await store.abandon(key)
+    assert (await store.begin(key, "h")).outcome is Outcome.REPLAY
+
+
+async def test_stale_running_claim_is_taken_over(store, prefix):
+    key = prefix + "stale"
+    dead = await store.begin(key, "h")
+    assert dead.outcome is Outcome.NEW
+    assert (await store.begin(key, "h", stale_after_s=60)).outcome is Outcome.IN_PROGRESS
+    await asyncio.sleep(0.6)
+
+    # Several gateways notice at once: exactly one takes the claim over.
+    claims = await asyncio.gather(*(store.begin(key, "h", stale_after_s=0.5) for _ in range(5)))
+    takers = [c for c in claims if c.outcome is Outcome.NEW]
+    assert len(takers) == 1 and takers[0].taken_over
+    assert {c.outcome for c in claims} == {Outcome.NEW, Outcome.IN_PROGRESS}
+    taker = takers[0]
+    assert taker.started_at > dead.started_at
+
+    # The presumed-dead runner wakes up: its claim is no longer the row's, nothing is stored.
+    assert not await store.complete(key, 500, [], b"late", claim=dead)
+    assert not await store.abandon(key, claim=dead)
+    assert await store.complete(key, 201, HEADERS, BODY, claim=taker)
+    replay = await store.begin(key, "h", stale_after_s=0.5)
+    assert replay.outcome is Outcome.REPLAY and replay.status == 201 and replay.body == BODY
+
+    # A stale claim with another request hash is still a mismatch, never taken over.
+    other = prefix + "stale-other"
+    await store.begin(other, "h")
+    await asyncio.sleep(0.6)
+    assert (await store.begin(other, "x", stale_after_s=0.5)).outcome is Outcome.MISMATCH
+
+
+async def test_outcome_survives_a_new_store_instance(primary_dsn, prefix):
+    key = prefix + "restart"
+    first = await IdempotencyStore.open(primary_dsn)
+    await first.ensure_schema()
+    claim = await first.begin(key, "h")
+    await first.complete(key, 202, HEADERS, BODY, claim=claim)
+    await first.close()  # the gateway restarts
+
+    second = await IdempotencyStore.open(primary_dsn)
+    try:
+        replay = await second.begin(key, "h")
+        assert (replay.outcome, replay.status, replay.headers, replay.body) == (
+            Outcome.REPLAY,
+            202,
+            HEADERS,
+            BODY,
+        )
+    finally:
+        await second.close()
+
+
+async def test_caller_owned_pool_is_left_open(primary_dsn, prefix):
+    pool = AsyncConnectionPool(primary_dsn, min_size=1, max_size=2, open=False)
+    await pool.open(wait=True)
+    try:
+        store = IdempotencyStore(pool)  # a non-autocommit pool works too
+        await store.ensure_schema()
+        assert (await store.begin(prefix + "p", "h")).outcome is Outcome.NEW
+        await store.close()
+        assert not pool.closed
+        async with pool.connection() as conn:
+            cur = await conn.execute(f"select state from {TABLE} where key = %s", (prefix + "p",))
+            assert await cur.fetchone() == ("running",)
+    finally:
+        await pool.close()
+
+
+async def test_purge_deletes_old_rows_only(store, prefix, primary_dsn):
+    old, fresh = prefix + "old", prefix + "fresh"
+    for key in (old, fresh):
+        await store.begin(key, "h")
+        await store.complete(key, 200, [], b"")
+    async with await psycopg.AsyncConnection.connect(primary_dsn, autocommit=True) as conn:
+        await conn.execute(
+            f"update {TABLE} set created_at = now() - interval '2 days' where key = %s", (old,)
+        )
+    assert await store.purge(86400) >= 1
+    assert (await store.begin(old, "h")).outcome is Outcome.NEW
+    assert (await store.begin(fresh, "h")).outcome is Outcome.REPLAY
+
+
+async def test_bad_arguments(store):
+    for key in ("", "has space", "x" * 256, "caf\xe9"):
+        with pytest.raises(ValueError, match="idempotency key"):
+            await store.begin(key, "h")
+    with pytest.raises(ValueError, match="request_hash"):
+        await store.begin("k", "")
+    with pytest.raises(ValueError, match="stale_after_s"):
+        await store.begin("k", "h", stale_after_s=0)
+
+
+async def test_unreachable_database_is_reported():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(IdempotencyUnavailable, match="cannot connect"):
+        await IdempotencyStore.open(f"postgresql://x@127.0.0.1:{port}/x", timeout_s=1)
