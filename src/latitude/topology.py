@@ -74,6 +74,7 @@ TABLE_KEYS: dict[str, set[str]] = {
         "check_threshold",
         "check_path",
         "history_path",
+        *("check_timeout_s", "check_quorum", "check_services", "addresses", "cidrs", "geoip_path"),
     },
     "lab": {"state_dir"},
 }
