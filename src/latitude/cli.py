@@ -14,12 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from latitude.lab import LabError, LabWorld
+from latitude.mirror.cli import mirror_app
 from latitude.routing.cli import dns_command, health_command, routing_app
 from latitude.topology import TopologyError, default_lab_topology_path, load_topology
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run one web application in several regions.")
 lab_app = typer.Typer(no_args_is_help=True, help="The local world: regions joined by emulated ocean links.")
 app.add_typer(lab_app, name="lab")
+app.add_typer(mirror_app, name="mirror")
 app.add_typer(routing_app, name="routing")
 app.command("dns")(dns_command)
 app.command("health")(health_command)

@@ -65,7 +65,7 @@ TABLE_KEYS: dict[str, set[str]] = {
         "session_key_template",
         "consistency",
     },
-    "mirror": {"root", "indexes", "retention_s", "max_lag_s", "poll_timeout_s"},
+    "mirror": {"root", "indexes", "retention_s", "max_lag_s", "poll_timeout_s", "paths"},
     "routing": {
         "zone",
         "name",

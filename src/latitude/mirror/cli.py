@@ -1,0 +1,345 @@
+"""`latitude mirror ...`: publish, sync, serve, nginx-config, demo. Thin: parses and calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from latitude.mirror.config import MirrorConfig, MirrorConfigError
+from latitude.topology import load_topology
+
+mirror_app = typer.Typer(
+    no_args_is_help=True,
+    help="The metadata mirror network: publish at the primary, sync and serve in every region.",
+)
+out = Console()
+err = Console(stderr=True)
+
+TopologyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--topology",
+        "-t",
+        envvar="LATITUDE_TOPOLOGY",
+        help="Topology file (default ./latitude.toml).",
+    ),
+]
+RegionOpt = Annotated[
+    str | None,
+    typer.Option("--region", "-r", envvar="LATITUDE_REGION", help="The region this node is in."),
+]
+RootOpt = Annotated[
+    Path | None,
+    typer.Option("--root", help="Content root (default: [mirror] root of the topology)."),
+]
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _config(
+    topology: Path | None, region: str | None, root: Path | None, **overrides
+) -> MirrorConfig:
+    topo = load_topology(topology or Path("latitude.toml"))
+    if region is None:
+        region = topo.primary.name if overrides.pop("default_primary", False) else None
+    overrides.pop("default_primary", None)
+    if region is None:
+        _fail("which region is this node in? pass --region NAME (or set LATITUDE_REGION)")
+    try:
+        cfg = MirrorConfig.from_topology(topo, region, root)
+    except (MirrorConfigError, KeyError) as exc:
+        _fail(str(exc).strip('"'))
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if changes:
+        from dataclasses import replace
+
+        cfg = replace(cfg, **changes)
+    return cfg
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _run_until_signal(main) -> None:
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+@mirror_app.command("publish")
+def publish(
+    items: Annotated[
+        list[str] | None,
+        typer.Argument(help="PATH=FILE: publish FILE (or '-' for stdin) at PATH in the tree."),
+    ] = None,
+    delete: Annotated[
+        list[str] | None, typer.Option("--delete", help="Delete PATH (repeatable).")
+    ] = None,
+    scan: Annotated[
+        bool, typer.Option("--scan", help="Record whatever differs between the tree and the log.")
+    ] = False,
+    prune: Annotated[
+        bool, typer.Option("--prune", help="Forget changes older than the retention window.")
+    ] = False,
+    gzip_: Annotated[
+        bool, typer.Option("--gzip", help="Also publish FILE.gz for text files.")
+    ] = False,
+    topology: TopologyOpt = None,
+    root: RootOpt = None,
+) -> None:
+    """Publish or delete files at the primary; each change gets the next serial."""
+    from latitude.mirror.publisher import Item, Publisher
+
+    if root is None:
+        cfg = _config(topology, None, None, default_primary=True)
+        root, retention = cfg.root, cfg.retention_s
+    else:
+        retention = 86400.0
+        with_topo = topology or (Path("latitude.toml") if Path("latitude.toml").exists() else None)
+        if with_topo:
+            retention = float(load_topology(with_topo).mirror.get("retention_s", retention))
+    batch = []
+    for spec in items or []:
+        dest, sep, src = spec.partition("=")
+        if not sep:
+            _fail(f"{spec!r}: write PATH=FILE, e.g. simple/demo/index.html=./index.html")
+        if src != "-" and not Path(src).is_file():
+            _fail(f"{src}: no such file")
+        batch.append(Item(dest, sys.stdin.buffer.read() if src == "-" else Path(src)))
+    if not (batch or delete or scan or prune):
+        _fail("nothing to do: give PATH=FILE items, --delete PATH, --scan or --prune")
+    with Publisher(root, retention_s=retention, precompress=gzip_) as pub:
+        changes = pub.publish_many(batch) if batch else []
+        changes += pub.delete_many(delete) if delete else []
+        changes += pub.publish_tree() if scan else []
+        for c in changes:
+            detail = f"sha256 {c.sha256[:16]}… {c.size} bytes" if c.op == "put" else ""
+            out.print(f"serial {c.serial}  {c.op:6} {c.path}  {detail}", highlight=False)
+        if prune:
+            out.print(f"pruned: a cursor below serial {pub.prune()} now gets resync")
+        out.print(f"head serial {pub.serial}", highlight=False)
+
+
+@mirror_app.command("sync")
+def sync(
+    region: RegionOpt = None,
+    topology: TopologyOpt = None,
+    root: RootOpt = None,
+    poll_interval: Annotated[
+        float | None,
+        typer.Option("--poll-interval", help="Poll every N s instead of long-polling."),
+    ] = None,
+    files_url: Annotated[
+        str | None,
+        typer.Option("--files-url", help="Fetch files from here (default: the primary's mirror)."),
+    ] = None,
+    pool_size: Annotated[int, typer.Option("--pool-size", help="Concurrent downloads.")] = 32,
+    poll_timeout: Annotated[
+        float | None, typer.Option("--poll-timeout", help="Long-poll hold, seconds.")
+    ] = None,
+) -> None:
+    """Keep this region's copy in step with the primary (runs until stopped)."""
+    from latitude.mirror.sync import SyncDaemon
+
+    cfg = _config(topology, region, root, poll_timeout_s=poll_timeout)
+    if cfg.is_primary:
+        _fail(f"{cfg.region} is the primary: it publishes, it does not sync")
+    _logging()
+    daemon = SyncDaemon(
+        cfg.root,
+        cfg.primary_url,
+        cfg.keyring,
+        files_url=files_url,
+        indexes=cfg.indexes,
+        poll_timeout_s=cfg.poll_timeout_s,
+        poll_interval_s=poll_interval,
+        pool_size=pool_size,
+        region=cfg.region,
+    )
+    if cfg.keyring is None:
+        logging.warning("no signing key has its secret set: the feed is read unsigned")
+
+    async def main(stop: asyncio.Event) -> None:
+        task = asyncio.create_task(daemon.run())
+        await asyncio.wait(
+            {task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+        )
+        daemon.stop()
+        await task
+
+    logging.info("sync %s from %s into %s", cfg.region, cfg.primary_url, cfg.root)
+    _run_until_signal(main)
+
+
+@mirror_app.command("serve")
+def serve(
+    region: RegionOpt = None,
+    topology: TopologyOpt = None,
+    root: RootOpt = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Listen address (default: from mirror_url).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", help="Listen port (default: from mirror_url).")
+    ] = None,
+    paths: Annotated[
+        list[str] | None,
+        typer.Option("--path", help="A mirrored URL prefix (repeatable; default [mirror] paths)."),
+    ] = None,
+    max_lag: Annotated[
+        float | None, typer.Option("--max-lag", help="Health is 503 beyond this lag, s.")
+    ] = None,
+    poll_timeout: Annotated[
+        float | None, typer.Option("--poll-timeout", help="Long-poll hold, seconds.")
+    ] = None,
+) -> None:
+    """Serve this region's copy (and, at the primary, the change feed)."""
+    from latitude.mirror.server import MirrorServer, serve_forever
+
+    cfg = _config(
+        topology,
+        region,
+        root,
+        paths=tuple(paths) if paths else None,
+        max_lag_s=max_lag,
+        poll_timeout_s=poll_timeout,
+    )
+    _logging()
+    if cfg.is_primary and cfg.keyring is None:
+        logging.warning("no signing key has its secret set: the feed is served unsigned")
+    server = MirrorServer.from_config(cfg)
+    host, port = host or cfg.listen_host, port if port is not None else cfg.listen_port
+    logging.info(
+        "serve %s (%s) from %s on %s:%d",
+        cfg.region,
+        "primary" if cfg.is_primary else "mirror",
+        cfg.root,
+        host,
+        port,
+    )
+    _run_until_signal(lambda stop: serve_forever(server, host, port, stop))
+
+
+@mirror_app.command("nginx-config")
+def nginx_config_cmd(
+    region: RegionOpt = None,
+    topology: TopologyOpt = None,
+    root: RootOpt = None,
+    listen: Annotated[
+        str | None,
+        typer.Option("--listen", help="nginx listen value (default: mirror_url's port)."),
+    ] = None,
+    node_url: Annotated[
+        str | None,
+        typer.Option(
+            "--node-url", help="URL of `latitude mirror serve` on this node (health, serial)."
+        ),
+    ] = None,
+    standalone: Annotated[
+        Path | None,
+        typer.Option("--standalone", help="Write a whole nginx.conf keeping pid/logs/temp in DIR."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+) -> None:
+    """Print an nginx config that serves like `latitude mirror serve` (try_files, then the primary)."""
+    from latitude.mirror.nginx import nginx_config
+
+    cfg = _config(topology, region, root)
+    text = nginx_config(
+        region=cfg.region,
+        root=cfg.root,
+        listen=listen or str(cfg.listen_port),
+        primary_url=None if cfg.is_primary else cfg.primary_url,
+        website_url=cfg.website_url,
+        paths=cfg.paths,
+        node_url=node_url,
+        standalone=standalone.absolute() if standalone else None,
+    )
+    if output:
+        output.write_text(text)
+        err.print(f"wrote {output}")
+    else:
+        print(text, end="")
+
+
+# ---- the lab (CLI level: the mirror itself never knows it runs in a lab) ----------------------
+
+
+def lab_mirror_root(world, region: str) -> Path:
+    return world.state_dir / "regions" / region / "mirror"
+
+
+def start_lab_mirrors(
+    world, extra: tuple[str, ...] = (), sync_extra: tuple[str, ...] = ()
+) -> dict[str, Path]:
+    """Run `latitude mirror serve` in every region of a running lab, and `sync` in the replicas."""
+    roots = {}
+    py = [sys.executable, "-m", "latitude.cli", "mirror"]
+    for name, r in world.state()["regions"].items():
+        roots[name] = root = lab_mirror_root(world, name)
+        root.mkdir(parents=True, exist_ok=True)
+        world.set_service(name, "mirror", [*py, "serve", "--root", str(root), *extra])
+        if r["role"] != "primary":
+            world.set_service(name, "mirror-sync", [*py, "sync", "--root", str(root), *sync_extra])
+    return roots
+
+
+@mirror_app.command("demo")
+def demo(
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="The running lab's folder.")
+    ] = None,
+    path: Annotated[
+        str, typer.Option("--path", help="Where to publish the demo file.")
+    ] = "demo/hello.json",
+) -> None:
+    """In a running lab: start a mirror in every region, publish a file, show when each had it."""
+    from latitude.lab import LabWorld
+    from latitude.mirror.publisher import Publisher
+
+    world = LabWorld(state_dir)
+    state = world.state()
+    roots = start_lab_mirrors(world)
+    primary = state["primary"]
+    time.sleep(1.0)  # let the mirrors connect and park their long polls
+    body = f'{{"published_at": {time.time():.6f}, "pid": {os.getpid()}}}\n'.encode()
+    with Publisher(roots[primary]) as pub:
+        t0 = time.perf_counter()
+        change = pub.publish(path, body)
+    out.print(f"published /{path} at {primary} as serial {change.serial}")
+    seen: dict[str, float] = {}
+    while len(seen) < len(roots) and time.perf_counter() - t0 < 10:
+        for name, root in roots.items():
+            f = root / path
+            if name not in seen and f.exists() and f.read_bytes() == body:
+                seen[name] = (time.perf_counter() - t0) * 1000
+        time.sleep(0.001)
+    topo = world.topology()
+    for name in roots:
+        rtt = topo.rtt_ms(name, primary)
+        when = f"{seen[name]:7.1f} ms" if name in seen else "not within 10 s"
+        out.print(f"  {name:14} had it after {when}   (link RTT to {primary}: {rtt:.0f} ms)")

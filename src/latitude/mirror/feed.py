@@ -1,0 +1,328 @@
+"""The change feed between the primary and its mirrors, both ends.
+
+    GET  /_latitude/mirror/changes?since=N&timeout=S   signed; long-polled up to S seconds
+    GET  /_latitude/mirror/snapshot                    signed; the whole tree, for `resync`
+    POST /_latitude/mirror/bundle                      many small files in one response
+
+`changes` answers ``{"head", "floor", "next", "resync", "changes": [...]}``. With nothing newer
+than N it holds the request until a change is committed (or S passes), so a mirror hears of a
+change one one-way trip after it happens. A cursor below `floor` (pruned away) gets
+``"resync": true`` and the mirror rebuilds from `snapshot`.
+
+Requests and the primary's answers are signed (RFC 9421, `latitude.signing`) with the region
+keys of the topology, like the gateway's traffic: the sha256 of every file a mirror stores
+comes from this feed, so the feed must not be forgeable.
+
+A bundle is a sequence of frames, one per path asked for: a JSON header line
+``{"path", "status", "sha256", "size", "mtime", "serial"}`` then exactly `size` bytes. A sync
+of thousands of small files then costs a few round trips over an ocean, not thousands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import socket
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from latitude import signing
+from latitude.mirror.changelog import Change, ChangeLog, Page
+from latitude.mirror.publisher import notify_address
+from latitude.mirror.store import ContentRoot, rel_path
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/_latitude/mirror"
+CHANGES = f"{PREFIX}/changes"
+SNAPSHOT = f"{PREFIX}/snapshot"
+BUNDLE = f"{PREFIX}/bundle"
+HEALTH = f"{PREFIX}/health"
+SERIAL_HEADER = "Latitude-Mirror-Serial"
+FILE_SERIAL_HEADER = "Latitude-File-Serial"
+BUNDLE_TYPE = "application/x-latitude-bundle"
+FALLBACK_POLL_S = 0.5
+MAX_PAGE = 5000
+
+
+class FeedError(Exception):
+    """The feed could not be read, or its answer failed verification."""
+
+
+# ------------------------------------------------------------------------------ server side
+
+
+class FeedServer:
+    """The primary's end: answers long polls from the change log, wakes them on a publish."""
+
+    def __init__(
+        self,
+        root: ContentRoot,
+        log_: ChangeLog,
+        keyring: signing.Keyring | None,
+        poll_timeout_s: float = 25.0,
+    ):
+        self.root = root
+        self.log = log_
+        self.keyring = keyring
+        self.poll_timeout_s = poll_timeout_s
+        self.nonces = signing.MemoryNonceCache()
+        self.head = log_.head()
+        self._changed = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.bind(notify_address(self.root.root))
+            s.setblocking(False)
+            loop.add_reader(s.fileno(), self._on_poke)
+            self._sock = s
+        except OSError as exc:
+            log.warning(
+                "no publish notifications (%s); polling the log every %.1f s", exc, FALLBACK_POLL_S
+            )
+        self._task = asyncio.create_task(self._poll_log())
+
+    async def close(self) -> None:
+        self._closing.set()
+        self._wake()
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _on_poke(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._sock and self._sock.recv(64):
+                pass
+        self.refresh()
+
+    async def _poll_log(self) -> None:
+        version = self.log.data_version()
+        while True:
+            await asyncio.sleep(FALLBACK_POLL_S)
+            now = self.log.data_version()
+            if now != version:
+                version = now
+                self.refresh()
+
+    def refresh(self) -> None:
+        head = self.log.head()
+        if head != self.head:
+            self.head = head
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_past(self, serial: int, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.head <= serial and not self._closing.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    # ---- handlers ------------------------------------------------------------------------------
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get(CHANGES, self.changes, allow_head=False)
+        app.router.add_get(SNAPSHOT, self.snapshot, allow_head=False)
+        app.router.add_post(BUNDLE, self.bundle)
+
+    async def changes(self, request: web.Request) -> web.Response:
+        await self._verify(request)
+        try:
+            since = int(request.query.get("since", "0"))
+            timeout = float(request.query.get("timeout", self.poll_timeout_s))
+            limit = int(request.query.get("limit", MAX_PAGE))
+        except ValueError:
+            raise web.HTTPBadRequest(text="since, timeout and limit must be numbers\n") from None
+        timeout = max(0.0, min(timeout, self.poll_timeout_s))
+        limit = max(1, min(limit, MAX_PAGE))
+        page = self.log.since(since, limit)
+        if not page.resync and not page.changes and timeout > 0:
+            self.refresh()
+            await self.wait_past(since, timeout)
+            if self._closing.is_set():
+                raise web.HTTPServiceUnavailable(
+                    text="the primary is shutting down\n", headers={"Retry-After": "1"}
+                )
+            page = self.log.since(since, limit)
+        return self._signed_json(request, page_to_json(page))
+
+    async def snapshot(self, request: web.Request) -> web.Response:
+        await self._verify(request)
+        serial, files = self.log.snapshot()
+        return self._signed_json(request, {"serial": serial, "files": files})
+
+    async def bundle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            paths = [rel_path(p) for p in (await request.json())["paths"]][:MAX_PAGE]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise web.HTTPBadRequest(text=f'expected {{"paths": [...]}}: {exc}\n') from None
+        resp = web.StreamResponse(headers={"Content-Type": BUNDLE_TYPE})
+        await resp.prepare(request)
+        for i in range(0, len(paths), 256):
+            chunk = paths[i : i + 256]
+            frames = await asyncio.to_thread(self._frames, chunk, self.log.serials(chunk))
+            await resp.write(frames)
+        await resp.write_eof()
+        return resp
+
+    def _frames(self, paths: list[str], serials: dict[str, int]) -> bytes:
+        out = bytearray()
+        for path in paths:
+            full = self.root.file(path)
+            try:
+                data = full.read_bytes()
+                mtime = full.stat().st_mtime
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                out += json.dumps({"path": path, "status": 404, "size": 0}).encode() + b"\n"
+                continue
+            header = {
+                "path": path,
+                "status": 200,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+                "mtime": mtime,
+                "serial": serials.get(path),
+            }
+            out += json.dumps(header).encode() + b"\n" + data
+        return bytes(out)
+
+    # ---- signatures ----------------------------------------------------------------------------
+
+    async def _verify(self, request: web.Request) -> None:
+        if self.keyring is None:
+            return
+        url = f"{request.scheme}://{request.host}{request.raw_path}"
+        try:
+            await signing.verify_request(
+                self.keyring,
+                method=request.method,
+                url=url,
+                headers=request.headers,
+                nonce_cache=self.nonces,
+                body=b"",
+            )
+        except signing.SignatureError as exc:
+            raise web.HTTPUnauthorized(text=f"feed request refused: {exc}\n") from None
+
+    def _signed_json(self, request: web.Request, data: dict) -> web.Response:
+        body = json.dumps(data, separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "Content-Digest": signing.content_digest(body),
+        }
+        if self.keyring is not None and "signature" in request.headers:
+            headers.update(
+                signing.sign_response(
+                    self.keyring, status=200, headers=headers, request_headers=request.headers
+                )
+            )
+        return web.Response(body=body, headers=headers)
+
+
+def page_to_json(page: Page) -> dict:
+    return {
+        "head": page.head,
+        "floor": page.floor,
+        "next": page.next,
+        "resync": page.resync,
+        "changes": [c.to_json() for c in page.changes],
+    }
+
+
+# ------------------------------------------------------------------------------ client side
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    serial: int
+    files: list[dict]
+
+
+class FeedClient:
+    """A mirror's end of the feed: signed requests, verified answers."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, keyring: signing.Keyring | None
+    ):
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self.keyring = keyring
+
+    async def changes(self, since: int, timeout: float) -> Page:
+        data = await self._get(f"{CHANGES}?since={since}&timeout={timeout:g}", timeout + 15)
+        try:
+            return Page(
+                head=int(data["head"]),
+                floor=int(data["floor"]),
+                changes=tuple(Change.from_json(c) for c in data["changes"]),
+                resync=bool(data["resync"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FeedError(f"malformed feed page: {exc}") from None
+
+    async def snapshot(self) -> Snapshot:
+        data = await self._get(SNAPSHOT, 300)
+        try:
+            return Snapshot(int(data["serial"]), list(data["files"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FeedError(f"malformed snapshot: {exc}") from None
+
+    async def _get(self, path_qs: str, timeout: float) -> dict:
+        url = self.base_url + path_qs
+        headers = {"Content-Digest": signing.content_digest(b"")}
+        if self.keyring is not None:
+            headers.update(
+                signing.sign_request(self.keyring, method="GET", url=url, headers=headers)
+            )
+        try:
+            async with self.session.get(
+                URL(url, encoded=True),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise FeedError(
+                        f"GET {url}: HTTP {resp.status}: {body[:200].decode(errors='replace').strip()}"
+                    )
+                if self.keyring is not None:
+                    try:
+                        signing.verify_response(
+                            self.keyring,
+                            status=resp.status,
+                            headers=resp.headers,
+                            request_headers=headers,
+                            body=body,
+                        )
+                    except signing.SignatureError as exc:
+                        raise FeedError(
+                            f"GET {url}: the answer's signature does not verify: {exc}"
+                        ) from None
+                return json.loads(body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise FeedError(f"GET {url}: {type(exc).__name__}: {exc}") from None
+        except ValueError as exc:
+            raise FeedError(f"GET {url}: not JSON: {exc}") from None

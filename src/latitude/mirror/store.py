@@ -1,0 +1,231 @@
+"""A content root on disk: URL paths mapped to files, atomic writes, the node's own state.
+
+Layout of a root (the primary's and every mirror's)::
+
+    <root>/simple/name/index.html      the mirrored files, at their URL paths
+    <root>/.latitude/changes.sqlite    primary only: the change log (see `changelog`)
+    <root>/.latitude/cursor            mirror only: the last serial fully applied (durable)
+    <root>/.latitude/status.json       mirror only: what the sync daemon last saw (lag, errors)
+    <root>/.latitude/lock              mirror only: held while deletes and the cursor are saved
+
+A file is only ever replaced by renaming a fully written, fsynced temp file of the same folder
+over it (`.latitude-tmp-*`, never served, removed at start-up), so a reader sees the old bytes or
+the new bytes, and a crash leaves no partial file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_DIR = ".latitude"
+TMP_PREFIX = ".latitude-tmp-"
+INDEX_FILE = "index.html"
+HASH_CHUNK = 1 << 20
+
+
+class BadPath(ValueError):
+    """A URL path that does not name a file inside the content root."""
+
+
+def rel_path(url_path: str) -> str:
+    """The file a URL path names, relative to the root: `/simple/x/` -> `simple/x/index.html`.
+
+    Refuses anything that could leave the root or reach the node's own state.
+    """
+    if "\x00" in url_path or "\\" in url_path:
+        raise BadPath(f"{url_path!r}: invalid character")
+    path = url_path.lstrip("/")
+    if path == "" or path.endswith("/"):
+        path += INDEX_FILE
+    parts = path.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise BadPath(f"{url_path!r}: empty, '.' or '..' segment")
+        if part.startswith(".latitude"):
+            raise BadPath(f"{url_path!r}: reserved name")
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A temp file in the target's folder; `commit` fsyncs and renames it into place.
+
+    ``no_clobber`` commits with a hard link instead of a rename, so an existing file (one the
+    sync daemon wrote meanwhile) always wins.
+    """
+
+    def __init__(self, target: Path):
+        self.target = target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = target.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{target.name}"
+        self.file = open(self.tmp, "xb")  # noqa: SIM115 - closed by commit/abort
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+
+    def commit(self, mtime: float | None = None, *, no_clobber: bool = False) -> bool:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            if mtime is not None:
+                os.utime(self.tmp, (mtime, mtime))
+            if no_clobber:
+                try:
+                    os.link(self.tmp, self.target)
+                except FileExistsError:
+                    return False
+                finally:
+                    self.tmp.unlink(missing_ok=True)
+            else:
+                os.replace(self.tmp, self.target)
+            return True
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_atomic(target: Path, data: bytes, mtime: float | None = None) -> None:
+    """Write `data` to `target` atomically and durably (the folder is the caller's to fsync)."""
+    f = AtomicFile(target)
+    f.write(data)
+    f.commit(mtime)
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: str
+    size: int
+    mtime: float
+
+
+class ContentRoot:
+    """The files of one node under `root`, plus its `.latitude` state folder."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).absolute()
+        self.state_dir = self.root / STATE_DIR
+
+    def ensure(self) -> ContentRoot:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def file(self, path: str) -> Path:
+        """The file for a relative path (as in the change log), checked to stay inside."""
+        return self.root / rel_path(path)
+
+    def walk(self) -> Iterator[LocalFile]:
+        """Every mirrored file (not state, not temp files), as relative paths."""
+        for folder, dirs, files in os.walk(self.root):
+            dirs[:] = [d for d in dirs if not d.startswith(".latitude")]
+            for name in files:
+                if name.startswith(".latitude"):
+                    continue
+                full = Path(folder) / name
+                st = full.stat()
+                yield LocalFile(full.relative_to(self.root).as_posix(), st.st_size, st.st_mtime)
+
+    def hashes(self) -> dict[str, str]:
+        return {f.path: sha256_file(self.root / f.path) for f in self.walk()}
+
+    def remove_temp_files(self) -> int:
+        """Remove what a crash mid-write left behind; returns how many."""
+        removed = 0
+        for folder, dirs, files in os.walk(self.root):
+            dirs[:] = [d for d in dirs if d != STATE_DIR]
+            for name in files:
+                if name.startswith(TMP_PREFIX):
+                    (Path(folder) / name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    # ---- a mirror's own state --------------------------------------------------------------
+
+    @property
+    def cursor_file(self) -> Path:
+        return self.state_dir / "cursor"
+
+    @property
+    def status_file(self) -> Path:
+        return self.state_dir / "status.json"
+
+    def cursor(self) -> int:
+        try:
+            return int(self.cursor_file.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def save_cursor(self, serial: int) -> None:
+        write_atomic(self.cursor_file, f"{serial}\n".encode())
+        fsync_dir(self.state_dir)
+
+    def status(self) -> dict:
+        try:
+            return json.loads(self.status_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def save_status(self, status: dict) -> None:
+        tmp = self.state_dir / f"{TMP_PREFIX}{secrets.token_hex(4)}-status.json"
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, self.status_file)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialises "apply deletes, save cursor" (sync) with "keep a fetched file" (serve)."""
+        self.ensure()
+        with open(self.state_dir / "lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def http_date(ts: float) -> str:
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(ts))
+
+
+def parse_http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    import email.utils
+
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return parsed.timestamp()
