@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import warnings
@@ -13,13 +14,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from latitude.gateway.config import GatewayConfigError
 from latitude.lab import LabError, LabWorld
 from latitude.mirror.cli import mirror_app
 from latitude.routing.cli import dns_command, health_command, routing_app
 from latitude.topology import TopologyError, default_lab_topology_path, load_topology
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run one web application in several regions.")
-lab_app = typer.Typer(no_args_is_help=True, help="The local world: regions joined by emulated ocean links.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Run one web application in several regions."
+)
+lab_app = typer.Typer(
+    no_args_is_help=True, help="The local world: regions joined by emulated ocean links."
+)
 app.add_typer(lab_app, name="lab")
 app.add_typer(mirror_app, name="mirror")
 app.add_typer(routing_app, name="routing")
@@ -31,10 +37,14 @@ out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 TopologyOption = Annotated[
-    Path | None, typer.Option("--topology", "-t", help="Topology file (default: the built-in three-region lab).")
+    Path | None,
+    typer.Option(
+        "--topology", "-t", help="Topology file (default: the built-in three-region lab)."
+    ),
 ]
 StateDirOption = Annotated[
-    Path | None, typer.Option("--state-dir", help="Where the lab keeps its state (default: .latitude/lab).")
+    Path | None,
+    typer.Option("--state-dir", help="Where the lab keeps its state (default: .latitude/lab)."),
 ]
 
 
@@ -52,7 +62,11 @@ def progress_printer(quiet: bool = False):
 
 
 @app.command()
-def check(file: Annotated[Path | None, typer.Argument(help="Topology file (default: ./latitude.toml).")] = None) -> None:
+def check(
+    file: Annotated[
+        Path | None, typer.Argument(help="Topology file (default: ./latitude.toml).")
+    ] = None,
+) -> None:
     """Validate a topology file and print its regions."""
     path = file or Path("latitude.toml")
     topology = load_topology(path)
@@ -61,8 +75,12 @@ def check(file: Annotated[Path | None, typer.Argument(help="Topology file (defau
         table.add_column(col)
     for r in topology.regions:
         table.add_row(
-            r.name, r.role, f"{r.latitude:.2f}, {r.longitude:.2f}", r.public_url or "(lab)",
-            _redact(r.database_url) or "(lab)", r.session_store_url or "(lab)",
+            r.name,
+            r.role,
+            f"{r.latitude:.2f}, {r.longitude:.2f}",
+            r.public_url or "(lab)",
+            _redact(r.database_url) or "(lab)",
+            r.session_store_url or "(lab)",
         )
     out.print(table)
     links = ", ".join(f"{a}↔{b} {topology.rtt_ms(a, b):.0f} ms" for a, b in topology.region_pairs())
@@ -114,7 +132,9 @@ def lab_link(
     action: Annotated[str, typer.Argument(help="cut, heal, reset or set")],
     a: Annotated[str, typer.Argument(help="One region of the link")],
     b: Annotated[str, typer.Argument(help="The other region")],
-    rtt: Annotated[float | None, typer.Option("--rtt", help="New round-trip time in ms (set)")] = None,
+    rtt: Annotated[
+        float | None, typer.Option("--rtt", help="New round-trip time in ms (set)")
+    ] = None,
     jitter: Annotated[float | None, typer.Option("--jitter", help="New jitter in ms (set)")] = None,
     state_dir: StateDirOption = None,
 ) -> None:
@@ -125,7 +145,9 @@ def lab_link(
 
 @lab_app.command("kill")
 def lab_kill(
-    region: str, part: Annotated[str, typer.Argument(help="db, sessions or app")], state_dir: StateDirOption = None
+    region: str,
+    part: Annotated[str, typer.Argument(help="db, sessions or app")],
+    state_dir: StateDirOption = None,
 ) -> None:
     """Kill one part of a region (as a crash would)."""
     out.print(LabWorld(state_dir).kill(region, part))
@@ -133,7 +155,9 @@ def lab_kill(
 
 @lab_app.command("revive")
 def lab_revive(
-    region: str, part: Annotated[str, typer.Argument(help="db, sessions or app")], state_dir: StateDirOption = None
+    region: str,
+    part: Annotated[str, typer.Argument(help="db, sessions or app")],
+    state_dir: StateDirOption = None,
 ) -> None:
     """Start a killed part of a region again."""
     out.print(LabWorld(state_dir).revive(region, part))
@@ -147,9 +171,14 @@ def print_status(status: dict) -> None:
         ports = r["ports"]
         lag_ms = "" if r["lag_ms"] is None else f"{r['lag_ms']:.1f}"
         table.add_row(
-            r["name"], r["role"],
-            f"{ports['pg']} ({r['db']})", f"{ports['valkey']} ({r['sessions']})", f"{ports['app']} ({r['app']})",
-            r["replication"] or "-", "" if r["lag_bytes"] is None else str(r["lag_bytes"]), lag_ms,
+            r["name"],
+            r["role"],
+            f"{ports['pg']} ({r['db']})",
+            f"{ports['valkey']} ({r['sessions']})",
+            f"{ports['app']} ({r['app']})",
+            r["replication"] or "-",
+            "" if r["lag_bytes"] is None else str(r["lag_bytes"]),
+            lag_ms,
         )
     out.print(table)
     links = Table(title="links")
@@ -157,19 +186,110 @@ def print_status(status: dict) -> None:
         links.add_column(col)
     for link in status["links"]:
         links.add_row(
-            f"{link['a']} ↔ {link['b']}", f"{link.get('rtt_ms') or 0:.0f}", f"{link.get('jitter_ms') or 0:.0f}",
-            str(link.get("state")), str(link.get("connections", "")),
+            f"{link['a']} ↔ {link['b']}",
+            f"{link.get('rtt_ms') or 0:.0f}",
+            f"{link.get('jitter_ms') or 0:.0f}",
+            str(link.get("state")),
+            str(link.get("connections", "")),
         )
     out.print(links)
     out.print(f"down: {', '.join(status['down'])}" if status["down"] else "down: nothing")
 
 
+RegionOption = Annotated[
+    str, typer.Option("--region", "-r", help="This process's region.", envvar="LATITUDE_REGION")
+]
+ServeTopologyOption = Annotated[
+    Path, typer.Option("--topology", "-t", help="Topology file.", envvar="LATITUDE_TOPOLOGY")
+]
+HostOption = Annotated[str, typer.Option("--host", help="Address to listen on.")]
+PortOption = Annotated[
+    int | None, typer.Option("--port", help="Port (default: the region's public URL's port).")
+]
+WorkersOption = Annotated[int, typer.Option("--workers", help="Worker processes.", min=1)]
+NoPoolOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-pool", help="Open a new connection per forwarded request (to measure the cost)."
+    ),
+]
+
+
+@app.command()
+def serve(
+    app_path: Annotated[
+        str, typer.Argument(metavar="APP", help="The ASGI app, as package.module:app.")
+    ],
+    region: RegionOption,
+    topology: ServeTopologyOption = Path("latitude.toml"),
+    host: HostOption = "127.0.0.1",
+    port: PortOption = None,
+    workers: WorkersOption = 1,
+    no_pool: NoPoolOption = False,
+    app_dir: Annotated[
+        Path | None, typer.Option("--app-dir", help="Folder to import APP from.")
+    ] = None,
+) -> None:
+    """Run a Python ASGI app behind the region gateway on uvicorn."""
+    from latitude.gateway import serve as serving
+
+    if app_dir:
+        sys.path.insert(0, str(app_dir.absolute()))
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(app_dir.absolute()), os.environ.get("PYTHONPATH")])
+        )
+    load_topology(topology)
+    try:
+        serving.run(
+            region=region,
+            topology=str(topology),
+            app=app_path,
+            host=host,
+            port=port,
+            workers=workers,
+            pooling=not no_pool,
+        )
+    except serving.AppImportError as exc:
+        fail(str(exc), 2)
+
+
+@app.command("gateway")
+def gateway_command(
+    region: RegionOption,
+    upstream: Annotated[str, typer.Option("--upstream", help="URL of the app the gateway fronts.")],
+    topology: ServeTopologyOption = Path("latitude.toml"),
+    host: HostOption = "127.0.0.1",
+    port: PortOption = None,
+    workers: WorkersOption = 1,
+    no_pool: NoPoolOption = False,
+) -> None:
+    """Run the region gateway as a sidecar in front of an HTTP app in any language."""
+    from latitude.gateway import serve as serving
+
+    if not upstream.startswith(("http://", "https://")):
+        fail(f"--upstream {upstream!r} must be an http:// or https:// URL", 2)
+    load_topology(topology)
+    serving.run(
+        region=region,
+        topology=str(topology),
+        upstream=upstream,
+        host=host,
+        port=port,
+        workers=workers,
+        pooling=not no_pool,
+    )
+
+
 @app.command()
 def demo(
-    once: Annotated[bool, typer.Option("--once", help="Print the figures, then tear the world down.")] = False,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print the figures, then tear the world down.")
+    ] = False,
     topology: TopologyOption = None,
     state_dir: StateDirOption = None,
-    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON.")] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures as JSON.")
+    ] = None,
 ) -> None:
     """Bring the default world up, show it, and keep it running until Ctrl-C."""
     world = LabWorld(state_dir, topology, progress=progress_printer())
@@ -200,7 +320,7 @@ def main() -> None:
         for problem in exc.problems:
             err.print(f"{exc.source}: {problem}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except LabError as exc:
+    except (LabError, GatewayConfigError) as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except typer.Exit as exc:

@@ -64,6 +64,10 @@ TABLE_KEYS: dict[str, set[str]] = {
         "session_cookie",
         "session_key_template",
         "consistency",
+        "ca_file",
+        "tls_cert",
+        "tls_key",
+        "workers",
     },
     "mirror": {"root", "indexes", "retention_s", "max_lag_s", "poll_timeout_s", "paths"},
     "routing": {

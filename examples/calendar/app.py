@@ -1,0 +1,340 @@
+"""A team calendar, like the SaaS the multi-region design comes from.
+
+It is an ordinary Starlette app: server-side sessions in the region's Valkey, SQL through
+SQLAlchemy. Latitude's gateway in front of it decides where each request runs; `latitude.db`
+sends its SQL to the local replica or to the primary accordingly. Nothing here knows regions.
+
+Run it behind the gateway: `latitude serve --region eu-west examples.calendar.app:app`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from latitude.db import AsyncRoutedEngines
+from latitude.sessions import SessionMiddleware, session_store_from_url
+from latitude.topology import load_topology
+
+SCHEMA = """
+create table if not exists teams (
+    id serial primary key, name text unique not null, event_count int not null default 0,
+    last_activity timestamptz);
+create table if not exists users (
+    id serial primary key, name text unique not null, logins int not null default 0);
+create table if not exists memberships (
+    user_id int references users(id), team_id int references teams(id), role text not null,
+    primary key (user_id, team_id));
+create table if not exists events (
+    id serial primary key, team_id int references teams(id), title text not null,
+    starts_at timestamptz not null, created_by int references users(id),
+    created_at timestamptz not null default now(), client_ip text);
+create table if not exists audit (
+    id bigserial primary key, user_id int, action text not null, event_id int,
+    at timestamptz not null default now());
+create table if not exists user_stats (
+    user_id int primary key references users(id), events_created int not null default 0);
+"""
+
+TEAM = "core"
+
+
+def _region() -> tuple[object, str]:
+    topology = load_topology(os.environ["LATITUDE_TOPOLOGY"])
+    return topology, os.environ["LATITUDE_REGION"]
+
+
+topology, region_name = _region()
+region = topology.region(region_name)
+engines = AsyncRoutedEngines.from_topology(topology, region_name)
+
+
+def wants_html(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+def current_user(request: Request) -> dict | None:
+    return request.session.get("user")
+
+
+async def login(request: Request) -> Response:
+    form = await _payload(request)
+    name = str(form.get("name", "")).strip()
+    if not name or len(name) > 64:
+        return JSONResponse({"error": "give a name of 1 to 64 characters"}, status_code=400)
+    async with engines.engine().begin() as db:
+        user_id = (
+            await db.execute(
+                text(
+                    "insert into users (name, logins) values (:n, 1) on conflict (name)"
+                    " do update set logins = users.logins + 1 returning id"
+                ),
+                {"n": name},
+            )
+        ).scalar_one()
+        team_id = (
+            await db.execute(
+                text(
+                    "insert into teams (name) values (:t) on conflict (name) do update set name = excluded.name"
+                    " returning id"
+                ),
+                {"t": TEAM},
+            )
+        ).scalar_one()
+        await db.execute(
+            text(
+                "insert into memberships (user_id, team_id, role) values (:u, :t, 'member')"
+                " on conflict do nothing"
+            ),
+            {"u": user_id, "t": team_id},
+        )
+        await db.execute(
+            text("insert into audit (user_id, action) values (:u, 'login')"), {"u": user_id}
+        )
+    request.session["user"] = {"id": user_id, "name": name, "team_id": team_id}
+    request.session["flash"] = f"Welcome, {name}"
+    return JSONResponse({"user": request.session["user"]})
+
+
+async def logout(request: Request) -> Response:
+    request.session.clear()
+    return JSONResponse({"ok": True})
+
+
+async def me(request: Request) -> Response:
+    flash = request.session.pop("flash", None)
+    return JSONResponse(
+        {
+            "user": current_user(request),
+            "flash": flash,
+            "region": region_name,
+            "client_ip": request.client.host if request.client else None,
+            "session_bytes": len(str(request.session)),
+        }
+    )
+
+
+async def list_events(request: Request) -> Response:
+    user = current_user(request)
+    if not user:
+        return JSONResponse({"error": "sign in first: POST /login"}, status_code=401)
+    async with engines.engine().connect() as db:
+        rows = (
+            (
+                await db.execute(
+                    text(
+                        "select id, title, starts_at, created_by from events where team_id = :t order by starts_at, id"
+                    ),
+                    {"t": user["team_id"]},
+                )
+            )
+            .mappings()
+            .all()
+        )
+    events = [{**r, "starts_at": r["starts_at"].isoformat()} for r in rows]
+    if wants_html(request):
+        items = "".join(f"<li>{e['starts_at']}: {e['title']}</li>" for e in events)
+        return HTMLResponse(f"<h1>{TEAM} calendar ({region_name})</h1><ul>{items}</ul>")
+    return JSONResponse({"region": region_name, "events": events})
+
+
+async def get_event(request: Request) -> Response:
+    async with engines.engine().connect() as db:
+        row = (
+            (
+                await db.execute(
+                    text("select id, title, starts_at from events where id = :i"),
+                    {"i": int(request.path_params["id"])},
+                )
+            )
+            .mappings()
+            .first()
+        )
+    if row is None:
+        return JSONResponse({"error": "no such event"}, status_code=404)
+    return JSONResponse({**row, "starts_at": row["starts_at"].isoformat()})
+
+
+async def create_event(request: Request) -> Response:
+    user = current_user(request)
+    if not user:
+        return JSONResponse({"error": "sign in first: POST /login"}, status_code=401)
+    data = await _payload(request)
+    title = str(data.get("title", "")).strip()
+    if not title:
+        return JSONResponse({"error": "an event needs a title"}, status_code=400)
+    try:
+        starts_at = datetime.fromisoformat(
+            str(data.get("starts_at") or datetime.now(UTC).isoformat())
+        )
+    except ValueError:
+        return JSONResponse({"error": "starts_at must be an ISO 8601 time"}, status_code=400)
+    # Realistic work, as in the original app: eight statements in one transaction.
+    async with engines.engine().begin() as db:
+        member = (
+            await db.execute(
+                text("select role from memberships where user_id = :u and team_id = :t"),
+                {"u": user["id"], "t": user["team_id"]},
+            )
+        ).first()
+        if member is None:
+            return JSONResponse({"error": "not a member of this team"}, status_code=403)
+        await db.execute(text("select id from users where id = :u for share"), {"u": user["id"]})
+        clashes = (
+            await db.execute(
+                text("select count(*) from events where team_id = :t and starts_at = :s"),
+                {"t": user["team_id"], "s": starts_at},
+            )
+        ).scalar_one()
+        event_id = (
+            await db.execute(
+                text(
+                    "insert into events (team_id, title, starts_at, created_by, client_ip)"
+                    " values (:t, :title, :s, :u, :ip) returning id"
+                ),
+                {
+                    "t": user["team_id"],
+                    "title": title,
+                    "s": starts_at,
+                    "u": user["id"],
+                    "ip": request.client.host if request.client else None,
+                },
+            )
+        ).scalar_one()
+        await db.execute(
+            text("insert into audit (user_id, action, event_id) values (:u, 'create', :e)"),
+            {"u": user["id"], "e": event_id},
+        )
+        await db.execute(
+            text("update teams set event_count = event_count + 1 where id = :t"),
+            {"t": user["team_id"]},
+        )
+        await db.execute(
+            text(
+                "insert into user_stats (user_id, events_created) values (:u, 1) on conflict (user_id)"
+                " do update set events_created = user_stats.events_created + 1"
+            ),
+            {"u": user["id"]},
+        )
+        await db.execute(
+            text("update teams set last_activity = now() where id = :t"), {"t": user["team_id"]}
+        )
+    request.session["flash"] = f"Created {title!r}" + (
+        " (clashes with another event)" if clashes else ""
+    )
+    return JSONResponse({"id": event_id, "title": title, "region": region_name}, status_code=201)
+
+
+async def edit_event(request: Request) -> Response:
+    user = current_user(request)
+    if not user:
+        return JSONResponse({"error": "sign in first: POST /login"}, status_code=401)
+    data = await _payload(request)
+    event_id = int(request.path_params["id"])
+    async with engines.engine().begin() as db:
+        updated = (
+            await db.execute(
+                text(
+                    "update events set title = :title where id = :i and team_id = :t returning id"
+                ),
+                {"title": str(data.get("title", "")), "i": event_id, "t": user["team_id"]},
+            )
+        ).first()
+        if updated:
+            await db.execute(
+                text("insert into audit (user_id, action, event_id) values (:u, 'edit', :e)"),
+                {"u": user["id"], "e": event_id},
+            )
+    return JSONResponse(
+        {"id": event_id} if updated else {"error": "no such event"},
+        status_code=200 if updated else 404,
+    )
+
+
+async def delete_event(request: Request) -> Response:
+    user = current_user(request)
+    if not user:
+        return JSONResponse({"error": "sign in first: POST /login"}, status_code=401)
+    event_id = int(request.path_params["id"])
+    async with engines.engine().begin() as db:
+        deleted = (
+            await db.execute(
+                text("delete from events where id = :i and team_id = :t returning id"),
+                {"i": event_id, "t": user["team_id"]},
+            )
+        ).first()
+        if deleted:
+            await db.execute(
+                text("update teams set event_count = event_count - 1 where id = :t"),
+                {"t": user["team_id"]},
+            )
+            await db.execute(
+                text("insert into audit (user_id, action, event_id) values (:u, 'delete', :e)"),
+                {"u": user["id"], "e": event_id},
+            )
+    return Response(status_code=204 if deleted else 404)
+
+
+async def save_notes(request: Request) -> Response:
+    """Keep arbitrary notes in the session (sessions of tens of KiB exist in real apps)."""
+    data = await _payload(request)
+    request.session["notes"] = str(data.get("notes", ""))
+    return JSONResponse({"notes_bytes": len(request.session["notes"])})
+
+
+async def auth_callback(request: Request) -> Response:
+    """A GET that writes (an OAuth-style callback): listed `always_forward` in the topology."""
+    async with engines.engine().begin() as db:
+        await db.execute(text("insert into audit (action) values ('auth-callback')"))
+    return JSONResponse({"ok": True, "region": region_name})
+
+
+async def _payload(request: Request) -> dict:
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            data = await request.json()
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+    return dict(await request.form())
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    if region.primary:
+        async with engines.primary.begin() as db:
+            await db.execute(text("select pg_advisory_xact_lock(4242)"))
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                await db.execute(text(statement))
+    yield
+    await engines.dispose()
+    await sessions.close()
+
+
+sessions = session_store_from_url(region.session_store_url, key_template="latitude:session:{sid}")
+app = SessionMiddleware(
+    Starlette(
+        routes=[
+            Route("/", list_events),
+            Route("/login", login, methods=["POST"]),
+            Route("/logout", logout, methods=["POST"]),
+            Route("/me", me),
+            Route("/events", list_events),
+            Route("/events", create_event, methods=["POST"]),
+            Route("/events/{id:int}", get_event),
+            Route("/events/{id:int}", edit_event, methods=["PUT", "PATCH", "POST"]),
+            Route("/events/{id:int}", delete_event, methods=["DELETE"]),
+            Route("/notes", save_notes, methods=["POST"]),
+            Route("/auth/callback", auth_callback),
+        ],
+        lifespan=lifespan,
+    ),
+    store=sessions,
+)

@@ -1,0 +1,194 @@
+"""The pooled, pre-warmed client that carries a request from a replica region to the primary.
+
+Connections to the primary are opened at start-up and kept alive, so a forwarded request in
+steady state pays one round trip, not TCP and TLS handshakes as well. The client reports how
+an attempt failed in the terms the forwarding contract needs: `NotSent` (nothing left this
+region: safe to handle locally) versus `NoAnswer` (the request may have been delivered: only a
+retry with the same idempotency key is safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+
+class ForwardingError(Exception):
+    """Base of the forwarding client's errors."""
+
+
+class NotSent(ForwardingError):
+    """The primary could not be reached before anything was sent (refused, timed out, TLS)."""
+
+
+class NoAnswer(ForwardingError):
+    """The request may have reached the primary, but no complete answer came back."""
+
+
+@dataclass
+class ForwardedResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+@dataclass
+class ForwardingStats:
+    requests: int = 0
+    not_sent: int = 0
+    no_answer: int = 0
+    warmed: int = 0
+
+
+def ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    context = (
+        ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+    )
+    return context
+
+
+class ForwardingClient:
+    """A keep-alive pool to one primary gateway (`base_url`), shared by a process's requests.
+
+    `pooling=False` opens a fresh connection per request, to reproduce what a deployment without
+    a warm pool pays.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        pool_size: int = 8,
+        pooling: bool = True,
+        connect_timeout_s: float = 1.0,
+        ca_file: str | None = None,
+        max_response_bytes: int = 64 * 1024 * 1024,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.pool_size = pool_size
+        self.pooling = pooling
+        self.connect_timeout_s = connect_timeout_s
+        self.max_response_bytes = max_response_bytes
+        self.stats = ForwardingStats()
+        self._ssl = ssl_context(ca_file) if self.base_url.startswith("https:") else None
+        self._session: aiohttp.ClientSession | None = None
+
+    def _new_session(self, *, force_close: bool) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=0 if not force_close else 100,
+            limit_per_host=0,
+            keepalive_timeout=300 if not force_close else None,
+            force_close=force_close,
+            ssl=self._ssl if self._ssl is not None else False,
+            enable_cleanup_closed=True,
+        )
+        return aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = self._new_session(force_close=not self.pooling)
+        return self._session
+
+    async def warm(self) -> int:
+        """Open `pool_size` connections now, so the first requests find them ready."""
+        if not self.pooling:
+            return 0
+
+        async def one() -> bool:
+            try:
+                async with self.session.get(
+                    f"{self.base_url}/_latitude/health",
+                    timeout=aiohttp.ClientTimeout(total=5, sock_connect=self.connect_timeout_s),
+                ) as resp:
+                    await resp.read()
+                    return True
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                return False
+
+        # Concurrent requests force the pool to open that many connections at once.
+        results = await asyncio.gather(*(one() for _ in range(self.pool_size)))
+        self.stats.warmed = sum(results)
+        return self.stats.warmed
+
+    async def can_connect(self, timeout_s: float | None = None) -> bool:
+        """Whether a brand-new connection to the primary opens now (bypasses the pool)."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname, port), timeout_s or self.connect_timeout_s
+            )
+        except (TimeoutError, OSError):
+            return False
+        writer.close()
+        return True
+
+    async def send(
+        self,
+        method: str,
+        path_and_query: str,
+        headers: Mapping[str, str] | list[tuple[str, str]],
+        body: AsyncIterator[bytes] | bytes | None,
+        *,
+        timeout_s: float,
+        fresh_connection: bool = False,
+    ) -> ForwardedResponse:
+        """One attempt. Raises `NotSent` or `NoAnswer`; any HTTP status is a response."""
+        self.stats.requests += 1
+        session = self.session
+        owned: aiohttp.ClientSession | None = None
+        if fresh_connection and self.pooling:
+            # A retry must not land on a pooled connection that may be the one that stalled.
+            owned = session = self._new_session(force_close=True)
+        try:
+            async with session.request(
+                method,
+                f"{self.base_url}{path_and_query}",
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.connect_timeout_s),
+            ) as resp:
+                data = await resp.content.read(self.max_response_bytes + 1)
+                if len(data) > self.max_response_bytes:
+                    raise NoAnswer(f"the primary's answer exceeds {self.max_response_bytes} bytes")
+                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
+                return ForwardedResponse(resp.status, headers, data)
+        except aiohttp.ClientConnectorError as exc:
+            self.stats.not_sent += 1
+            raise NotSent(f"cannot connect to the primary at {self.base_url}: {exc}") from exc
+        except aiohttp.ConnectionTimeoutError as exc:
+            self.stats.not_sent += 1
+            raise NotSent(f"connecting to {self.base_url} timed out") from exc
+        except TimeoutError as exc:
+            self.stats.no_answer += 1
+            raise NoAnswer(f"no answer from the primary within {timeout_s:.2f} s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            self.stats.no_answer += 1
+            raise NoAnswer(f"the connection to the primary failed mid-request: {exc!r}") from exc
+        finally:
+            if owned is not None:
+                await owned.close()
+
+    def pool_info(self) -> dict[str, int | bool]:
+        connector = self._session.connector if self._session else None
+        idle = sum(len(v) for v in getattr(connector, "_conns", {}).values()) if connector else 0
+        return {"pooling": self.pooling, "idle_connections": idle, "warmed": self.stats.warmed}
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

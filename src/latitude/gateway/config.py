@@ -1,0 +1,119 @@
+"""Everything a region's gateway needs to know, read once from the topology."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from latitude.signing import Keyring, SigningKey
+from latitude.topology import Region, Topology, TopologyError, load_topology
+
+
+class GatewayConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    topology: Topology
+    region: Region
+    keyring: Keyring
+    deadline_s: float = 3.0
+    connect_timeout_s: float = 1.0
+    read_wait_s: float = 0.5
+    session_limit_bytes: int = 1024 * 1024
+    pooling: bool = True
+    pool_size: int = 8
+    session_cookie: str = "session"
+    session_key_template: str = "latitude:session:{sid}"
+    consistency: object = "session"
+    ca_file: str | None = None
+    local_routes: tuple[str, ...] = ()
+    always_forward_routes: tuple[str, ...] = ()
+    overrides: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> Region:
+        return self.topology.primary
+
+    @property
+    def is_primary(self) -> bool:
+        return self.region.primary
+
+    @property
+    def primary_url(self) -> str:
+        url = self.primary.internal_url or self.primary.public_url
+        if not url:
+            raise GatewayConfigError(f"the primary region {self.primary.name} has no internal_url")
+        return url
+
+    @classmethod
+    def from_topology(
+        cls,
+        topology: Topology,
+        region: str,
+        environ: Mapping[str, str] | None = None,
+        **overrides: object,
+    ) -> GatewayConfig:
+        environ = os.environ if environ is None else environ
+        try:
+            this = topology.region(region)
+        except KeyError as exc:
+            raise GatewayConfigError(str(exc.args[0])) from None
+        keys = []
+        for spec in topology.signing_keys:
+            secret = spec.secret or (environ.get(spec.env) or "").encode() or None
+            if secret is None:
+                raise GatewayConfigError(
+                    f"signing key {spec.id}: environment variable {spec.env} is not set; "
+                    "every region's gateway needs the same secret"
+                )
+            keys.append(SigningKey(spec.id, secret))
+        if not keys:
+            raise GatewayConfigError("no signing keys in the topology; add [[signing.keys]]")
+        keyring = Keyring(keys, topology.sign_with or keys[0].key_id)
+        g = dict(topology.gateway)
+        g.update(overrides)
+
+        def get(name: str, default, kind=float):
+            value = g.get(name, default)
+            try:
+                return kind(value) if value is not None else None
+            except (TypeError, ValueError):
+                raise GatewayConfigError(
+                    f"[gateway] {name} = {value!r} is not a {kind.__name__}"
+                ) from None
+
+        return cls(
+            topology=topology,
+            region=this,
+            keyring=keyring,
+            deadline_s=get("deadline_s", 3.0),
+            connect_timeout_s=get("connect_timeout_s", 1.0),
+            read_wait_s=get("read_wait_s", 0.5),
+            session_limit_bytes=get("session_limit_bytes", 1024 * 1024, int),
+            pooling=get("pooling", True, bool),
+            pool_size=get("pool_size", 8, int),
+            session_cookie=get("session_cookie", "session", str),
+            session_key_template=get("session_key_template", "latitude:session:{sid}", str),
+            consistency=g.get("consistency", "session"),
+            ca_file=get("ca_file", environ.get("LATITUDE_CA_FILE"), str),
+            local_routes=topology.routes.local,
+            always_forward_routes=topology.routes.always_forward,
+        )
+
+    @classmethod
+    def from_environment(
+        cls, region: str | None = None, topology_path: str | None = None, **overrides: object
+    ):
+        """Config from `LATITUDE_TOPOLOGY` / `LATITUDE_REGION` (what `latitude serve` and the lab set)."""
+        path = topology_path or os.environ.get("LATITUDE_TOPOLOGY", "latitude.toml")
+        region = region or os.environ.get("LATITUDE_REGION")
+        if not region:
+            raise GatewayConfigError("no region given; pass --region or set LATITUDE_REGION")
+        try:
+            topology = load_topology(path)
+        except TopologyError:
+            raise
+        return cls.from_topology(topology, region, **overrides)

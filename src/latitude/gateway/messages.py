@@ -1,0 +1,265 @@
+"""Small pieces of HTTP the gateway needs: trusted headers, `Forwarded`, spooled bodies,
+captured responses, and the error pages it answers with."""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import json
+import re
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from latitude.signing import ContentDigest
+
+Scope = dict
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+# A client may never set these: they carry trust that only a gateway may grant.
+UNTRUSTED_PREFIXES = ("x-forwarded-", "latitude-")
+UNTRUSTED_HEADERS = frozenset(
+    {"forwarded", "x-real-ip", "signature", "signature-input", "content-digest"}
+)
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+SPOOL_MEMORY_BYTES = 1024 * 1024
+
+
+def header(scope_headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for k, v in scope_headers:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def strip_untrusted(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for k, v in headers:
+        name = k.decode("latin-1").lower()
+        if name in UNTRUSTED_HEADERS or name.startswith(UNTRUSTED_PREFIXES):
+            continue
+        out.append((k, v))
+    return out
+
+
+def _forwarded_node(ip: str) -> str:
+    try:
+        if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address):
+            return f'"[{ip}]"'
+    except ValueError:
+        return '"unknown"'
+    return ip
+
+
+def build_forwarded(client_ip: str | None, proto: str, host: str | None) -> str:
+    """RFC 7239 `Forwarded` for one hop, from what this gateway itself saw."""
+    parts = [f"for={_forwarded_node(client_ip) if client_ip else 'unknown'}", f"proto={proto}"]
+    if host:
+        parts.append(
+            f'host="{host}"' if not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", host) else f"host={host}"
+        )
+    return ";".join(parts)
+
+
+def parse_forwarded(value: str) -> dict[str, str]:
+    """The first element of a `Forwarded` header (the one our own gateway wrote)."""
+    first = value.split(",", 1)[0]
+    out: dict[str, str] = {}
+    for pair in first.split(";"):
+        if "=" not in pair:
+            continue
+        k, v = pair.split("=", 1)
+        v = v.strip().strip('"')
+        if k.strip().lower() == "for" and v.startswith("[") and v.endswith("]"):
+            v = v[1:-1]
+        out[k.strip().lower()] = v
+    return out
+
+
+class SpooledBody:
+    """A request body kept in memory up to 1 MiB and on disk beyond, hashed as it arrives."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
+        self.digest = ContentDigest()
+        self.size = 0
+
+    @classmethod
+    async def read(cls, receive: Receive, limit: int | None = None) -> SpooledBody:
+        body = cls()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            if chunk:
+                body.append(chunk)
+                if limit is not None and body.size > limit:
+                    raise BodyTooLarge(body.size, limit)
+            if not message.get("more_body", False):
+                return body
+
+    def append(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+
+    async def chunks(
+        self, size: int = 256 * 1024, limit: int | None = None
+    ) -> AsyncIterator[bytes]:
+        self.file.seek(0)
+        left = self.size if limit is None else limit
+        while left > 0:
+            chunk = self.file.read(min(size, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            yield chunk
+
+    def read_tail(self, n: int) -> bytes:
+        if n == 0:
+            return b""
+        self.file.seek(self.size - n)
+        return self.file.read(n)
+
+    def receive_from(self, limit: int) -> Receive:
+        """An ASGI `receive` that replays the first `limit` bytes of the body to an app."""
+        chunks = self.chunks(limit=limit)
+        done = False
+
+        async def receive() -> dict:
+            nonlocal done
+            if done:
+                return {"type": "http.disconnect"}
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                done = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.request", "body": chunk, "more_body": True}
+
+        return receive
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"request body of {size} bytes exceeds the limit of {limit} bytes")
+
+
+@dataclass
+class CapturedResponse:
+    """An app's response, collected instead of sent, so it can be signed and carried back."""
+
+    status: int = 500
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    started: bool = False
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.headers = list(message.get("headers", []))
+            self.started = True
+        elif message["type"] == "http.response.body":
+            self.body += message.get("body", b"")
+
+
+async def send_response(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    headers = [
+        (k, v) for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")
+    ]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def wants_json(scope: Scope) -> bool:
+    accept = (header(scope.get("headers", []), b"accept") or "").lower()
+    return "application/json" in accept or (
+        "text/html" not in accept and "*/*" not in accept and accept != ""
+    )
+
+
+async def send_error(
+    scope: Scope,
+    send: Send,
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    data: dict | None = None,
+) -> None:
+    """A clear error in the client's language (JSON or HTML), never cached."""
+    headers = [(b"cache-control", b"no-store"), *(extra_headers or [])]
+    if wants_json(scope):
+        body = json.dumps({"error": title, "detail": detail, **(data or {})}).encode()
+        headers.append((b"content-type", b"application/json"))
+    else:
+        body = (
+            f"<!doctype html><html><head><title>{html.escape(title)}</title></head>"
+            f"<body><h1>{html.escape(title)}</h1><p>{html.escape(detail)}</p></body></html>"
+        ).encode()
+        headers.append((b"content-type", b"text/html; charset=utf-8"))
+    await send_response(send, status, headers, body)
+
+
+async def send_json(
+    send: Send, status: int, data: dict, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send_response(
+        send,
+        status,
+        [(b"content-type", b"application/json"), (b"cache-control", b"no-store"), *(headers or [])],
+        json.dumps(data).encode(),
+    )
+
+
+def cookie_value(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
+    for k, v in headers:
+        if k != b"cookie":
+            continue
+        for part in v.decode("latin-1").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value
+    return None
+
+
+def set_cookie_value(
+    headers: list[tuple[bytes, bytes]] | list[tuple[str, str]], name: str
+) -> str | None:
+    """The value a response's `Set-Cookie` gives cookie `name` (None if it sets none)."""
+    for k, v in headers:
+        key = k.decode("latin-1") if isinstance(k, bytes) else k
+        if key.lower() != "set-cookie":
+            continue
+        value = v.decode("latin-1") if isinstance(v, bytes) else v
+        first = value.split(";", 1)[0]
+        cname, _, cvalue = first.partition("=")
+        if cname.strip() == name:
+            return cvalue.strip()
+    return None

@@ -1,0 +1,722 @@
+"""`RegionGateway`: the pure-ASGI middleware that makes one app multi-region.
+
+In a replica region it serves reads locally and forwards writes whole to the primary region's
+gateway; in the primary region it verifies and runs forwarded requests. `classify` decides
+which, in one fixed order; this module carries the decision out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections import Counter
+
+from latitude import consistency
+from latitude.forwarding import ForwardingClient, NoAnswer, NotSent
+from latitude.gateway.classify import FORWARDED_FROM_HEADER, Decision, classify
+from latitude.gateway.config import GatewayConfig
+from latitude.gateway.messages import (
+    HOP_BY_HOP,
+    BodyTooLarge,
+    CapturedResponse,
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    SpooledBody,
+    build_forwarded,
+    cookie_value,
+    header,
+    parse_forwarded,
+    send_error,
+    send_json,
+    send_response,
+    set_cookie_value,
+    strip_untrusted,
+)
+from latitude.gateway.positions import PositionTracker, request_route
+from latitude.idempotency import IdempotencyStore, Outcome
+from latitude.sessions import (
+    SessionCodec,
+    SessionError,
+    SessionStore,
+    SessionTooLarge,
+    session_store_from_url,
+)
+from latitude.signing import (
+    DigestMismatch,
+    MemoryNonceCache,
+    NonceCache,
+    NonceCacheError,
+    SignatureError,
+    ValkeyNonceCache,
+    sign_request,
+    sign_response,
+    verify_content_digest,
+    verify_request,
+    verify_response,
+)
+
+log = logging.getLogger("latitude.gateway")
+
+SESSION_LENGTH = "latitude-session-length"
+POSITION = "latitude-position"
+IDEMPOTENCY = "latitude-idempotency"
+# What a forwarded request's signature covers (when present), and must cover to be accepted.
+SIGNED_REQUEST_HEADERS = (
+    "content-digest",
+    "content-type",
+    "idempotency-key",
+    "forwarded",
+    SESSION_LENGTH,
+    FORWARDED_FROM_HEADER,
+    "cookie",
+    "authorization",
+)
+SIGNED_RESPONSE_HEADERS = (
+    "content-digest",
+    "content-type",
+    "location",
+    "set-cookie",
+    SESSION_LENGTH,
+    POSITION,
+    IDEMPOTENCY,
+)
+# The gateway's own framing never reaches the client or the app.
+INTERNAL_RESPONSE_HEADERS = frozenset(
+    {
+        SESSION_LENGTH,
+        POSITION,
+        IDEMPOTENCY,
+        "signature",
+        "signature-input",
+        "content-digest",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "date",
+        "server",
+    }
+)
+
+
+class RegionGateway:
+    def __init__(
+        self,
+        app,
+        config: GatewayConfig,
+        *,
+        session_store: SessionStore | None = None,
+        nonce_cache: NonceCache | None = None,
+        forwarding: ForwardingClient | None = None,
+        idempotency: IdempotencyStore | None = None,
+    ):
+        self.app = app
+        self.config = config
+        self.codec = SessionCodec(limit_bytes=config.session_limit_bytes)
+        self.session_store = session_store
+        self.nonce_cache = nonce_cache
+        self.forwarding = forwarding
+        self.idempotency = idempotency
+        self.positions = PositionTracker(config)
+        self.counters: Counter[str] = Counter()
+        self._started = False
+        self._start_lock = asyncio.Lock()
+        self._db_reachable: tuple[float, bool] = (0.0, False)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        async with self._start_lock:
+            if self._started:
+                return
+            cfg = self.config
+            region = cfg.region
+            if self.session_store is None:
+                if not region.session_store_url:
+                    raise RuntimeError(f"region {region.name} has no session_store_url")
+                self.session_store = session_store_from_url(
+                    region.session_store_url, key_template=cfg.session_key_template
+                )
+            if cfg.is_primary:
+                if self.nonce_cache is None:
+                    self.nonce_cache = await _nonce_cache_for(region.session_store_url)
+                if self.idempotency is None:
+                    self.idempotency = await IdempotencyStore.open(region.database_url)
+                    await self.idempotency.ensure_schema()
+            elif self.forwarding is None:
+                self.forwarding = ForwardingClient(
+                    cfg.primary_url,
+                    pool_size=cfg.pool_size,
+                    pooling=cfg.pooling,
+                    connect_timeout_s=cfg.connect_timeout_s,
+                    ca_file=cfg.ca_file,
+                )
+                await self.forwarding.warm()
+            await self.positions.start()
+            self._started = True
+
+    async def shutdown(self) -> None:
+        for closer in (
+            getattr(self.forwarding, "close", None),
+            getattr(self.idempotency, "close", None),
+            getattr(self.session_store, "close", None),
+            getattr(self.nonce_cache, "close", None),
+            self.positions.close,
+        ):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
+        self._started = False
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def wrapped_receive() -> dict:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+            return message
+
+        async def wrapped_send(message: dict) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.shutdown()
+            await send(message)
+
+        try:
+            await self.app(scope, wrapped_receive, wrapped_send)
+        except Exception:
+            # The app has no lifespan support: run ours alone.
+            if not self._started:
+                await self.startup()
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+
+    # ---- dispatch ------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            # WebSockets stay in the region they connected to.
+            await self.app(scope, receive, send)
+            return
+        if not self._started:
+            await self.startup()
+        headers = scope["headers"]
+        decision = classify(
+            scope["method"],
+            scope["path"],
+            is_primary=self.config.is_primary,
+            forwarded=header(headers, FORWARDED_FROM_HEADER.encode()) is not None,
+            local=self.config.local_routes,
+            always_forward=self.config.always_forward_routes,
+        )
+        self.counters[decision.value] += 1
+        try:
+            if decision is Decision.LATITUDE:
+                await self._own_endpoint(scope, send)
+            elif decision is Decision.VERIFY:
+                await self._run_forwarded(scope, receive, send)
+            elif decision is Decision.PRIMARY:
+                await self._run_here(scope, receive, send, consistency.PRIMARY)
+            elif decision is Decision.LOCAL:
+                await self._serve_read(scope, receive, send)
+            else:
+                await self._forward(scope, receive, send)
+        except ClientDisconnected:
+            self.counters["client_disconnected"] += 1
+
+    def _edge_scope(self, scope: Scope) -> Scope:
+        """The request as the app may see it: no client-set trust headers."""
+        return {**scope, "headers": strip_untrusted(scope["headers"])}
+
+    async def _run_here(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
+        with request_route(route, scope["method"], scope["path"], self.config.region.name):
+            await self.app(
+                self._edge_scope(scope), receive, self.positions.stamping(scope, send, route)
+            )
+
+    async def _own_endpoint(self, scope: Scope, send: Send) -> None:
+        path = scope["path"]
+        if path == "/_latitude/health":
+            await send_json(
+                send,
+                200,
+                {"region": self.config.region.name, "role": self.config.region.role, "ok": True},
+            )
+        elif path == "/_latitude/status":
+            await send_json(send, 200, self.status())
+        else:
+            await send_error(scope, send, 404, "Not found", f"{path} is not a Latitude endpoint")
+
+    def status(self) -> dict:
+        return {
+            "region": self.config.region.name,
+            "role": self.config.region.role,
+            "decisions": dict(self.counters),
+            "forwarding": self.forwarding.pool_info() if self.forwarding else None,
+            "consistency": self.positions.stats(),
+        }
+
+    # ---- replica side: reads -------------------------------------------------------------
+
+    async def _serve_read(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if await self.positions.replica_is_current(scope):
+            await self._run_here(scope, receive, send, consistency.REPLICA)
+        else:
+            self.counters["read_forwarded"] += 1
+            await self._forward(scope, receive, send)
+
+    # ---- replica side: forwarding --------------------------------------------------------
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cfg = self.config
+        started = time.monotonic()
+        deadline = started + cfg.deadline_s
+        headers = scope["headers"]
+        # A client retrying after a 504 sends back the key it was given.
+        key = header(headers, b"idempotency-key") or str(uuid.uuid4())
+        try:
+            body = await SpooledBody.read(receive)
+        except BodyTooLarge as exc:
+            await send_error(scope, send, 413, "Request too large", str(exc))
+            return
+        try:
+            sid = cookie_value(headers, cfg.session_cookie)
+            session = await self.session_store.get(sid) if sid else None
+            blob = self.codec.pack(session) if session else b""
+        except SessionTooLarge as exc:
+            self.counters["session_too_large"] += 1
+            await send_error(scope, send, 413, "Session too large to forward", str(exc))
+            return
+        except SessionError as exc:
+            await send_error(scope, send, 400, "Bad session", str(exc))
+            return
+        body.digest.update(blob)
+        client_ip = (scope.get("client") or (None, None))[0]
+        outgoing: list[tuple[str, str]] = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in strip_untrusted(headers)
+            if k.decode("latin-1").lower() not in HOP_BY_HOP and k != b"idempotency-key"
+        ]
+        outgoing += [
+            (
+                "forwarded",
+                build_forwarded(client_ip, scope.get("scheme", "http"), header(headers, b"host")),
+            ),
+            ("idempotency-key", key),
+            ("content-digest", body.digest.header_value()),
+            (SESSION_LENGTH, str(len(blob))),
+            (FORWARDED_FROM_HEADER, cfg.region.name),
+            ("content-length", str(body.size + len(blob))),
+        ]
+        path_qs = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        if scope.get("query_string"):
+            path_qs += "?" + scope["query_string"].decode("latin-1")
+        url = f"{self.forwarding.base_url}{path_qs}"
+
+        async def envelope():
+            async for chunk in body.chunks():
+                yield chunk
+            if blob:
+                yield blob
+
+        attempt = 0
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                signed = outgoing + list(
+                    sign_request(
+                        cfg.keyring,
+                        method=scope["method"],
+                        url=url,
+                        headers=outgoing,
+                        covered=SIGNED_REQUEST_HEADERS,
+                    ).items()
+                )
+                # The first attempt may wait out most of the deadline; later ones are quick checks.
+                timeout = (
+                    remaining
+                    if attempt
+                    else max(min(remaining, cfg.deadline_s / 3), min(remaining, 1.0))
+                )
+                try:
+                    resp = await self.forwarding.send(
+                        scope["method"],
+                        path_qs,
+                        signed,
+                        envelope(),
+                        timeout_s=timeout,
+                        fresh_connection=attempt > 0,
+                    )
+                except NotSent as exc:
+                    if attempt == 0:
+                        self.counters["not_sent"] += 1
+                        log.warning(
+                            "forwarding %s %s: %s; handling it here",
+                            scope["method"],
+                            scope["path"],
+                            exc,
+                        )
+                        await self._fallback(scope, body, send, key)
+                    else:
+                        # An earlier attempt may have arrived: never run it here, say so instead.
+                        await self._read_only(
+                            scope, send, key, "the primary region stopped answering"
+                        )
+                    return
+                except NoAnswer as exc:
+                    attempt += 1
+                    self.counters["retries"] += 1
+                    log.warning(
+                        "forwarding %s %s (key %s): %s; retrying",
+                        scope["method"],
+                        scope["path"],
+                        key,
+                        exc,
+                    )
+                    continue
+                if resp.status == 409 and resp.header(IDEMPOTENCY) == "in-progress":
+                    attempt += 1
+                    await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                    continue
+                await self._relay_answer(scope, send, resp, signed, sid, had_session=bool(session))
+                return
+        finally:
+            body.close()
+        self.counters["deadline"] += 1
+        await send_error(
+            scope,
+            send,
+            504,
+            "The primary region did not answer in time",
+            f"The request was sent but no answer came within {cfg.deadline_s:g} s. Retry with the "
+            f"header Idempotency-Key: {key}; it will not be applied twice.",
+            extra_headers=[(b"idempotency-key", key.encode()), (b"retry-after", b"1")],
+            data={"idempotency_key": key},
+        )
+
+    async def _relay_answer(
+        self, scope, send, resp, signed_request, sid, had_session: bool
+    ) -> None:
+        cfg = self.config
+        try:
+            verify_response(
+                cfg.keyring,
+                status=resp.status,
+                headers=resp.headers,
+                request_headers=signed_request,
+                body=resp.body,
+            )
+        except SignatureError as exc:
+            self.counters["bad_answer_signature"] += 1
+            log.error("the primary's answer failed verification: %s", exc)
+            await send_error(
+                scope,
+                send,
+                502,
+                "Bad answer from the primary region",
+                "The primary's answer was not correctly signed; it was discarded.",
+            )
+            return
+        n = int(resp.header(SESSION_LENGTH) or 0)
+        body, blob = resp.body[: len(resp.body) - n], resp.body[len(resp.body) - n :]
+        new_sid = set_cookie_value(resp.headers, cfg.session_cookie) or sid
+        if new_sid:
+            if blob:
+                await self.session_store.set(new_sid, self.codec.unpack(blob))
+            elif had_session:
+                await self.session_store.delete(new_sid)
+        headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in resp.headers
+            if k.lower() not in INTERNAL_RESPONSE_HEADERS
+        ]
+        headers += self.positions.cookie_headers(scope, resp.header(POSITION))
+        self.counters["forwarded"] += 1
+        await send_response(send, resp.status, headers, body)
+
+    async def _fallback(self, scope: Scope, body: SpooledBody, send: Send, key: str) -> None:
+        """The primary's gateway is unreachable: run here, writing over the ocean to its database."""
+        if not await self._primary_db_reachable():
+            await self._read_only(
+                scope, send, key, "neither the primary region nor its database answers"
+            )
+            return
+        self.counters["fallback"] += 1
+        with request_route(
+            consistency.PRIMARY, scope["method"], scope["path"], self.config.region.name
+        ):
+            await self.app(self._edge_scope(scope), body.receive_from(body.size), send)
+
+    async def _primary_db_reachable(self) -> bool:
+        checked_at, ok = self._db_reachable
+        if time.monotonic() - checked_at < 1.0:
+            return ok
+        url = self.config.region.primary_database_url
+        ok = False
+        if url:
+            import psycopg
+
+            try:
+                conn = await asyncio.wait_for(
+                    psycopg.AsyncConnection.connect(
+                        url, connect_timeout=max(1, int(self.config.connect_timeout_s))
+                    ),
+                    self.config.connect_timeout_s + 0.5,
+                )
+                await conn.close()
+                ok = True
+            except (OSError, TimeoutError, psycopg.Error):
+                ok = False
+        self._db_reachable = (time.monotonic(), ok)
+        return ok
+
+    async def _read_only(self, scope: Scope, send: Send, key: str, why: str) -> None:
+        self.counters["read_only"] += 1
+        await send_error(
+            scope,
+            send,
+            503,
+            "Read-only for now",
+            f"This region can serve reads but cannot make changes at the moment: {why}. "
+            f"Nothing was changed here. Retry shortly with the header Idempotency-Key: {key}.",
+            extra_headers=[(b"retry-after", b"5"), (b"idempotency-key", key.encode())],
+            data={"read_only": True, "idempotency_key": key},
+        )
+
+    # ---- primary side --------------------------------------------------------------------
+
+    async def _run_forwarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cfg = self.config
+        headers = scope["headers"]
+        if not cfg.is_primary:
+            await send_error(
+                scope,
+                send,
+                421,
+                "Misdirected request",
+                f"{cfg.region.name} is not the primary region; forward to {cfg.primary.name}",
+            )
+            return
+        host = header(headers, b"host") or ""
+        path_qs = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        if scope.get("query_string"):
+            path_qs += "?" + scope["query_string"].decode("latin-1")
+        url = f"{scope.get('scheme', 'http')}://{host}{path_qs}"
+        try:
+            await verify_request(
+                cfg.keyring,
+                method=scope["method"],
+                url=url,
+                headers=headers,
+                nonce_cache=self.nonce_cache,
+                must_cover=SIGNED_REQUEST_HEADERS,
+            )
+        except SignatureError as exc:
+            self.counters["rejected"] += 1
+            await send_error(scope, send, 401, "Forwarded request rejected", str(exc))
+            return
+        except NonceCacheError as exc:
+            await send_error(
+                scope,
+                send,
+                503,
+                "Cannot verify forwarded requests",
+                str(exc),
+                extra_headers=[(b"retry-after", b"1")],
+            )
+            return
+        body = await SpooledBody.read(receive)
+        try:
+            await self._execute_forwarded(scope, send, headers, body)
+        finally:
+            body.close()
+
+    async def _execute_forwarded(self, scope, send, headers, body: SpooledBody) -> None:
+        cfg = self.config
+        try:
+            verify_content_digest(header(headers, b"content-digest"), body.digest)
+        except DigestMismatch as exc:
+            self.counters["rejected"] += 1
+            await send_error(scope, send, 401, "Forwarded request rejected", str(exc))
+            return
+        key = header(headers, b"idempotency-key")
+        try:
+            n = int(header(headers, SESSION_LENGTH.encode()) or "0")
+            if not key or not 0 <= n <= body.size:
+                raise ValueError
+        except ValueError:
+            await self._signed_answer(
+                send,
+                headers,
+                400,
+                [(b"content-type", b"text/plain")],
+                b"bad forwarding envelope",
+                b"",
+            )
+            return
+        request_hash = hashlib.sha256(
+            "\n".join(
+                [
+                    scope["method"],
+                    scope["path"],
+                    scope.get("query_string", b"").decode("latin-1"),
+                    header(headers, b"content-digest") or "",
+                    header(headers, b"cookie") or "",
+                ]
+            ).encode()
+        ).hexdigest()
+        claim = await self.idempotency.begin(key, request_hash)
+        if claim.outcome is Outcome.REPLAY:
+            self.counters["replayed"] += 1
+            await self._send_signed(
+                send,
+                headers,
+                claim.status,
+                [(k.encode("latin-1"), v.encode("latin-1")) for k, v in claim.headers],
+                claim.body,
+            )
+            return
+        if claim.outcome is Outcome.IN_PROGRESS:
+            await self._signed_answer(
+                send,
+                headers,
+                409,
+                [(IDEMPOTENCY.encode(), b"in-progress")],
+                b"a request with this Idempotency-Key is running",
+                b"",
+            )
+            return
+        if claim.outcome is Outcome.MISMATCH:
+            await self._signed_answer(
+                send,
+                headers,
+                422,
+                [(IDEMPOTENCY.encode(), b"mismatch")],
+                b"this Idempotency-Key was used for a different request",
+                b"",
+            )
+            return
+        sid = cookie_value(headers, cfg.session_cookie)
+        try:
+            session = self.codec.unpack(body.read_tail(n)) if n else None
+            if sid:
+                if session:
+                    await self.session_store.set(sid, session)
+                else:
+                    await self.session_store.delete(sid)
+        except SessionError as exc:
+            await self.idempotency.abandon(key)
+            await self._signed_answer(
+                send, headers, 413, [(b"content-type", b"text/plain")], str(exc).encode(), b""
+            )
+            return
+        forwarded = parse_forwarded(header(headers, b"forwarded") or "")
+        app_headers = [
+            (k, v)
+            for k, v in strip_untrusted(headers)
+            if k not in (b"host", b"content-length", b"idempotency-key")
+        ]
+        app_headers += [
+            (b"host", forwarded.get("host", header(headers, b"host") or "").encode("latin-1")),
+            (b"content-length", str(body.size - n).encode()),
+            (b"forwarded", (header(headers, b"forwarded") or "").encode("latin-1")),
+            (b"idempotency-key", key.encode("latin-1")),
+        ]
+        app_scope = {
+            **scope,
+            "headers": app_headers,
+            "client": (forwarded.get("for", "unknown"), 0),
+            "scheme": forwarded.get("proto", scope.get("scheme", "http")),
+        }
+        captured = CapturedResponse()
+        try:
+            with request_route(
+                consistency.PRIMARY, scope["method"], scope["path"], cfg.region.name
+            ):
+                await self.app(app_scope, body.receive_from(body.size - n), captured.send)
+        except Exception:
+            log.exception("the app failed on a forwarded %s %s", scope["method"], scope["path"])
+            await self.idempotency.abandon(key)
+            await self._signed_answer(
+                send, headers, 500, [(b"content-type", b"text/plain")], b"internal error", b""
+            )
+            return
+        new_sid = set_cookie_value(captured.headers, cfg.session_cookie) or sid
+        blob = b""
+        if new_sid:
+            session_after = await self.session_store.get(new_sid)
+            # The session lives in its own region; the primary keeps no copy.
+            await self.session_store.delete(new_sid)
+            try:
+                blob = self.codec.pack(session_after) if session_after else b""
+            except SessionTooLarge as exc:
+                await self.idempotency.abandon(key)
+                await self._signed_answer(
+                    send, headers, 500, [(b"content-type", b"text/plain")], str(exc).encode(), b""
+                )
+                return
+        out_headers = [
+            (k, v)
+            for k, v in captured.headers
+            if k.decode("latin-1").lower() not in INTERNAL_RESPONSE_HEADERS
+        ]
+        position = await self.positions.primary_position()
+        if position:
+            out_headers.append((POSITION.encode(), position.encode()))
+        envelope = bytes(captured.body) + blob
+        out_headers.append((SESSION_LENGTH.encode(), str(len(blob)).encode()))
+        await self.idempotency.complete(
+            key,
+            captured.status,
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in out_headers],
+            envelope,
+        )
+        self.counters["executed_forwarded"] += 1
+        await self._send_signed(send, headers, captured.status, out_headers, envelope)
+
+    async def _signed_answer(
+        self, send, request_headers, status, headers, body: bytes, blob: bytes
+    ) -> None:
+        headers = [*headers, (SESSION_LENGTH.encode(), str(len(blob)).encode())]
+        await self._send_signed(send, request_headers, status, headers, body + blob)
+
+    async def _send_signed(
+        self, send, request_headers, status: int, headers, envelope: bytes
+    ) -> None:
+        from latitude.signing import content_digest
+
+        headers = [
+            (k, v)
+            for k, v in headers
+            if k.lower() not in (b"content-digest", b"signature", b"signature-input")
+        ]
+        headers.append((b"content-digest", content_digest(envelope).encode()))
+        signature = sign_response(
+            self.config.keyring,
+            status=status,
+            headers=headers,
+            request_headers=request_headers,
+            covered=SIGNED_RESPONSE_HEADERS,
+        )
+        headers += [(k.lower().encode(), v.encode()) for k, v in signature.items()]
+        await send_response(send, status, headers, envelope)
+
+
+async def _nonce_cache_for(url: str | None) -> NonceCache:
+    if not url or url.startswith("memory:"):
+        return MemoryNonceCache()
+    import redis.asyncio as redis
+
+    url = url.replace("valkey://", "redis://", 1).replace("valkeys://", "rediss://", 1)
+    return ValkeyNonceCache(redis.from_url(url))

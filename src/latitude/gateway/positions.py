@@ -1,0 +1,142 @@
+"""Read-your-writes for the gateway: the primary's replication position after a write travels
+back in a signed cookie, and a later read in the replica region waits (bounded) until the local
+replica has replayed it, or is forwarded to the primary instead."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from latitude import consistency
+from latitude.gateway.config import GatewayConfig
+from latitude.gateway.messages import Scope, Send, cookie_value
+
+log = logging.getLogger("latitude.gateway")
+
+POSITION_COOKIE = "latitude_pos"
+
+
+@contextlib.contextmanager
+def request_route(route: str, method: str, path: str, region: str):
+    """Tell the app (through `latitude.db`) which database this request must use."""
+    switch = (
+        consistency.route_to_primary
+        if route == consistency.PRIMARY
+        else consistency.route_to_replica
+    )
+    with switch(), consistency.request_context(method, path, region):
+        yield
+
+
+class PositionTracker:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.cookie = consistency.PositionCookie(
+            config.keyring.signing_key.secret, name=POSITION_COOKIE
+        )
+        self.policy = consistency.ConsistencyPolicy.from_config(config.consistency)
+        self.watcher: consistency.ReplayWatcher | None = None
+        self.strong: consistency.StrongPositionSource | None = None
+        self._primary_pool = None
+        self.counters = {
+            "reads_local": 0,
+            "reads_waited": 0,
+            "reads_forwarded": 0,
+            "wait_ms_total": 0.0,
+        }
+
+    async def start(self) -> None:
+        region = self.config.region
+        if self.config.is_primary:
+            from psycopg_pool import AsyncConnectionPool
+
+            self._primary_pool = AsyncConnectionPool(
+                region.database_url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=False
+            )
+            with contextlib.suppress(Exception):
+                await self._primary_pool.open(wait=True, timeout=5)
+        elif region.database_url:
+            self.watcher = consistency.ReplayWatcher(region.database_url)
+            await self.watcher.start()
+            if region.primary_database_url and _uses_strong(self.policy):
+                self.strong = consistency.StrongPositionSource(region.primary_database_url)
+                with contextlib.suppress(Exception):
+                    await self.strong.open(wait=False)
+
+    async def close(self) -> None:
+        for thing in (self.watcher, self.strong, self._primary_pool):
+            if thing is not None:
+                with contextlib.suppress(Exception):
+                    await thing.close()
+
+    async def primary_position(self) -> str | None:
+        """The primary's WAL position now (after the app's commit), as text."""
+        if self._primary_pool is None:
+            return None
+        try:
+            async with self._primary_pool.connection(timeout=2) as conn:
+                return str(await consistency.primary_position_async(conn))
+        except Exception as exc:  # a missing position only costs a forwarded read later
+            log.warning("could not read the primary's WAL position: %s", exc)
+            return None
+
+    async def replica_is_current(self, scope: Scope) -> bool:
+        """True to serve this read from the local replica; False to forward it."""
+        mode = self.policy.mode_for(scope["path"])
+        if mode is consistency.ConsistencyMode.EVENTUAL or self.watcher is None:
+            self.counters["reads_local"] += 1
+            return True
+        if mode is consistency.ConsistencyMode.STRONG and self.strong is not None:
+            try:
+                target = await self.strong.current()
+            except Exception:
+                self.counters["reads_forwarded"] += 1
+                return False
+        else:
+            raw = cookie_value(scope["headers"], POSITION_COOKIE)
+            target = self.cookie.read(raw) if raw else None
+            if target is None:
+                self.counters["reads_local"] += 1
+                return True
+        started = time.monotonic()
+        ok = await self.watcher.wait_for(target, self.config.read_wait_s)
+        waited = (time.monotonic() - started) * 1000
+        if waited > 0.05:
+            self.counters["reads_waited"] += 1
+            self.counters["wait_ms_total"] += waited
+        if not ok:
+            self.counters["reads_forwarded"] += 1
+        else:
+            self.counters["reads_local"] += 1
+        return ok
+
+    def cookie_headers(self, scope: Scope, position: str | None) -> list[tuple[bytes, bytes]]:
+        if not position or self.config.is_primary:
+            return []
+        try:
+            value = self.cookie.issue(
+                consistency.ReplicationPosition.parse(position), self.config.region.name
+            )
+        except ValueError:
+            return []
+        secure = scope.get("scheme") == "https"
+        return [
+            (b"set-cookie", self.cookie.set_cookie_header(value, secure=secure).encode("latin-1"))
+        ]
+
+    def stamping(self, scope: Scope, send: Send, route: str) -> Send:
+        """At the primary region, requests are current by definition: nothing to stamp."""
+        return send
+
+    def stats(self) -> dict:
+        out = dict(self.counters)
+        if self.watcher is not None:
+            out["watcher"] = self.watcher.stats()
+            out["replayed"] = str(self.watcher.replayed) if self.watcher.replayed else None
+        return out
+
+
+def _uses_strong(policy: consistency.ConsistencyPolicy) -> bool:
+    strong = consistency.ConsistencyMode.STRONG
+    return policy.default is strong or strong in policy.routes.values()
