@@ -45,7 +45,9 @@ RootOpt = Annotated[
 
 def _fail(message: str) -> None:
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+    # SystemExit, not typer.Exit: `latitude.cli.main` runs click with standalone_mode=False,
+    # which turns typer.Exit into a return value that it then drops (exit status 0).
+    raise SystemExit(1)
 
 
 def _config(
