@@ -205,7 +205,8 @@ class DnsFront:
         udp_limit = max(512, min(opt.edns_len, EDNS_UDP_SIZE)) if opt else 512
         if opt is not None and opt.edns_ver != 0:
             return self._finish(reply, BADVERS, opt, None, tcp, udp_limit)
-        if h.opcode != 0:
+        if h.opcode != 0:  # only QUERY; other opcodes' sections mean other things
+            reply.questions = []
             return self._finish(reply, RCODE.NOTIMP, opt, None, tcp, udp_limit)
         if len(query.questions) != 1:
             self.stats["formerr"] += 1

@@ -108,6 +108,10 @@ class CidrTable:
             if e is best or (best is not None and n.prefixlen <= best.network.prefixlen):
                 continue
             common = _common_prefix(addr, int(n.network_address), bits)
+            # One bit past the common prefix tells this network apart. When that is past the
+            # source prefix, the answer depends on bits the resolver did not send (scope longer
+            # than source); like a MaxMind tree walk, it then names the block around the
+            # zero-filled address.
             needed = n.prefixlen if common >= n.prefixlen else common + 1
             scope = max(scope, needed)
         return Lookup(self._location(best) if best else None, min(scope, bits))

@@ -332,7 +332,7 @@ class HealthChecker:
             if isinstance(loc, list) and len(loc) == 2:
                 with contextlib.suppress(TypeError, ValueError):
                     self.remote_locations[v] = (float(loc[0]), float(loc[1]))
-        self.refresh(received_at)
+        self.refresh()
 
     # ---- probing --------------------------------------------------------------------------
 
