@@ -87,6 +87,7 @@ class Net:
         sync: bool = True,
         files_url: str | None = None,
         primary_url: str | None = None,
+        inline: int = 64 * 1024,
         **kw,
     ) -> tuple[MirrorServer, SyncDaemon | None]:
         server = MirrorServer(
@@ -99,7 +100,7 @@ class Net:
         )
         await server.start()
         self.servers.append(server)
-        daemon = self.sync(name, files_url) if sync else None
+        daemon = self.sync(name, files_url, inline=inline) if sync else None
         return server, daemon
 
     def sync(self, name: str, files_url: str | None = None, cls=SyncDaemon, **kw) -> SyncDaemon:
@@ -311,7 +312,7 @@ async def test_sync_applies_batches_in_order_and_keeps_last_modified(net):
     old = time.time() - 3600
     names = [f"packages/p{i}.whl" for i in range(300)]
     net.pub.publish_many(
-        [Item(n, f"wheel {n}".encode() * 50, mtime=old) for n in names]
+        [Item(n, f"wheel {n}".encode() * 500, mtime=old) for n in names]
         + [Item("simple/p/", "".join(f'<a href="/{n}">x</a>' for n in names))]
         + [Item("big.bin", os.urandom(600_000))]
     )
@@ -325,6 +326,7 @@ async def test_sync_applies_batches_in_order_and_keeps_last_modified(net):
     assert tree(net.tmp / "eu") == tree(net.tmp / "primary")
     assert d.stored.index("simple/p/index.html") > max(d.stored.index(n) for n in names)
     assert "gone.txt" not in d.stored  # collapsed: only the last change of a path is applied
+    assert 0 < d.files_inline < 300  # the feed carried some inline, bundles brought the rest
     assert int((net.tmp / "eu/packages/p1.whl").stat().st_mtime) == int(old)
     assert not list((net.tmp / "eu").rglob(".latitude-tmp-*"))
     # A publish now reaches the mirror through the parked long poll.
@@ -342,7 +344,7 @@ async def test_bytes_not_matching_sha256_are_never_stored_and_cursor_waits_for_t
     )
     state = {"corrupt": True}
     proxy = await net.app(corrupting_proxy(net.primary_url, state))
-    server, daemon = await net.mirror("eu", files_url=proxy)
+    server, daemon = await net.mirror("eu", files_url=proxy, inline=0)
     await until(lambda: daemon.status.get("error"), what="the batch to fail")
     await asyncio.sleep(0.5)
     root = net.tmp / "eu"
@@ -366,7 +368,9 @@ async def test_file_older_than_its_change_is_retried_not_stored(net):
     await until(lambda: ContentRoot(net.tmp / "a").cursor() == 1, what="A synced v1")
     await net.stop_sync(a_sync)
     net.pub.publish("simple/pkg/", "version 2")
-    b_server, b_sync = await net.mirror("b", files_url=f"http://127.0.0.1:{a_server.port}")
+    b_server, b_sync = await net.mirror(
+        "b", files_url=f"http://127.0.0.1:{a_server.port}", inline=0
+    )
     await until(
         lambda: "older than the change" in (b_sync.status.get("error") or ""),
         what="B refusing A's old copy",

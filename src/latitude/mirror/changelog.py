@@ -15,10 +15,11 @@ it keeps is answered with `resync`.
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DEFAULT_RETENTION_S = 24 * 3600.0
@@ -47,7 +48,11 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 
 @dataclass(frozen=True)
 class Change:
-    """One entry of the feed. For a delete, `sha256`, `size` and `mtime` are None."""
+    """One entry of the feed. For a delete, `sha256`, `size` and `mtime` are None.
+
+    `data` is the file's content when the feed carried it inline (small files); it is checked
+    against `sha256` like any download.
+    """
 
     serial: int
     op: str
@@ -55,12 +60,18 @@ class Change:
     sha256: str | None = None
     size: int | None = None
     mtime: float | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        data = out.pop("data")
+        if data is not None:
+            out["data"] = base64.b64encode(data).decode("ascii")
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> Change:
+        inline = data.get("data")
         return cls(
             serial=int(data["serial"]),
             op=str(data["op"]),
@@ -68,6 +79,7 @@ class Change:
             sha256=data.get("sha256"),
             size=data.get("size"),
             mtime=data.get("mtime"),
+            data=base64.b64decode(inline, validate=True) if inline is not None else None,
         )
 
 

@@ -310,6 +310,32 @@ def start_lab_mirrors(
     return roots
 
 
+def wait_lab_mirrors_ready(world, timeout: float = 30.0) -> bool:
+    """Wait until every region's mirror answers and every replica is parked in a long poll."""
+    import json
+    import urllib.request
+
+    state = world.state()
+    deadline = time.monotonic() + timeout
+    pending = set(state["regions"])
+    while pending and time.monotonic() < deadline:
+        for name in list(pending):
+            port = state["regions"][name]["mirror_port"]
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/_latitude/mirror/health", timeout=2
+                ) as r:
+                    h = json.loads(r.read())
+            except OSError:
+                continue
+            if h.get("role") == "primary" or (
+                h.get("behind_seconds") == 0 and h.get("primary") == "reachable"
+            ):
+                pending.discard(name)
+        time.sleep(0.05)
+    return not pending
+
+
 @mirror_app.command("demo")
 def demo(
     state_dir: Annotated[
@@ -327,12 +353,15 @@ def demo(
     state = world.state()
     roots = start_lab_mirrors(world)
     primary = state["primary"]
-    time.sleep(1.0)  # let the mirrors connect and park their long polls
+    ready = wait_lab_mirrors_ready(world, timeout=30)
+    if not ready:
+        _fail(
+            "the mirrors did not become ready within 30 s; see regions/*/mirror*.log in the lab folder"
+        )
     body = f'{{"published_at": {time.time():.6f}, "pid": {os.getpid()}}}\n'.encode()
     with Publisher(roots[primary]) as pub:
-        t0 = time.perf_counter()
         change = pub.publish(path, body)
-    out.print(f"published /{path} at {primary} as serial {change.serial}")
+        t0 = time.perf_counter()  # committed: from here on every mirror may hear of it
     seen: dict[str, float] = {}
     while len(seen) < len(roots) and time.perf_counter() - t0 < 10:
         for name, root in roots.items():
@@ -340,6 +369,7 @@ def demo(
             if name not in seen and f.exists() and f.read_bytes() == body:
                 seen[name] = (time.perf_counter() - t0) * 1000
         time.sleep(0.001)
+    out.print(f"published /{path} at {primary} as serial {change.serial}")
     topo = world.topology()
     for name in roots:
         rtt = topo.rtt_ms(name, primary)

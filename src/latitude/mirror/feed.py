@@ -1,12 +1,15 @@
 """The change feed between the primary and its mirrors, both ends.
 
-    GET  /_latitude/mirror/changes?since=N&timeout=S   signed; long-polled up to S seconds
+    GET  /_latitude/mirror/changes?since=N&timeout=S&inline=B
+                                                       signed; long-polled up to S seconds
     GET  /_latitude/mirror/snapshot                    signed; the whole tree, for `resync`
     POST /_latitude/mirror/bundle                      many small files in one response
 
 `changes` answers ``{"head", "floor", "next", "resync", "changes": [...]}``. With nothing newer
 than N it holds the request until a change is committed (or S passes), so a mirror hears of a
-change one one-way trip after it happens. A cursor below `floor` (pruned away) gets
+change one one-way trip after it happens. Files up to B bytes (at most 64 KiB, 1 MiB a page) come
+inline, base64 in `data`: metadata files then reach a mirror in that same one-way trip, with
+no second round trip to download them. A cursor below `floor` (pruned away) gets
 ``"resync": true`` and the mirror rebuilds from `snapshot`.
 
 Requests and the primary's answers are signed (RFC 9421, `latitude.signing`) with the region
@@ -21,12 +24,13 @@ of thousands of small files then costs a few round trips over an ocean, not thou
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import hashlib
 import json
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 from aiohttp import web
@@ -49,6 +53,8 @@ FILE_SERIAL_HEADER = "Latitude-File-Serial"
 BUNDLE_TYPE = "application/x-latitude-bundle"
 FALLBACK_POLL_S = 0.5
 MAX_PAGE = 5000
+INLINE_FILE_MAX = 64 * 1024  # files up to this size may travel inside the feed's answer
+INLINE_PAGE_MAX = 1024 * 1024
 
 
 class FeedError(Exception):
@@ -154,8 +160,11 @@ class FeedServer:
             since = int(request.query.get("since", "0"))
             timeout = float(request.query.get("timeout", self.poll_timeout_s))
             limit = int(request.query.get("limit", MAX_PAGE))
+            inline = int(request.query.get("inline", "0"))
         except ValueError:
-            raise web.HTTPBadRequest(text="since, timeout and limit must be numbers\n") from None
+            raise web.HTTPBadRequest(
+                text="since, timeout, limit and inline must be numbers\n"
+            ) from None
         timeout = max(0.0, min(timeout, self.poll_timeout_s))
         limit = max(1, min(limit, MAX_PAGE))
         page = self.log.since(since, limit)
@@ -167,7 +176,32 @@ class FeedServer:
                     text="the primary is shutting down\n", headers={"Retry-After": "1"}
                 )
             page = self.log.since(since, limit)
+        if inline > 0 and page.changes:
+            page = replace(page, changes=self._inline(page.changes, min(inline, INLINE_FILE_MAX)))
         return self._signed_json(request, page_to_json(page))
+
+    def _inline(self, changes: tuple[Change, ...], file_max: int) -> tuple[Change, ...]:
+        """Carry small files in the answer itself: the mirror then needs no second round trip.
+
+        Only a path's last change in the page is inlined, and only while the page stays under
+        `INLINE_PAGE_MAX`. The bytes are read now; if the file changed again since, they will
+        not match the change's sha256 and the mirror downloads it instead.
+        """
+        last = {c.path: c.serial for c in changes}
+        budget = INLINE_PAGE_MAX
+        out = []
+        for c in changes:
+            if (
+                c.op == "put"
+                and last[c.path] == c.serial
+                and (c.size or 0) <= min(file_max, budget)
+            ):
+                with contextlib.suppress(OSError):
+                    data = self.root.file(c.path).read_bytes()
+                    budget -= len(data)
+                    c = replace(c, data=data)
+            out.append(c)
+        return tuple(out)
 
     async def snapshot(self, request: web.Request) -> web.Response:
         await self._verify(request)
@@ -271,8 +305,9 @@ class FeedClient:
         self.base_url = base_url.rstrip("/")
         self.keyring = keyring
 
-    async def changes(self, since: int, timeout: float) -> Page:
-        data = await self._get(f"{CHANGES}?since={since}&timeout={timeout:g}", timeout + 15)
+    async def changes(self, since: int, timeout: float, inline: int = INLINE_FILE_MAX) -> Page:
+        qs = f"?since={since}&timeout={timeout:g}&inline={inline}"
+        data = await self._get(CHANGES + qs, timeout + 15)
         try:
             return Page(
                 head=int(data["head"]),
@@ -280,7 +315,7 @@ class FeedClient:
                 changes=tuple(Change.from_json(c) for c in data["changes"]),
                 resync=bool(data["resync"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise FeedError(f"malformed feed page: {exc}") from None
 
     async def snapshot(self) -> Snapshot:

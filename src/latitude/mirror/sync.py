@@ -3,8 +3,8 @@
     latitude mirror sync --region ap-southeast
 
 The loop (`SyncDaemon.run`) long-polls the feed from the saved cursor and applies each page as a
-batch. A batch downloads the changed files concurrently over a pooled, pre-warmed connection
-pool (small files many to a request, see `feed`), checks each against the sha256 the signed
+batch. Small files come inline with the feed's answer; the rest are downloaded concurrently over
+a pooled, pre-warmed connection pool (many small files to a request, see `feed`). Each is checked against the sha256 the signed
 feed announced, writes it atomically with the origin's Last-Modified, writes index files only
 after the files they name, applies deletes last, and only then saves the cursor. A crash at
 any point therefore repeats at most the batch it was in; a cursor the primary no longer
@@ -39,6 +39,7 @@ from latitude.mirror.feed import (
     BUNDLE,
     FILE_SERIAL_HEADER,
     HEALTH,
+    INLINE_FILE_MAX,
     SERIAL_HEADER,
     FeedClient,
     FeedError,
@@ -98,6 +99,7 @@ class SyncDaemon:
         poll_interval_s: float | None = None,
         pool_size: int = 32,
         bundles: bool = True,
+        inline: int = INLINE_FILE_MAX,
         region: str | None = None,
     ):
         self.root = root if isinstance(root, ContentRoot) else ContentRoot(root)
@@ -109,11 +111,13 @@ class SyncDaemon:
         self.poll_interval_s = poll_interval_s
         self.pool_size = pool_size
         self.bundles = bundles
+        self.inline = inline  # ask the feed to carry files up to this size (0: never)
         self.region = region
         self.stopping = asyncio.Event()
         self.status: dict = {}
         self.batches = 0
         self.files_written = 0
+        self.files_inline = 0
         self._last_download = 0.0
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -140,7 +144,7 @@ class SyncDaemon:
                         failing_since=self.status.get("failing_since") or time.time(),
                     )
                     log.warning("sync: %s (attempt %d)", exc, failures)
-                    await self._sleep(min(0.2 * 2**failures, 5.0))
+                    await self._sleep(min(0.2 * 2**failures, 2.0))
                     continue
                 if self.poll_interval_s:
                     await self._sleep(self.poll_interval_s)
@@ -153,7 +157,7 @@ class SyncDaemon:
         timeout = 0 if self.poll_interval_s else self.poll_timeout_s
         current = cursor >= self.status.get("head", 0)
         self._report(cursor=cursor, waiting_since=time.time() if current and timeout else None)
-        poll = asyncio.ensure_future(self.feed.changes(cursor, timeout))
+        poll = asyncio.ensure_future(self.feed.changes(cursor, timeout, self.inline))
         stop = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
         if not poll.done():
@@ -219,9 +223,24 @@ class SyncDaemon:
     async def download(self, changes: list[Change], touched: set) -> None:
         if not changes:
             return
-        small, large = [], []
+        small, large, inline = [], [], []
         for c in changes:
-            (small if self.bundles and (c.size or 0) <= BUNDLE_FILE_MAX else large).append(c)
+            if c.data is not None and _sha(c.data) == c.sha256:
+                inline.append(c)  # it came with the feed: no download
+            else:
+                (small if self.bundles and (c.size or 0) <= BUNDLE_FILE_MAX else large).append(c)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self.writers, self._store, c, Got(200, c.sha256, c.mtime, data=c.data)
+                )
+                for c in inline
+            )
+        )
+        touched.update(self.root.file(c.path).parent for c in inline)
+        self.files_written += len(inline)
+        self.files_inline += len(inline)
         groups = [[c] for c in large] + _chunks(small)
         results = await asyncio.gather(
             *(self._fetch_group(g, touched) for g in groups), return_exceptions=True
