@@ -67,6 +67,10 @@ HistoryOption = Annotated[
 ]
 
 
+# Exit codes are raised as SystemExit, not typer.Exit: `latitude`'s main() runs click in
+# non-standalone mode, where a typer.Exit becomes a return value and its code is lost.
+
+
 def _topology_path(path: Path | None) -> Path:
     if path is not None:
         return path
@@ -85,7 +89,7 @@ def _load(path: Path | None) -> tuple[Topology, RoutingConfig]:
 def _problems(exc: RoutingConfigError) -> None:
     for p in exc.problems:
         err.print(f"{exc.source}: {p}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise SystemExit(2)
 
 
 def _pairs(values: list[str] | None, what: str) -> list[tuple[str, str]]:
@@ -94,7 +98,7 @@ def _pairs(values: list[str] | None, what: str) -> list[tuple[str, str]]:
         name, sep, rest = v.partition("=")
         if not sep or not name or not rest:
             err.print(f"[red]error:[/red] --{what} {v!r}: write it as NAME=VALUE", highlight=False)
-            raise typer.Exit(2)
+            raise SystemExit(2)
         pairs.append((name, rest))
     return pairs
 
@@ -148,7 +152,7 @@ def _build(
             _problems(exc)
         except OSError as exc:
             err.print(f"[red]error:[/red] cannot read {cidr_table}: {exc}", highlight=False)
-            raise typer.Exit(2) from None
+            raise SystemExit(2) from None
         config = config.with_overrides(cidrs=config.cidrs + rows)
     vantages = _vantages(topology, config, vantage)
     peers = [Peer(n, u) for n, u in _pairs(peer, "peer")]
@@ -344,7 +348,7 @@ def health_command(
                     cells.append("; ".join(parts))
                 table.add_row(name, "healthy" if r.healthy else "DOWN", *cells)
             out.print(table)
-        raise typer.Exit(0 if all(r.healthy for r in view.regions.values()) else 1)
+        raise SystemExit(0 if all(r.healthy for r in view.regions.values()) else 1)
     svc = RoutingService(
         topo,
         config,
@@ -378,7 +382,7 @@ def export_command(
         err.print(
             f"[red]error:[/red] unknown export {target!r}; use route53 or powerdns", highlight=False
         )
-        raise typer.Exit(2)
+        raise SystemExit(2)
     if output:
         output.write_text(text)
         err.print(f"wrote {output}", highlight=False)
@@ -398,7 +402,7 @@ def uptime_command(
     """Uptime per region per day or month, from the checker's history."""
     if by not in ("day", "month"):
         err.print("[red]error:[/red] --by must be day or month", highlight=False)
-        raise typer.Exit(2)
+        raise SystemExit(2)
     path = history
     if path is None:
         path = Path(_load(topology)[1].history_path)
@@ -408,7 +412,7 @@ def uptime_command(
             "writes it (or pass --history PATH)",
             highlight=False,
         )
-        raise typer.Exit(1)
+        raise SystemExit(1)
     h = UptimeHistory(path)
     try:
         since = time.time() - days * 86400 if days else None

@@ -146,7 +146,7 @@ def route53_terraform(topology: Topology, config: RoutingConfig) -> str:
         seen_aws.setdefault(aws, r.name)
         check = [
             f'resource "aws_route53_health_check" "{ident}" {{',
-            f"  {'ip_address' if is_ip else 'fqdn'} = {_hcl(host)}",
+            f"  {('ip_address' if is_ip else 'fqdn').ljust(17)} = {_hcl(host)}",
             f"  port              = {port}",
             f"  type              = {_hcl(kind)}",
             f"  resource_path     = {_hcl(config.check_path)}",
