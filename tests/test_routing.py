@@ -42,6 +42,7 @@ from latitude.routing.geo import CidrTable, GeoIPDatabase, Locator, great_circle
 from latitude.routing.health import (
     HealthChecker,
     HealthView,
+    Peer,
     RegionHealth,
     Vantage,
     vantage_from_topology,
@@ -446,6 +447,34 @@ def test_checker_threshold_and_recovery_over_http():
             servers.status["eu-west"] = 200
             assert wait_until(lambda: checker.view.regions["eu-west"].healthy, 3)
         assert servers.hits["eu-west"] > 6
+
+
+def test_peers_over_http():
+    """`latitude health --http-port` in one place, a DNS front reading it as a vantage point."""
+    with HealthServers(["us-west", "eu-west", "ap-southeast"]) as servers:
+        topology = parse_topology(servers.topology_text(), environ={})
+        config = routing_config(topology).with_overrides(
+            check_interval_s=0.1, check_threshold=1, check_timeout_s=0.08
+        )
+        far = vantage_from_topology("ap-southeast", topology, config)
+        health = RoutingService(topology, config, vantages=[far], dns_port=None, http_port=0)
+        with BackgroundRouting(health):
+            peer = Peer("ap-southeast", f"http://127.0.0.1:{health.http_port}")
+            near = vantage_from_topology("us-west", topology, config)
+            front = RoutingService(topology, config, vantages=[near], peers=[peer], dns_port=0)
+            with BackgroundRouting(front):
+                view = lambda: front.checker.view  # noqa: E731
+                assert wait_until(lambda: ("ap-southeast", "eu-west") in view().rtt_ms, 5)
+                assert view().vantage_locations["ap-southeast"] == (1.35, 103.82)
+                servers.status["eu-west"] = 500
+                assert wait_until(lambda: view().regions["eu-west"].down_votes == 2, 5)
+                assert not view().regions["eu-west"].healthy
+                q = dns.message.make_query(
+                    APP, "A", use_edns=0, options=[dns.edns.ECSOption(LONDON, 32)]
+                )
+                reply = dns.query.udp(q, "127.0.0.1", port=front.dns_port, timeout=5)
+                assert addresses(reply) != ["192.0.2.2"]
+            servers.status["eu-west"] = 200
 
 
 def test_checker_threshold_state_machine(topology, config):

@@ -174,7 +174,12 @@ async def _serve(service: RoutingService, ready_file: Path | None, quiet: bool) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
+    try:
+        await service.start()
+    except OSError as exc:
+        err.print(f"[red]error:[/red] cannot listen: {exc}", highlight=False)
+        await service.stop()
+        raise SystemExit(1) from None
     try:
         info = {
             "pid": os.getpid(),
