@@ -128,6 +128,7 @@ class DnsFront:
             "hostmaster." + config.zone,
             (serial or int(time.time()), 3600, 600, 86400, config.ttl_s),
         )
+        self._rdatas: dict[str, tuple[int, A | AAAA]] = {}
         self.stats = {
             "queries": 0,
             "answered": 0,
@@ -257,13 +258,18 @@ class DnsFront:
             reply.add_auth(RR(self.config.zone, QTYPE.SOA, rdata=self.soa, ttl=self.ttl))
         return self._finish(reply, RCODE.NOERROR, opt, ecs, tcp, udp_limit, scope=scope)
 
+    def _rdata(self, ip: str) -> tuple[int, A | AAAA]:
+        found = self._rdatas.get(ip)
+        if found is None:
+            found = (QTYPE.AAAA, AAAA(ip)) if ":" in ip else (QTYPE.A, A(ip))
+            self._rdatas[ip] = found
+        return found
+
     def _addresses(self, reply: DNSRecord, q: DNSQuestion, addresses) -> None:
         for ip in addresses:
-            v6 = ":" in ip
-            if not v6 and q.qtype in (QTYPE.A, QTYPE.ANY):
-                reply.add_answer(RR(q.qname, QTYPE.A, rdata=A(ip), ttl=self.ttl))
-            elif v6 and q.qtype in (QTYPE.AAAA, QTYPE.ANY):
-                reply.add_answer(RR(q.qname, QTYPE.AAAA, rdata=AAAA(ip), ttl=self.ttl))
+            rtype, rdata = self._rdata(ip)
+            if q.qtype in (rtype, QTYPE.ANY):
+                reply.add_answer(RR(q.qname, rtype, rdata=rdata, ttl=self.ttl))
 
     def _glue(self, reply: DNSRecord) -> None:
         for ip in self.ns_addresses:
