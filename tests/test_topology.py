@@ -6,7 +6,12 @@ import sys
 
 import pytest
 
-from latitude.topology import TopologyError, default_lab_topology_path, load_topology, parse_topology
+from latitude.topology import (
+    TopologyError,
+    default_lab_topology_path,
+    load_topology,
+    parse_topology,
+)
 
 SECRET = "s" * 40
 

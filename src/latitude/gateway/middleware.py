@@ -17,7 +17,7 @@ from collections import Counter
 
 from latitude import consistency
 from latitude.forwarding import ForwardingClient, NoAnswer, NotSent
-from latitude.gateway.classify import FORWARDED_FROM_HEADER, Decision, classify
+from latitude.gateway.classify import FORWARDED_FROM_HEADER, SAFE_METHODS, Decision, classify
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.messages import (
     HOP_BY_HOP,
@@ -66,6 +66,7 @@ log = logging.getLogger("latitude.gateway")
 SESSION_LENGTH = "latitude-session-length"
 POSITION = "latitude-position"
 IDEMPOTENCY = "latitude-idempotency"
+FALLBACK_TIMEOUT_S = 30.0
 # What a forwarded request's signature covers (when present), and must cover to be accepted.
 SIGNED_REQUEST_HEADERS = (
     "content-digest",
@@ -105,6 +106,35 @@ INTERNAL_RESPONSE_HEADERS = frozenset(
 )
 
 
+def request_fingerprint(scope: Scope, content_digest: str, session_id: str | None) -> str:
+    """What makes two requests "the same" for an idempotency key: both sides compute it alike.
+    The session id is part of it, so one user's key never replays another user's answer."""
+    parts = [
+        scope["method"],
+        scope["path"],
+        scope.get("query_string", b"").decode("latin-1"),
+        content_digest,
+        session_id or "",
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+_abandoned: set[asyncio.Task] = set()
+
+
+async def bounded(coro, timeout_s: float):
+    """Await `coro` for at most `timeout_s`. Unlike `asyncio.wait_for`, a timed-out operation is
+    cancelled without waiting for it: a database driver's cancel can itself cross a dead link."""
+    task = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if task in done:
+        return task.result()
+    task.cancel()
+    _abandoned.add(task)
+    task.add_done_callback(lambda t: (_abandoned.discard(t), t.cancelled() or t.exception()))
+    raise TimeoutError(f"no result within {timeout_s:.2f} s")
+
+
 class RegionGateway:
     def __init__(
         self,
@@ -127,7 +157,7 @@ class RegionGateway:
         self.counters: Counter[str] = Counter()
         self._started = False
         self._start_lock = asyncio.Lock()
-        self._db_reachable: tuple[float, bool] = (0.0, False)
+        self._fallback_store: IdempotencyStore | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -165,6 +195,7 @@ class RegionGateway:
         for closer in (
             getattr(self.forwarding, "close", None),
             getattr(self.idempotency, "close", None),
+            getattr(self._fallback_store, "close", None),
             getattr(self.session_store, "close", None),
             getattr(self.nonce_cache, "close", None),
             self.positions.close,
@@ -299,6 +330,8 @@ class RegionGateway:
         except SessionError as exc:
             await send_error(scope, send, 400, "Bad session", str(exc))
             return
+        # The idempotency fingerprint covers the request, not the session that rides along.
+        body_digest = body.digest.header_value()
         body.digest.update(blob)
         client_ip = (scope.get("client") or (None, None))[0]
         outgoing: list[tuple[str, str]] = [
@@ -315,8 +348,9 @@ class RegionGateway:
             ("content-digest", body.digest.header_value()),
             (SESSION_LENGTH, str(len(blob))),
             (FORWARDED_FROM_HEADER, cfg.region.name),
-            ("content-length", str(body.size + len(blob))),
         ]
+        if body.size + len(blob):
+            outgoing.append(("content-length", str(body.size + len(blob))))
         path_qs = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
             path_qs += "?" + scope["query_string"].decode("latin-1")
@@ -333,6 +367,12 @@ class RegionGateway:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    if scope["method"] in SAFE_METHODS:
+                        self.counters["read_served_stale"] += 1
+                        await self._run_here(
+                            scope, body.receive_from(body.size), send, consistency.REPLICA
+                        )
+                        return
                     break
                 signed = outgoing + list(
                     sign_request(
@@ -354,25 +394,20 @@ class RegionGateway:
                         scope["method"],
                         path_qs,
                         signed,
-                        envelope(),
+                        envelope() if body.size + len(blob) else None,
                         timeout_s=timeout,
                         fresh_connection=attempt > 0,
                     )
                 except NotSent as exc:
-                    if attempt == 0:
-                        self.counters["not_sent"] += 1
-                        log.warning(
-                            "forwarding %s %s: %s; handling it here",
-                            scope["method"],
-                            scope["path"],
-                            exc,
-                        )
-                        await self._fallback(scope, body, send, key)
-                    else:
-                        # An earlier attempt may have arrived: never run it here, say so instead.
-                        await self._read_only(
-                            scope, send, key, "the primary region stopped answering"
-                        )
+                    self.counters["not_sent"] += 1
+                    log.warning(
+                        "forwarding %s %s: %s; handling it here",
+                        scope["method"],
+                        scope["path"],
+                        exc,
+                    )
+                    fingerprint = request_fingerprint(scope, body_digest, sid)
+                    await self._fallback(scope, body, send, key, fingerprint, deadline)
                     return
                 except NoAnswer as exc:
                     attempt += 1
@@ -393,6 +428,10 @@ class RegionGateway:
                 return
         finally:
             body.close()
+        await self._send_deadline(scope, send, key)
+
+    async def _send_deadline(self, scope: Scope, send: Send, key: str) -> None:
+        cfg = self.config
         self.counters["deadline"] += 1
         await send_error(
             scope,
@@ -445,41 +484,112 @@ class RegionGateway:
         self.counters["forwarded"] += 1
         await send_response(send, resp.status, headers, body)
 
-    async def _fallback(self, scope: Scope, body: SpooledBody, send: Send, key: str) -> None:
-        """The primary's gateway is unreachable: run here, writing over the ocean to its database."""
-        if not await self._primary_db_reachable():
+    async def _fallback(
+        self,
+        scope: Scope,
+        body: SpooledBody,
+        send: Send,
+        key: str,
+        fingerprint: str,
+        deadline: float,
+    ) -> None:
+        """The primary's gateway is unreachable: run here, writing over the ocean to its database.
+
+        An earlier attempt may still reach the primary (a stalled connection), so the key is
+        claimed in the primary database first, exactly as the primary's gateway claims it:
+        whichever runs first, the request runs once. Every step is bounded by the deadline:
+        a stalled database connection must not hang the request.
+        """
+        if scope["method"] in SAFE_METHODS:
+            # A read that could not be forwarded is still better served stale than not at all.
+            self.counters["read_served_stale"] += 1
+            await self._run_here(scope, body.receive_from(body.size), send, consistency.REPLICA)
+            return
+
+        def left() -> float:
+            return max(0.05, deadline - time.monotonic())
+
+        try:
+            store = await bounded(self._primary_idempotency(left()), left())
+            while True:
+                claim = await bounded(store.begin(key, fingerprint), left())
+                if claim.outcome is not Outcome.IN_PROGRESS or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+        except Exception as exc:  # unreachable, stalled or failing: the same answer
+            log.warning(
+                "fallback for %s %s: primary database: %r", scope["method"], scope["path"], exc
+            )
             await self._read_only(
                 scope, send, key, "neither the primary region nor its database answers"
             )
             return
+        if claim.outcome is Outcome.REPLAY:
+            self.counters["replayed"] += 1
+            n = int(next((v for k, v in claim.headers if k.lower() == SESSION_LENGTH), "0"))
+            headers = [
+                (k.encode("latin-1"), v.encode("latin-1"))
+                for k, v in claim.headers
+                if k.lower() not in INTERNAL_RESPONSE_HEADERS
+            ]
+            await send_response(send, claim.status, headers, claim.body[: len(claim.body) - n])
+            return
+        if claim.outcome is Outcome.IN_PROGRESS:
+            await self._send_deadline(scope, send, key)
+            return
+        if claim.outcome is Outcome.MISMATCH:
+            await send_error(
+                scope,
+                send,
+                422,
+                "Idempotency-Key reused",
+                "This Idempotency-Key was already used for a different request.",
+            )
+            return
         self.counters["fallback"] += 1
-        with request_route(
+        captured = CapturedResponse()
+        route = request_route(
             consistency.PRIMARY, scope["method"], scope["path"], self.config.region.name
-        ):
-            await self.app(self._edge_scope(scope), body.receive_from(body.size), send)
+        )
+        try:
+            with route:
+                run = self.app(self._edge_scope(scope), body.receive_from(body.size), captured.send)
+                # SQL over the ocean is slow but completes; the bound only stops a stalled link
+                # from hanging the request forever.
+                await bounded(run, FALLBACK_TIMEOUT_S)
+        except TimeoutError:
+            # The app's SQL may or may not have committed: keep the claim, let the key decide.
+            await self._send_deadline(scope, send, key)
+            return
+        except Exception:
+            with contextlib.suppress(Exception):
+                await bounded(store.abandon(key), 2)
+            raise
+        out = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in captured.headers
+            if k.decode("latin-1").lower() not in INTERNAL_RESPONSE_HEADERS
+        ]
+        with contextlib.suppress(Exception):
+            await bounded(
+                store.complete(
+                    key, captured.status, [*out, (SESSION_LENGTH, "0")], bytes(captured.body)
+                ),
+                max(left(), 1.0),
+            )
+        await send_response(send, captured.status, captured.headers, bytes(captured.body))
 
-    async def _primary_db_reachable(self) -> bool:
-        checked_at, ok = self._db_reachable
-        if time.monotonic() - checked_at < 1.0:
-            return ok
+    async def _primary_idempotency(self, timeout_s: float) -> IdempotencyStore:
+        """The primary database's idempotency table over the ocean (raises if unreachable)."""
+        if self._fallback_store is not None:
+            return self._fallback_store
         url = self.config.region.primary_database_url
-        ok = False
-        if url:
-            import psycopg
-
-            try:
-                conn = await asyncio.wait_for(
-                    psycopg.AsyncConnection.connect(
-                        url, connect_timeout=max(1, int(self.config.connect_timeout_s))
-                    ),
-                    self.config.connect_timeout_s + 0.5,
-                )
-                await conn.close()
-                ok = True
-            except (OSError, TimeoutError, psycopg.Error):
-                ok = False
-        self._db_reachable = (time.monotonic(), ok)
-        return ok
+        if not url:
+            raise RuntimeError(f"region {self.config.region.name} has no primary_database_url")
+        self._fallback_store = await IdempotencyStore.open(
+            url, min_size=1, max_size=4, timeout_s=min(timeout_s, self.config.connect_timeout_s + 1)
+        )
+        return self._fallback_store
 
     async def _read_only(self, scope: Scope, send: Send, key: str, why: str) -> None:
         self.counters["read_only"] += 1
@@ -565,17 +675,8 @@ class RegionGateway:
                 b"",
             )
             return
-        request_hash = hashlib.sha256(
-            "\n".join(
-                [
-                    scope["method"],
-                    scope["path"],
-                    scope.get("query_string", b"").decode("latin-1"),
-                    header(headers, b"content-digest") or "",
-                    header(headers, b"cookie") or "",
-                ]
-            ).encode()
-        ).hexdigest()
+        sid = cookie_value(headers, cfg.session_cookie)
+        request_hash = request_fingerprint(scope, body.prefix_digest(body.size - n), sid)
         claim = await self.idempotency.begin(key, request_hash)
         if claim.outcome is Outcome.REPLAY:
             self.counters["replayed"] += 1

@@ -98,6 +98,9 @@ def run(
         ssl_certfile=tls_cert or config.topology.gateway.get("tls_cert"),
         ssl_keyfile=tls_key or config.topology.gateway.get("tls_key"),
         access_log=False,
+        # The gateway alone decides which client address to trust; uvicorn's own proxy-header
+        # handling would believe any X-Forwarded-For sent from loopback.
+        proxy_headers=False,
     )
     server = uvicorn.Server(server_config)
     if workers > 1:

@@ -1,0 +1,341 @@
+"""The region gateway against the real world: Postgres primary + replicas, Valkey per region,
+the calendar app in every region, requests over real sockets through the emulated links."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+
+import aiohttp
+import psycopg
+import pytest
+import redis
+
+from latitude.sessions import SessionCodec
+from latitude.signing import Keyring, SigningKey, content_digest, sign_request
+from tests.conftest import start_calendar, wait_healthy
+
+PRIMARY, EU, AP = "us-west", "eu-west", "ap-southeast"
+
+
+def url(world, region: str) -> str:
+    return f"http://127.0.0.1:{world.state()['regions'][region]['app_port']}"
+
+
+def db(world, region: str) -> str:
+    return next(r["database_url"] for r in world.status()["regions"] if r["name"] == region)
+
+
+def valkey(world, region: str) -> redis.Redis:
+    return redis.Redis(port=world.state()["regions"][region]["valkey_port"])
+
+
+def client(world, region: str) -> aiohttp.ClientSession:
+    # IP hosts need the unsafe jar to keep cookies; a user near `region` talks to it directly.
+    return aiohttp.ClientSession(url(world, region), cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+
+async def login(session: aiohttp.ClientSession, name: str) -> dict:
+    async with session.post("/login", json={"name": name}) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+def count_events(world, title: str) -> int:
+    with psycopg.connect(db(world, PRIMARY)) as c:
+        return c.execute("select count(*) from events where title = %s", (title,)).fetchone()[0]
+
+
+async def test_post_in_eu_west_lands_once_with_session_both_ways(calendar):
+    world = calendar
+    async with client(world, EU) as c:
+        user = await login(c, f"ana-{uuid.uuid4().hex[:6]}")
+        sid = next(m.value for m in c.cookie_jar if m.key == "session")
+        # The session lives in eu-west's store only: region-local sessions.
+        assert valkey(world, EU).get(f"latitude:session:{sid}") is not None
+        assert valkey(world, PRIMARY).get(f"latitude:session:{sid}") is None
+        title = f"standup {uuid.uuid4()}"
+        async with c.post("/events", json={"title": title}) as r:
+            assert r.status == 201, await r.text()
+            body = await r.json()
+        assert body["region"] == PRIMARY  # it ran at the primary
+        assert count_events(world, title) == 1
+        with psycopg.connect(db(world, PRIMARY)) as conn:
+            created_by = conn.execute(
+                "select created_by from events where title = %s", (title,)
+            ).fetchone()[0]
+        assert created_by == user["user"]["id"]  # the signed-in session was honoured at the primary
+        # The flash message the primary put in the session is back in eu-west's store.
+        stored = json.loads(valkey(world, EU).get(f"latitude:session:{sid}"))
+        assert stored["flash"] == f"Created {title!r}"
+        async with c.get("/me") as r:
+            assert (await r.json())["flash"] == f"Created {title!r}"
+
+
+async def test_primary_sees_real_client_ip_not_client_headers(calendar):
+    world = calendar
+    async with client(world, EU) as c:
+        await login(c, "ip-tester")
+        title = f"ip {uuid.uuid4()}"
+        spoof = {
+            "X-Forwarded-For": "6.6.6.6",
+            "Forwarded": "for=7.7.7.7;proto=https",
+            "X-Real-IP": "8.8.8.8",
+        }
+        async with c.post("/events", json={"title": title}, headers=spoof) as r:
+            assert r.status == 201
+        async with c.get("/me", headers=spoof) as r:
+            assert (await r.json())["client_ip"] == "127.0.0.1"
+    with psycopg.connect(db(world, PRIMARY)) as conn:
+        ip = conn.execute("select client_ip from events where title = %s", (title,)).fetchone()[0]
+    assert ip == "127.0.0.1"
+
+
+def lab_keyring(world) -> Keyring:
+    return Keyring([SigningKey("lab-1", world.state()["secret"].encode())], "lab-1")
+
+
+def forged_request(world, title: str, *, keyring=None, now=None, tamper=None):
+    """A forwarded request built exactly like eu-west's gateway builds one, then tampered."""
+    base = url(world, PRIMARY)
+    body = json.dumps({"title": title}).encode()
+    headers = [
+        ("content-type", "application/json"),
+        ("forwarded", "for=127.0.0.1;proto=http;host=eu"),
+        ("idempotency-key", str(uuid.uuid4())),
+        ("content-digest", content_digest(body)),
+        ("latitude-session-length", "0"),
+        ("latitude-forwarded-from", EU),
+    ]
+    path = "/events"
+    signature = sign_request(
+        keyring or lab_keyring(world),
+        method="POST",
+        url=base + path,
+        headers=headers,
+        now=now,
+        covered=(
+            "content-digest",
+            "content-type",
+            "idempotency-key",
+            "forwarded",
+            "latitude-session-length",
+            "latitude-forwarded-from",
+            "cookie",
+            "authorization",
+        ),
+    )
+    headers += list(signature.items())
+    method = "POST"
+    if tamper:
+        method, path, headers, body = tamper(method, path, headers, body)
+    return method, base + path, headers, body
+
+
+def _replace(headers, name, value):
+    return [(k, value if k == name else v) for k, v in headers]
+
+
+TAMPERS = {
+    "missing signature": lambda m, p, h, b: (
+        m,
+        p,
+        [x for x in h if x[0] not in ("signature", "signature-input")],
+        b,
+    ),
+    "body": lambda m, p, h, b: (m, p, h, b.replace(b"}", b', "x": 1}')),
+    "body and digest": lambda m, p, h, b: (
+        m,
+        p,
+        _replace(h, "content-digest", content_digest(b + b" ")),
+        b + b" ",
+    ),
+    "header": lambda m, p, h, b: (m, p, _replace(h, "forwarded", "for=6.6.6.6;proto=http"), b),
+    "path": lambda m, p, h, b: (m, "/events?admin=1", h, b),
+    "method": lambda m, p, h, b: ("PUT", p, h, b),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+async def test_tampered_forwarded_requests_are_refused_and_nothing_runs(calendar, tamper):
+    world = calendar
+    title = f"forged {uuid.uuid4()}"
+    method, target, headers, body = forged_request(world, title, tamper=TAMPERS[tamper])
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, target, headers=headers, data=body) as r,
+    ):
+        assert r.status == 401, (tamper, r.status, await r.text())
+    assert count_events(world, title) == 0
+
+
+async def test_expired_unknown_key_and_replayed_are_refused(calendar):
+    world = calendar
+    cases = {
+        "expired": dict(now=time.time() - 3600),
+        "unknown key": dict(
+            keyring=Keyring([SigningKey("stolen", secrets.token_bytes(32))], "stolen")
+        ),
+        "wrong secret": dict(
+            keyring=Keyring([SigningKey("lab-1", secrets.token_bytes(32))], "lab-1")
+        ),
+    }
+    async with aiohttp.ClientSession() as s:
+        for name, kwargs in cases.items():
+            title = f"{name} {uuid.uuid4()}"
+            method, target, headers, body = forged_request(world, title, **kwargs)
+            async with s.request(method, target, headers=headers, data=body) as r:
+                assert r.status == 401, (name, await r.text())
+            assert count_events(world, title) == 0
+        # A correctly signed request runs once (it has no session, so the app refuses it: 401
+        # from the app, not the gateway); the exact same bytes sent again are a replay.
+        title = f"replay {uuid.uuid4()}"
+        method, target, headers, body = forged_request(world, title)
+        async with s.request(method, target, headers=headers, data=body) as r:
+            first = await r.text()
+            assert "sign in first" in first, first
+        async with s.request(method, target, headers=headers, data=body) as r:
+            assert r.status == 401 and "nonce" in (await r.text()).lower()
+
+
+async def test_primary_gateway_down_write_falls_back_to_remote_database(calendar):
+    world = calendar
+    async with client(world, EU) as c:
+        await login(c, "fallback-user")
+        world.kill(PRIMARY, "app")
+        try:
+            title = f"fallback {uuid.uuid4()}"
+            async with c.post("/events", json={"title": title}) as r:
+                assert r.status == 201, await r.text()
+                assert (await r.json())["region"] == EU  # handled here, SQL over the ocean
+            assert count_events(world, title) == 1
+        finally:
+            world.revive(PRIMARY, "app")
+            wait_healthy(world, PRIMARY)
+
+
+async def test_link_cut_reads_work_writes_get_503_fast(healed, calendar):
+    world = calendar
+    async with client(world, EU) as c:
+        await login(c, "cut-user")
+        world.link("cut", PRIMARY, EU)
+        started = time.monotonic()
+        async with c.get("/events") as r:
+            assert r.status == 200
+        title = f"cut {uuid.uuid4()}"
+        started = time.monotonic()
+        async with c.post(
+            "/events", json={"title": title}, headers={"Accept": "application/json"}
+        ) as r:
+            elapsed = time.monotonic() - started
+            assert r.status == 503, await r.text()
+            assert r.headers["Retry-After"]
+            assert r.headers["Cache-Control"] == "no-store"
+            assert (await r.json())["read_only"] is True
+        assert elapsed < 3.5  # within the 3 s deadline (plus scheduling slack): nothing hangs
+        async with c.post("/events", json={"title": title}, headers={"Accept": "text/html"}) as r:
+            assert r.status == 503 and "<h1>Read-only for now</h1>" in await r.text()
+        world.link("heal", PRIMARY, EU)
+    assert count_events(world, title) == 0 or count_events(world, title) == 1  # never twice
+
+
+async def test_answer_lost_after_commit_retry_returns_stored_response(healed, calendar):
+    world = calendar
+    async with client(world, EU) as c:
+        await login(c, "lost-answer")
+        title = f"lost {uuid.uuid4()}"
+
+        async def reset_mid_answer():
+            # The request reaches the primary after ~62 ms and commits; its answer is held
+            # back 600 ms by the app, and the link's connections are reset meanwhile.
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(world.link, "reset", PRIMARY, EU)
+
+        post = c.post("/events", json={"title": title, "after_commit_delay_ms": 600})
+        resetter = asyncio.create_task(reset_mid_answer())
+        async with post as r:
+            status, body = r.status, await r.json()
+        await resetter
+        assert status == 201, body
+        assert body["title"] == title
+    assert count_events(world, title) == 1
+
+
+def app_relay_connections(world) -> int:
+    target = world.state()["regions"][PRIMARY]["app_port"]
+    for link in world.control().call("GET", "/status")["links"]:
+        if {link["a"], link["b"]} == {PRIMARY, EU}:
+            return sum(r["connections_total"] for r in link["relays"] if r["target"][1] == target)
+    raise AssertionError("no us-west<->eu-west link")
+
+
+async def test_warm_pool_forwarded_posts_open_no_new_connection(calendar):
+    world = calendar
+    async with client(world, EU) as c:
+        await login(c, "pool-user")
+        before = app_relay_connections(world)
+        for i in range(100):
+            # a fresh client connection per request, so requests spread over eu-west's workers
+            async with (
+                aiohttp.ClientSession(url(world, EU), cookie_jar=c.cookie_jar) as fresh,
+                fresh.post("/events", json={"title": f"pool {i}"}) as r,
+            ):
+                assert r.status == 201
+        assert app_relay_connections(world) == before
+
+
+async def test_64k_session_travels_both_ways_and_oversize_is_refused(calendar):
+    world = calendar
+    notes = secrets.token_hex(32 * 1024)  # 64 KiB, incompressible
+    async with client(world, EU) as c:
+        await login(c, "big-session")
+        async with c.post("/notes", json={"notes": notes}) as r:  # forwarded: set at the primary
+            assert r.status == 200 and (await r.json())["notes_bytes"] == len(notes)
+        sid = next(m.value for m in c.cookie_jar if m.key == "session")
+        title = f"big {uuid.uuid4()}"
+        async with c.post("/events", json={"title": title}) as r:  # carried to the primary and back
+            assert r.status == 201
+        stored = json.loads(valkey(world, EU).get(f"latitude:session:{sid}"))
+        assert stored["notes"] == notes and stored["flash"] == f"Created {title!r}"
+        # A session over the limit (1 MiB) is refused with a clear error, not truncated.
+        huge = json.dumps({**stored, "notes": secrets.token_hex(800 * 1024)}).encode()
+        valkey(world, EU).set(f"latitude:session:{sid}", huge)
+        async with c.post(
+            "/events", json={"title": "never"}, headers={"Accept": "application/json"}
+        ) as r:
+            assert r.status == 413
+            detail = (await r.json())["detail"]
+            assert "session_limit_bytes" in detail
+        assert valkey(world, EU).get(f"latitude:session:{sid}") == huge
+        assert len(SessionCodec().pack(notes.encode())) > 0
+
+
+async def test_always_forward_get_runs_at_primary(calendar):
+    world = calendar
+    async with client(world, EU) as c, c.get("/auth/callback") as r:
+        assert r.status == 200 and (await r.json())["region"] == PRIMARY
+
+
+async def test_duplicate_after_primary_restart_gets_the_stored_response(calendar):
+    """Outcomes live in the primary database: a restarted primary gateway still knows them."""
+    world = calendar
+    key = str(uuid.uuid4())
+    title = f"dup {uuid.uuid4()}"
+    async with client(world, EU) as c:
+        await login(c, "dup-user")
+        async with c.post("/events", json={"title": title}, headers={"Idempotency-Key": key}) as r:
+            assert r.status == 201
+            first = await r.json()
+        start_calendar(world, PRIMARY)  # a new primary gateway process
+        wait_healthy(world, PRIMARY)
+        async with c.post("/events", json={"title": title}, headers={"Idempotency-Key": key}) as r:
+            assert r.status == 201
+            assert await r.json() == first  # the stored answer, not a second run
+        async with c.post(
+            "/events", json={"title": title + " other"}, headers={"Idempotency-Key": key}
+        ) as r:
+            assert r.status == 422  # same key, another body
+    assert count_events(world, title) == 1
