@@ -247,6 +247,11 @@ def test_cursor_past_retention_gets_resync_and_ends_with_an_identical_tree(world
         assert pub.prune(older_than_s=0) == pub.serial  # ap-southeast's cursor is now too old
     finally:
         world.revive(AP, "mirror-sync")
-    wait_for(lambda: synced(mirrors, pub.serial, (AP,)), timeout=30, what="resync")
-    assert ContentRoot(mirrors[AP]).status().get("resyncs", 0) >= 1
+    wait_for(
+        lambda: (
+            synced(mirrors, pub.serial, (AP,)) and ContentRoot(mirrors[AP]).status().get("resyncs")
+        ),
+        timeout=30,
+        what="resync",
+    )
     assert ContentRoot(mirrors[AP]).hashes() == ContentRoot(mirrors[PRIMARY]).hashes()

@@ -158,6 +158,13 @@ def sync(
         typer.Option("--files-url", help="Fetch files from here (default: the primary's mirror)."),
     ] = None,
     pool_size: Annotated[int, typer.Option("--pool-size", help="Concurrent downloads.")] = 32,
+    bundles: Annotated[
+        bool, typer.Option("--bundles/--no-bundles", help="Fetch small files many to a request.")
+    ] = True,
+    inline: Annotated[
+        int,
+        typer.Option("--inline", help="Ask the feed to carry files up to this size (0: never)."),
+    ] = 64 * 1024,
     poll_timeout: Annotated[
         float | None, typer.Option("--poll-timeout", help="Long-poll hold, seconds.")
     ] = None,
@@ -178,6 +185,8 @@ def sync(
         poll_timeout_s=cfg.poll_timeout_s,
         poll_interval_s=poll_interval,
         pool_size=pool_size,
+        bundles=bundles,
+        inline=inline,
         region=cfg.region,
     )
     if cfg.keyring is None:

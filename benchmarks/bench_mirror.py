@@ -1,0 +1,459 @@
+"""The mirror network, measured in a throwaway lab world whose links all have a 150 ms RTT.
+
+    python benchmarks/bench_mirror.py [--json FILE] [--samples N] [--files N] [--seconds S]
+
+(a) Propagation: publish -> visible on every mirror. `latitude mirror serve` in every region,
+    `latitude mirror sync` (long poll) in eu-west and ap-southeast. Each sample publishes one
+    file at the primary and watches both mirrors' roots until the file is there (an atomic
+    rename, so "there" means servable). Half the samples are 1 KiB metadata (carried inline by
+    the feed), half 200 KiB (downloaded over the warm pool after the feed names them). Target:
+    p99 <= 1.5 x RTT + 50 ms. Beside it, in the same run and on the same links, a 5 s polling
+    loop (composer/mirror's default): `latitude mirror sync --poll-interval 5 --inline 0`.
+    Publishes are isolated: each comes after every long-polling mirror has parked its next
+    poll (a publish within RTT/2 of the previous answer waits up to RTT/2 longer).
+(b) Sync throughput: 1 KiB files per second into one mirror (eu-west) over the 150 ms link,
+    from the commit of a 5,000-file publish to the mirror's cursor reaching it (every file
+    sha256-checked, fsynced, renamed). Target >= 2,000/s. Beside it, the same daemon made to
+    fetch one GET per file (no bundles, nothing inline) over the same 32-connection pool.
+(c) Serving: requests per second for a 1 KiB file from `latitude mirror serve` (one process)
+    and from nginx (the config `latitude mirror nginx-config` writes; `worker_processes auto`)
+    serving the same root, on loopback. Load: wrk if it is on PATH (64 connections, 2
+    threads), otherwise a Python aiohttp load generator (then the client, not nginx, is the
+    ceiling, and the figure says so). nginx missing: (c) reports mirror serve alone.
+
+Everything runs on 127.0.0.1; bounded at about a minute and a half (three minutes at most).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from latitude.lab import LabWorld
+from latitude.mirror import ContentRoot, Item, Publisher
+from latitude.mirror.cli import lab_mirror_root, start_lab_mirrors, wait_lab_mirrors_ready
+from latitude.mirror.nginx import nginx_config
+
+RTT_MS = 150.0
+PRIMARY, REPLICAS = "us-west", ("eu-west", "ap-southeast")
+TOPOLOGY = f"""
+[app]
+name = "bench"
+
+[lab]
+
+[[regions]]
+name = "us-west"
+primary = true
+location = [45.60, -121.18]
+
+[[regions]]
+name = "eu-west"
+location = [53.35, -6.26]
+
+[[regions]]
+name = "ap-southeast"
+location = [1.35, 103.82]
+
+[signing]
+keys = [{{ id = "lab-1", env = "LATITUDE_LAB_KEY" }}]
+
+[links]
+default_rtt_ms = {RTT_MS}
+"""
+SYNC = [sys.executable, "-m", "latitude.cli", "mirror", "sync"]
+
+
+def say(msg: str) -> None:
+    print(f"... {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))]
+
+
+def summary(ms: list[float]) -> dict:
+    return {
+        "n": len(ms),
+        "p50_ms": round(pct(ms, 50), 1),
+        "p99_ms": round(pct(ms, 99), 1),
+        "max_ms": round(max(ms), 1),
+        "mean_ms": round(statistics.fmean(ms), 1),
+    }
+
+
+class Watcher(threading.Thread):
+    """Notes when each awaited file appears (stat every 0.5 ms)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.pending: dict[tuple, tuple[Path, float]] = {}
+        self.seen: dict[tuple, float] = {}
+        self.lock = threading.Lock()
+        self.stop = False
+
+    def expect(self, key: tuple, path: Path, t0: float) -> None:
+        with self.lock:
+            self.pending[key] = (path, t0)
+
+    def run(self) -> None:
+        while not self.stop:
+            with self.lock:
+                items = list(self.pending.items())
+            for key, (path, t0) in items:
+                if os.path.exists(path):
+                    now = time.perf_counter()
+                    with self.lock:
+                        self.pending.pop(key, None)
+                        self.seen[key] = (now - t0) * 1000
+            time.sleep(0.0005)
+
+    def wait(self, keys: list[tuple], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if all(k in self.seen for k in keys):
+                    return True
+            time.sleep(0.001)
+        return False
+
+
+def status(root: Path) -> dict:
+    return ContentRoot(root).status()
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.01)
+    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# ------------------------------------------------------------------------------- (a) propagation
+
+
+def propagation(world: LabWorld, pub: Publisher, samples: int) -> dict:
+    roots = {r: lab_mirror_root(world, r) for r in (PRIMARY, *REPLICAS)}
+    poll_roots = {r: roots[r].parent / "mirror-poll5" for r in REPLICAS}
+    for r in REPLICAS:
+        world.set_service(
+            r,
+            "mirror-poll5",
+            [*SYNC, "--root", str(poll_roots[r]), "--poll-interval", "5", "--inline", "0"],
+        )
+    wait_until(
+        lambda: all(status(p).get("last_contact") for p in poll_roots.values()),
+        30,
+        "the 5 s pollers",
+    )
+    watcher = Watcher()
+    watcher.start()
+    small = json.dumps({"x": "y" * 1000}).encode()
+    medium = os.urandom(200 * 1024)
+    keys: dict[str, list[tuple]] = {"inline": [], "download": [], "poll5": []}
+    say(f"propagation: {samples} publishes, each awaited on {len(REPLICAS)} mirrors")
+    for i in range(samples):
+        kind = "inline" if i % 2 == 0 else "download"
+        path = f"bench/prop/{i}.{'json' if kind == 'inline' else 'bin'}"
+        pub.publish(path, small if kind == "inline" else medium)
+        t0 = time.perf_counter()  # committed: the clock starts
+        for r in REPLICAS:
+            watcher.expect((kind, r, i), roots[r] / path, t0)
+            watcher.expect(("poll5", r, i), poll_roots[r] / path, t0)
+            keys[kind].append((kind, r, i))
+            keys["poll5"].append(("poll5", r, i))
+        if not watcher.wait([(kind, r, i) for r in REPLICAS], 10):
+            raise SystemExit(f"sample {i} did not reach every mirror within 10 s")
+        # Let every mirror park its next long poll (one one-way trip after it heard) before the
+        # next publish: this measures an isolated publish. A publish that lands inside that
+        # window waits for it (up to RTT/2 more); see docs/mirror.md.
+        time.sleep(RTT_MS / 2000 + random.uniform(0.02, 0.06))
+    say("propagation: waiting for the 5 s pollers to see the last samples")
+    watcher.wait(keys["poll5"], 12)
+    watcher.stop = True
+    out = {}
+    for kind, ks in keys.items():
+        ms = [watcher.seen[k] for k in ks if k in watcher.seen]
+        out[kind] = summary(ms)
+        out[kind]["by_region"] = {
+            r: summary([watcher.seen[k] for k in ks if k[1] == r and k in watcher.seen])
+            for r in REPLICAS
+        }
+    lp = [watcher.seen[k] for k in keys["inline"] + keys["download"]]
+    out["long_poll_all"] = summary(lp)
+    out["target_p99_ms"] = 1.5 * RTT_MS + 50
+    out["p50_speedup_vs_poll5"] = round(out["poll5"]["p50_ms"] / out["long_poll_all"]["p50_ms"], 1)
+    for r in REPLICAS:
+        world.kill(r, "mirror-poll5")
+    return out
+
+
+# ------------------------------------------------------------------------------ (b) throughput
+
+
+def throughput(world: LabWorld, pub: Publisher, files: int) -> dict:
+    for r in REPLICAS:
+        world.kill(r, "mirror-sync")  # one mirror at a time, nothing else loading the primary
+    region = REPLICAS[0]
+    out = {}
+    runs = [
+        ("bundled", files, []),
+        ("one_get_per_file", max(200, files // 5), ["--no-bundles", "--inline", "0"]),
+    ]
+    for name, n, flags in runs:
+        root = lab_mirror_root(world, region).parent / f"mirror-tp-{name}"
+        ContentRoot(root).ensure().save_cursor(
+            pub.serial
+        )  # start from now: only the new files count
+        world.set_service(
+            region, f"mirror-tp-{name}", [*SYNC, "--root", str(root), "--pool-size", "32", *flags]
+        )
+        wait_until(
+            lambda root=root: status(root).get("waiting_since"), 30, f"{name} sync to park its poll"
+        )
+        time.sleep(0.5)  # its pool is warm by now
+        payload = [
+            Item(f"bench/tp/{name}/{i // 100}/{i}.json", os.urandom(512).hex()) for i in range(n)
+        ]
+        pub.publish_many(payload)
+        head = pub.serial
+        t0 = time.perf_counter()
+        wait_until(
+            lambda root=root, head=head: ContentRoot(root).cursor() >= head, 120, f"{name} sync"
+        )
+        dt = time.perf_counter() - t0
+        world.kill(region, f"mirror-tp-{name}")
+        out[name] = {"files": n, "seconds": round(dt, 3), "files_per_s": round(n / dt)}
+        say(f"throughput {name}: {n} files in {dt:.2f} s")
+    out["target_files_per_s"] = 2000
+    out["ratio_bundled_vs_get"] = round(
+        out["bundled"]["files_per_s"] / out["one_get_per_file"]["files_per_s"], 1
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------- (c) serving
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find(tool: str) -> str | None:
+    env = os.environ.get(tool.upper())
+    if env and os.access(env, os.X_OK):
+        return env
+    return shutil.which(tool) or next(
+        (p for p in (f"/usr/sbin/{tool}", f"/usr/local/sbin/{tool}") if os.access(p, os.X_OK)), None
+    )
+
+
+LOADGEN = r"""
+import asyncio, sys, time, aiohttp
+url, conns, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+async def main():
+    n = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conns)) as s:
+        end = time.perf_counter() + seconds
+        async def worker():
+            nonlocal n
+            while time.perf_counter() < end:
+                async with s.get(url) as r:
+                    await r.read()
+                    n += r.status == 200
+        await asyncio.gather(*(worker() for _ in range(conns)))
+    print(n / seconds)
+asyncio.run(main())
+"""
+
+
+def load(url: str, seconds: float) -> tuple[float, str]:
+    wrk = find("wrk")
+    if wrk:
+        out = subprocess.run(
+            [wrk, "-t2", "-c64", f"-d{seconds:g}s", url], capture_output=True, text=True, timeout=60
+        )
+        m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
+        if not m or non2xx:
+            raise SystemExit(f"wrk failed: {out.stdout}{out.stderr}")
+        return float(m.group(1)), "wrk -t2 -c64"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOADGEN, url, "32", str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    return sum(
+        float(p.communicate()[0]) for p in procs
+    ), "python aiohttp x2 processes x32 connections"
+
+
+def serving(world: LabWorld, pub: Publisher, seconds: float, tmp: Path) -> dict:
+    region = REPLICAS[0]
+    root = lab_mirror_root(world, region)
+    path = "bench/prop/0.json"  # 1 KiB, synced there in (a)
+    state = world.state()
+    mirror_url = f"http://127.0.0.1:{state['regions'][region]['mirror_port']}/{path}"
+    out: dict = {"file_bytes": (root / path).stat().st_size}
+    rps, how = load(mirror_url, seconds)
+    out["mirror_serve_rps"], out["load_generator"] = round(rps), how
+    say(f"serving: mirror serve {rps:.0f} req/s ({how})")
+    nginx = find("nginx")
+    if nginx is None:
+        out["nginx"] = (
+            "skipped: nginx is not installed (apt-get install nginx, or NGINX=/path/to/nginx)"
+        )
+        return out
+    conf_dir = tmp / "nginx"
+    for sub in ("", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (conf_dir / sub).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    primary_port = state["regions"][PRIMARY]["mirror_port"]
+    (conf_dir / "nginx.conf").write_text(
+        nginx_config(
+            region=region,
+            root=root,
+            listen=f"127.0.0.1:{port}",
+            primary_url=f"http://127.0.0.1:{primary_port}",
+            website_url=None,
+            standalone=conf_dir,
+            user="root" if os.geteuid() == 0 else None,
+        )
+    )
+    proc = subprocess.Popen(
+        [nginx, "-c", str(conf_dir / "nginx.conf"), "-p", str(conf_dir)],
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/{path}"
+        wait_until(lambda: _ok(url), 10, "nginx")
+        with urllib.request.urlopen(url) as a, urllib.request.urlopen(mirror_url) as b:
+            assert a.read() == b.read(), "nginx and mirror serve disagree"
+        rps_nginx, _ = load(url, seconds)
+        out["nginx_rps"] = round(rps_nginx)
+        out["nginx_workers"] = os.cpu_count()
+        out["ratio_mirror_serve_vs_nginx"] = round(rps / rps_nginx, 2)
+        say(f"serving: nginx {rps_nginx:.0f} req/s")
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return out
+
+
+def _ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", type=Path, help="Also write the figures as JSON.")
+    ap.add_argument("--samples", type=int, default=60, help="Publishes for (a).")
+    ap.add_argument("--files", type=int, default=5000, help="Files for (b).")
+    ap.add_argument("--seconds", type=float, default=5.0, help="Load duration for (c).")
+    args = ap.parse_args()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-mirror-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "topology.toml").write_text(TOPOLOGY)
+        world = LabWorld(tmp / "lab", tmp / "topology.toml", progress=say)
+        world.up()
+        try:
+            roots = start_lab_mirrors(world)
+            if not wait_lab_mirrors_ready(world, timeout=60):
+                raise SystemExit("mirrors not ready; see the lab's regions/*/mirror*.log")
+            with Publisher(roots[PRIMARY]) as pub:
+                results = {
+                    "rtt_ms": RTT_MS,
+                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                    "propagation": propagation(world, pub, args.samples),
+                    "sync_throughput": throughput(world, pub, args.files),
+                    "serving": serving(world, pub, args.seconds, tmp),
+                }
+        finally:
+            world.down()
+    results["seconds"] = round(time.monotonic() - started, 1)
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def report(r: dict) -> None:
+    p, t, s = r["propagation"], r["sync_throughput"], r["serving"]
+    target = p["target_p99_ms"]
+    lp = p["long_poll_all"]
+    print(
+        f"mirror benchmark: links {r['rtt_ms']:.0f} ms RTT, {r['machine']['cpus']} CPUs, {r['seconds']} s"
+    )
+    print("(a) propagation, publish -> visible on every mirror")
+    for kind, label in (
+        ("inline", "1 KiB, inline in the feed"),
+        ("download", "200 KiB, pooled download"),
+        ("poll5", "5 s polling loop (baseline)"),
+    ):
+        x = p[kind]
+        print(
+            f"    {label:30} p50 {x['p50_ms']:7.1f} ms  p99 {x['p99_ms']:7.1f} ms  max {x['max_ms']:7.1f} ms  (n={x['n']})"
+        )
+    verdict = "meets" if lp["p99_ms"] <= target else "MISSES"
+    print(
+        f"    long poll, all: p99 {lp['p99_ms']:.1f} ms = {lp['p99_ms'] / r['rtt_ms']:.2f} x RTT; "
+        f"{verdict} the target {target:.0f} ms; p50 {p['p50_speedup_vs_poll5']}x faster than 5 s polling"
+    )
+    print("(b) sync throughput into one mirror, 1 KiB files")
+    for name in ("bundled", "one_get_per_file"):
+        x = t[name]
+        print(
+            f"    {name:30} {x['files_per_s']:7d} files/s  ({x['files']} files in {x['seconds']} s)"
+        )
+    verdict = "meets" if t["bundled"]["files_per_s"] >= t["target_files_per_s"] else "MISSES"
+    print(
+        f"    {verdict} the target {t['target_files_per_s']}/s; {t['ratio_bundled_vs_get']}x one GET per file"
+    )
+    print(f"(c) serving a {s['file_bytes']} B file on loopback ({s['load_generator']})")
+    print(f"    latitude mirror serve (1 process)  {s['mirror_serve_rps']:7d} req/s")
+    if "nginx_rps" in s:
+        print(
+            f"    nginx ({s['nginx_workers']} workers)              {s['nginx_rps']:7d} req/s"
+            f"   -> mirror serve = {s['ratio_mirror_serve_vs_nginx']} x nginx"
+        )
+    else:
+        print(f"    nginx: {s['nginx']}")
+
+
+if __name__ == "__main__":
+    main()
