@@ -36,59 +36,22 @@ CALENDAR_WORKERS = {"us-west": 2, "eu-west": 2}
 
 
 def start_calendar(world: LabWorld, region: str) -> None:
-    import sys
+    """(Re)start the calendar behind the gateway in one region."""
+    from latitude.lab.demo import calendar_argv
 
-    state = world.state()
-    repo = Path(__file__).resolve().parents[1]
-    world.set_app(
-        region,
-        [
-            sys.executable,
-            "-m",
-            "latitude.cli",
-            "serve",
-            "examples.calendar.app:app",
-            "--region",
-            region,
-            "--topology",
-            state["regions"][region]["topology_file"],
-            "--app-dir",
-            str(repo),
-            "--workers",
-            str(CALENDAR_WORKERS.get(region, 1)),
-        ],
-    )
+    world.set_app(region, calendar_argv(world, region, CALENDAR_WORKERS.get(region, 1)))
 
 
 def wait_healthy(world: LabWorld, region: str, timeout: float = 30.0) -> None:
-    import time
-    import urllib.request
+    from latitude.lab.demo import wait_healthy as wait
 
-    port = world.state()["regions"][region]["app_port"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{port}/_latitude/health", timeout=2
-            ) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    log = world.service_log(region, "app").read_text(errors="replace")[-3000:]
-    raise RuntimeError(f"the calendar in {region} did not come up:\n{log}")
+    wait(world, region, timeout)
 
 
 @pytest.fixture(scope="session")
 def calendar(world: LabWorld) -> LabWorld:
     """The calendar example running behind the gateway in every region of the shared world."""
-    topology = world.topology()
-    # The primary first: it creates the schema the replicas then receive by replication.
-    start_calendar(world, topology.primary.name)
-    wait_healthy(world, topology.primary.name)
-    for region in topology.regions:
-        if not region.primary:
-            start_calendar(world, region.name)
-    for region in topology.regions:
-        wait_healthy(world, region.name)
+    from latitude.lab.demo import start_calendar as start_everywhere
+
+    start_everywhere(world, workers=CALENDAR_WORKERS)
     return world

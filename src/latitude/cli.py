@@ -165,11 +165,25 @@ def lab_revive(
 
 def print_status(status: dict) -> None:
     table = Table(title=f"lab world in {status['state_dir']}")
-    for col in ("region", "role", "pg", "valkey", "app", "replication", "lag bytes", "lag ms"):
+    for col in (
+        "region",
+        "role",
+        "pg",
+        "valkey",
+        "app",
+        "replication",
+        "lag bytes",
+        "lag ms",
+        "reads waited (avg ms)",
+        "forwarded (reads)",
+    ):
         table.add_column(col)
     for r in status["regions"]:
         ports = r["ports"]
         lag_ms = "" if r["lag_ms"] is None else f"{r['lag_ms']:.1f}"
+        g = r.get("gateway") or {}
+        waited = int(g.get("reads_waited", 0))
+        avg = f" ({g.get('wait_ms_total', 0) / waited:.1f})" if waited else ""
         table.add_row(
             r["name"],
             r["role"],
@@ -179,6 +193,8 @@ def print_status(status: dict) -> None:
             r["replication"] or "-",
             "" if r["lag_bytes"] is None else str(r["lag_bytes"]),
             lag_ms,
+            f"{waited}{avg}" if g else "",
+            f"{int(g.get('forwarded', 0))} ({int(g.get('reads_forwarded', 0))})" if g else "",
         )
     out.print(table)
     links = Table(title="links")
@@ -290,16 +306,27 @@ def demo(
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Also write the figures as JSON.")
     ] = None,
+    reads: Annotated[int, typer.Option("--reads", min=1, help="Reads per scripted user.")] = 20,
+    writes: Annotated[int, typer.Option("--writes", min=1, help="Writes per scripted user.")] = 10,
 ) -> None:
-    """Bring the default world up, show it, and keep it running until Ctrl-C."""
-    world = LabWorld(state_dir, topology, progress=progress_printer())
+    """Bring the world up with the calendar in every region, time a user next to each region,
+    and keep it running until Ctrl-C."""
+    from latitude.lab import demo as lab_demo
+
+    progress = progress_printer()
+    world = LabWorld(state_dir, topology, progress=progress)
     world.up()
     try:
-        status = world.status()
-        print_status(status)
+        lab_demo.start_calendar(world, progress=progress)
+        figures = lab_demo.measure(world, reads=reads, writes=writes, progress=progress)
+        print_figures(figures, world.topology().primary.name)
+        print_status(world.status())
         if json_file:
-            json_file.write_text(json.dumps(status, indent=2))
+            json_file.write_text(json.dumps({"regions": figures}, indent=2))
+            out.print(f"figures written to {json_file}")
         if not once:
+            for name, f in figures.items():
+                out.print(f"{name}: {f['url']}")
             out.print("the world is running; press Ctrl-C to stop it")
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             try:
@@ -309,6 +336,32 @@ def demo(
     finally:
         stopped = world.down()
         out.print(f"stopped: {', '.join(stopped)}")
+
+
+def print_figures(figures: dict, primary: str) -> None:
+    table = Table(title=f"a user next to each region (primary: {primary})")
+    for col in (
+        "region",
+        "read p50 ms",
+        "write p50 ms",
+        "ideal write ms",
+        "write / ideal",
+        "RTT to primary ms",
+    ):
+        table.add_column(col)
+    for name, f in figures.items():
+        table.add_row(
+            name,
+            f"{f['read_p50_ms']:.1f}",
+            f"{f['write_p50_ms']:.1f}",
+            f"{f['ideal_write_ms']:.1f}",
+            f"{f['write_vs_ideal']:.2f}" if f["write_vs_ideal"] else "-",
+            f"{f['inter_region_rtt_ms']:.0f}",
+        )
+    out.print(table)
+    out.print(
+        "ideal = client RTT (0: the user sits next to its region) + RTT to the primary + the primary's own write time"
+    )
 
 
 def main() -> None:

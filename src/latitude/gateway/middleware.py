@@ -158,6 +158,7 @@ class RegionGateway:
         self._started = False
         self._start_lock = asyncio.Lock()
         self._fallback_store: IdempotencyStore | None = None
+        self._stats_task: asyncio.Task | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -189,9 +190,37 @@ class RegionGateway:
                 )
                 await self.forwarding.warm()
             await self.positions.start()
+            client = getattr(self.session_store, "client", None)
+            if client is not None:
+                self._stats_task = asyncio.create_task(self._publish_stats(client))
             self._started = True
 
+    async def _publish_stats(self, client, interval_s: float = 1.0) -> None:
+        """Add this process's counters to the region's shared tally (a Valkey hash), so a
+        region's figures cover all its worker processes (`latitude lab status` reads them)."""
+        key = f"latitude:stats:{self.config.region.name}"
+        sent: Counter[str] = Counter()
+        while True:
+            await asyncio.sleep(interval_s)
+            now = Counter({**self.counters, **{k: v for k, v in self.positions.counters.items()}})
+            delta = {k: v - sent.get(k, 0) for k, v in now.items() if v != sent.get(k, 0)}
+            if not delta:
+                continue
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for field, value in delta.items():
+                        pipe.hincrbyfloat(key, field, value)
+                    await pipe.execute()
+                sent = now
+            except Exception as exc:  # figures are best effort; requests never wait on them
+                log.debug("could not publish gateway stats: %s", exc)
+
     async def shutdown(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._stats_task
+            self._stats_task = None
         for closer in (
             getattr(self.forwarding, "close", None),
             getattr(self.idempotency, "close", None),

@@ -513,6 +513,7 @@ class LabWorld:
                 down.append(f"{name} replication")
             regions.append(
                 {
+                    "gateway": self._gateway_stats(r["valkey_port"], name) if valkey_up else {},
                     "name": name,
                     "role": r["role"],
                     "database_url": database_url(r["pg_port"]),
@@ -560,6 +561,19 @@ class LabWorld:
             ],
             "down": down,
         }
+
+    @staticmethod
+    def _gateway_stats(valkey_port: int, region: str) -> dict:
+        """What the region's gateway processes have counted (reads waited, forwarded, ...)."""
+        import redis
+
+        try:
+            client = redis.Redis(port=valkey_port, socket_timeout=1, socket_connect_timeout=1)
+            with client:
+                raw = client.hgetall(f"latitude:stats:{region}")
+        except redis.RedisError:
+            return {}
+        return {k.decode(): round(float(v), 1) for k, v in raw.items()}
 
     # ---- links and parts -----------------------------------------------------------------
 
