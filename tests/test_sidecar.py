@@ -1,0 +1,124 @@
+"""`latitude gateway --upstream`: the same forwarding for an app in any language, with its
+sessions moved between regions' Valkeys under PHP's own key template."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import aiohttp
+import psycopg
+import pytest
+import redis
+
+PRIMARY, EU = "us-west", "eu-west"
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(port: int, path: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answers on port {port}")
+
+
+@pytest.fixture(scope="module")
+def sidecars(world, tmp_path_factory):
+    """An upstream app and a sidecar gateway in us-west and eu-west (extra lab slots)."""
+    state = world.state()
+    folder = tmp_path_factory.mktemp("sidecar")
+    upstream = {r: free_port() for r in (PRIMARY, EU)}
+    gateway = {r: free_port() for r in (PRIMARY, EU)}
+    relay = world.add_relay(
+        EU, PRIMARY, gateway[PRIMARY]
+    )  # eu-west reaches us-west's sidecar across the ocean
+    seen_as = {PRIMARY: gateway[PRIMARY], EU: relay}
+    for region in (PRIMARY, EU):
+        text = Path(state["regions"][region]["topology_file"]).read_text()
+        # In this region's view, the primary's gateway is the sidecar (through the link from eu-west).
+        old = (
+            state["regions"][PRIMARY]["app_port"]
+            if region == PRIMARY
+            else state["regions"][PRIMARY]["relays"][EU]["app"]
+        )
+        text = text.replace(f'http://127.0.0.1:{old}"', f'http://127.0.0.1:{seen_as[region]}"')
+        text += '\n[gateway]\nsession_cookie = "PHPSESSID"\nsession_key_template = "PHPREDIS_SESSION:{sid}"\n'
+        topology = folder / f"{region}.toml"
+        topology.write_text(text)
+        world.set_service(
+            region,
+            "php",
+            [sys.executable, str(HERE / "sidecar_upstream.py"), str(upstream[region])],
+            env={"LATITUDE_TOPOLOGY": str(topology)},
+        )
+        wait_up(upstream[region], "/whoami")
+        world.set_service(
+            region,
+            "sidecar",
+            [
+                sys.executable,
+                "-m",
+                "latitude.cli",
+                "gateway",
+                "--region",
+                region,
+                "--upstream",
+                f"http://127.0.0.1:{upstream[region]}",
+                "--topology",
+                str(topology),
+                "--port",
+                str(gateway[region]),
+            ],
+        )
+        wait_up(gateway[region], "/_latitude/health")
+    yield gateway
+    for region in (PRIMARY, EU):
+        for service in ("sidecar", "php"):
+            world.kill(region, service)
+
+
+async def test_sidecar_forwards_writes_and_moves_php_sessions(world, sidecars):
+    valkeys = {
+        r: redis.Redis(port=world.state()["regions"][r]["valkey_port"]) for r in (PRIMARY, EU)
+    }
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{sidecars[EU]}", cookie_jar=jar) as c:
+        async with c.post("/login", data={"name": "alice"}) as r:
+            assert r.status == 200 and (await r.json())["region"] == PRIMARY
+        sid = next(m.value for m in jar if m.key == "PHPSESSID")
+        key = f"PHPREDIS_SESSION:{sid}"
+        # The session the primary's app created now lives in eu-west's Valkey, under PHP's key.
+        assert valkeys[EU].get(key) == b'user|s:5:"alice";'
+        assert valkeys[PRIMARY].get(key) is None
+        text = f"note {uuid.uuid4()}"
+        async with c.post(
+            "/notes", data={"text": text}, headers={"X-Forwarded-For": "6.6.6.6"}
+        ) as r:
+            assert r.status == 201 and (await r.json())["region"] == PRIMARY
+        assert valkeys[EU].get(key) == b'user|s:5:"alice";flash|s:5:"saved";'
+        async with c.get("/whoami", headers={"X-Forwarded-For": "6.6.6.6"}) as r:
+            me = await r.json()
+        assert me == {
+            "region": EU,
+            "session": 'user|s:5:"alice";flash|s:5:"saved";',
+            "client": "127.0.0.1",
+            "database": "replica",
+        }
+    primary_db = next(r["database_url"] for r in world.status()["regions"] if r["name"] == PRIMARY)
+    with psycopg.connect(primary_db) as db:
+        rows = db.execute("select ip from sidecar_notes where text = %s", (text,)).fetchall()
+    assert rows == [("127.0.0.1",)]
