@@ -302,9 +302,9 @@ class Recording(SyncDaemon):
         super().__init__(*args, **kwargs)
         self.stored: list[str] = []
 
-    def _store(self, change, got):
-        super()._store(change, got)
-        self.stored.append(change.path)
+    async def store(self, items, touched):
+        await super().store(items, touched)
+        self.stored += [change.path for change, _ in items]
 
 
 async def test_sync_applies_batches_in_order_and_keeps_last_modified(net):

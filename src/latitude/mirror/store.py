@@ -91,10 +91,14 @@ class AtomicFile:
         self.hash.update(data)
         self.size += len(data)
 
-    def commit(self, mtime: float | None = None, *, no_clobber: bool = False) -> bool:
+    def commit(
+        self, mtime: float | None = None, *, no_clobber: bool = False, fsync: bool = True
+    ) -> bool:
+        """Make the file durable (unless the caller fsynced it) and put it in place."""
         try:
             self.file.flush()
-            os.fsync(self.file.fileno())
+            if fsync:
+                os.fsync(self.file.fileno())
             self.file.close()
             if mtime is not None:
                 os.utime(self.tmp, (mtime, mtime))

@@ -25,6 +25,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ from latitude.mirror.feed import (
     FeedClient,
     FeedError,
 )
-from latitude.mirror.store import AtomicFile, ContentRoot, fsync_dir, parse_http_date, write_atomic
+from latitude.mirror.store import AtomicFile, ContentRoot, fsync_dir, parse_http_date
 
 log = logging.getLogger(__name__)
 
@@ -229,17 +230,7 @@ class SyncDaemon:
                 inline.append(c)  # it came with the feed: no download
             else:
                 (small if self.bundles and (c.size or 0) <= BUNDLE_FILE_MAX else large).append(c)
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self.writers, self._store, c, Got(200, c.sha256, c.mtime, data=c.data)
-                )
-                for c in inline
-            )
-        )
-        touched.update(self.root.file(c.path).parent for c in inline)
-        self.files_written += len(inline)
+        await self.store([(c, Got(200, c.sha256, c.mtime, data=c.data)) for c in inline], touched)
         self.files_inline += len(inline)
         groups = [[c] for c in large] + _chunks(small)
         results = await asyncio.gather(
@@ -270,34 +261,54 @@ class SyncDaemon:
             except (aiohttp.ClientError, TimeoutError, FeedError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 continue
-            retry, writes = [], []
+            retry, good = [], []
             for c in pending:
                 g = got.get(c.path)
                 v = verdict(c, g)
                 if v == "store":
-                    writes.append(
-                        asyncio.get_running_loop().run_in_executor(self.writers, self._store, c, g)
-                    )
-                    touched.add(self.root.file(c.path).parent)
+                    good.append((c, g))
                 else:
                     if g is not None and g.staged is not None:
                         g.staged.abort()
                     if v == "retry":
                         retry.append(c)
                         reason = _why(c, g)
-            await asyncio.gather(*writes)
-            self.files_written += len(writes)
+            await self.store(good, touched)
             if not retry:
                 return
             pending = retry
         raise BatchFailed(f"{len(pending)} file(s) not stored after {RETRIES} tries: {reason}")
 
-    def _store(self, change: Change, got: Got) -> None:
-        mtime = got.mtime if got.mtime is not None else change.mtime
-        if got.staged is not None:
-            got.staged.commit(mtime)
-        else:
-            write_atomic(self.root.file(change.path), got.data or b"", mtime)
+    async def store(self, items: list[tuple[Change, Got]], touched: set) -> None:
+        """Write checked files atomically: all temp files first, then their fsyncs side by
+        side (the disk commits them together), then the renames."""
+        if not items:
+            return
+        loop = asyncio.get_running_loop()
+
+        def run(fn, *args):
+            return loop.run_in_executor(self.writers, fn, *args)
+
+        files = [
+            (self.root.file(c.path), g.data or b"", g.mtime or c.mtime)
+            for c, g in items
+            if g.staged is None
+        ]
+        files += [
+            (g.staged.target, g.staged, g.mtime or c.mtime)
+            for c, g in items
+            if g.staged is not None
+        ]
+        staged = await run(_stage, files)
+        try:
+            await asyncio.gather(*(run(os.fsync, f.file.fileno()) for f, _ in staged))
+            await run(_commit, staged)
+        except BaseException:
+            for f, _ in staged:
+                f.abort()
+            raise
+        touched.update(target.parent for target, _, _ in files)
+        self.files_written += len(items)
 
     async def _get(self, path: str) -> Got:
         """One file by GET, streamed to a temp file beside its target."""
@@ -416,6 +427,29 @@ class SyncDaemon:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
+
+
+def _stage(files: list[tuple]) -> list[tuple[AtomicFile, float | None]]:
+    staged = []
+    try:
+        for target, data, mtime in files:
+            if isinstance(data, AtomicFile):
+                f = data  # streamed to its temp file already
+            else:
+                f = AtomicFile(target)
+                f.write(data)
+            f.file.flush()  # into the kernel, for the fsync that follows
+            staged.append((f, mtime))
+    except BaseException:
+        for f, _ in staged:
+            f.abort()
+        raise
+    return staged
+
+
+def _commit(staged: list[tuple[AtomicFile, float | None]]) -> None:
+    for f, mtime in staged:
+        f.commit(mtime, fsync=False)  # fsynced just before, side by side
 
 
 def _chunks(changes: list[Change]) -> list[list[Change]]:
