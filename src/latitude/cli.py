@@ -320,6 +320,14 @@ def demo(
         lab_demo.start_calendar(world, progress=progress)
         figures = lab_demo.measure(world, reads=reads, writes=writes, progress=progress)
         print_figures(figures, world.topology().primary.name)
+        progress("start a mirror in every region and publish a file at the primary")
+        from latitude.mirror.cli import propagation
+
+        serial, seen = propagation(world, "demo/hello.json")
+        for name, ms in seen.items():
+            figures[name]["mirror_propagation_ms"] = None if ms is None else round(ms, 1)
+            when = f"{ms:.1f} ms" if ms is not None else "not within 10 s"
+            out.print(f"mirror: /demo/hello.json (serial {serial}) was in {name} after {when}")
         print_status(world.status())
         if json_file:
             json_file.write_text(json.dumps({"regions": figures}, indent=2))

@@ -346,6 +346,33 @@ def wait_lab_mirrors_ready(world, timeout: float = 30.0) -> bool:
 
 
 @mirror_app.command("demo")
+def propagation(
+    world, path: str = "demo/hello.json", timeout_s: float = 10.0
+) -> tuple[int, dict[str, float | None]]:
+    """Start a mirror in every region of a running lab, publish one file at the primary, and
+    return its serial and how many ms after the commit each region's copy had it."""
+    from latitude.mirror.publisher import Publisher
+
+    primary = world.state()["primary"]
+    roots = start_lab_mirrors(world)
+    if not wait_lab_mirrors_ready(world, timeout=30):
+        raise RuntimeError(
+            "the mirrors did not become ready within 30 s; see regions/*/mirror*.log in the lab folder"
+        )
+    body = f'{{"published_at": {time.time():.6f}, "pid": {os.getpid()}}}\n'.encode()
+    with Publisher(roots[primary]) as pub:
+        change = pub.publish(path, body)
+        t0 = time.perf_counter()  # committed: from here on every mirror may hear of it
+    seen: dict[str, float] = {}
+    while len(seen) < len(roots) and time.perf_counter() - t0 < timeout_s:
+        for name, root in roots.items():
+            f = root / path
+            if name not in seen and f.exists() and f.read_bytes() == body:
+                seen[name] = (time.perf_counter() - t0) * 1000
+        time.sleep(0.001)
+    return change.serial, {name: seen.get(name) for name in roots}
+
+
 def demo(
     state_dir: Annotated[
         Path | None, typer.Option("--state-dir", help="The running lab's folder.")
@@ -356,31 +383,17 @@ def demo(
 ) -> None:
     """In a running lab: start a mirror in every region, publish a file, show when each had it."""
     from latitude.lab import LabWorld
-    from latitude.mirror.publisher import Publisher
 
     world = LabWorld(state_dir)
-    state = world.state()
-    roots = start_lab_mirrors(world)
-    primary = state["primary"]
-    ready = wait_lab_mirrors_ready(world, timeout=30)
-    if not ready:
-        _fail(
-            "the mirrors did not become ready within 30 s; see regions/*/mirror*.log in the lab folder"
-        )
-    body = f'{{"published_at": {time.time():.6f}, "pid": {os.getpid()}}}\n'.encode()
-    with Publisher(roots[primary]) as pub:
-        change = pub.publish(path, body)
-        t0 = time.perf_counter()  # committed: from here on every mirror may hear of it
-    seen: dict[str, float] = {}
-    while len(seen) < len(roots) and time.perf_counter() - t0 < 10:
-        for name, root in roots.items():
-            f = root / path
-            if name not in seen and f.exists() and f.read_bytes() == body:
-                seen[name] = (time.perf_counter() - t0) * 1000
-        time.sleep(0.001)
-    out.print(f"published /{path} at {primary} as serial {change.serial}")
+    primary = world.state()["primary"]
+    try:
+        serial, seen = propagation(world, path)
+    except RuntimeError as exc:
+        _fail(str(exc))
+    roots = seen
+    out.print(f"published /{path} at {primary} as serial {serial}")
     topo = world.topology()
     for name in roots:
         rtt = topo.rtt_ms(name, primary)
-        when = f"{seen[name]:7.1f} ms" if name in seen else "not within 10 s"
+        when = f"{seen[name]:7.1f} ms" if seen[name] is not None else "not within 10 s"
         out.print(f"  {name:14} had it after {when}   (link RTT to {primary}: {rtt:.0f} ms)")
