@@ -91,7 +91,9 @@ class ForwardingClient:
             enable_cleanup_closed=True,
         )
         return aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Content-Type"),
         )
 
     @property

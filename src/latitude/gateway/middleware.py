@@ -487,7 +487,13 @@ class RegionGateway:
             )
         except SignatureError as exc:
             self.counters["bad_answer_signature"] += 1
-            log.error("the primary's answer failed verification: %s", exc)
+            # An unsigned answer is usually the primary refusing the request: say why.
+            log.error(
+                "the primary's answer (%s, %r) failed verification: %s",
+                resp.status,
+                resp.body[:300],
+                exc,
+            )
             await send_error(
                 scope,
                 send,
