@@ -12,9 +12,12 @@ import json
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-from latitude.lab import LabWorld
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+
+from latitude.lab import LabWorld  # noqa: E402
 from latitude.lab.binaries import RunAs, postgres_bin_dir
 from latitude.lab.postgres import PostgresNode
 from latitude.lab.world import _free_ports

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -53,17 +54,33 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("LATITUDE_LAB_DIR", ".latitude/lab"))
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
+# Services get ports below the kernel's ephemeral range, so that no relay (listening on port 0)
+# or outgoing connection can take a port between our choosing it and the service binding it.
+SERVICE_PORTS = range(20000, 32000)
+
+
+def _ephemeral_range() -> range:
     try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
+def _free_ports(n: int) -> list[int]:
+    ephemeral = _ephemeral_range()
+    candidates = [p for p in SERVICE_PORTS if p not in ephemeral] or list(SERVICE_PORTS)
+    chosen: list[int] = []
+    for port in random.sample(candidates, len(candidates)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == n:
+            return chosen
+    raise LabError(f"no {n} free ports between {SERVICE_PORTS.start} and {SERVICE_PORTS.stop}")
 
 
 @dataclass
