@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     ups, downs, baselines = [], [], []
     for i in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="latitude-bench-lab-") as tmp:
