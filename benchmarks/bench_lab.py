@@ -15,9 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-
-from latitude.lab import LabWorld  # noqa: E402
+from latitude.lab import LabWorld
 from latitude.lab.binaries import RunAs, postgres_bin_dir
 from latitude.lab.postgres import PostgresNode
 from latitude.lab.world import _free_ports
