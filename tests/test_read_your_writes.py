@@ -21,7 +21,6 @@ import uuid
 
 import aiohttp
 import psycopg
-import pytest
 
 from latitude.consistency import PositionCookie, ReplicationPosition
 from tests.conftest import wait_healthy
@@ -347,13 +346,6 @@ async def test_forged_tampered_or_expired_position_cookies_are_ignored(calendar)
         assert forwarded and elapsed >= READ_WAIT_S, elapsed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="gateway bug: a write handled in the replica region because the primary's gateway "
-    "is down (SQL over the ocean to the primary database) gets no position cookie, so the "
-    "writer's next read is served from the lagging replica without waiting",
-)
 async def test_a_write_that_fell_back_to_the_remote_database_is_read_back(calendar):
     world = calendar
     async with user(world) as writer:

@@ -19,6 +19,7 @@ from latitude import consistency
 from latitude.forwarding import ForwardingClient, NoAnswer, NotSent
 from latitude.gateway.classify import FORWARDED_FROM_HEADER, SAFE_METHODS, Decision, classify
 from latitude.gateway.config import GatewayConfig
+from latitude.gateway.deadlines import bounded
 from latitude.gateway.messages import (
     HOP_BY_HOP,
     BodyTooLarge,
@@ -67,6 +68,7 @@ SESSION_LENGTH = "latitude-session-length"
 POSITION = "latitude-position"
 IDEMPOTENCY = "latitude-idempotency"
 FALLBACK_TIMEOUT_S = 30.0
+PATH_CHECK_AFTER_S = 0.5
 # What a forwarded request's signature covers (when present), and must cover to be accepted.
 SIGNED_REQUEST_HEADERS = (
     "content-digest",
@@ -117,22 +119,6 @@ def request_fingerprint(scope: Scope, content_digest: str, session_id: str | Non
         session_id or "",
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-_abandoned: set[asyncio.Task] = set()
-
-
-async def bounded(coro, timeout_s: float):
-    """Await `coro` for at most `timeout_s`. Unlike `asyncio.wait_for`, a timed-out operation is
-    cancelled without waiting for it: a database driver's cancel can itself cross a dead link."""
-    task = asyncio.ensure_future(coro)
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    if task in done:
-        return task.result()
-    task.cancel()
-    _abandoned.add(task)
-    task.add_done_callback(lambda t: (_abandoned.discard(t), t.cancelled() or t.exception()))
-    raise TimeoutError(f"no result within {timeout_s:.2f} s")
 
 
 class RegionGateway:
@@ -286,6 +272,9 @@ class RegionGateway:
                 await self._run_forwarded(scope, receive, send)
             elif decision is Decision.PRIMARY:
                 await self._run_here(scope, receive, send, consistency.PRIMARY)
+            elif decision is Decision.LOCAL and scope["method"] not in SAFE_METHODS:
+                # Listed `local`: a POST that only reads runs here, never forwarded.
+                await self._run_here(scope, receive, send, consistency.REPLICA)
             elif decision is Decision.LOCAL:
                 await self._serve_read(scope, receive, send)
             else:
@@ -412,19 +401,13 @@ class RegionGateway:
                         covered=SIGNED_REQUEST_HEADERS,
                     ).items()
                 )
-                # The first attempt may wait out most of the deadline; later ones are quick checks.
-                timeout = (
-                    remaining
-                    if attempt
-                    else max(min(remaining, cfg.deadline_s / 3), min(remaining, 1.0))
-                )
                 try:
-                    resp = await self.forwarding.send(
+                    resp = await self._watched_send(
                         scope["method"],
                         path_qs,
                         signed,
                         envelope() if body.size + len(blob) else None,
-                        timeout_s=timeout,
+                        timeout_s=remaining,
                         fresh_connection=attempt > 0,
                     )
                 except NotSent as exc:
@@ -472,6 +455,42 @@ class RegionGateway:
             extra_headers=[(b"idempotency-key", key.encode()), (b"retry-after", b"1")],
             data={"idempotency_key": key},
         )
+
+    async def _watched_send(
+        self, method, path_qs, headers, body, *, timeout_s: float, fresh_connection: bool
+    ):
+        """Send one attempt, and while its answer is late, check the path is still there.
+
+        A pooled connection over a cut link stalls without an error; a fresh connection that is
+        refused proves the primary is unreachable now. The attempt may have been delivered, so
+        it is reported as `NotSent` all the same: the fallback claims the key in the primary
+        database before anything runs here, so it is never a blind local re-run.
+        """
+        attempt = asyncio.ensure_future(
+            self.forwarding.send(
+                method,
+                path_qs,
+                headers,
+                body,
+                timeout_s=timeout_s,
+                fresh_connection=fresh_connection,
+            )
+        )
+        try:
+            while True:
+                done, _ = await asyncio.wait({attempt}, timeout=PATH_CHECK_AFTER_S)
+                if attempt in done:
+                    return attempt.result()
+                if not await self.forwarding.can_connect():
+                    self.counters["path_down"] += 1
+                    raise NotSent(
+                        "the primary stopped accepting connections while an attempt was pending"
+                    )
+        finally:
+            if not attempt.done():
+                attempt.cancel()
+                with contextlib.suppress(BaseException):
+                    await attempt
 
     async def _relay_answer(
         self, scope, send, resp, signed_request, sid, had_session: bool
@@ -535,14 +554,13 @@ class RegionGateway:
         whichever runs first, the request runs once. Every step is bounded by the deadline:
         a stalled database connection must not hang the request.
         """
-        if scope["method"] in SAFE_METHODS:
-            # A read that could not be forwarded is still better served stale than not at all.
-            self.counters["read_served_stale"] += 1
-            await self._run_here(scope, body.receive_from(body.size), send, consistency.REPLICA)
-            return
 
         def left() -> float:
             return max(0.05, deadline - time.monotonic())
+
+        if scope["method"] in SAFE_METHODS:
+            await self._fallback_read(scope, body, send, left())
+            return
 
         try:
             store = await bounded(self._primary_idempotency(left()), left())
@@ -567,6 +585,7 @@ class RegionGateway:
                 for k, v in claim.headers
                 if k.lower() not in INTERNAL_RESPONSE_HEADERS
             ]
+            headers += await self._fallback_position(scope, store, left())
             await send_response(send, claim.status, headers, claim.body[: len(claim.body) - n])
             return
         if claim.outcome is Outcome.IN_PROGRESS:
@@ -612,7 +631,45 @@ class RegionGateway:
                 ),
                 max(left(), 1.0),
             )
-        await send_response(send, captured.status, captured.headers, bytes(captured.body))
+        position = await self._fallback_position(scope, store, max(left(), 1.0))
+        await send_response(
+            send, captured.status, [*captured.headers, *position], bytes(captured.body)
+        )
+
+    async def _fallback_read(
+        self, scope: Scope, body: SpooledBody, send: Send, timeout_s: float
+    ) -> None:
+        """A read meant for the primary (the replica is behind) that cannot be forwarded: read
+        the primary database over the ocean; if that is out of reach too, the local replica's
+        answer, stale as it may be, is better than none."""
+        route = consistency.REPLICA
+        try:
+            store = await bounded(self._primary_idempotency(timeout_s), timeout_s)
+            async with store.pool.connection(timeout=timeout_s) as conn:
+                await bounded(conn.execute("select 1"), timeout_s)
+            route = consistency.PRIMARY
+        except Exception as exc:
+            log.warning(
+                "read %s: the primary database is out of reach too (%r); serving it stale",
+                scope["path"],
+                exc,
+            )
+            self.counters["read_served_stale"] += 1
+        await self._run_here(scope, body.receive_from(body.size), send, route)
+
+    async def _fallback_position(self, scope: Scope, store: IdempotencyStore, timeout_s: float):
+        """The position cookie for a write made here: the primary's WAL position, read over the
+        fallback's own pool, so the writer's next read waits for it like any other."""
+
+        async def read() -> str:
+            async with store.pool.connection() as conn:
+                return str(await consistency.primary_position_async(conn))
+
+        try:
+            return self.positions.cookie_headers(scope, await bounded(read(), timeout_s))
+        except Exception as exc:
+            log.warning("no position for a write handled here: %r", exc)
+            return []
 
     async def _primary_idempotency(self, timeout_s: float) -> IdempotencyStore:
         """The primary database's idempotency table over the ocean (raises if unreachable)."""

@@ -10,6 +10,7 @@ import time
 
 from latitude import consistency
 from latitude.gateway.config import GatewayConfig
+from latitude.gateway.deadlines import bounded
 from latitude.gateway.messages import Scope, Send, cookie_value
 
 log = logging.getLogger("latitude.gateway")
@@ -87,9 +88,10 @@ class PositionTracker:
         if mode is consistency.ConsistencyMode.EVENTUAL or self.watcher is None:
             self.counters["reads_local"] += 1
             return True
+        started = time.monotonic()
         if mode is consistency.ConsistencyMode.STRONG and self.strong is not None:
             try:
-                target = await self.strong.current()
+                target = await bounded(self.strong.current(), self.config.read_wait_s)
             except Exception:
                 self.counters["reads_forwarded"] += 1
                 return False
@@ -99,8 +101,9 @@ class PositionTracker:
             if target is None:
                 self.counters["reads_local"] += 1
                 return True
-        started = time.monotonic()
-        ok = await self.watcher.wait_for(target, self.config.read_wait_s)
+        # One bound for the whole check, strong mode's round trip included.
+        remaining = max(0.0, self.config.read_wait_s - (time.monotonic() - started))
+        ok = await self.watcher.wait_for(target, remaining)
         waited = (time.monotonic() - started) * 1000
         if waited > 0.05:
             self.counters["reads_waited"] += 1
@@ -115,11 +118,14 @@ class PositionTracker:
         if not position or self.config.is_primary:
             return []
         try:
-            value = self.cookie.issue(
-                consistency.ReplicationPosition.parse(position), self.config.region.name
-            )
+            new = consistency.ReplicationPosition.parse(position)
         except ValueError:
             return []
+        # Answers to one user's concurrent requests may arrive out of order: never go back.
+        old = self.cookie.read(cookie_value(scope["headers"], POSITION_COOKIE))
+        if old is not None and new < old:
+            new = old
+        value = self.cookie.issue(new, self.config.region.name)
         secure = scope.get("scheme") == "https"
         return [
             (b"set-cookie", self.cookie.set_cookie_header(value, secure=secure).encode("latin-1"))
