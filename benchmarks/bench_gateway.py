@@ -1,0 +1,781 @@
+"""The region gateway, measured in a throwaway two-region lab world (us-west primary, eu-west
+replica) whose link has a 100 ms RTT, with the calendar example (`examples/calendar`).
+
+    python benchmarks/bench_gateway.py [--json FILE] [--requests N] [--naive-requests N]
+                                       [--reads N] [--seconds S] [--install-nginx]
+
+Clients sit next to the region they talk to: they dial its app port directly, so the client's
+own RTT is 0 here. Every figure and ratio below is measured in the same run.
+
+(1) Forwarded write: p50 of `POST /events` (a write of 8 SQL statements in one transaction)
+    made in eu-west, forwarded to the primary, versus the ideal = client RTT (0) + inter-region
+    RTT (100 ms) + the primary's own time (p50 of the same write made directly at the primary,
+    interleaved with the forwarded ones). Target: <= 1.05 x the ideal. The link's relay counts
+    the connections opened across the ocean per write (0 with the warm pool). The same pair is
+    then measured with the link at 0 ms: what forwarding costs besides the ocean.
+(2) The same with pooling off (eu-west restarted with `--no-pool`: one new connection per
+    forwarded request). The lab's WAN relay accepts a connection locally and lets the request
+    follow the SYN, so it does not charge the handshake's round trip (see `latitude.wan`): the
+    measured delta is only the local cost of a fresh connection, and the row below it adds one
+    RTT per new connection (the TCP handshake a real ocean charges; TLS adds one or two more,
+    which is the ~+200 ms per POST the original deployment measured).
+(3) The naive layout: the calendar served in eu-west by plain uvicorn, every request handled
+    there and every SQL statement sent to the primary database over the link
+    (`benchmarks/_naive_app.py`). Its write p50, and its ratio to the forwarded write.
+(4) Local read, `GET /events/{id}` by a signed-in user in eu-west: through the gateway
+    (`latitude serve`, 1 process) versus the bare calendar (plain uvicorn, 1 process, no
+    gateway), same region, same replica, same session store. Sequential p50 overhead, one
+    request to each in turn (target <= 0.5 ms); throughput at concurrency 32 in three adjacent
+    pairs of runs, median of the pair ratios (target >= 80 %); and each server's CPU time per
+    read, which other work on the machine hardly moves.
+(5) Writes per second at concurrency 32, one signed-in user per connection: directly at the
+    primary (its own ceiling), through eu-west's gateway with one worker process, and through
+    nginx `proxy_pass` (1 worker, upstream `keepalive 32`) in eu-west in front of the primary's
+    app port over the same link. nginx forwards unsigned, without the session and without
+    idempotency: it is the floor for a proxy, not a like-for-like. Beside each: CPU time per
+    write of the proxy process, of the primary's app and of the relays, and how busy the whole
+    machine was. nginx comes from Debian's packages: if it is not on PATH, `--install-nginx`
+    runs `apt-get install -y nginx-light`; otherwise the nginx row is skipped, and says why.
+
+(4) and (5) use a lean keep-alive HTTP/1.1 load generator in this process (`benchmarks/_lab.py`)
+so that on a small machine the server, not the client, is the ceiling; (1)-(3) use aiohttp.
+The machine's load average is printed: other work on it moves every figure here.
+Everything runs on 127.0.0.1 and is stopped at the end, also on Ctrl-C; about two minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+from _lab import (
+    HOST,
+    RawConnection,
+    build_request,
+    free_port,
+    latitude_serve_argv,
+    pct,
+    run_load,
+    say,
+    service_pid,
+    summary,
+    throwaway_world,
+    uvicorn_argv,
+    wait_http,
+)
+
+from latitude.lab import LabWorld
+
+RTT_MS = 100.0
+CLIENT_RTT_MS = 0.0
+PRIMARY, REPLICA = "us-west", "eu-west"
+PRIMARY_WORKERS = 2
+CONCURRENCY = 32
+TARGET_WRITE_RATIO = 1.05
+TARGET_READ_OVERHEAD_MS = 0.5
+TARGET_READ_THROUGHPUT = 0.80
+READ_LOAD_ORDER = ("bare", "gateway", "gateway", "bare", "bare", "gateway")
+CALENDAR = "examples.calendar.app:app"
+NAIVE = "benchmarks._naive_app:app"
+TOPOLOGY = f"""
+[app]
+name = "bench-gateway"
+
+[lab]
+
+[[regions]]
+name = "{PRIMARY}"
+primary = true
+location = [45.60, -121.18]
+
+[[regions]]
+name = "{REPLICA}"
+location = [53.35, -6.26]
+
+[signing]
+keys = [{{ id = "lab-1", env = "LATITUDE_LAB_KEY" }}]
+
+[links]
+default_rtt_ms = {RTT_MS}
+"""
+
+
+def port_of(world: LabWorld, region: str) -> int:
+    return world.state()["regions"][region]["app_port"]
+
+
+def log_of(world: LabWorld, region: str, service: str = "app") -> Path:
+    return world.service_log(region, service)
+
+
+def start_calendar(world: LabWorld, region: str, *, pooling: bool = True) -> None:
+    """The calendar behind the gateway, as the tests start it; waits until it is healthy."""
+    workers = PRIMARY_WORKERS if region == PRIMARY else 1
+    world.set_app(
+        region, latitude_serve_argv(world, region, CALENDAR, workers=workers, pooling=pooling)
+    )
+    wait_http(
+        f"http://{HOST}:{port_of(world, region)}/_latitude/health",
+        60,
+        f"the calendar in {region}",
+        log_of(world, region),
+    )
+
+
+def start_uvicorn(world: LabWorld, service: str, app: str) -> int:
+    """A plain uvicorn (no gateway) in eu-west's environment, as lab service `service`."""
+    port = free_port()
+    world.set_service(REPLICA, service, uvicorn_argv(app, port))
+    # GET /me needs no database: it answers as soon as the app is up.
+    wait_http(
+        f"http://{HOST}:{port}/me", 60, f"{app} in {REPLICA}", log_of(world, REPLICA, service)
+    )
+    return port
+
+
+def relay_connections(world: LabWorld, relay_port: int) -> int:
+    """Connections the WAN relay on `relay_port` has accepted so far."""
+    for link in world.control().call("GET", "/status")["links"]:
+        for relay in link["relays"]:
+            if relay["port"] == relay_port:
+                return relay["connections_total"]
+    raise RuntimeError(f"no relay on port {relay_port}")
+
+
+# ---------------------------------------------------------------------------------- clients
+
+
+def client(port: int) -> aiohttp.ClientSession:
+    # IP hosts need the unsafe jar to keep cookies.
+    return aiohttp.ClientSession(f"http://{HOST}:{port}", cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+
+async def login(session: aiohttp.ClientSession, name: str) -> None:
+    async with session.post("/login", json={"name": name}) as r:
+        if r.status != 200:
+            raise RuntimeError(f"login failed: {r.status} {await r.text()}")
+        await r.read()
+
+
+def session_cookie(session: aiohttp.ClientSession) -> str:
+    """The signed-in session cookie alone (no replication-position cookie)."""
+    return next(f"session={m.value}" for m in session.cookie_jar if m.key == "session")
+
+
+async def timed_write(session: aiohttp.ClientSession, expect_region: str) -> float:
+    t0 = time.perf_counter()
+    async with session.post("/events", json={"title": f"bench {uuid.uuid4().hex[:8]}"}) as r:
+        body = await r.read()
+    ms = (time.perf_counter() - t0) * 1000
+    if r.status != 201:
+        raise RuntimeError(f"POST /events: {r.status} {body[:300]!r}")
+    ran_in = json.loads(body)["region"]
+    if ran_in != expect_region:
+        raise RuntimeError(f"the write ran in {ran_in}, expected {expect_region}")
+    return ms
+
+
+async def write_series(
+    world: LabWorld,
+    replica_port: int,
+    n: int,
+    *,
+    expect_region: str = PRIMARY,
+    with_primary: bool = True,
+    warmup: int = 5,
+) -> dict:
+    """`n` writes in eu-west (on `replica_port`), each followed by the same write made directly
+    at the primary when `with_primary`; new connections across the link counted meanwhile."""
+    relay = world.relay_port(REPLICA, PRIMARY, "app")
+    async with client(port_of(world, PRIMARY)) as near_primary, client(replica_port) as near_eu:
+        await login(near_eu, f"eu-{uuid.uuid4().hex[:8]}")
+        if with_primary:
+            await login(near_primary, f"us-{uuid.uuid4().hex[:8]}")
+        for _ in range(warmup):
+            await timed_write(near_eu, expect_region)
+            if with_primary:
+                await timed_write(near_primary, PRIMARY)
+        eu, primary = [], []
+        before = relay_connections(world, relay)
+        for i in range(n):
+            eu.append(await timed_write(near_eu, expect_region))
+            if with_primary:
+                primary.append(await timed_write(near_primary, PRIMARY))
+            if (i + 1) % 20 == 0:
+                say(f"  {i + 1}/{n} writes, eu-west p50 so far {pct(eu, 50):.1f} ms")
+        opened = relay_connections(world, relay) - before
+    out = {"replica": summary(eu), "new_link_connections_per_write": round(opened / n, 2)}
+    if with_primary:
+        out["primary"] = summary(primary)
+    return out
+
+
+# ------------------------------------------------------------------------------ (1) (2) (3)
+
+
+def forwarded_writes(world: LabWorld, n: int) -> dict:
+    say(f"(1) {n} forwarded writes in {REPLICA}, interleaved with {n} writes at the primary")
+    pooled = asyncio.run(write_series(world, port_of(world, REPLICA), n))
+    primary_p50 = pooled["primary"]["p50_ms"]
+    ideal = CLIENT_RTT_MS + RTT_MS + primary_p50
+    pooled["ideal_ms"] = round(ideal, 2)
+    pooled["ratio_to_ideal"] = round(pooled["replica"]["p50_ms"] / ideal, 3)
+    pooled["overhead_ms"] = round(pooled["replica"]["p50_ms"] - ideal, 2)
+    pooled["target_ratio"] = TARGET_WRITE_RATIO
+    pooled["overhead_budget_ms"] = round((TARGET_WRITE_RATIO - 1) * ideal, 2)
+    pooled["met"] = pooled["ratio_to_ideal"] <= TARGET_WRITE_RATIO
+    say(
+        f"(1) forwarded p50 {pooled['replica']['p50_ms']:.1f} ms, ideal {ideal:.1f} ms "
+        f"-> {pooled['ratio_to_ideal']:.3f} x"
+    )
+    # The same with the ocean taken out: what forwarding itself costs, round trips aside.
+    say("(1) again with the link at 0 ms RTT: forwarding's own cost")
+    world.link("set", PRIMARY, REPLICA, rtt_ms=0)
+    try:
+        local = asyncio.run(write_series(world, port_of(world, REPLICA), n))
+    finally:
+        world.link("set", PRIMARY, REPLICA, rtt_ms=RTT_MS)
+    pooled["link_at_0_ms"] = {
+        "replica": local["replica"],
+        "primary": local["primary"],
+        "overhead_ms": round(local["replica"]["p50_ms"] - local["primary"]["p50_ms"], 2),
+    }
+    say(f"(1) at 0 ms RTT: forwarding adds {pooled['link_at_0_ms']['overhead_ms']:.1f} ms")
+    return pooled
+
+
+def unpooled_writes(world: LabWorld, n: int) -> dict:
+    say(f"(2) restarting {REPLICA} with --no-pool; {n} writes again")
+    start_calendar(world, REPLICA, pooling=False)
+    try:
+        out = asyncio.run(write_series(world, port_of(world, REPLICA), n))
+    finally:
+        say(f"(2) restarting {REPLICA} with its pool")
+        start_calendar(world, REPLICA, pooling=True)
+    ideal = CLIENT_RTT_MS + RTT_MS + out["primary"]["p50_ms"]
+    per_write = out["new_link_connections_per_write"]
+    out["ideal_ms"] = round(ideal, 2)
+    out["ratio_to_ideal"] = round(out["replica"]["p50_ms"] / ideal, 3)
+    out["with_tcp_handshake_ms"] = round(out["replica"]["p50_ms"] + per_write * RTT_MS, 1)
+    say(
+        f"(2) unpooled p50 {out['replica']['p50_ms']:.1f} ms, "
+        f"{per_write:.2f} new connections across the link per write"
+    )
+    return out
+
+
+def naive_writes(world: LabWorld, n: int) -> dict:
+    say(f"(3) the naive layout in {REPLICA}: {n} writes with every SQL statement over the link")
+    port = start_uvicorn(world, "naive", NAIVE)
+    try:
+        out = asyncio.run(
+            write_series(world, port, n, expect_region=REPLICA, with_primary=False, warmup=2)
+        )
+    finally:
+        world.kill(REPLICA, "naive")
+    out["round_trips_per_write"] = round(out["replica"]["p50_ms"] / RTT_MS, 1)
+    say(f"(3) naive p50 {out['replica']['p50_ms']:.0f} ms")
+    return out
+
+
+# ------------------------------------------------------------------------------------- (4)
+
+
+async def _prepare_read(world: LabWorld, bare_port: int) -> tuple[str, str]:
+    """A signed-in user in eu-west and an event that eu-west's replica already has."""
+    async with client(port_of(world, REPLICA)) as eu:
+        await login(eu, f"reader-{uuid.uuid4().hex[:8]}")
+        async with eu.post("/events", json={"title": "read me"}) as r:
+            event_id = (await r.json())["id"]
+        cookie = session_cookie(eu)
+    path = f"/events/{event_id}"
+    async with client(bare_port) as bare:
+        for _ in range(200):
+            async with bare.get(path) as r:
+                if r.status == 200:
+                    return path, cookie
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"event {event_id} never reached {REPLICA}'s replica")
+
+
+async def _sequential_reads(ports: dict[str, int], path: str, cookie: str, n: int) -> dict:
+    """Sequential GETs, one to each server in turn, so that both see the same moment of a
+    machine shared with other work; p50 of each, and the median of the paired differences."""
+    conns = {name: RawConnection(port) for name, port in ports.items()}
+    reqs = {name: build_request("GET", path, port, cookie=cookie) for name, port in ports.items()}
+    ms: dict[str, list[float]] = {name: [] for name in ports}
+    try:
+        for i in range(n + 100):  # the first 100 rounds warm up
+            for name, conn in conns.items():
+                t0 = time.perf_counter()
+                status, _ = await conn.request(reqs[name])
+                if i >= 100:
+                    ms[name].append((time.perf_counter() - t0) * 1000)
+                if status != 200:
+                    raise RuntimeError(f"GET {path} on {name}: {status}")
+    finally:
+        for conn in conns.values():
+            await conn.close()
+    out = {name: summary(v, 3) for name, v in ms.items()}
+    out["paired_difference_p50_ms"] = round(
+        pct([g - b for g, b in zip(ms["gateway"], ms["bare"], strict=True)], 50), 3
+    )
+    return out
+
+
+def local_reads(world: LabWorld, n: int, seconds: float) -> dict:
+    say(f"(4) local reads in {REPLICA}: gateway vs the bare calendar (plain uvicorn)")
+    bare_port = start_uvicorn(world, "bare", CALENDAR)
+    ports = {"gateway": port_of(world, REPLICA), "bare": bare_port}
+    pids = {
+        "gateway": service_pid(world, REPLICA, "app"),
+        "bare": service_pid(world, REPLICA, "bare"),
+    }
+    try:
+        path, cookie = asyncio.run(_prepare_read(world, bare_port))
+        say(f"(4) {n} sequential GET {path} on each, alternating")
+        latency = asyncio.run(_sequential_reads(ports, path, cookie, n))
+        overhead = latency["gateway"]["p50_ms"] - latency["bare"]["p50_ms"]
+        say(
+            f"(4) p50 gateway {latency['gateway']['p50_ms']:.3f} ms, bare "
+            f"{latency['bare']['p50_ms']:.3f} ms: overhead {overhead:.3f} ms"
+        )
+        runs: dict[str, list[dict]] = {"gateway": [], "bare": []}
+        # Adjacent pairs in alternating order: a neighbour's burst of work on a shared machine
+        # then lands on one pair, and the median of the pair ratios shrugs it off.
+        for name in READ_LOAD_ORDER:
+            req = build_request("GET", path, ports[name], cookie=cookie)
+            r = asyncio.run(
+                run_load(
+                    ports[name],
+                    lambda i, req=req: req,
+                    concurrency=CONCURRENCY,
+                    seconds=seconds,
+                    cpu_pids={"server": pids[name]},
+                )
+            )
+            runs[name].append(r)
+            say(f"(4) {name}: {r['rps']:.0f} req/s at concurrency {CONCURRENCY}")
+    finally:
+        world.kill(REPLICA, "bare")
+
+    def mean(name: str, key: str) -> float:
+        return round(sum(r[key] for r in runs[name]) / len(runs[name]), 3)
+
+    def cpu_ms(name: str) -> float:
+        total = sum(r["server_cpu_ms_per_request"] * r["requests"] for r in runs[name])
+        return total / sum(r["requests"] for r in runs[name])
+
+    throughput = {
+        name: {
+            "rps": round(mean(name, "rps")),
+            "p50_ms": mean(name, "p50_ms"),
+            "server_cpu_ms_per_request": round(cpu_ms(name), 3),
+            "server_cpu_percent": mean(name, "server_cpu_percent"),
+            "machine_cpu_percent": mean(name, "machine_cpu_percent"),
+            "runs": runs[name],
+        }
+        for name in runs
+    }
+    pair_ratios = [g["rps"] / b["rps"] for g, b in zip(runs["gateway"], runs["bare"], strict=True)]
+    ratio = pct(pair_ratios, 50)
+    return {
+        "path": "GET /events/{id}",
+        "sequential": latency,
+        "p50_overhead_ms": round(overhead, 3),
+        "target_overhead_ms": TARGET_READ_OVERHEAD_MS,
+        "overhead_met": overhead <= TARGET_READ_OVERHEAD_MS,
+        "throughput": throughput,
+        "concurrency": CONCURRENCY,
+        "throughput_pair_ratios": [round(x, 3) for x in pair_ratios],
+        "throughput_ratio": round(ratio, 3),
+        # What one core would carry, from CPU time per request: immune to neighbours' load.
+        "cpu_capacity_ratio": round(cpu_ms("bare") / cpu_ms("gateway"), 3),
+        "target_throughput_ratio": TARGET_READ_THROUGHPUT,
+        "throughput_met": ratio >= TARGET_READ_THROUGHPUT,
+    }
+
+
+# ------------------------------------------------------------------------------------- (5)
+
+
+async def _cookies(port: int, users: int) -> list[str]:
+    """Sign `users` users in through `port`; their session cookies."""
+    out = []
+    for _ in range(users):
+        async with client(port) as c:
+            await login(c, f"load-{uuid.uuid4().hex[:8]}")
+            out.append(session_cookie(c))
+    return out
+
+
+def write_load(port: int, cookies: list[str], seconds: float, cpu_pids: dict[str, int]) -> dict:
+    # One signed-in user per connection, so no two requests of one session are ever in flight
+    # together: the primary's gateway parks a forwarded session under the client's session id
+    # while the request runs, and concurrent requests of one session can lose it that way.
+    body = json.dumps({"title": "load"}).encode()
+    reqs = [build_request("POST", "/events", port, cookie=c, body=body) for c in cookies]
+    return asyncio.run(
+        run_load(
+            port,
+            lambda i: reqs[i],
+            concurrency=CONCURRENCY,
+            seconds=seconds,
+            warmup_s=1.5,
+            expect=(201,),
+            cpu_pids=cpu_pids,
+        )
+    )
+
+
+def find_nginx(install: bool) -> tuple[str | None, str]:
+    found = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+    if found:
+        return found, ""
+    if not install:
+        return None, "nginx is not installed; pass --install-nginx to apt-get install nginx-light"
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None, "nginx is not installed and apt-get cannot run here (needs root and apt)"
+    say("installing nginx-light from Debian's packages (apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "nginx-light"]):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            return None, f"`{' '.join(argv)}` failed: {done.stderr.strip()[-300:]}"
+    # A package may start a system nginx of its own; this benchmark starts its own only.
+    with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+        os.kill(int(Path("/run/nginx.pid").read_text()), signal.SIGQUIT)
+    found = shutil.which("nginx") or "/usr/sbin/nginx"
+    return (found, "") if os.access(found, os.X_OK) else (None, "nginx-light installed no nginx")
+
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+{user}
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream primary {{
+        server {upstream};
+        keepalive 32;
+    }}
+    server {{
+        listen {listen};
+        location / {{
+            proxy_pass http://primary;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_writes(world: LabWorld, nginx: str, seconds: float) -> dict:
+    prefix = world.state_dir / "nginx"
+    for sub in ("", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    os.chmod(prefix, 0o755)
+    port = free_port()
+    relay = world.relay_port(REPLICA, PRIMARY, "app")
+    (prefix / "nginx.conf").write_text(
+        NGINX_CONF.format(
+            prefix=prefix,
+            user="user root;" if os.geteuid() == 0 else "",
+            upstream=f"{HOST}:{relay}",
+            listen=f"{HOST}:{port}",
+        )
+    )
+    with open(prefix / "stderr.log", "wb") as stderr:
+        proc = subprocess.Popen(
+            [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        wait_http(f"http://{HOST}:{port}/_latitude/health", 15, "nginx", prefix / "error.log")
+        cookies = asyncio.run(_cookies(port, CONCURRENCY))
+        out = write_load(
+            port,
+            cookies,
+            seconds,
+            {
+                "proxy": proc.pid,
+                "primary": service_pid(world, PRIMARY, "app"),
+                "relays": int((world.state_dir / "supervisor.pid").read_text()),
+            },
+        )
+        version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip()
+        out["nginx_version"] = version.split("/")[-1]
+        return out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGQUIT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def write_throughput(world: LabWorld, seconds: float, nginx: str | None, why: str) -> dict:
+    pids = {
+        "proxy": service_pid(world, REPLICA, "app"),
+        "primary": service_pid(world, PRIMARY, "app"),
+        "relays": int((world.state_dir / "supervisor.pid").read_text()),
+    }
+    out: dict = {"concurrency": CONCURRENCY}
+    say(f"(5) the primary's own capacity: writes made directly at {PRIMARY}, no proxy")
+    port = port_of(world, PRIMARY)
+    cookies = asyncio.run(_cookies(port, CONCURRENCY))
+    out["primary_direct"] = write_load(port, cookies, seconds, {"primary": pids["primary"]})
+    say(f"(5) primary direct: {out['primary_direct']['rps']:.0f} writes/s")
+    say(f"(5) forwarded writes/s through {REPLICA}'s gateway (1 process)")
+    port = port_of(world, REPLICA)
+    cookies = asyncio.run(_cookies(port, CONCURRENCY))
+    out["latitude"] = write_load(port, cookies, seconds, pids)
+    say(f"(5) latitude gateway: {out['latitude']['rps']:.0f} writes/s")
+    if nginx is None:
+        out["nginx"] = {"skipped": why}
+        say(f"(5) nginx row skipped: {why}")
+    else:
+        say("(5) the same through nginx proxy_pass (keepalive 32) over the same link")
+        out["nginx"] = nginx_writes(world, nginx, seconds)
+        say(f"(5) nginx: {out['nginx']['rps']:.0f} writes/s")
+        out["ratio_latitude_vs_nginx"] = round(out["latitude"]["rps"] / out["nginx"]["rps"], 3)
+    return out
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", type=Path, help="Also write the figures as JSON.")
+    ap.add_argument(
+        "--requests", type=int, default=50, help="Sequential writes per series in (1)-(2)."
+    )
+    ap.add_argument(
+        "--naive-requests",
+        type=int,
+        default=None,
+        help="Writes for the naive layout (3); default: a third of --requests, at least 10.",
+    )
+    ap.add_argument("--reads", type=int, default=2000, help="Sequential reads per server in (4).")
+    ap.add_argument("--seconds", type=float, default=5.0, help="Each load run in (4) and (5).")
+    ap.add_argument(
+        "--install-nginx",
+        action="store_true",
+        help="If nginx is missing, apt-get install nginx-light (Debian; root).",
+    )
+    args = ap.parse_args()
+    if args.requests < 5 or args.reads < 100 or args.seconds <= 0:
+        ap.error("--requests >= 5, --reads >= 100 and --seconds > 0, please")
+    naive_n = args.naive_requests or max(10, args.requests // 3)
+    nginx, why = find_nginx(args.install_nginx)
+    started = time.monotonic()
+    results: dict = {
+        "rtt_ms": RTT_MS,
+        "client_rtt_ms": CLIENT_RTT_MS,
+        "regions": {PRIMARY: "primary", REPLICA: "replica"},
+        "primary_workers": PRIMARY_WORKERS,
+        "replica_workers": 1,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_at_start": round(os.getloadavg()[0], 2),
+        },
+    }
+    with throwaway_world("bench-gateway-", TOPOLOGY) as world:
+        say(f"starting the calendar in {PRIMARY} (creates the schema), then in {REPLICA}")
+        start_calendar(world, PRIMARY)
+        start_calendar(world, REPLICA)
+        phases = [
+            ("forwarded", lambda: forwarded_writes(world, args.requests)),
+            ("unpooled", lambda: unpooled_writes(world, args.requests)),
+            ("naive", lambda: naive_writes(world, naive_n)),
+            ("reads", lambda: local_reads(world, args.reads, args.seconds)),
+            ("write_throughput", lambda: write_throughput(world, args.seconds, nginx, why)),
+        ]
+        for name, phase in phases:
+            try:
+                results[name] = phase()
+            except Exception as exc:  # one phase failing must not cost the others' figures
+                say(f"{name}: failed: {exc!r}")
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    if "error" not in results["naive"] and "error" not in results["forwarded"]:
+        results["naive"]["ratio_to_forwarded"] = round(
+            results["naive"]["replica"]["p50_ms"] / results["forwarded"]["replica"]["p50_ms"], 2
+        )
+    results["machine"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def report(r: dict) -> None:
+    m = r["machine"]
+    print(
+        f"gateway benchmark: {PRIMARY} (primary, {r['primary_workers']} workers) + {REPLICA}, "
+        f"link {r['rtt_ms']:.0f} ms RTT, client RTT {r['client_rtt_ms']:.0f} ms (clients dial a "
+        f"region's port directly); {m['cpus']} CPUs, load average {m['load_average_at_start']}"
+        f" -> {m['load_average_at_end']}; {r['seconds']:.0f} s"
+    )
+    for name, show in (
+        ("forwarded", _report_forwarded),
+        ("unpooled", _report_unpooled),
+        ("naive", _report_naive),
+        ("reads", _report_reads),
+        ("write_throughput", _report_throughput),
+    ):
+        if "error" in r[name]:
+            print(f"({name}) FAILED: {r[name]['error']}")
+        else:
+            show(r)
+
+
+def _report_forwarded(r: dict) -> None:
+    f = r["forwarded"]
+    prim = f["primary"]["p50_ms"]
+    print(f"(1) write POST /events (8 SQL statements), p50 of {f['replica']['n']}")
+    print(f"    at the primary, direct (a client next to {PRIMARY})  {prim:8.1f} ms")
+    print(
+        f"    ideal = {r['client_rtt_ms']:.0f} + {r['rtt_ms']:.0f} + {prim:.1f}"
+        f"{'':25}{f['ideal_ms']:8.1f} ms"
+    )
+    print(
+        f"    {REPLICA}, forwarded over the warm pool             {f['replica']['p50_ms']:8.1f} ms"
+        f"  = {f['ratio_to_ideal']:.3f} x ideal; target <= {f['target_ratio']} "
+        f"{_verdict(f['met'])} (+{f['overhead_ms']:.1f} ms over the ideal, budget "
+        f"{f['overhead_budget_ms']:.1f} ms); p99 {f['replica']['p99_ms']:.1f} ms; "
+        f"{f['new_link_connections_per_write']:.2f} new link connections per write"
+    )
+    z = f["link_at_0_ms"]
+    print(
+        f"    same, link at 0 ms: {REPLICA} {z['replica']['p50_ms']:.1f} ms vs primary "
+        f"{z['primary']['p50_ms']:.1f} ms -> forwarding's own cost {z['overhead_ms']:.1f} ms"
+    )
+
+
+def _report_unpooled(r: dict) -> None:
+    u = r["unpooled"]
+    delta = ""
+    if "error" not in r["forwarded"]:
+        delta = (
+            f"; {u['replica']['p50_ms'] - r['forwarded']['replica']['p50_ms']:+.1f} ms vs pooled"
+        )
+    print(
+        f"(2) pooling off (--no-pool)                            {u['replica']['p50_ms']:8.1f} ms"
+        f"  = {u['ratio_to_ideal']:.3f} x ideal ({u['primary']['p50_ms']:.1f} ms at the primary "
+        f"meanwhile); {u['new_link_connections_per_write']:.2f} new link connections per write"
+        f"{delta}"
+    )
+    print(
+        f"    + 1 RTT TCP handshake per new connection           {u['with_tcp_handshake_ms']:8.1f} ms"
+        f"  (the lab's relay does not charge it; a real link does, and TLS 1-2 RTT more)"
+    )
+
+
+def _report_naive(r: dict) -> None:
+    n = r["naive"]
+    ratio = (
+        f"  = {n['ratio_to_forwarded']:.2f} x the forwarded write"
+        if "ratio_to_forwarded" in n
+        else ""
+    )
+    print(
+        f"(3) naive layout (app in {REPLICA}, its SQL over the link) {n['replica']['p50_ms']:8.1f} ms"
+        f"{ratio} (~{n['round_trips_per_write']:.0f} round trips per write; n={n['replica']['n']})"
+    )
+
+
+def _report_reads(r: dict) -> None:
+    rd = r["reads"]
+    g, b = rd["sequential"]["gateway"], rd["sequential"]["bare"]
+    tg, tb = rd["throughput"]["gateway"], rd["throughput"]["bare"]
+    print(f"(4) local read {rd['path']} in {REPLICA}, signed in, 1 server process each")
+    print(
+        f"    sequential p50: bare {b['p50_ms']:.3f} ms, gateway {g['p50_ms']:.3f} ms -> overhead "
+        f"{rd['p50_overhead_ms']:.3f} ms; target <= {rd['target_overhead_ms']} ms "
+        f"{_verdict(rd['overhead_met'])} (n={g['n']} each, alternating; median paired "
+        f"difference {rd['sequential']['paired_difference_p50_ms']:.3f} ms)"
+    )
+    pairs = ", ".join(f"{100 * x:.0f}" for x in rd["throughput_pair_ratios"])
+    print(
+        f"    throughput at concurrency {rd['concurrency']}: bare {tb['rps']} req/s, gateway "
+        f"{tg['rps']} req/s (means of {len(tb['runs'])} runs each) -> median of paired ratios "
+        f"{100 * rd['throughput_ratio']:.1f} % ({pairs}); target >= "
+        f"{100 * rd['target_throughput_ratio']:.0f} % {_verdict(rd['throughput_met'])}"
+    )
+    print(
+        f"    server CPU per read: bare {tb['server_cpu_ms_per_request']:.3f} ms, gateway "
+        f"{tg['server_cpu_ms_per_request']:.3f} ms -> one core carries "
+        f"{100 * rd['cpu_capacity_ratio']:.1f} % as many reads through the gateway; machine CPU "
+        f"{tb['machine_cpu_percent']:.0f} / {tg['machine_cpu_percent']:.0f} % busy"
+    )
+
+
+def _report_throughput(r: dict) -> None:
+    w = r["write_throughput"]
+    d, lat = w["primary_direct"], w["latitude"]
+    print(
+        f"(5) writes per second, concurrency {w['concurrency']}, one signed-in user per connection"
+    )
+    print(
+        f"    direct at the primary, no proxy (its ceiling)     {d['rps']:8.0f} writes/s  "
+        f"p50 {d['p50_ms']:6.1f} ms; primary {d['primary_cpu_ms_per_request']:.2f} CPU ms/write;"
+        f" machine CPU {d['machine_cpu_percent']:.0f} %"
+    )
+    rows = [("latitude gateway, 1 process (signed, session)", lat)]
+    ng = w["nginx"]
+    if "skipped" not in ng:
+        rows.append((f"nginx {ng['nginx_version']} proxy_pass, 1 worker, keepalive 32", ng))
+    for label, x in rows:
+        ceiling = 1000 / max(x["proxy_cpu_ms_per_request"], 1e-3)
+        print(
+            f"    {label:50}{x['rps']:8.0f} writes/s  p50 {x['p50_ms']:6.1f} ms; proxy "
+            f"{x['proxy_cpu_ms_per_request']:.2f} CPU ms/write ({x['proxy_cpu_percent']:.0f} % of a "
+            f"core; one core would carry ~{ceiling:,.0f}/s); primary "
+            f"{x['primary_cpu_ms_per_request']:.2f} CPU ms/write; relays "
+            f"{x['relays_cpu_ms_per_request']:.2f}; machine CPU {x['machine_cpu_percent']:.0f} %"
+        )
+    if "skipped" in ng:
+        print(f"    nginx: skipped: {ng['skipped']}")
+    else:
+        print(
+            f"    -> latitude = {w['ratio_latitude_vs_nginx']:.2f} x nginx (nginx forwards unsigned,"
+            " without sessions or idempotency: a floor, not a like-for-like)"
+        )
+
+
+if __name__ == "__main__":
+    main()
