@@ -167,7 +167,9 @@ class IdempotencyStore:
             max_size=max_size,
             timeout=timeout_s,
             kwargs={"autocommit": True},
-            check=AsyncConnectionPool.check_connection,
+            # No check on checkout: it would cost a round trip on every forwarded write (an
+            # ocean crossing on the fallback path). A broken connection fails one call with
+            # IdempotencyUnavailable and is discarded by the pool.
             open=False,
         )
         try:
@@ -205,6 +207,19 @@ class IdempotencyStore:
         self, key: str, request_hash: str, stale_after_s: float = DEFAULT_STALE_AFTER_S
     ) -> Claim:
         """Claim ``key`` for the request identified by ``request_hash`` (see the module doc)."""
+        return await self._retrying(lambda: self._begin_once(key, request_hash, stale_after_s))
+
+    async def _retrying(self, operation):
+        """Run ``operation`` again, once, if a pooled connection turned out to be broken (the
+        database restarted, a link was reset): the pool has discarded it by then."""
+        try:
+            return await operation()
+        except IdempotencyUnavailable as exc:
+            if not isinstance(exc.__cause__, psycopg.OperationalError):
+                raise
+            return await operation()
+
+    async def _begin_once(self, key: str, request_hash: str, stale_after_s: float) -> Claim:
         _check_key(key)
         if not request_hash or not isinstance(request_hash, str):
             raise ValueError("request_hash must be a non-empty string")
@@ -213,7 +228,9 @@ class IdempotencyStore:
         # The row can vanish between the insert and the select (abandoned or purged meanwhile):
         # then claim again. Three rounds are plenty; a fourth would mean a pathological loop.
         for _ in range(3):
-            async with self._transaction() as conn:
+            # Autocommit: every statement below is atomic on its own, and one round trip each
+            # matters here (this sits on every forwarded write's path).
+            async with self._connection() as conn:
                 cur = await conn.execute(
                     f"insert into {TABLE} (key, request_hash, state) values (%s, %s, 'running') "
                     "on conflict (key) do nothing returning created_at",
@@ -271,9 +288,40 @@ class IdempotencyStore:
         )
         params: list[Any] = [int(status), Jsonb(_headers_json(headers)), bytes(body), key]
         query, params = _with_claim(query, params, claim)
-        async with self._transaction() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(query + " returning key", params)
             return await cur.fetchone() is not None
+
+    async def complete_at_position(
+        self,
+        key: str,
+        status: int,
+        headers: Iterable[Sequence[str | bytes]],
+        body: bytes,
+        *,
+        claim: Claim | None = None,
+    ) -> tuple[bool, str | None]:
+        """:meth:`complete`, also returning the database's WAL position (``pg_current_wal_lsn``)
+        read in the same round trip: after the request's own commits, so a replica that has
+        replayed it shows everything the request wrote."""
+        _check_key(key)
+        query = (
+            f"update {TABLE} set state = 'completed', status = %s, headers = %s, body = %s, "
+            "completed_at = now() where key = %s and state = 'running'"
+        )
+        params: list[Any] = [int(status), Jsonb(_headers_json(headers)), bytes(body), key]
+        query, params = _with_claim(query, params, claim)
+        return await self._retrying(lambda: self._complete_at(query, params))
+
+    async def _complete_at(self, query: str, params: list[Any]) -> tuple[bool, str | None]:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                f"with done as ({query} returning key) "
+                "select (select count(*) from done), pg_current_wal_lsn()::text",
+                params,
+            )
+            stored, position = await cur.fetchone()
+            return stored > 0, position
 
     async def abandon(self, key: str, *, claim: Claim | None = None) -> bool:
         """Delete a running row (the app failed before any effect) so a retry may run it.
@@ -282,7 +330,7 @@ class IdempotencyStore:
         query, params = _with_claim(
             f"delete from {TABLE} where key = %s and state = 'running'", [key], claim
         )
-        async with self._transaction() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(query + " returning key", params)
             return await cur.fetchone() is not None
 
@@ -296,6 +344,17 @@ class IdempotencyStore:
                 (float(older_than_s),),
             )
             return cur.rowcount
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A pooled autocommit connection; database failures become `IdempotencyUnavailable`."""
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            raise IdempotencyUnavailable(
+                f"idempotency store: primary database unavailable ({type(exc).__name__}: {exc})"
+            ) from exc
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection]:

@@ -40,7 +40,7 @@ from latitude.gateway.messages import (
     strip_untrusted,
 )
 from latitude.gateway.positions import PositionTracker, request_route
-from latitude.idempotency import IdempotencyStore, Outcome
+from latitude.idempotency import IdempotencyStore, IdempotencyUnavailable, Outcome
 from latitude.sessions import (
     SessionCodec,
     SessionError,
@@ -69,6 +69,7 @@ POSITION = "latitude-position"
 IDEMPOTENCY = "latitude-idempotency"
 FALLBACK_TIMEOUT_S = 30.0
 PATH_CHECK_AFTER_S = 0.5
+PRIMARY_SESSION_COPY_TTL_S = 60
 # What a forwarded request's signature covers (when present), and must cover to be accepted.
 SIGNED_REQUEST_HEADERS = (
     "content-digest",
@@ -624,14 +625,18 @@ class RegionGateway:
             for k, v in captured.headers
             if k.decode("latin-1").lower() not in INTERNAL_RESPONSE_HEADERS
         ]
-        with contextlib.suppress(Exception):
-            await bounded(
-                store.complete(
+        position: list[tuple[bytes, bytes]] = []
+        try:
+            _, lsn = await bounded(
+                store.complete_at_position(
                     key, captured.status, [*out, (SESSION_LENGTH, "0")], bytes(captured.body)
                 ),
                 max(left(), 1.0),
             )
-        position = await self._fallback_position(scope, store, max(left(), 1.0))
+            # The writer's next read here waits for this write like any other.
+            position = self.positions.cookie_headers(scope, lsn)
+        except Exception as exc:
+            log.warning("could not store the outcome of %s (key %s): %r", scope["path"], key, exc)
         await send_response(
             send, captured.status, [*captured.headers, *position], bytes(captured.body)
         )
@@ -769,7 +774,13 @@ class RegionGateway:
             return
         sid = cookie_value(headers, cfg.session_cookie)
         request_hash = request_fingerprint(scope, body.prefix_digest(body.size - n), sid)
-        claim = await self.idempotency.begin(key, request_hash)
+        try:
+            claim = await self.idempotency.begin(key, request_hash)
+        except IdempotencyUnavailable as exc:
+            await self._signed_answer(
+                send, headers, 503, [(b"retry-after", b"1")], str(exc).encode(), b""
+            )
+            return
         if claim.outcome is Outcome.REPLAY:
             self.counters["replayed"] += 1
             await self._send_signed(
@@ -849,8 +860,13 @@ class RegionGateway:
         blob = b""
         if new_sid:
             session_after = await self.session_store.get(new_sid)
-            # The session lives in its own region; the primary keeps no copy.
-            await self.session_store.delete(new_sid)
+            # The session lives in its own region. The primary's copy is not deleted (another
+            # request of the same session may be running on it) but expires soon; each
+            # forwarded request brings the region's current session anyway.
+            if session_after:
+                await self.session_store.set(
+                    new_sid, session_after, ttl_s=PRIMARY_SESSION_COPY_TTL_S
+                )
             try:
                 blob = self.codec.pack(session_after) if session_after else b""
             except SessionTooLarge as exc:
@@ -864,17 +880,17 @@ class RegionGateway:
             for k, v in captured.headers
             if k.decode("latin-1").lower() not in INTERNAL_RESPONSE_HEADERS
         ]
-        position = await self.positions.primary_position()
-        if position:
-            out_headers.append((POSITION.encode(), position.encode()))
         envelope = bytes(captured.body) + blob
         out_headers.append((SESSION_LENGTH.encode(), str(len(blob)).encode()))
-        await self.idempotency.complete(
+        # One round trip stores the outcome and reads the WAL position the replica must reach.
+        _, position = await self.idempotency.complete_at_position(
             key,
             captured.status,
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in out_headers],
             envelope,
         )
+        if position:
+            out_headers.append((POSITION.encode(), position.encode()))
         self.counters["executed_forwarded"] += 1
         await self._send_signed(send, headers, captured.status, out_headers, envelope)
 

@@ -39,7 +39,6 @@ class PositionTracker:
         self.policy = consistency.ConsistencyPolicy.from_config(config.consistency)
         self.watcher: consistency.ReplayWatcher | None = None
         self.strong: consistency.StrongPositionSource | None = None
-        self._primary_pool = None
         self.counters = {
             "reads_local": 0,
             "reads_waited": 0,
@@ -50,13 +49,7 @@ class PositionTracker:
     async def start(self) -> None:
         region = self.config.region
         if self.config.is_primary:
-            from psycopg_pool import AsyncConnectionPool
-
-            self._primary_pool = AsyncConnectionPool(
-                region.database_url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=False
-            )
-            with contextlib.suppress(Exception):
-                await self._primary_pool.open(wait=True, timeout=5)
+            return  # at the primary every read is current
         elif region.database_url:
             self.watcher = consistency.ReplayWatcher(region.database_url)
             await self.watcher.start()
@@ -66,21 +59,10 @@ class PositionTracker:
                     await self.strong.open(wait=False)
 
     async def close(self) -> None:
-        for thing in (self.watcher, self.strong, self._primary_pool):
+        for thing in (self.watcher, self.strong):
             if thing is not None:
                 with contextlib.suppress(Exception):
                     await thing.close()
-
-    async def primary_position(self) -> str | None:
-        """The primary's WAL position now (after the app's commit), as text."""
-        if self._primary_pool is None:
-            return None
-        try:
-            async with self._primary_pool.connection(timeout=2) as conn:
-                return str(await consistency.primary_position_async(conn))
-        except Exception as exc:  # a missing position only costs a forwarded read later
-            log.warning("could not read the primary's WAL position: %s", exc)
-            return None
 
     async def replica_is_current(self, scope: Scope) -> bool:
         """True to serve this read from the local replica; False to forward it."""
