@@ -281,16 +281,8 @@ class IdempotencyStore:
     ) -> bool:
         """Store the response of a running request. Returns ``False`` (and stores nothing) if
         the row is no longer running, or, with ``claim``, no longer that claim's run."""
-        _check_key(key)
-        query = (
-            f"update {TABLE} set state = 'completed', status = %s, headers = %s, body = %s, "
-            "completed_at = now() where key = %s and state = 'running'"
-        )
-        params: list[Any] = [int(status), Jsonb(_headers_json(headers)), bytes(body), key]
-        query, params = _with_claim(query, params, claim)
-        async with self._connection() as conn:
-            cur = await conn.execute(query + " returning key", params)
-            return await cur.fetchone() is not None
+        stored, _ = await self.complete_at_position(key, status, headers, body, claim=claim)
+        return stored
 
     async def complete_at_position(
         self,
