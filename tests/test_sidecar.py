@@ -3,10 +3,7 @@ sessions moved between regions' Valkeys under PHP's own key template."""
 
 from __future__ import annotations
 
-import socket
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -15,31 +12,14 @@ import psycopg
 import pytest
 import redis
 
-PRIMARY, EU = "us-west", "eu-west"
+from tests.extra_slots import EU, PRIMARY, free_port, topology_with_primary_at, wait_up
+
 HERE = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(port: int, path: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing answers on port {port}")
 
 
 @pytest.fixture(scope="module")
 def sidecars(world, tmp_path_factory):
     """An upstream app and a sidecar gateway in us-west and eu-west (extra lab slots)."""
-    state = world.state()
     folder = tmp_path_factory.mktemp("sidecar")
     upstream = {r: free_port() for r in (PRIMARY, EU)}
     gateway = {r: free_port() for r in (PRIMARY, EU)}
@@ -47,25 +27,19 @@ def sidecars(world, tmp_path_factory):
         EU, PRIMARY, gateway[PRIMARY]
     )  # eu-west reaches us-west's sidecar across the ocean
     seen_as = {PRIMARY: gateway[PRIMARY], EU: relay}
+    php = '\n[gateway]\nsession_cookie = "PHPSESSID"\nsession_key_template = "PHPREDIS_SESSION:{sid}"\n'
     for region in (PRIMARY, EU):
-        text = Path(state["regions"][region]["topology_file"]).read_text()
-        # In this region's view, the primary's gateway is the sidecar (through the link from eu-west).
-        old = (
-            state["regions"][PRIMARY]["app_port"]
-            if region == PRIMARY
-            else state["regions"][PRIMARY]["relays"][EU]["app"]
-        )
-        text = text.replace(f'http://127.0.0.1:{old}"', f'http://127.0.0.1:{seen_as[region]}"')
-        text += '\n[gateway]\nsession_cookie = "PHPSESSID"\nsession_key_template = "PHPREDIS_SESSION:{sid}"\n'
         topology = folder / f"{region}.toml"
-        topology.write_text(text)
+        topology.write_text(
+            topology_with_primary_at(world, region, f"http://127.0.0.1:{seen_as[region]}", php)
+        )
         world.set_service(
             region,
             "php",
             [sys.executable, str(HERE / "sidecar_upstream.py"), str(upstream[region])],
             env={"LATITUDE_TOPOLOGY": str(topology)},
         )
-        wait_up(upstream[region], "/whoami")
+        wait_up(f"http://127.0.0.1:{upstream[region]}/whoami")
         world.set_service(
             region,
             "sidecar",
@@ -84,7 +58,7 @@ def sidecars(world, tmp_path_factory):
                 str(gateway[region]),
             ],
         )
-        wait_up(gateway[region], "/_latitude/health")
+        wait_up(f"http://127.0.0.1:{gateway[region]}/_latitude/health")
     yield gateway
     for region in (PRIMARY, EU):
         for service in ("sidecar", "php"):

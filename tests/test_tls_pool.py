@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import sys
 import uuid
-from pathlib import Path
 
 import aiohttp
 import pytest
 import trustme
 
 from latitude.lab.demo import CALENDAR_APP, REPO
-from tests.test_sidecar import free_port, wait_up
-
-PRIMARY, EU = "us-west", "eu-west"
+from tests.extra_slots import EU, PRIMARY, free_port, topology_with_primary_at, wait_up
 
 
 def relay_connections(world, port: int) -> int:
@@ -30,7 +27,6 @@ def tls_pair(calendar, tmp_path_factory):
     """A TLS primary gateway (us-west) and two eu-west gateways reaching it across the link:
     one pooled, one with --no-pool."""
     world = calendar
-    state = world.state()
     folder = tmp_path_factory.mktemp("tls")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
@@ -47,13 +43,7 @@ def tls_pair(calendar, tmp_path_factory):
         EU: f'\n[gateway]\nca_file = "{ca_file}"\n',
     }
     for region, seen in ((PRIMARY, primary_port), (EU, relay)):
-        text = Path(state["regions"][region]["topology_file"]).read_text()
-        old = (
-            state["regions"][PRIMARY]["app_port"]
-            if region == PRIMARY
-            else state["regions"][PRIMARY]["relays"][EU]["app"]
-        )
-        text = text.replace(f'"http://127.0.0.1:{old}"', f'"https://127.0.0.1:{seen}"') + tls[region]
+        text = topology_with_primary_at(world, region, f"https://127.0.0.1:{seen}", tls[region])
         (folder / f"{region}.toml").write_text(text)
 
     def serve(region: str, service: str, port: int, *extra: str) -> None:
@@ -79,31 +69,14 @@ def tls_pair(calendar, tmp_path_factory):
         )
 
     serve(PRIMARY, "app-tls", primary_port)
-    wait_up_tls(primary_port, ca_file)
+    wait_up(f"https://127.0.0.1:{primary_port}/_latitude/health", ca_file=ca_file)
     serve(EU, "app-pooled", ports["pooled"])
     serve(EU, "app-unpooled", ports["unpooled"], "--no-pool")
     for port in ports.values():
-        wait_up(port, "/_latitude/health")
+        wait_up(f"http://127.0.0.1:{port}/_latitude/health")
     yield {"relay": relay, **ports}
     for region, service in ((PRIMARY, "app-tls"), (EU, "app-pooled"), (EU, "app-unpooled")):
         world.kill(region, service)
-
-
-def wait_up_tls(port: int, ca_file: Path) -> None:
-    import ssl
-    import time
-    import urllib.request
-
-    context = ssl.create_default_context(cafile=str(ca_file))
-    for _ in range(200):
-        try:
-            with urllib.request.urlopen(
-                f"https://127.0.0.1:{port}/_latitude/health", context=context, timeout=2
-            ):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("the TLS primary did not come up")
 
 
 async def post_events(port: int, n: int) -> None:

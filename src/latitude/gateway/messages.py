@@ -3,6 +3,7 @@ captured responses, and the error pages it answers with."""
 
 from __future__ import annotations
 
+import asyncio
 import html
 import ipaddress
 import json
@@ -149,23 +150,33 @@ class SpooledBody:
         self.file.seek(self.size - n)
         return self.file.read(n)
 
-    def receive_from(self, limit: int) -> Receive:
-        """An ASGI `receive` that replays the first `limit` bytes of the body to an app."""
+    def replay(self, limit: int, send: Send) -> tuple[Receive, Send]:
+        """An ASGI `receive` that gives an app the first `limit` bytes of the body, and the
+        `send` to pass it with. After the body, `receive` blocks until the response is complete
+        and then says `http.disconnect`, as a server does: an app that listens for a disconnect
+        while it works (Django does) must not hear one early."""
         chunks = self.chunks(limit=limit)
-        done = False
+        body_done = False
+        response_done = asyncio.Event()
 
         async def receive() -> dict:
-            nonlocal done
-            if done:
+            nonlocal body_done
+            if body_done:
+                await response_done.wait()
                 return {"type": "http.disconnect"}
             try:
                 chunk = await chunks.__anext__()
             except StopAsyncIteration:
-                done = True
+                body_done = True
                 return {"type": "http.request", "body": b"", "more_body": False}
             return {"type": "http.request", "body": chunk, "more_body": True}
 
-        return receive
+        async def watched_send(message: dict) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                response_done.set()
+
+        return receive, watched_send
 
     def close(self) -> None:
         self.file.close()

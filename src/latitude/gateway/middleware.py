@@ -389,7 +389,7 @@ class RegionGateway:
                     if scope["method"] in SAFE_METHODS:
                         self.counters["read_served_stale"] += 1
                         await self._run_here(
-                            scope, body.receive_from(body.size), send, consistency.REPLICA
+                            scope, *body.replay(body.size, send), consistency.REPLICA
                         )
                         return
                     break
@@ -608,7 +608,7 @@ class RegionGateway:
         )
         try:
             with route:
-                run = self.app(self._edge_scope(scope), body.receive_from(body.size), captured.send)
+                run = self.app(self._edge_scope(scope), *body.replay(body.size, captured.send))
                 # SQL over the ocean is slow but completes; the bound only stops a stalled link
                 # from hanging the request forever.
                 await bounded(run, FALLBACK_TIMEOUT_S)
@@ -660,7 +660,7 @@ class RegionGateway:
                 exc,
             )
             self.counters["read_served_stale"] += 1
-        await self._run_here(scope, body.receive_from(body.size), send, route)
+        await self._run_here(scope, *body.replay(body.size, send), route)
 
     async def _fallback_position(self, scope: Scope, store: IdempotencyStore, timeout_s: float):
         """The position cookie for a write made here: the primary's WAL position, read over the
@@ -848,7 +848,7 @@ class RegionGateway:
             with request_route(
                 consistency.PRIMARY, scope["method"], scope["path"], cfg.region.name
             ):
-                await self.app(app_scope, body.receive_from(body.size - n), captured.send)
+                await self.app(app_scope, *body.replay(body.size - n, captured.send))
         except Exception:
             log.exception("the app failed on a forwarded %s %s", scope["method"], scope["path"])
             await self.idempotency.abandon(key)
