@@ -77,7 +77,7 @@ async def test_sidecar_forwards_writes_and_moves_php_sessions(world, sidecars):
         key = f"PHPREDIS_SESSION:{sid}"
         # The session the primary's app created now lives in eu-west's Valkey, under PHP's key.
         assert valkeys[EU].get(key) == b'user|s:5:"alice";'
-        assert valkeys[PRIMARY].get(key) is None
+        assert 0 < valkeys[PRIMARY].ttl(key) <= 60  # the primary keeps only a short-lived copy
         text = f"note {uuid.uuid4()}"
         async with c.post(
             "/notes", data={"text": text}, headers={"X-Forwarded-For": "6.6.6.6"}
