@@ -209,15 +209,26 @@ class IdempotencyStore:
         """Claim ``key`` for the request identified by ``request_hash`` (see the module doc)."""
         return await self._retrying(lambda: self._begin_once(key, request_hash, stale_after_s))
 
+    async def ping(self) -> None:
+        """One round trip to the database (through a healthy pooled connection)."""
+
+        async def once() -> None:
+            async with self._connection() as conn:
+                await conn.execute("select 1")
+
+        await self._retrying(once)
+
     async def _retrying(self, operation):
-        """Run ``operation`` again, once, if a pooled connection turned out to be broken (the
-        database restarted, a link was reset): the pool has discarded it by then."""
-        try:
-            return await operation()
-        except IdempotencyUnavailable as exc:
-            if not isinstance(exc.__cause__, psycopg.OperationalError):
-                raise
-            return await operation()
+        """Run ``operation`` again if a pooled connection turned out to be broken (the database
+        restarted, a link was reset): the pool discards each broken one, so after at most as
+        many tries as the pool holds connections, a fresh one is used."""
+        for _ in range(self._pool.max_size):
+            try:
+                return await operation()
+            except IdempotencyUnavailable as exc:
+                if not isinstance(exc.__cause__, psycopg.OperationalError):
+                    raise
+        return await operation()
 
     async def _begin_once(self, key: str, request_hash: str, stale_after_s: float) -> Claim:
         _check_key(key)

@@ -650,8 +650,7 @@ class RegionGateway:
         route = consistency.REPLICA
         try:
             store = await bounded(self._primary_idempotency(timeout_s), timeout_s)
-            async with store.pool.connection(timeout=timeout_s) as conn:
-                await bounded(conn.execute("select 1"), timeout_s)
+            await bounded(store.ping(), timeout_s)
             route = consistency.PRIMARY
         except Exception as exc:
             log.warning(
