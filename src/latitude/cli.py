@@ -231,6 +231,13 @@ NoPoolOption = Annotated[
 ]
 
 
+def check_region(topology, region: str) -> None:
+    try:
+        topology.region(region)
+    except KeyError as exc:
+        fail(f"{exc.args[0]}; pass one of them as --region", 2)
+
+
 @app.command()
 def serve(
     app_path: Annotated[
@@ -254,7 +261,7 @@ def serve(
         os.environ["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(app_dir.absolute()), os.environ.get("PYTHONPATH")])
         )
-    load_topology(topology)
+    check_region(load_topology(topology), region)
     try:
         serving.run(
             region=region,
@@ -284,7 +291,7 @@ def gateway_command(
 
     if not upstream.startswith(("http://", "https://")):
         fail(f"--upstream {upstream!r} must be an http:// or https:// URL", 2)
-    load_topology(topology)
+    check_region(load_topology(topology), region)
     serving.run(
         region=region,
         topology=str(topology),
