@@ -236,6 +236,10 @@ class _Connection:
         self._live_threads = 0
         self._sockets_closed = False
         self.up = _Direction(self, "to_target")
+        # The client's connect() returned at once here, but across a real link it returns after
+        # the SYN / SYN-ACK round trip, and its first bytes arrive half a round trip later: a
+        # new connection costs one RTT more than a warm one, as it does over an ocean.
+        self.up.last_deadline = self.accepted_at + 3 * relay._one_way_delay()
         self.down = _Direction(self, "to_client")
         self.up.src = client
         self.down.dst = client
@@ -377,7 +381,9 @@ class LinkRelay:
 
     Listens on ``listen_host`` (``port`` 0 picks a free port; see :attr:`port`) and relays
     each connection to ``(target_host, target_port)`` with half of ``rtt_ms`` (plus up to
-    ``jitter_ms`` of uniformly random extra) of delay each way. Every method is thread-safe.
+    ``jitter_ms`` of uniformly random extra) of delay each way. A new connection's first bytes
+    also pay the TCP handshake (one RTT more), as across a real link. Every method is
+    thread-safe.
     """
 
     def __init__(
