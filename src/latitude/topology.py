@@ -68,6 +68,7 @@ TABLE_KEYS: dict[str, set[str]] = {
         "tls_cert",
         "tls_key",
         "workers",
+        "trusted_proxies",
     },
     "mirror": {"root", "indexes", "retention_s", "max_lag_s", "poll_timeout_s", "paths"},
     "routing": {

@@ -29,6 +29,7 @@ class GatewayConfig:
     session_key_template: str = "latitude:session:{sid}"
     consistency: object = "session"
     ca_file: str | None = None
+    trusted_proxies: tuple = ()
     local_routes: tuple[str, ...] = ()
     always_forward_routes: tuple[str, ...] = ()
     overrides: Mapping[str, object] = field(default_factory=dict)
@@ -99,6 +100,7 @@ class GatewayConfig:
             session_key_template=get("session_key_template", "latitude:session:{sid}", str),
             consistency=g.get("consistency", "session"),
             ca_file=get("ca_file", environ.get("LATITUDE_CA_FILE"), str),
+            trusted_proxies=_networks(g.get("trusted_proxies", [])),
             local_routes=topology.routes.local,
             always_forward_routes=topology.routes.always_forward,
         )
@@ -117,3 +119,16 @@ class GatewayConfig:
         except TopologyError:
             raise
         return cls.from_topology(topology, region, **overrides)
+
+
+def _networks(value: object) -> tuple:
+    import ipaddress
+
+    if not isinstance(value, list):
+        raise GatewayConfigError('[gateway] trusted_proxies must be a list like ["10.0.0.0/8"]')
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise GatewayConfigError(
+            f'[gateway] trusted_proxies: {exc}; write CIDRs like "10.0.0.0/8"'
+        ) from None

@@ -57,6 +57,32 @@ def strip_untrusted(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
     return out
 
 
+def client_address(
+    peer: str | None, x_forwarded_for: str | None, trusted: tuple[ipaddress._BaseNetwork, ...]
+) -> str | None:
+    """The client's address: the TCP peer, unless the peer is a trusted proxy (a load balancer
+    in front of the gateway), in which case the rightmost `X-Forwarded-For` entry that is not
+    itself a trusted proxy. Anything malformed falls back to the peer: the header only ever
+    counts when a trusted proxy wrote it."""
+
+    def is_trusted(ip: str | None) -> bool:
+        try:
+            return ip is not None and any(ipaddress.ip_address(ip) in net for net in trusted)
+        except ValueError:
+            return False
+
+    if not trusted or not is_trusted(peer) or not x_forwarded_for:
+        return peer
+    for entry in reversed([e.strip() for e in x_forwarded_for.split(",")]):
+        try:
+            ipaddress.ip_address(entry)
+        except ValueError:
+            return peer
+        if not is_trusted(entry):
+            return entry
+    return peer
+
+
 def _forwarded_node(ip: str) -> str:
     try:
         if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address):

@@ -30,6 +30,7 @@ from latitude.gateway.messages import (
     Send,
     SpooledBody,
     build_forwarded,
+    client_address,
     cookie_value,
     header,
     parse_forwarded,
@@ -256,6 +257,14 @@ class RegionGateway:
             return
         if not self._started:
             await self.startup()
+        if self.config.trusted_proxies:
+            # Behind a trusted load balancer the client is who it says it saw, not the balancer.
+            peer = (scope.get("client") or (None, 0))[0]
+            ip = client_address(
+                peer, header(scope["headers"], b"x-forwarded-for"), self.config.trusted_proxies
+            )
+            if ip != peer:
+                scope = {**scope, "client": (ip, 0)}
         headers = scope["headers"]
         decision = classify(
             scope["method"],
