@@ -373,3 +373,20 @@ async def test_forwarded_read_of_a_signed_in_user_is_verified(calendar):
                     assert (await r.json())["title"] == "read me"
             finally:
                 replica.execute("select pg_wal_replay_resume()")
+
+
+async def test_a_large_upload_is_forwarded_intact(calendar):
+    """5 MiB, streamed in chunks: spooled to disk past 1 MiB at each gateway, never corrupted."""
+    import hashlib
+    import os
+
+    payload = os.urandom(5 * 1024 * 1024)
+
+    async def chunks():
+        for i in range(0, len(payload), 64 * 1024):
+            yield payload[i : i + 64 * 1024]
+
+    async with client(calendar, EU) as c, c.post("/attachments", data=chunks()) as r:
+        assert r.status == 201, await r.text()
+        body = await r.json()
+    assert body == {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(), "region": PRIMARY}

@@ -10,6 +10,7 @@ Run it behind the gateway: `latitude serve --region eu-west examples.calendar.ap
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from datetime import UTC, datetime
 
@@ -289,6 +290,17 @@ async def save_notes(request: Request) -> Response:
     return JSONResponse({"notes_bytes": len(request.session["notes"])})
 
 
+async def upload(request: Request) -> Response:
+    """An attachment upload: answers with what arrived (its size and sha256), streamed."""
+    digest, size = hashlib.sha256(), 0
+    async for chunk in request.stream():
+        digest.update(chunk)
+        size += len(chunk)
+    return JSONResponse(
+        {"bytes": size, "sha256": digest.hexdigest(), "region": region_name}, status_code=201
+    )
+
+
 async def auth_callback(request: Request) -> Response:
     """A GET that writes (an OAuth-style callback): listed `always_forward` in the topology."""
     async with engines.engine().begin() as db:
@@ -332,6 +344,7 @@ app = SessionMiddleware(
             Route("/events/{id:int}", edit_event, methods=["PUT", "PATCH", "POST"]),
             Route("/events/{id:int}", delete_event, methods=["DELETE"]),
             Route("/notes", save_notes, methods=["POST"]),
+            Route("/attachments", upload, methods=["POST"]),
             Route("/auth/callback", auth_callback),
         ],
         lifespan=lifespan,
