@@ -35,6 +35,33 @@ REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 
 
+def two_region_topology(
+    app_name: str, rtt_ms: float, primary: str = "us-west", replica: str = "eu-west"
+) -> str:
+    """A lab topology: `primary` and `replica`, one link of `rtt_ms` between them."""
+    return f"""
+[app]
+name = "{app_name}"
+
+[lab]
+
+[[regions]]
+name = "{primary}"
+primary = true
+location = [45.60, -121.18]
+
+[[regions]]
+name = "{replica}"
+location = [53.35, -6.26]
+
+[signing]
+keys = [{{ id = "lab-1", env = "LATITUDE_LAB_KEY" }}]
+
+[links]
+default_rtt_ms = {rtt_ms}
+"""
+
+
 def say(msg: str) -> None:
     print(f"... {msg}", file=sys.stderr, flush=True)
 

@@ -35,13 +35,13 @@ import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import aiohttp
+from _lab import pct, say, summary, two_region_topology
 
 from latitude.lab import LabWorld
 from latitude.lab.demo import start_calendar
@@ -52,46 +52,7 @@ PIN_WINDOWS = {"Rails DatabaseSelector": 2.0, "fly-ruby": 5.0, "django-multidb-r
 TARGET_RATIO = 1.1
 BUDGET_S = 150.0  # the measuring loop stops early rather than pass three minutes in all
 POS = "latitude_pos"
-TOPOLOGY = f"""
-[app]
-name = "calendar"
-
-[lab]
-
-[[regions]]
-name = "{PRIMARY}"
-primary = true
-location = [45.60, -121.18]
-
-[[regions]]
-name = "{REPLICA}"
-location = [53.35, -6.26]
-
-[signing]
-keys = [{{ id = "lab-1", env = "LATITUDE_LAB_KEY" }}]
-
-[links]
-default_rtt_ms = {RTT_MS}
-"""
-
-
-def say(msg: str) -> None:
-    print(f"... {msg}", file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))]
-
-
-def summary(ms: list[float]) -> dict:
-    return {
-        "n": len(ms),
-        "p50_ms": round(pct(ms, 50), 2),
-        "p90_ms": round(pct(ms, 90), 2),
-        "p99_ms": round(pct(ms, 99), 2),
-        "mean_ms": round(statistics.fmean(ms), 2),
-    }
+TOPOLOGY = two_region_topology("calendar", RTT_MS, PRIMARY, REPLICA)
 
 
 class Failure(Exception):

@@ -69,6 +69,7 @@ from _lab import (
     service_pid,
     summary,
     throwaway_world,
+    two_region_topology,
     uvicorn_argv,
     wait_http,
 )
@@ -86,27 +87,7 @@ TARGET_READ_THROUGHPUT = 0.80
 READ_LOAD_ORDER = ("bare", "gateway", "gateway", "bare", "bare", "gateway")
 CALENDAR = "examples.calendar.app:app"
 NAIVE = "benchmarks._naive_app:app"
-TOPOLOGY = f"""
-[app]
-name = "bench-gateway"
-
-[lab]
-
-[[regions]]
-name = "{PRIMARY}"
-primary = true
-location = [45.60, -121.18]
-
-[[regions]]
-name = "{REPLICA}"
-location = [53.35, -6.26]
-
-[signing]
-keys = [{{ id = "lab-1", env = "LATITUDE_LAB_KEY" }}]
-
-[links]
-default_rtt_ms = {RTT_MS}
-"""
+TOPOLOGY = two_region_topology("bench-gateway", RTT_MS, PRIMARY, REPLICA)
 
 
 def port_of(world: LabWorld, region: str) -> int:

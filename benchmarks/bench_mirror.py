@@ -44,6 +44,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from _lab import pct, say
+
 from latitude.lab import LabWorld
 from latitude.mirror import ContentRoot, Item, Publisher
 from latitude.mirror.cli import lab_mirror_root, start_lab_mirrors, wait_lab_mirrors_ready
@@ -77,15 +79,6 @@ keys = [{{ id = "lab-1", env = "LATITUDE_LAB_KEY" }}]
 default_rtt_ms = {RTT_MS}
 """
 SYNC = [sys.executable, "-m", "latitude.cli", "mirror", "sync"]
-
-
-def say(msg: str) -> None:
-    print(f"... {msg}", file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))]
 
 
 def summary(ms: list[float]) -> dict:

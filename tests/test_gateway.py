@@ -14,7 +14,6 @@ import psycopg
 import pytest
 import redis
 
-from latitude.sessions import SessionCodec
 from latitude.signing import Keyring, SigningKey, content_digest, sign_request
 from tests.conftest import start_calendar, wait_healthy
 
@@ -255,7 +254,9 @@ async def test_link_cut_reads_work_writes_get_503_fast(healed, calendar):
         async with c.post("/events", json={"title": title}, headers={"Accept": "text/html"}) as r:
             assert r.status == 503 and "<h1>Read-only for now</h1>" in await r.text()
         world.link("heal", PRIMARY, EU)
-    assert count_events(world, title) == 0 or count_events(world, title) == 1  # never twice
+    # Held by the cut link, the first attempt may still reach the primary after the heal and
+    # run there; the 503 ran nothing here. Either way: never twice.
+    assert count_events(world, title) <= 1
 
 
 async def test_answer_lost_after_commit_retry_returns_stored_response(healed, calendar):
@@ -326,7 +327,6 @@ async def test_64k_session_travels_both_ways_and_oversize_is_refused(calendar):
             detail = (await r.json())["detail"]
             assert "session_limit_bytes" in detail
         assert valkey(world, EU).get(f"latitude:session:{sid}") == huge
-        assert len(SessionCodec().pack(notes.encode())) > 0
 
 
 async def test_always_forward_get_runs_at_primary(calendar):
@@ -389,4 +389,8 @@ async def test_a_large_upload_is_forwarded_intact(calendar):
     async with client(calendar, EU) as c, c.post("/attachments", data=chunks()) as r:
         assert r.status == 201, await r.text()
         body = await r.json()
-    assert body == {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(), "region": PRIMARY}
+    assert body == {
+        "bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "region": PRIMARY,
+    }

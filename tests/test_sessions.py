@@ -4,10 +4,8 @@ behind a real uvicorn on a real socket."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
-import signal
 import socket
 import time
 import zlib
@@ -44,11 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if pytest dies, so the server never outlives the run."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @pytest.fixture(scope="module")

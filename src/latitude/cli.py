@@ -18,7 +18,7 @@ from latitude.gateway.config import GatewayConfigError
 from latitude.lab import LabError, LabWorld
 from latitude.mirror.cli import mirror_app
 from latitude.routing.cli import dns_command, health_command, routing_app
-from latitude.topology import TopologyError, default_lab_topology_path, load_topology
+from latitude.topology import TopologyError, load_topology
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Run one web application in several regions."
@@ -411,4 +411,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["app", "main", "default_lab_topology_path"]
+__all__ = ["app", "main"]

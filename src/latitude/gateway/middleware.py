@@ -298,9 +298,7 @@ class RegionGateway:
 
     async def _run_here(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
         with request_route(route, scope["method"], scope["path"], self.config.region.name):
-            await self.app(
-                self._edge_scope(scope), receive, self.positions.stamping(scope, send, route)
-            )
+            await self.app(self._edge_scope(scope), receive, send)
 
     async def _own_endpoint(self, scope: Scope, send: Send) -> None:
         path = scope["path"]
@@ -772,12 +770,7 @@ class RegionGateway:
                 raise ValueError
         except ValueError:
             await self._signed_answer(
-                send,
-                headers,
-                400,
-                [(b"content-type", b"text/plain")],
-                b"bad forwarding envelope",
-                b"",
+                send, headers, 400, [(b"content-type", b"text/plain")], b"bad forwarding envelope"
             )
             return
         sid = cookie_value(headers, cfg.session_cookie)
@@ -786,7 +779,7 @@ class RegionGateway:
             claim = await self.idempotency.begin(key, request_hash)
         except IdempotencyUnavailable as exc:
             await self._signed_answer(
-                send, headers, 503, [(b"retry-after", b"1")], str(exc).encode(), b""
+                send, headers, 503, [(b"retry-after", b"1")], str(exc).encode()
             )
             return
         if claim.outcome is Outcome.REPLAY:
@@ -806,7 +799,6 @@ class RegionGateway:
                 409,
                 [(IDEMPOTENCY.encode(), b"in-progress")],
                 b"a request with this Idempotency-Key is running",
-                b"",
             )
             return
         if claim.outcome is Outcome.MISMATCH:
@@ -816,7 +808,6 @@ class RegionGateway:
                 422,
                 [(IDEMPOTENCY.encode(), b"mismatch")],
                 b"this Idempotency-Key was used for a different request",
-                b"",
             )
             return
         sid = cookie_value(headers, cfg.session_cookie)
@@ -830,7 +821,7 @@ class RegionGateway:
         except SessionError as exc:
             await self.idempotency.abandon(key)
             await self._signed_answer(
-                send, headers, 413, [(b"content-type", b"text/plain")], str(exc).encode(), b""
+                send, headers, 413, [(b"content-type", b"text/plain")], str(exc).encode()
             )
             return
         forwarded = parse_forwarded(header(headers, b"forwarded") or "")
@@ -861,7 +852,7 @@ class RegionGateway:
             log.exception("the app failed on a forwarded %s %s", scope["method"], scope["path"])
             await self.idempotency.abandon(key)
             await self._signed_answer(
-                send, headers, 500, [(b"content-type", b"text/plain")], b"internal error", b""
+                send, headers, 500, [(b"content-type", b"text/plain")], b"internal error"
             )
             return
         new_sid = set_cookie_value(captured.headers, cfg.session_cookie) or sid
@@ -880,7 +871,7 @@ class RegionGateway:
             except SessionTooLarge as exc:
                 await self.idempotency.abandon(key)
                 await self._signed_answer(
-                    send, headers, 500, [(b"content-type", b"text/plain")], str(exc).encode(), b""
+                    send, headers, 500, [(b"content-type", b"text/plain")], str(exc).encode()
                 )
                 return
         out_headers = [
@@ -902,11 +893,10 @@ class RegionGateway:
         self.counters["executed_forwarded"] += 1
         await self._send_signed(send, headers, captured.status, out_headers, envelope)
 
-    async def _signed_answer(
-        self, send, request_headers, status, headers, body: bytes, blob: bytes
-    ) -> None:
-        headers = [*headers, (SESSION_LENGTH.encode(), str(len(blob)).encode())]
-        await self._send_signed(send, request_headers, status, headers, body + blob)
+    async def _signed_answer(self, send, request_headers, status, headers, body: bytes) -> None:
+        """A signed answer of the gateway's own (a refusal or an error): it carries no session."""
+        headers = [*headers, (SESSION_LENGTH.encode(), b"0")]
+        await self._send_signed(send, request_headers, status, headers, body)
 
     async def _send_signed(
         self, send, request_headers, status: int, headers, envelope: bytes

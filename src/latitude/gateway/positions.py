@@ -11,7 +11,7 @@ import time
 from latitude import consistency
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.deadlines import bounded
-from latitude.gateway.messages import Scope, Send, cookie_value
+from latitude.gateway.messages import Scope, cookie_value
 
 log = logging.getLogger("latitude.gateway")
 
@@ -112,10 +112,6 @@ class PositionTracker:
         return [
             (b"set-cookie", self.cookie.set_cookie_header(value, secure=secure).encode("latin-1"))
         ]
-
-    def stamping(self, scope: Scope, send: Send, route: str) -> Send:
-        """At the primary region, requests are current by definition: nothing to stamp."""
-        return send
 
     def stats(self) -> dict:
         out = dict(self.counters)
