@@ -73,3 +73,26 @@ def test_forwarded_round_trip_and_untrusted_headers_dropped():
         (b"accept", b"*/*"),
     ]
     assert strip_untrusted(headers) == [(b"accept", b"*/*")]
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 65536, 69999, 70000, 2_999_999, 3_000_000])
+async def test_spooled_body_hashes_request_and_envelope_in_one_pass(prefix):
+    """The primary hashes the request without its session on the way past, across chunk edges."""
+    import os
+
+    from latitude.gateway.messages import SpooledBody
+    from latitude.signing import content_digest
+
+    data = os.urandom(3_000_000)  # beyond 1 MiB: the spool goes to disk
+    chunks = iter([data[i : i + 70000] for i in range(0, len(data), 70000)])
+
+    async def receive():
+        chunk = next(chunks, None)
+        return {"type": "http.request", "body": chunk or b"", "more_body": chunk is not None}
+
+    body = await SpooledBody.read(receive, prefix_length=prefix)
+    assert body._prefix_value == content_digest(data[:prefix])
+    assert body.prefix_digest(prefix) == content_digest(data[:prefix])
+    assert body.digest.header_value() == content_digest(data)
+    assert body.read_tail(10) == data[-10:]
+    body.close()

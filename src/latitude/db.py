@@ -127,15 +127,18 @@ def _translate_read_only(ctx: Any) -> None:
 class _Routed:
     """What the sync and async flavours share: two engines and the choice between them."""
 
+    _create_engine: Any  # create_engine or create_async_engine
+
     def __init__(
         self,
         replica_url: str,
         primary_url: str,
-        create: Any,
-        engine_kwargs: dict[str, Any],
-        primary_engine_kwargs: Mapping[str, Any] | None,
-        replica_engine_kwargs: Mapping[str, Any] | None,
+        *,
+        primary_engine_kwargs: Mapping[str, Any] | None = None,
+        replica_engine_kwargs: Mapping[str, Any] | None = None,
+        **engine_kwargs: Any,
     ):
+        create = type(self)._create_engine
         self.replica_url = sqlalchemy_url(replica_url)
         self.primary_url = sqlalchemy_url(primary_url)
         # A remote primary's pooled connections cross the ocean and may die quietly: ping them
@@ -184,23 +187,7 @@ class RoutedEngines(_Routed):
     primary: Engine
     replica: Engine
 
-    def __init__(
-        self,
-        replica_url: str,
-        primary_url: str,
-        *,
-        primary_engine_kwargs: Mapping[str, Any] | None = None,
-        replica_engine_kwargs: Mapping[str, Any] | None = None,
-        **engine_kwargs: Any,
-    ):
-        super().__init__(
-            replica_url,
-            primary_url,
-            create_engine,
-            engine_kwargs,
-            primary_engine_kwargs,
-            replica_engine_kwargs,
-        )
+    _create_engine = staticmethod(create_engine)
 
     def engine(self) -> Engine:
         return self._engine()
@@ -228,23 +215,7 @@ class AsyncRoutedEngines(_Routed):
     primary: AsyncEngine
     replica: AsyncEngine
 
-    def __init__(
-        self,
-        replica_url: str,
-        primary_url: str,
-        *,
-        primary_engine_kwargs: Mapping[str, Any] | None = None,
-        replica_engine_kwargs: Mapping[str, Any] | None = None,
-        **engine_kwargs: Any,
-    ):
-        super().__init__(
-            replica_url,
-            primary_url,
-            create_async_engine,
-            engine_kwargs,
-            primary_engine_kwargs,
-            replica_engine_kwargs,
-        )
+    _create_engine = staticmethod(create_async_engine)
 
     def engine(self) -> AsyncEngine:
         return self._engine()

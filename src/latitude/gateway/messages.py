@@ -23,20 +23,6 @@ UNTRUSTED_PREFIXES = ("x-forwarded-", "latitude-")
 UNTRUSTED_HEADERS = frozenset(
     {"forwarded", "x-real-ip", "signature", "signature-input", "content-digest"}
 )
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
 SPOOL_MEMORY_BYTES = 1024 * 1024
 
 
@@ -120,14 +106,20 @@ def parse_forwarded(value: str) -> dict[str, str]:
 class SpooledBody:
     """A request body kept in memory up to 1 MiB and on disk beyond, hashed as it arrives."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix_length: int | None = None) -> None:
         self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
         self.digest = ContentDigest()
         self.size = 0
+        # The digest of the first `prefix_length` bytes is taken on the way past, so the
+        # request without its session is hashed in the same single pass as the whole.
+        self.prefix_length = prefix_length
+        self._prefix_value = ContentDigest().header_value() if prefix_length == 0 else None
 
     @classmethod
-    async def read(cls, receive: Receive, limit: int | None = None) -> SpooledBody:
-        body = cls()
+    async def read(
+        cls, receive: Receive, limit: int | None = None, prefix_length: int | None = None
+    ) -> SpooledBody:
+        body = cls(prefix_length)
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -142,7 +134,13 @@ class SpooledBody:
 
     def append(self, chunk: bytes) -> None:
         self.file.write(chunk)
-        self.digest.update(chunk)
+        cut = (self.prefix_length or 0) - self.size
+        if self._prefix_value is None and self.prefix_length and 0 < cut <= len(chunk):
+            self.digest.update(chunk[:cut])
+            self._prefix_value = self.digest.header_value()
+            self.digest.update(chunk[cut:])
+        else:
+            self.digest.update(chunk)
         self.size += len(chunk)
 
     async def chunks(
@@ -159,7 +157,9 @@ class SpooledBody:
 
     def prefix_digest(self, length: int) -> str:
         """`Content-Digest` of the first `length` bytes (the request without its session)."""
-        digest = ContentDigest()
+        if self._prefix_value is not None and length == self.prefix_length:
+            return self._prefix_value
+        digest = ContentDigest()  # not announced up front: one more pass over the spool
         self.file.seek(0)
         left = length
         while left > 0:

@@ -21,7 +21,6 @@ from latitude.gateway.classify import FORWARDED_FROM_HEADER, SAFE_METHODS, Decis
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.deadlines import bounded
 from latitude.gateway.messages import (
-    HOP_BY_HOP,
     BodyTooLarge,
     CapturedResponse,
     ClientDisconnected,
@@ -41,6 +40,7 @@ from latitude.gateway.messages import (
     strip_untrusted,
 )
 from latitude.gateway.positions import PositionTracker, request_route
+from latitude.http_headers import HOP_BY_HOP
 from latitude.idempotency import IdempotencyStore, IdempotencyUnavailable, Outcome
 from latitude.sessions import (
     SessionCodec,
@@ -147,6 +147,7 @@ class RegionGateway:
         self._start_lock = asyncio.Lock()
         self._fallback_store: IdempotencyStore | None = None
         self._stats_task: asyncio.Task | None = None
+        self._primary_db_seen_at = float("-inf")  # when a fallback last reached the primary DB
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -656,8 +657,11 @@ class RegionGateway:
         answer, stale as it may be, is better than none."""
         route = consistency.REPLICA
         try:
-            store = await bounded(self._primary_idempotency(timeout_s), timeout_s)
-            await bounded(store.ping(), timeout_s)
+            # One ocean round trip at most once a second, not one more per read.
+            if time.monotonic() - self._primary_db_seen_at > 1.0:
+                store = await bounded(self._primary_idempotency(timeout_s), timeout_s)
+                await bounded(store.ping(), timeout_s)
+                self._primary_db_seen_at = time.monotonic()
             route = consistency.PRIMARY
         except Exception as exc:
             log.warning(
@@ -749,7 +753,7 @@ class RegionGateway:
                 extra_headers=[(b"retry-after", b"1")],
             )
             return
-        body = await SpooledBody.read(receive)
+        body = await SpooledBody.read(receive, prefix_length=_announced_body_length(headers))
         try:
             await self._execute_forwarded(scope, send, headers, body)
         finally:
@@ -918,6 +922,17 @@ class RegionGateway:
         )
         headers += [(k.lower().encode(), v.encode()) for k, v in signature.items()]
         await send_response(send, status, headers, envelope)
+
+
+def _announced_body_length(headers) -> int | None:
+    """The request's own length (without the session that rides after it), from its signed
+    headers; None if they do not say."""
+    try:
+        return int(header(headers, b"content-length") or "0") - int(
+            header(headers, SESSION_LENGTH.encode()) or "0"
+        )
+    except ValueError:
+        return None
 
 
 async def _nonce_cache_for(url: str | None) -> NonceCache:

@@ -12,7 +12,6 @@ import aiohttp
 
 from latitude import consistency
 from latitude.gateway.messages import (
-    HOP_BY_HOP,
     Receive,
     Scope,
     Send,
@@ -20,6 +19,7 @@ from latitude.gateway.messages import (
     header,
     send_error,
 )
+from latitude.http_headers import HOP_BY_HOP
 
 
 class HttpUpstream:

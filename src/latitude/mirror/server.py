@@ -32,6 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from latitude import signing
+from latitude.http_headers import HOP_BY_HOP
 from latitude.mirror.changelog import ChangeLog
 from latitude.mirror.feed import FILE_SERIAL_HEADER, HEALTH, PREFIX, SERIAL_HEADER, FeedServer
 from latitude.mirror.store import (
@@ -49,20 +50,6 @@ REGION_HEADER = "Latitude-Mirror-Region"
 SOURCE_HEADER = "Latitude-Mirror-Source"
 SMALL_FILE = 256 * 1024  # bodies up to this size are cached in memory with their hash
 CACHE_ENTRIES = 20_000
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
 _SHA_RE = re.compile(r'^(W/)?"?([0-9a-f]{64})"?$')
 mimetypes.add_type("application/octet-stream", ".whl")
 mimetypes.add_type("application/json", ".json")
