@@ -1,3 +1,5 @@
+# Frozen copy of src/latitude/signing.py at b55a3bf, before the split into a package: the
+# baseline benchmarks/bench_signing.py times the package against in the same run. Do not edit.
 """RFC 9421 HTTP Message Signatures (``hmac-sha256``) and RFC 9530 ``Content-Digest``.
 
 A replica region signs every request it forwards to the primary region; the primary
