@@ -82,44 +82,35 @@ def request_binding(label: str) -> Component:
 
 
 class Fields:
-    """Header field values by lowercase name, from any common header shape."""
+    """Header field values by lowercase name, from any common header shape, as text."""
 
-    __slots__ = ("_headers", "_index")
+    __slots__ = ("_get",)
 
     def __init__(self, headers: Any) -> None:
-        self._headers = headers
-        self._index: dict[str, list[Any]] | None = None
-
-    def _raw(self, name: str) -> Iterable[Any]:
-        headers = self._headers
         if headers is None:
-            return ()
-        if hasattr(headers, "getall"):  # multidict / aiohttp
-            return headers.getall(name, ())
-        if hasattr(headers, "getlist"):  # starlette
-            return headers.getlist(name)
-        if hasattr(headers, "get_list"):  # httpx
-            return headers.get_list(name)
-        if self._index is None:
-            # One pass over a plain mapping or list of pairs, instead of one per component.
-            index: dict[str, list[Any]] = {}
+            self._get: Any = _no_values
+        elif hasattr(headers, "getall"):  # multidict / aiohttp
+            self._get = lambda name: _texts(headers.getall(name, ()))
+        elif hasattr(headers, "getlist"):  # starlette
+            self._get = lambda name: _texts(headers.getlist(name))
+        elif hasattr(headers, "get_list"):  # httpx
+            self._get = lambda name: _texts(headers.get_list(name))
+        else:
+            # A plain mapping or list of pairs: one pass, instead of one per component.
+            index: dict[str, list[str]] = {}
             for k, v in headers.items() if isinstance(headers, Mapping) else headers:
                 if isinstance(k, bytes | bytearray):
                     k = k.decode("latin-1")
-                index.setdefault(k.lower(), []).append(v)
-            self._index = index
-        return self._index.get(name, ())
+                index.setdefault(k.lower(), []).append(_text(v))
+            self._get = lambda name: index.get(name, _NONE)
 
     def values(self, name: str) -> list[str]:
-        """All values of a field, in order, as text."""
-        return [
-            bytes(v).decode("latin-1") if isinstance(v, bytes | bytearray) else str(v)
-            for v in self._raw(name)
-        ]
+        """All values of a field, in order (do not modify the list)."""
+        return self._get(name)
 
     def value(self, name: str) -> str | None:
         """The field's lines combined as RFC 9421 section 2.1 says; ``None`` if absent."""
-        values = self.values(name)
+        values = self._get(name)
         if not values:
             return None
         if len(values) == 1:
@@ -127,7 +118,22 @@ class Fields:
         return ", ".join(v.strip(" \t") for v in values)
 
     def has(self, name: str) -> bool:
-        return bool(self._raw(name))
+        return bool(self._get(name))
+
+
+_NONE: list[str] = []
+
+
+def _no_values(name: str) -> list[str]:
+    return _NONE
+
+
+def _text(value: Any) -> str:
+    return bytes(value).decode("latin-1") if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _texts(values: Iterable[Any]) -> list[str]:
+    return [_text(v) for v in values]
 
 
 class Message:

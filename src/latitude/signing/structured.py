@@ -13,6 +13,8 @@ for an inner list, a list of ``(bare_item, params)``.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -66,10 +68,35 @@ def serialize_item(value: BareItem, params: Mapping[str, BareItem] | None = None
 
 
 def serialize_params(params: Mapping[str, BareItem]) -> str:
-    """Parameters alone: ``;created=1;keyid="k1"``."""
-    # http-sf serializes parameters only after an item: serialize them after a bare token
-    # of one character and drop it.
-    return serialize_item(_ANCHOR, params)[1:]
+    """Parameters alone: ``;created=1;keyid="k1"``.
+
+    Every signature carries six and every verification re-serializes them, so the two
+    types they hold take a short path whose output is plainly the RFC's: an Integer in
+    range is its decimal digits, a String of printable ASCII without ``"`` or ``\\`` is
+    itself between quotes. Everything else goes through ``http-sf``.
+    """
+    out = []
+    for k, v in params.items():
+        t = type(v)
+        if t is int and -_MAX_INT <= v <= _MAX_INT:  # type: ignore[operator]
+            out.append(f";{_key(k)}={v}")
+        elif t is str and _PLAIN_STRING.fullmatch(v):  # type: ignore[arg-type]
+            out.append(f';{_key(k)}="{v}"')
+        else:
+            # http-sf serializes parameters only after an item: serialize them after a
+            # bare token of one character and drop it.
+            out.append(serialize_item(_ANCHOR, {k: v})[1:])
+    return "".join(out)
+
+
+_MAX_INT = 999_999_999_999_999
+_PLAIN_STRING = re.compile(r"[ !#-\[\]-~]*")
+
+
+@functools.lru_cache(maxsize=64)
+def _key(key: str) -> str:
+    serialize_item(_ANCHOR, {key: True})  # raises ValueError for an invalid key
+    return key
 
 
 def serialize_inner_list(items: list[tuple[BareItem, Params]], params: Params) -> str:
