@@ -443,6 +443,10 @@ def _replace_input(headers, old, new):
         (lambda h: _replace_input(h, '"@method"', '"@authority"'), "listed twice"),
         (lambda h: _replace_input(h, '"@method"', '"@status"'), "only valid in a response"),
         (lambda h: _replace_input(h, "latitude-request", "latitude-response"), "tag"),
+        # RFC 9651 types (Display String, Date) never stand in for RFC 8941 ones.
+        (lambda h: _replace_input(h, '"@method"', '%"@method"'), "quoted string"),
+        (lambda h: _replace_input(h, ';keyid="k1"', ";keyid=@1700000000"), "'keyid' must be a str"),
+        (lambda h: _replace_input(h, ";created=1700000000", ";created=@1700000000"), "'created'"),
     ],
 )
 async def test_malformed_signature_input(mutate, match):
@@ -464,6 +468,33 @@ async def test_every_error_is_a_signature_error():
     ):
         assert issubclass(cls, SignatureError)
     assert not issubclass(NonceCacheError, SignatureError)
+
+
+async def test_known_shape_shortcut_agrees_with_a_full_parse():
+    # The first verification of a shape parses the whole Signature-Input and remembers its
+    # component list; later ones parse only the parameters after it. These must answer as a
+    # full parse does.
+    await verify(signed())
+    for junk in ("abc", ":abc", " ", "=1", "(", ",", ", "):
+        headers = signed()
+        end = headers["Signature-Input"].index(")") + 1
+        headers["Signature-Input"] = headers["Signature-Input"][:end] + junk
+        with pytest.raises(MalformedSignature, match="malformed|lacks"):
+            await verify(headers)
+    headers = signed()
+    headers_input = headers["Signature-Input"]
+    end = headers_input.index(")") + 1
+    headers["Signature-Input"] = headers_input[:end] + "abc" + headers_input[end:]
+    with pytest.raises(MalformedSignature, match="malformed"):
+        await verify(headers)
+    headers = signed()
+    headers["Signature-Input"] += ', other=("@method");created=1'
+    headers["Signature"] += ", other=:AAAA:"
+    assert (await verify(headers)).key_id == "k1"
+    headers = signed()
+    headers["Signature-Input"] = headers["Signature-Input"].replace(";created", ";  created")
+    # Spaces after ";" are allowed; the base re-serializes the parameters canonically.
+    assert (await verify(headers)).created == NOW
 
 
 # --------------------------------------------------------------------------- rotation
@@ -518,6 +549,18 @@ def test_response_bound_to_its_request():
     assert other_req["Signature"] != req["Signature"]
     with pytest.raises(BadSignature):
         verify_response(ring, status=201, headers=resp, request_headers=other_req, now=NOW)
+
+
+def test_binding_read_from_a_request_signature_field_seen_for_the_first_time():
+    # The answer's binding is normally the request's Signature member kept from signing;
+    # a field this process never produced (here: with a second member) is parsed instead.
+    ring, req, resp = _request_and_response()
+    with_other = {**req, "Signature": req["Signature"] + ", other=:AAAA:"}
+    v = verify_response(ring, status=201, headers=resp, request_headers=with_other, now=NOW)
+    assert v.covers('"signature";req;key="latitude"')
+    other_value = {**req, "Signature": "other=:AAAA:, latitude=:" + "A" * 43 + "=:"}
+    with pytest.raises(BadSignature):
+        verify_response(ring, status=201, headers=resp, request_headers=other_value, now=NOW)
 
 
 def test_response_tampering():
@@ -600,6 +643,10 @@ def test_structured_parsing_details():
         "a=?2",
         "a=1234567890123456",
         "a=:AA",
+        # httpwg structured-field-tests cases http-sfv 0.9.9 wrongly accepts:
+        "a=1.",
+        "a=:=aGVsbG8=:",
+        "a=:a=GVsbG8=:",
     ],
 )
 def test_structured_parse_errors(text):

@@ -32,7 +32,14 @@ from latitude.signing.errors import (
 )
 from latitude.signing.keys import Keyring
 from latitude.signing.nonces import NonceCache, new_nonce
-from latitude.signing.structured import Params, parse_dictionary, serialize_item, serialize_params
+from latitude.signing.structured import (
+    Params,
+    Token,
+    parse_dictionary,
+    parse_item,
+    serialize_item,
+    serialize_params,
+)
 
 ALGORITHM = "hmac-sha256"
 DEFAULT_LABEL = "latitude"
@@ -237,9 +244,48 @@ class VerifiedSignature:
         return tuple(Component.of(c).name for c in self.components)
 
 
+# Component lists of verified signatures, by the text of their Signature-Input up to the end
+# of the list (`latitude=("@method" ... "cookie")`). A gateway's signatures come in a few fixed
+# shapes, so that list, most of the field, is parsed once per shape and only the parameters
+# after it each time. An entry's text holds one ")", its last character: whatever follows, a
+# field starting with it starts with that complete inner list, so the entry always agrees with
+# a full parse. Anything unusual (more members, other whitespace) takes the full parse.
+_INPUT_SHAPES: dict[tuple[str, bool], tuple[Component, ...]] = {}
+_INPUT_SHAPES_MAX = 256
+
+
+def _known_input(
+    raw: str, label: str, response: bool
+) -> tuple[tuple[Component, ...], Params] | None:
+    end = raw.find(")")
+    comps = _INPUT_SHAPES.get((raw[: end + 1], response)) if end > 0 else None
+    if comps is None or not raw.startswith(label + "="):
+        return None
+    try:
+        # The parameters alone, parsed as those of a one-character token item: only an
+        # exact "x" with parameters and nothing else after them is the full parse's result.
+        anchor, params = parse_item("x" + raw[end + 1 :])
+    except ValueError:
+        return None
+    if type(anchor) is not Token or str(anchor) != "x":
+        return None
+    return comps, params
+
+
+def _remember_input(raw: str, label: str, sh: Shape) -> None:
+    text = f"{label}={sh.inner}"
+    if raw.startswith(text) and text.count(")") == 1:
+        if len(_INPUT_SHAPES) >= _INPUT_SHAPES_MAX:
+            try:
+                del _INPUT_SHAPES[next(iter(_INPUT_SHAPES))]
+            except (KeyError, RuntimeError, StopIteration):  # another thread evicted first
+                pass
+        _INPUT_SHAPES[(text, sh.response)] = sh.components
+
+
 def _parse_signature(
     msg: Message, label: str
-) -> tuple[tuple[Component, ...], Params, bytes, dict[str, Any]]:
+) -> tuple[tuple[Component, ...], Params, bytes, dict[str, Any], str]:
     raw_input = msg.fields.value("signature-input")
     raw_sig = msg.fields.value("signature")
     if raw_input is None and raw_sig is None:
@@ -248,10 +294,14 @@ def _parse_signature(
         raise MissingSignature("the message has a Signature header but no Signature-Input")
     if raw_sig is None:
         raise MissingSignature("the message has a Signature-Input header but no Signature")
-    try:
-        inputs = parse_dictionary(raw_input)
-    except ValueError as exc:
-        raise MalformedSignature(f"Signature-Input header is malformed: {exc}") from None
+    known = _known_input(raw_input, label, msg.is_response)
+    if known is None:
+        try:
+            inputs = parse_dictionary(raw_input)
+        except ValueError as exc:
+            raise MalformedSignature(f"Signature-Input header is malformed: {exc}") from None
+    else:
+        inputs = {label: known}
     try:
         sigs = parse_dictionary(raw_sig)
     except ValueError as exc:
@@ -264,6 +314,16 @@ def _parse_signature(
         raise MalformedSignature(f"Signature has label {label!r} but Signature-Input does not")
     if label not in sigs:
         raise MalformedSignature(f"Signature-Input has label {label!r} but Signature does not")
+    comps, params = known if known is not None else _input_member(inputs, label)
+    sig, sig_params = sigs[label]
+    if type(sig) is not bytes:
+        raise MalformedSignature(f"Signature {label!r} is not a byte sequence")
+    if sig_params:
+        raise MalformedSignature(f"Signature {label!r} has unexpected parameters")
+    return comps, params, sig, sigs, raw_input
+
+
+def _input_member(inputs: dict[str, Any], label: str) -> tuple[tuple[Component, ...], Params]:
     items, params = inputs[label]
     if not isinstance(items, list):
         raise MalformedSignature(f"Signature-Input {label!r} is not an inner list of components")
@@ -276,12 +336,7 @@ def _parse_signature(
                 f"Signature-Input {label!r} component {value!r} is not a quoted string"
             )
         comps.append(Component(value, tuple(cparams.items())))
-    sig, sig_params = sigs[label]
-    if type(sig) is not bytes:
-        raise MalformedSignature(f"Signature {label!r} is not a byte sequence")
-    if sig_params:
-        raise MalformedSignature(f"Signature {label!r} has unexpected parameters")
-    return tuple(comps), params, sig, sigs
+    return tuple(comps), params
 
 
 def _check_params(params: Params, label: str, tag: str) -> tuple[str, int, int, str]:
@@ -361,7 +416,7 @@ def _verify(
     max_age: int,
     clock_skew: int,
 ) -> tuple[VerifiedSignature, dict[str, Any]]:
-    comps, params, sig, sigs = _parse_signature(msg, label)
+    comps, params, sig, sigs, raw_input = _parse_signature(msg, label)
     key_id, created, expires, nonce = _check_params(params, label, tag)
     key = keyring.get(key_id)
     if key is None:
@@ -388,6 +443,7 @@ def _verify(
             f"signature {label!r} (key {key_id!r}) does not match the message: a covered "
             "component was changed or the secret differs"
         )
+    _remember_input(raw_input, label, sh)
     if body is not None:
         verify_content_digest(msg.fields.value("content-digest"), body)
     verified = VerifiedSignature(
