@@ -104,10 +104,6 @@ class Fields:
                 index.setdefault(k.lower(), []).append(_text(v))
             self._get = lambda name: index.get(name, _NONE)
 
-    def values(self, name: str) -> list[str]:
-        """All values of a field, in order (do not modify the list)."""
-        return self._get(name)
-
     def value(self, name: str) -> str | None:
         """The field's lines combined as RFC 9421 section 2.1 says; ``None`` if absent."""
         values = self._get(name)
