@@ -4,8 +4,10 @@ It verifies a request we signed and an answer we signed bound to it (``hmac-sha2
 id, ``created`` / ``expires`` / ``nonce`` / ``tag``), and we verify a request and a bound answer
 it signed. Its messages are real ``httpx`` requests and responses. Version 3 resolves
 ``"signature";req;key="latitude"`` (RFC 9421 section 2.4) itself, so the request binding is
-checked by its code too, in both directions; its verifier keeps no replay cache (replay
-detection is the caller's policy there), so nonce reuse is checked on our side only.
+checked by its code too, in both directions. What its API cannot express is checked on our
+side only: it keeps no replay cache (nonce reuse is the caller's policy there), and it can
+require a fixed list of components but not "every one of these headers that is present"
+(our rule that no sensitive header rides unsigned).
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ def test_it_verifies_our_answer_bound_to_its_request(keyring, verifier):
         require_components=("@status", "content-digest", "latitude-position", BINDING),
         body=ANSWER,
     )
-    assert result.parameters["keyid"] == KEY_ID and result.nonce
+    params = result.parameters
+    assert params["keyid"] == KEY_ID and params["alg"] == "hmac-sha256" and result.nonce
+    assert params["expires"] - params["created"] == 30 and params["tag"] == "latitude-response"
     assert result.nonce != request.headers["signature-input"].split('nonce="')[1][:22]
     # What it resolved as the binding is the request's own signature, byte for byte.
     assert "latitude=" + result.covered_components[BINDING] == request.headers["signature"]

@@ -96,13 +96,14 @@ class Fields:
         elif hasattr(headers, "get_list"):  # httpx
             self._get = lambda name: _texts(headers.get_list(name))
         else:
-            # A plain mapping or list of pairs: one pass, instead of one per component.
-            index: dict[str, list[str]] = {}
+            # A plain mapping or list of pairs: one pass, instead of one per component;
+            # values are decoded only when looked up.
+            index: dict[str, list[Any]] = {}
             for k, v in headers.items() if isinstance(headers, Mapping) else headers:
                 if isinstance(k, bytes | bytearray):
                     k = k.decode("latin-1")
-                index.setdefault(k.lower(), []).append(_text(v))
-            self._get = lambda name: index.get(name, _NONE)
+                index.setdefault(k.lower(), []).append(v)
+            self._get = lambda name: _texts(index.get(name, ()))
 
     def value(self, name: str) -> str | None:
         """The field's lines combined as RFC 9421 section 2.1 says; ``None`` if absent."""
@@ -117,11 +118,8 @@ class Fields:
         return bool(self._get(name))
 
 
-_NONE: list[str] = []
-
-
 def _no_values(name: str) -> list[str]:
-    return _NONE
+    return []
 
 
 def _text(value: Any) -> str:
