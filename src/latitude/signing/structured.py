@@ -1,9 +1,10 @@
 """RFC 8941 structured fields, parsed and serialized by ``http-sf``.
 
-``http-sf`` (Mark Nottingham's maintained successor of ``http-sfv``) passes every RFC 8941
-case of the httpwg structured-field-tests suite. ``http-sfv`` 0.9.9 does not: it accepts
-``1.`` and base64 with padding in the middle, and rejects the empty dictionary, so it is
-not used. ``http-sf`` also parses RFC 9651's Date and Display String (9651 obsoletes 8941
+``http-sf`` is the maintained replacement its author names for ``http-sfv``, whose package
+description reads "This Package is DEPRECATED". It passes every RFC 8941 case of the httpwg
+structured-field-tests suite; ``http-sfv`` 0.9.9 does not (it accepts ``1.`` and base64
+with padding at the start or in the middle, and rejects the empty dictionary and list), so
+it is not used. ``http-sf`` also parses RFC 9651's Date and Display String (9651 obsoletes 8941
 and only adds types); every signing field checks the exact type of each value it uses, so
 neither can stand in for a string, integer or byte sequence.
 
