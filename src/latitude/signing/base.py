@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -82,7 +82,7 @@ def request_binding(label: str) -> Component:
 
 
 class Fields:
-    """Header field values by lowercase name, from any common header shape, as text."""
+    """Header field values by lowercase name, from any common header shape."""
 
     __slots__ = ("_get",)
 
@@ -90,11 +90,11 @@ class Fields:
         if headers is None:
             self._get: Any = _no_values
         elif hasattr(headers, "getall"):  # multidict / aiohttp
-            self._get = lambda name: _texts(headers.getall(name, ()))
+            self._get = lambda name: headers.getall(name, ())
         elif hasattr(headers, "getlist"):  # starlette
-            self._get = lambda name: _texts(headers.getlist(name))
+            self._get = headers.getlist
         elif hasattr(headers, "get_list"):  # httpx
-            self._get = lambda name: _texts(headers.get_list(name))
+            self._get = headers.get_list
         else:
             # A plain mapping or list of pairs: one pass, instead of one per component;
             # values are decoded only when looked up.
@@ -103,7 +103,7 @@ class Fields:
                 if isinstance(k, bytes | bytearray):
                     k = k.decode("latin-1")
                 index.setdefault(k.lower(), []).append(v)
-            self._get = lambda name: _texts(index.get(name, ()))
+            self._get = lambda name: index.get(name, ())
 
     def value(self, name: str) -> str | None:
         """The field's lines combined as RFC 9421 section 2.1 says; ``None`` if absent."""
@@ -111,23 +111,19 @@ class Fields:
         if not values:
             return None
         if len(values) == 1:
-            return values[0].strip(" \t")
-        return ", ".join(v.strip(" \t") for v in values)
+            return _text(values[0]).strip(" \t")
+        return ", ".join(_text(v).strip(" \t") for v in values)
 
     def has(self, name: str) -> bool:
         return bool(self._get(name))
 
 
-def _no_values(name: str) -> list[str]:
-    return []
+def _no_values(name: str) -> tuple[()]:
+    return ()
 
 
 def _text(value: Any) -> str:
     return bytes(value).decode("latin-1") if isinstance(value, bytes | bytearray) else str(value)
-
-
-def _texts(values: Iterable[Any]) -> list[str]:
-    return [_text(v) for v in values]
 
 
 class Message:
