@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from latitude.mirror.changelog import DEFAULT_RETENTION_S, Change, ChangeLog
-from latitude.mirror.store import AtomicFile, ContentRoot, fsync_dir, rel_path, sha256_file
+from latitude.mirror.store import (
+    AtomicFile,
+    ContentRoot,
+    UnsafePath,
+    fsync_dir,
+    rel_path,
+    sha256_file,
+)
 
 GZIP_SUFFIXES = (".html", ".json", ".xml", ".txt", ".css", ".js", ".svg")
 
@@ -109,7 +116,8 @@ class Publisher:
         for p in paths:
             path = rel_path(p)
             targets.append(path)
-            if self.precompress and (self.root.root / (path + ".gz")).exists():
+            self.root.file(path)  # refuses a symlink before anything is deleted
+            if self.precompress and self.root.stat(path + ".gz") is not None:
                 targets.append(path + ".gz")
         self.log.begin()
         try:
@@ -131,12 +139,19 @@ class Publisher:
         copied in by other tools, or a crash between a rename and its commit)."""
         _, known = self.log.snapshot()
         known_sha = {f["path"]: f["sha256"] for f in known}
-        changed, on_disk = [], set()
-        for f in self.root.walk():
+        changed, on_disk, symlinks = [], set(), []
+        for f in self.root.walk(symlinks):
             on_disk.add(f.path)
-            sha = sha256_file(self.root.root / f.path)
+            sha = sha256_file(self.root.file(f.path))
             if known_sha.get(f.path) != sha:
                 changed.append(("put", f.path, sha, f.size, f.mtime))
+        if symlinks:
+            raise UnsafePath(
+                f"refusing to scan {self.root.root}: {', '.join(sorted(symlinks))} "
+                f"{'is a symlink' if len(symlinks) == 1 else 'are symlinks'}; symlinks are never "
+                "published (they could lead outside the root): replace each with a copy of "
+                "what it points to, or remove it"
+            )
         gone = [("delete", p, None, None, None) for p in known_sha if p not in on_disk]
         if not changed and not gone:
             return []
@@ -160,7 +175,7 @@ class Publisher:
     # ---- steps -----------------------------------------------------------------------------
 
     def _stage(self, path: str, data: bytes) -> AtomicFile:
-        f = AtomicFile(self.root.file(path))
+        f = AtomicFile(self.root.file(path, create_parents=True))
         f.write(data)
         f.file.flush()
         os.fsync(f.file.fileno())
