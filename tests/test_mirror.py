@@ -361,13 +361,16 @@ async def test_bytes_not_matching_sha256_are_never_stored_and_cursor_waits_for_t
 
 
 async def test_file_older_than_its_change_is_retried_not_stored(net):
-    """Mirror B syncs its feed from the primary but its files from mirror A, which lags."""
+    """Mirror B syncs its feed from the primary but its files from mirror A, which lags.
+
+    (Not an index: A would know its index is behind and ask the primary for it.)
+    """
     await net.primary()
-    net.pub.publish("simple/pkg/", "version 1", mtime=time.time() - 600)
+    net.pub.publish("packages/pkg.txt", "version 1", mtime=time.time() - 600)
     a_server, a_sync = await net.mirror("a")
     await until(lambda: ContentRoot(net.tmp / "a").cursor() == 1, what="A synced v1")
     await net.stop_sync(a_sync)
-    net.pub.publish("simple/pkg/", "version 2")
+    net.pub.publish("packages/pkg.txt", "version 2")
     b_server, b_sync = await net.mirror(
         "b", files_url=f"http://127.0.0.1:{a_server.port}", inline=0
     )
@@ -375,11 +378,11 @@ async def test_file_older_than_its_change_is_retried_not_stored(net):
         lambda: "older than the change" in (b_sync.status.get("error") or ""),
         what="B refusing A's old copy",
     )
-    assert not (net.tmp / "b/simple/pkg/index.html").exists()
+    assert not (net.tmp / "b/packages/pkg.txt").exists()
     assert ContentRoot(net.tmp / "b").cursor() == 0
     net.sync("a")  # A catches up; B's retry now gets version 2
     await until(lambda: ContentRoot(net.tmp / "b").cursor() == 2, timeout=15, what="B caught up")
-    assert (net.tmp / "b/simple/pkg/index.html").read_text() == "version 2"
+    assert (net.tmp / "b/packages/pkg.txt").read_text() == "version 2"
     assert verdict(net.pub.log.since(1).changes[0], None) == "retry"
 
 
@@ -591,8 +594,10 @@ async def test_nginx_config_with_a_real_nginx(net, tmp_path):
                 assert r.status == 200 and await r.read() == b"B from the primary"
             async with s.get(f"{base}/about") as r:
                 assert await r.text() == "the website"
-            async with s.get(f"{base}/_latitude/mirror/health") as r:
-                assert r.status == 200 and r.headers[SERIAL_HEADER] == "2"
+            async with s.get(f"{base}/_latitude/mirror/health") as r:  # the node's own answer
+                h = await r.json()
+                assert r.status == 503 and r.headers[SERIAL_HEADER] == "2"  # sync was stopped
+                assert h["sync"] == "not running" and h["behind_serials"] == 1
             async with s.get(f"{base}/.latitude/cursor") as r:
                 assert r.status == 404
     finally:

@@ -203,7 +203,10 @@ def sync(
             {task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
         )
         daemon.stop()
-        await task
+        try:
+            await task
+        except RuntimeError as exc:  # another daemon holds this root's sync lock
+            _fail(str(exc))
 
     logging.info("sync %s from %s into %s", cfg.region, cfg.primary_url, cfg.root)
     _run_until_signal(main)

@@ -4,6 +4,8 @@
                                                        signed; long-polled up to S seconds
     GET  /_latitude/mirror/snapshot                    signed; the whole tree, for `resync`
     POST /_latitude/mirror/bundle                      many small files in one response
+    GET  /_latitude/mirror/head?after=N&timeout=S      signed; the head serial, long-polled
+                                                       until it passes N (mirrors' health)
 
 `changes` answers ``{"head", "floor", "next", "resync", "changes": [...]}``. With nothing newer
 than N it holds the request until a change is committed (or S passes), so a mirror hears of a
@@ -49,6 +51,7 @@ CHANGES = f"{PREFIX}/changes"
 SNAPSHOT = f"{PREFIX}/snapshot"
 BUNDLE = f"{PREFIX}/bundle"
 HEALTH = f"{PREFIX}/health"
+HEAD = f"{PREFIX}/head"
 SERIAL_HEADER = "Latitude-Mirror-Serial"
 FILE_SERIAL_HEADER = "Latitude-File-Serial"
 BUNDLE_TYPE = "application/x-latitude-bundle"
@@ -154,6 +157,21 @@ class FeedServer:
         app.router.add_get(CHANGES, self.changes, allow_head=False)
         app.router.add_get(SNAPSHOT, self.snapshot, allow_head=False)
         app.router.add_post(BUNDLE, self.bundle)
+        app.router.add_get(HEAD, self.head_serial, allow_head=False)
+
+    async def head_serial(self, request: web.Request) -> web.Response:
+        """The head serial, held until it passes `after` (or `timeout` s): how a mirror's
+        server learns the primary's head on its own, whatever its sync daemon is doing."""
+        await self._verify(request)
+        try:
+            after = int(request.query.get("after", "-1"))
+            timeout = max(0.0, min(float(request.query.get("timeout", "0")), self.poll_timeout_s))
+        except ValueError:
+            raise web.HTTPBadRequest(text="after and timeout must be numbers\n") from None
+        self.refresh()
+        if timeout > 0:
+            await self.wait_past(after, timeout)
+        return self._signed_json(request, {"head": self.head})
 
     async def changes(self, request: web.Request) -> web.Response:
         await self._verify(request)
@@ -318,6 +336,14 @@ class FeedClient:
             )
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise FeedError(f"malformed feed page: {exc}") from None
+
+    async def head(self, after: int = -1, timeout: float = 0) -> int:
+        """The primary's head serial; with `timeout`, once it passes `after`."""
+        data = await self._get(f"{HEAD}?after={after}&timeout={timeout:g}", timeout + 15)
+        try:
+            return int(data["head"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FeedError(f"malformed head: {exc}") from None
 
     async def snapshot(self) -> Snapshot:
         data = await self._get(SNAPSHOT, 300)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import hashlib
 import logging
 import mimetypes
@@ -33,7 +34,15 @@ from aiohttp import web
 from latitude import signing
 from latitude.http_headers import HOP_BY_HOP
 from latitude.mirror.changelog import ChangeLog
-from latitude.mirror.feed import FILE_SERIAL_HEADER, HEALTH, PREFIX, SERIAL_HEADER, FeedServer
+from latitude.mirror.feed import (
+    FILE_SERIAL_HEADER,
+    HEALTH,
+    PREFIX,
+    SERIAL_HEADER,
+    FeedClient,
+    FeedError,
+    FeedServer,
+)
 from latitude.mirror.store import (
     AtomicFile,
     BadPath,
@@ -43,9 +52,11 @@ from latitude.mirror.store import (
     parse_http_date,
     rel_path,
 )
+from latitude.mirror.sync import DEFAULT_INDEXES
 
 log = logging.getLogger(__name__)
 
+GENERIC_HEALTH = "/_latitude/health"
 REGION_HEADER = "Latitude-Mirror-Region"
 SOURCE_HEADER = "Latitude-Mirror-Source"
 SMALL_FILE = 256 * 1024  # bodies up to this size are cached in memory with their hash
@@ -69,6 +80,7 @@ class MirrorServer:
         max_lag_s: float = 60.0,
         poll_timeout_s: float = 25.0,
         retention_s: float | None = None,
+        indexes: tuple[str, ...] = DEFAULT_INDEXES,
     ):
         self.root = root if isinstance(root, ContentRoot) else ContentRoot(root)
         self.region = region
@@ -80,6 +92,13 @@ class MirrorServer:
         self.max_lag_s = max_lag_s
         self.poll_timeout_s = poll_timeout_s
         self.retention_s = retention_s
+        self.indexes = tuple(indexes)
+        # What this server itself knows of the primary's head (see `_watch_head`).
+        self._head = 0
+        self._head_contact: float | None = None  # last answer, or "parked in a poll" since
+        self._head_error: str | None = None
+        self._current_at: float | None = None  # last moment known to hold the primary's head
+        self._behind_since: float | None = None
         self.via = f"1.1 latitude-mirror-{region}"
         self._cache: OrderedDict[tuple, tuple[str, bytes | None]] = OrderedDict()
         self._cursor: tuple[int, int] = (-1, 0)
@@ -101,6 +120,7 @@ class MirrorServer:
             max_lag_s=cfg.max_lag_s,
             poll_timeout_s=cfg.poll_timeout_s,
             retention_s=cfg.retention_s,
+            indexes=cfg.indexes,
         )
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -112,6 +132,7 @@ class MirrorServer:
         app.on_cleanup.append(self._on_cleanup)
         app.on_response_prepare.append(self._stamp)
         app.router.add_get(HEALTH, self.health)
+        app.router.add_get(GENERIC_HEALTH, self.health)  # routing's default check_path
         if self.is_primary:
             self.root.ensure()
             self.log = ChangeLog(self.root.state_dir / "changes.sqlite", self.retention_s or 86400)
@@ -145,6 +166,8 @@ class MirrorServer:
         if self.feed is not None:
             await self.feed.start()
             self._tasks.append(asyncio.create_task(self._prune_forever()))
+        elif self.primary_url is not None:
+            self._tasks.append(asyncio.create_task(self._watch_head()))
 
     async def _on_shutdown(self, app: web.Application) -> None:
         for t in self._tasks:
@@ -187,6 +210,54 @@ class MirrorServer:
             report, status=200 if report["healthy"] else 503, headers={"Cache-Control": "no-store"}
         )
 
+    async def _watch_head(self) -> None:
+        """Long-poll the primary's head serial, independently of the sync daemon: health and
+        the stale-index check compare with the primary's real head, not with what the daemon
+        last wrote down (a dead daemon writes nothing)."""
+        feed = FeedClient(self.http, self.primary_url, self.keyring)
+        failures = 0
+        while True:
+            after = max(self._head, self.serial())
+            self._head_contact = time.time() if self._head_error is None else self._head_contact
+            try:
+                head = await feed.head(after, self.poll_timeout_s)
+            except FeedError as exc:
+                if self._head_error is None:
+                    self._observe(time.time())  # current until this very moment, perhaps
+                self._head_error = str(exc)
+                failures += 1
+                await asyncio.sleep(min(0.2 * 2**failures, 2.0))
+                continue
+            failures, self._head_error = 0, None
+            self._head = max(self._head, head)
+            self._head_contact = time.time()
+            self._observe(self._head_contact)
+
+    def _observe(self, now: float) -> tuple[int, int, bool]:
+        """(cursor, primary head, in contact with the primary), updating when the node was
+        last known current and since when it has been behind."""
+        st = self.root.status()
+        cursor = self.root.cursor()
+        self._head = head = max(self._head, int(st.get("head") or 0), cursor)
+        fresh = self.poll_timeout_s + 5  # a parked long poll answers within this
+        contacts = [self._head_contact if self._head_error is None else None]
+        if st.get("waiting_since") and not st.get("error") and self.root.sync_running():
+            contacts.append(st["waiting_since"])  # parked in a long poll: it would have heard
+        in_contact = any(c is not None and now - c <= fresh for c in contacts)
+        if cursor >= head:
+            self._behind_since = None
+            if in_contact:
+                self._current_at = now
+        elif self._behind_since is None:
+            self._behind_since = now
+        if st.get("caught_up_at") and cursor >= head:
+            self._current_at = max(self._current_at or 0.0, float(st["caught_up_at"]))
+        return cursor, head, in_contact
+
+    def behind(self) -> bool:
+        """Whether this mirror knows the primary has changes it has not applied yet."""
+        return not self.is_primary and self.serial() < self._head
+
     def health_report(self) -> dict:
         if self.is_primary:
             return {
@@ -195,36 +266,44 @@ class MirrorServer:
                 "serial": self.serial(),
                 "healthy": True,
             }
-        st = self.root.status()
-        cursor = self.root.cursor()
-        head = max(int(st.get("head") or 0), cursor)
         now = time.time()
-        waiting = st.get("waiting_since")
-        if (
-            cursor >= head
-            and waiting
-            and not st.get("error")
-            and now - waiting <= self.poll_timeout_s + 5
-        ):
-            lag_s: float | None = 0.0  # parked in a long poll: the primary would have told us
-        elif st.get("caught_up_at"):
-            lag_s = max(0.0, now - float(st["caught_up_at"]))
+        st = self.root.status()
+        cursor, head, in_contact = self._observe(now)
+        sync_running = self.root.sync_running()
+        if cursor >= head and in_contact:
+            lag_s: float | None = 0.0
+            since = None
         else:
-            lag_s = None  # never caught up
-        healthy = lag_s is not None and lag_s <= self.max_lag_s
-        last = st.get("last_contact")
+            # Behind, or out of touch: lagging since the last moment it was known current.
+            since = self._current_at
+            lag_s = None if since is None else max(0.0, now - since)
+        problems = []
+        if not sync_running:
+            problems.append("the sync daemon is not running (no process holds .latitude/sync.lock)")
+        if lag_s is None:
+            problems.append("never known to be current with the primary")
+        elif lag_s > self.max_lag_s:
+            problems.append(f"behind for {lag_s:.1f} s, more than max_lag_s {self.max_lag_s:g}")
+        last = self._head_contact if self._head_error is None else None
+        last = max(filter(None, [last, st.get("last_contact")]), default=None)
+        error = self._head_error or st.get("error")
         return {
             "region": self.region,
             "role": "mirror",
             "serial": cursor,
             "primary_serial": head,
-            "behind_serials": head - cursor,
+            "behind_serials": max(0, head - cursor),
+            "behind_since": None if since is None else round(since, 3),
             "behind_seconds": None if lag_s is None else round(lag_s, 3),
             "max_lag_s": self.max_lag_s,
-            "primary": "unreachable" if st.get("error") else ("reachable" if last else "unknown"),
+            "sync": "running" if sync_running else "not running",
+            "primary": "reachable"
+            if in_contact and not error
+            else ("unreachable" if error else "unknown"),
             "last_contact_s_ago": None if last is None else round(now - last, 3),
-            "error": st.get("error"),
-            "healthy": healthy,
+            "error": error,
+            "problems": problems,
+            "healthy": not problems,
         }
 
     # ---- requests ------------------------------------------------------------------------------
@@ -246,12 +325,21 @@ class MirrorServer:
             rel = rel_path(path)
         except BadPath as exc:
             raise web.HTTPNotFound(text=f"{exc}\n") from None
+        if self.primary_url is not None and self.is_index(rel) and self.behind():
+            # The local index may predate a change the primary has: ask the primary, as for
+            # a missing file. Only if it cannot be reached is the local copy the answer.
+            response = await self.from_primary(request, rel)
+            if response.status != 502:
+                return response
         response = await self.local(request, rel)
         if response is not None:
             return response
         if self.is_primary or self.primary_url is None:
             raise web.HTTPNotFound(text=f"{path}: no such file\n")
         return await self.from_primary(request, rel)
+
+    def is_index(self, rel: str) -> bool:
+        return any(fnmatch.fnmatchcase(rel, p) for p in self.indexes)
 
     async def local(self, request: web.Request, rel: str) -> web.StreamResponse | None:
         try:

@@ -286,6 +286,50 @@ class ContentRoot:
         tmp.write_text(json.dumps(status))
         os.replace(tmp, self.status_file)
 
+    @property
+    def sync_lock_file(self) -> Path:
+        return self.state_dir / "sync.lock"
+
+    def hold_sync_lock(self, wait_s: float = 2.0):
+        """Taken by the sync daemon for its whole life (the kernel drops it when the process
+        dies, however it dies): `sync_running` is then exact. Returns the open lock file."""
+        self.ensure()
+        f = open(self.sync_lock_file, "a+")  # noqa: SIM115 - held until the daemon ends
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    f.seek(0)
+                    pid = f.read().strip() or "?"
+                    f.close()
+                    raise RuntimeError(
+                        f"another sync daemon (pid {pid}) is running on {self.root} "
+                        f"(it holds {self.sync_lock_file}); stop it first"
+                    ) from None
+                time.sleep(0.05)  # a health probe holds it for microseconds
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        return f
+
+    def sync_running(self) -> bool:
+        """Whether a sync daemon holds this root's sync lock (probed without blocking it)."""
+        try:
+            f = open(self.sync_lock_file, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return False
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Serialises "apply deletes, save cursor" (sync) with "keep a fetched file" (serve)."""

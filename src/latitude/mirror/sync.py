@@ -125,6 +125,13 @@ class SyncDaemon:
 
     async def run(self) -> None:
         """Sync until `stop()`; survives the primary being down, resumes from the cursor."""
+        lock = await asyncio.to_thread(self.root.hold_sync_lock)
+        try:
+            await self._run()
+        finally:
+            lock.close()
+
+    async def _run(self) -> None:
         async with self._connections():
             cursor = await asyncio.to_thread(self._start)
             failures = 0
