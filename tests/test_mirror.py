@@ -10,8 +10,6 @@ import asyncio
 import gzip
 import hashlib
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +30,6 @@ from latitude.mirror import (
     MirrorServer,
     Publisher,
     SyncDaemon,
-    nginx_config,
 )
 from latitude.mirror.feed import SERIAL_HEADER
 from latitude.mirror.sync import verdict
@@ -518,95 +515,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-async def test_nginx_config_with_a_real_nginx(net, tmp_path):
-    nginx = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-    )
-    if nginx is None:
-        pytest.skip(
-            "nginx is not installed (not on PATH, nor in /usr/sbin): the generated config was not run"
-        )
-    await net.primary()
-    net.pub.publish_many(
-        [Item("simple/demo/", "<html>" + "x" * 500 + "</html>"), Item("packages/a.whl", b"A")]
-    )
-    server, daemon = await net.mirror("eu")
-    await until(lambda: ContentRoot(net.tmp / "eu").cursor() == 2, what="sync")
-    (net.tmp / "eu/simple/demo/index.html.gz").write_bytes(
-        gzip.compress((net.tmp / "eu/simple/demo/index.html").read_bytes())
-    )
-    await net.stop_sync(daemon)
-    net.pub.publish("packages/b.whl", b"B from the primary")
-
-    async def website(request):
-        return web.Response(text="the website")
-
-    site = web.Application()
-    site.router.add_get("/{tail:.*}", website)
-    site_url = await net.app(site)
-    port = _free_port()
-    conf_dir = tmp_path / "nginx"
-    for sub in ("", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (conf_dir / sub).mkdir(parents=True, exist_ok=True)
-    conf = conf_dir / "nginx.conf"
-    conf.write_text(
-        nginx_config(
-            region="eu",
-            root=net.tmp / "eu",
-            listen=f"127.0.0.1:{port}",
-            primary_url=net.primary_url,
-            website_url=site_url,
-            paths=("/simple/", "/packages/"),
-            node_url=f"http://127.0.0.1:{server.port}",
-            standalone=conf_dir,
-            user="root" if os.geteuid() == 0 else None,
-        )
-    )
-    proc = subprocess.Popen(
-        [nginx, "-c", str(conf), "-p", str(conf_dir)],
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession(auto_decompress=False) as s:
-            for _ in range(200):
-                try:
-                    async with s.get(f"{base}/packages/a.whl") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if proc.poll() is not None:
-                    pytest.fail(f"nginx exited: {proc.stderr.read().decode()}")
-                await asyncio.sleep(0.05)
-            async with s.get(f"{base}/packages/a.whl") as r:
-                assert (
-                    r.status == 200
-                    and await r.read() == b"A"
-                    and r.headers["Latitude-Mirror-Region"] == "eu"
-                )
-            async with s.get(f"{base}/simple/demo/", headers={"Accept-Encoding": "gzip"}) as r:
-                assert r.status == 200 and r.headers.get("Content-Encoding") == "gzip"
-            async with s.get(f"{base}/packages/b.whl") as r:  # the local miss goes to the primary
-                assert r.status == 200 and await r.read() == b"B from the primary"
-            async with s.get(f"{base}/about") as r:
-                assert await r.text() == "the website"
-            async with s.get(f"{base}/_latitude/mirror/health") as r:  # the node's own answer
-                h = await r.json()
-                assert r.status == 503 and r.headers[SERIAL_HEADER] == "2"  # sync was stopped
-                assert h["sync"] == "not running" and h["behind_serials"] == 1
-            async with s.get(f"{base}/.latitude/cursor") as r:
-                assert r.status == 404
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_cli_nginx_config_and_publish(tmp_path):

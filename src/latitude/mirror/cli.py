@@ -268,35 +268,54 @@ def nginx_config_cmd(
     root: RootOpt = None,
     listen: Annotated[
         str | None,
-        typer.Option("--listen", help="nginx listen value (default: mirror_url's port)."),
+        typer.Option(
+            "--listen",
+            help="nginx listen value (default 8080, beside `mirror serve` on mirror_url).",
+        ),
     ] = None,
     node_url: Annotated[
         str | None,
         typer.Option(
-            "--node-url", help="URL of `latitude mirror serve` on this node (health, serial)."
+            "--node-url",
+            help="URL of `latitude mirror serve` on this node, for health and the serial "
+            "(default: the region's mirror_url; 'none' to leave them out).",
         ),
     ] = None,
     standalone: Annotated[
         Path | None,
         typer.Option("--standalone", help="Write a whole nginx.conf keeping pid/logs/temp in DIR."),
     ] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", help="With --standalone: the worker processes' user.")
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
     ] = None,
 ) -> None:
     """Print an nginx config that serves like `latitude mirror serve` (try_files, then the primary)."""
-    from latitude.mirror.nginx import nginx_config
+    from latitude.mirror.nginx import default_listen, nginx_config
 
     cfg = _config(topology, region, root)
+    listen = listen or default_listen(cfg.listen_port)
+    if listen.rpartition(":")[2] == str(cfg.listen_port) and cfg.listen_host in (
+        listen.rpartition(":")[0] or cfg.listen_host,
+        "0.0.0.0",
+    ):
+        _fail(
+            f"--listen {listen} is the port `latitude mirror serve` of {cfg.region} listens on "
+            f"({cfg.listen_host}:{cfg.listen_port}, from mirror_url); give nginx another port"
+        )
+    node = f"http://{cfg.listen_host}:{cfg.listen_port}" if node_url is None else node_url
     text = nginx_config(
         region=cfg.region,
         root=cfg.root,
-        listen=listen or str(cfg.listen_port),
+        listen=listen,
         primary_url=None if cfg.is_primary else cfg.primary_url,
         website_url=cfg.website_url,
         paths=cfg.paths,
-        node_url=node_url,
+        node_url=None if node.lower() == "none" else node,
         standalone=standalone.absolute() if standalone else None,
+        user=user,
     )
     if output:
         output.write_text(text)

@@ -21,7 +21,6 @@ import contextlib
 import fnmatch
 import hashlib
 import logging
-import mimetypes
 import os
 import re
 import stat
@@ -48,6 +47,8 @@ from latitude.mirror.store import (
     BadPath,
     ContentRoot,
     UnsafePath,
+    compressible,
+    content_type,
     http_date,
     parse_http_date,
     rel_path,
@@ -62,8 +63,6 @@ SOURCE_HEADER = "Latitude-Mirror-Source"
 SMALL_FILE = 256 * 1024  # bodies up to this size are cached in memory with their hash
 CACHE_ENTRIES = 20_000
 _SHA_RE = re.compile(r'^(W/)?"?([0-9a-f]{64})"?$')
-mimetypes.add_type("application/octet-stream", ".whl")
-mimetypes.add_type("application/json", ".json")
 
 
 class MirrorServer:
@@ -355,12 +354,13 @@ class MirrorServer:
         if not stat.S_ISREG(st.st_mode):
             return None
         served = rel
-        headers = {"Content-Type": _content_type(rel), "Last-Modified": http_date(st.st_mtime)}
-        if not rel.endswith(".gz"):
+        ctype = content_type(rel)
+        headers = {"Content-Type": ctype, "Last-Modified": http_date(st.st_mtime)}
+        if compressible(ctype):
+            headers["Vary"] = "Accept-Encoding"  # as nginx's gzip_vary: a .gz may come and go
             with contextlib.suppress(BadPath):
                 gz = self.root.stat(rel + ".gz")
                 if gz is not None and stat.S_ISREG(gz.st_mode):
-                    headers["Vary"] = "Accept-Encoding"
                     if _accepts_gzip(request) and gz.st_mtime >= st.st_mtime:
                         served, st = rel + ".gz", gz
                         headers["Content-Encoding"] = "gzip"
@@ -518,14 +518,6 @@ class MirrorServer:
             raise web.HTTPBadGateway(
                 text=f"the {what} at the primary cannot be reached ({type(exc).__name__})\n"
             ) from None
-
-
-def _content_type(rel: str) -> str:
-    if rel.endswith(".gz"):
-        return "application/gzip"
-    ctype, _ = mimetypes.guess_type(rel, strict=False)
-    ctype = ctype or "application/octet-stream"
-    return f"{ctype}; charset=utf-8" if ctype.startswith("text/") else ctype
 
 
 def _accepts_gzip(request: web.Request) -> bool:

@@ -39,6 +39,52 @@ INDEX_FILE = "index.html"
 HASH_CHUNK = 1 << 20
 
 
+# The one table of content types, for `mirror serve` and the nginx config alike (nginx picks
+# by the last extension, so `.tar.gz` is gzip in both). Anything else: application/octet-stream.
+CONTENT_TYPES = {
+    "html": "text/html",
+    "htm": "text/html",
+    "txt": "text/plain",
+    "asc": "text/plain",
+    "metadata": "text/plain",  # PEP 658 core metadata next to a wheel
+    "md": "text/markdown",
+    "css": "text/css",
+    "csv": "text/csv",
+    "xml": "text/xml",
+    "js": "text/javascript",
+    "json": "application/json",
+    "svg": "image/svg+xml",
+    "png": "image/png",
+    "ico": "image/x-icon",
+    "zip": "application/zip",
+    "whl": "application/zip",  # a wheel is a zip archive
+    "egg": "application/zip",
+    "jar": "application/java-archive",
+    "gz": "application/gzip",
+    "tgz": "application/gzip",
+    "bz2": "application/x-bzip2",
+    "xz": "application/x-xz",
+    "tar": "application/x-tar",
+    "phar": "application/octet-stream",
+}
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# Compressible types: compressed for a client that accepts gzip, so they always carry
+# `Vary: Accept-Encoding`.
+COMPRESSIBLE_TYPES = ("text/", "application/json", "image/svg+xml")
+
+
+def content_type(rel: str) -> str:
+    """The Content-Type of a file by its last extension; text in UTF-8."""
+    name = rel.rsplit("/", 1)[-1]
+    ext = name.rpartition(".")[2].lower() if "." in name else ""
+    ctype = CONTENT_TYPES.get(ext, DEFAULT_CONTENT_TYPE)
+    return f"{ctype}; charset=utf-8" if ctype.startswith("text/") else ctype
+
+
+def compressible(ctype: str) -> bool:
+    return ctype.startswith(COMPRESSIBLE_TYPES)
+
+
 class BadPath(ValueError):
     """A URL path that does not name a file inside the content root."""
 
