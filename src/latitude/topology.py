@@ -46,6 +46,14 @@ REGION_KEYS = {
     "primary_database_url",
     "session_store_url",
     "mirror_url",
+    "services",
+}
+# What a region may run, and the keys each service needs (`services = ["mirror"]` for a
+# region that only mirrors, as packagist's mirrors do). Without `services`, a region runs the
+# app, plus the mirror when it has a mirror_url.
+SERVICE_KEYS: dict[str, tuple[str, ...]] = {
+    "app": ("public_url", "internal_url", "database_url", "session_store_url"),
+    "mirror": ("mirror_url",),
 }
 TABLE_KEYS: dict[str, set[str]] = {
     "app": {"name"},
@@ -106,6 +114,10 @@ class Region:
     primary_database_url: str | None = None
     session_store_url: str | None = None
     mirror_url: str | None = None
+    services: tuple[str, ...] = ("app",)
+
+    def runs(self, service: str) -> bool:
+        return service in self.services
 
     @property
     def role(self) -> str:
@@ -337,14 +349,19 @@ class _Validator:
                 self.problem(f"{where}.primary", "must be true or false")
                 primary = False
             lat, lon = self.location(where, r.get("location"))
-            required = (
-                ()
-                if is_lab
-                else ("public_url", "internal_url", "database_url", "session_store_url")
-            )
-            for key in required:
-                if key not in r:
-                    self.problem(f"{where}.{key}", f"missing; every region needs {key}")
+            services = self.services(where, r)
+            for service in () if is_lab else services:
+                for key in SERVICE_KEYS[service]:
+                    if key not in r:
+                        self.problem(
+                            f"{where}.{key}",
+                            f"missing; a region that runs the {service} needs {key}"
+                            + (
+                                ' (a region that only mirrors: services = ["mirror"])'
+                                if service == "app"
+                                else ""
+                            ),
+                        )
             regions.append(
                 Region(
                     name=name,
@@ -387,6 +404,7 @@ class _Validator:
                         HTTP_SCHEMES,
                         f"https://mirror.{name}.example.com",
                     ),
+                    services=services,
                 )
             )
         primaries = [r.name for r in regions if r.primary]
@@ -406,6 +424,23 @@ class _Validator:
             else replace(r, primary_database_url=primary_db)
             for r in regions
         ]
+
+    def services(self, where: str, r: Mapping[str, object]) -> tuple[str, ...]:
+        raw = r.get("services")
+        if raw is None:
+            return ("app", "mirror") if "mirror_url" in r else ("app",)
+        known = ", ".join(f'"{s}"' for s in SERVICE_KEYS)
+        if (
+            not isinstance(raw, list)
+            or not raw
+            or not all(isinstance(s, str) and s in SERVICE_KEYS for s in raw)
+        ):
+            self.problem(
+                f"{where}.services",
+                f'must be a non-empty list of {known}, like services = ["mirror"]; got {raw!r}',
+            )
+            return ("app",)
+        return tuple(dict.fromkeys(raw))
 
     def location(self, where: str, raw: object) -> tuple[float, float]:
         example = "location = [53.35, -6.26] (latitude, longitude in degrees)"
