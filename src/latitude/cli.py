@@ -328,7 +328,7 @@ def demo(
         figures = lab_demo.measure(world, reads=reads, writes=writes, progress=progress)
         print_figures(figures, world.topology().primary.name)
         progress("start a mirror in every region and publish a file at the primary")
-        from latitude.mirror.cli import propagation
+        from latitude.lab.mirrors import propagation
 
         serial, seen = propagation(world, "demo/hello.json")
         for name, ms in seen.items():

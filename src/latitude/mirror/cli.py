@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -324,82 +322,7 @@ def nginx_config_cmd(
         print(text, end="")
 
 
-# ---- the lab (CLI level: the mirror itself never knows it runs in a lab) ----------------------
-
-
-def lab_mirror_root(world, region: str) -> Path:
-    return world.state_dir / "regions" / region / "mirror"
-
-
-def start_lab_mirrors(
-    world, extra: tuple[str, ...] = (), sync_extra: tuple[str, ...] = ()
-) -> dict[str, Path]:
-    """Run `latitude mirror serve` in every region of a running lab, and `sync` in the replicas."""
-    roots = {}
-    py = [sys.executable, "-m", "latitude.cli", "mirror"]
-    for name, r in world.state()["regions"].items():
-        roots[name] = root = lab_mirror_root(world, name)
-        root.mkdir(parents=True, exist_ok=True)
-        world.set_service(name, "mirror", [*py, "serve", "--root", str(root), *extra])
-        if r["role"] != "primary":
-            world.set_service(name, "mirror-sync", [*py, "sync", "--root", str(root), *sync_extra])
-    return roots
-
-
-def wait_lab_mirrors_ready(world, timeout: float = 30.0) -> bool:
-    """Wait until every region's mirror answers and every replica is parked in a long poll."""
-    import json
-    import urllib.request
-
-    state = world.state()
-    deadline = time.monotonic() + timeout
-    pending = set(state["regions"])
-    while pending and time.monotonic() < deadline:
-        for name in list(pending):
-            port = state["regions"][name]["mirror_port"]
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/_latitude/mirror/health", timeout=2
-                ) as r:
-                    h = json.loads(r.read())
-            except OSError:
-                continue
-            if h.get("role") == "primary" or (
-                h.get("behind_seconds") == 0 and h.get("primary") == "reachable"
-            ):
-                pending.discard(name)
-        time.sleep(0.05)
-    return not pending
-
-
 @mirror_app.command("demo")
-def propagation(
-    world, path: str = "demo/hello.json", timeout_s: float = 10.0
-) -> tuple[int, dict[str, float | None]]:
-    """Start a mirror in every region of a running lab, publish one file at the primary, and
-    return its serial and how many ms after the commit each region's copy had it."""
-    from latitude.mirror.publisher import Publisher
-
-    primary = world.state()["primary"]
-    roots = start_lab_mirrors(world)
-    if not wait_lab_mirrors_ready(world, timeout=30):
-        raise RuntimeError(
-            "the mirrors did not become ready within 30 s; see regions/*/mirror*.log in the lab folder"
-        )
-    body = f'{{"published_at": {time.time():.6f}, "pid": {os.getpid()}}}\n'.encode()
-    with Publisher(roots[primary]) as pub:
-        change = pub.publish(path, body)
-        t0 = time.perf_counter()  # committed: from here on every mirror may hear of it
-    seen: dict[str, float] = {}
-    while len(seen) < len(roots) and time.perf_counter() - t0 < timeout_s:
-        for name, root in roots.items():
-            f = root / path
-            if name not in seen and f.exists() and f.read_bytes() == body:
-                seen[name] = (time.perf_counter() - t0) * 1000
-        time.sleep(0.001)
-    return change.serial, {name: seen.get(name) for name in roots}
-
-
 def demo(
     state_dir: Annotated[
         Path | None, typer.Option("--state-dir", help="The running lab's folder.")
@@ -410,17 +333,27 @@ def demo(
 ) -> None:
     """In a running lab: start a mirror in every region, publish a file, show when each had it."""
     from latitude.lab import LabWorld
+    from latitude.lab.mirrors import propagation
+    from latitude.lab.world import LabError
+    from latitude.mirror.store import BadPath
 
     world = LabWorld(state_dir)
-    primary = world.state()["primary"]
     try:
+        if not world.is_running():
+            _fail(
+                f"no lab world is running from {world.state_dir}; start one with "
+                "`latitude lab up` (or pass --state-dir DIR)"
+            )
+        primary = world.state()["primary"]
         serial, seen = propagation(world, path)
-    except RuntimeError as exc:
+    except (RuntimeError, LabError, BadPath) as exc:
         _fail(str(exc))
-    roots = seen
-    out.print(f"published /{path} at {primary} as serial {serial}")
+    out.print(f"published /{path} at {primary} as serial {serial}", highlight=False)
     topo = world.topology()
-    for name in roots:
+    for name, ms in seen.items():
         rtt = topo.rtt_ms(name, primary)
-        when = f"{seen[name]:7.1f} ms" if seen[name] is not None else "not within 10 s"
-        out.print(f"  {name:14} had it after {when}   (link RTT to {primary}: {rtt:.0f} ms)")
+        when = f"{ms:7.1f} ms" if ms is not None else "not within 10 s"
+        out.print(
+            f"  {name:14} had it after {when}   (link RTT to {primary}: {rtt:.0f} ms)",
+            highlight=False,
+        )
