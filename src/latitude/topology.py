@@ -194,8 +194,13 @@ def default_lab_topology_path() -> Path:
 
 
 def load_topology(
-    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    secrets: bool = True,
 ) -> Topology:
+    """Load and validate a topology file. `secrets=False` is for tools that sign nothing
+    (routing): a signing key's secret need not be set in their environment."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -205,24 +210,29 @@ def load_topology(
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TopologyError(str(path), [f"cannot read the file: {exc}"]) from None
-    return parse_topology(text, source=str(path), environ=environ)
+    return parse_topology(text, source=str(path), environ=environ, secrets=secrets)
 
 
 def parse_topology(
-    text: str, source: str = "<memory>", environ: Mapping[str, str] | None = None
+    text: str,
+    source: str = "<memory>",
+    environ: Mapping[str, str] | None = None,
+    *,
+    secrets: bool = True,
 ) -> Topology:
     environ = os.environ if environ is None else environ
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(source, [f"malformed TOML: {exc}"]) from None
-    return _Validator(source, environ).build(data)
+    return _Validator(source, environ, secrets).build(data)
 
 
 class _Validator:
-    def __init__(self, source: str, environ: Mapping[str, str]):
+    def __init__(self, source: str, environ: Mapping[str, str], secrets: bool = True):
         self.source = source
         self.environ = environ
+        self.secrets = secrets
         self.problems: list[str] = []
 
     def problem(self, key: str, message: str) -> None:
@@ -485,7 +495,7 @@ class _Validator:
             value = self.environ.get(env)
             secret = value.encode() if value else None
             # The lab generates its own secrets, so a lab topology may name unset variables.
-            if not is_lab:
+            if not is_lab and self.secrets:
                 if secret is None:
                     self.problem(
                         f"{where} ({key_id})",
