@@ -35,6 +35,7 @@ from latitude.http_headers import HOP_BY_HOP
 from latitude.mirror.changelog import ChangeLog
 from latitude.mirror.feed import (
     FILE_SERIAL_HEADER,
+    HEAD,
     HEALTH,
     PREFIX,
     SERIAL_HEADER,
@@ -221,6 +222,10 @@ class MirrorServer:
             try:
                 head = await feed.head(after, self.poll_timeout_s)
             except FeedError as exc:
+                if ": HTTP 404:" in str(exc):  # a primary from before /head: the daemon's word
+                    log.warning("the primary has no %s; health relies on the sync daemon", HEAD)
+                    self._head_contact = None
+                    return
                 if self._head_error is None:
                     self._observe(time.time())  # current until this very moment, perhaps
                 self._head_error = str(exc)
