@@ -8,9 +8,12 @@
   against the primary's ETag and keeps them, unless the sync daemon has already dealt with that
   change. If the primary cannot be reached the answer is 502, never 404.
 * Other paths (the website) are proxied to the primary region's website.
+* An index file the node knows to be behind (the primary's head, which the server long-polls
+  itself, is past its serial) is asked of the primary like a missing file.
 * Every response carries `Latitude-Mirror-Serial`, the serial the node holds, and
-  `/_latitude/mirror/health` reports the lag in serials and seconds: 503 beyond `max_lag_s`, so
-  a health checker takes a stale node out.
+  `/_latitude/mirror/health` (also at `/_latitude/health`) reports how far behind the primary's
+  real head it is and since when: 503 beyond `max_lag_s`, and at once when no sync daemon holds
+  the root's sync lock, so a health checker takes a stale node out.
 * On the primary the same server also answers the change feed (see `feed`).
 """
 
@@ -98,7 +101,6 @@ class MirrorServer:
         self._head_contact: float | None = None  # last answer, or "parked in a poll" since
         self._head_error: str | None = None
         self._current_at: float | None = None  # last moment known to hold the primary's head
-        self._behind_since: float | None = None
         self.via = f"1.1 latitude-mirror-{region}"
         self._cache: OrderedDict[tuple, tuple[str, bytes | None]] = OrderedDict()
         self._cursor: tuple[int, int] = (-1, 0)
@@ -238,8 +240,8 @@ class MirrorServer:
             self._observe(self._head_contact)
 
     def _observe(self, now: float) -> tuple[int, int, bool]:
-        """(cursor, primary head, in contact with the primary), updating when the node was
-        last known current and since when it has been behind."""
+        """(cursor, primary head, in contact with the primary), updating the last moment the
+        node was known to hold the primary's head."""
         st = self.root.status()
         cursor = self.root.cursor()
         self._head = head = max(self._head, int(st.get("head") or 0), cursor)
@@ -248,12 +250,8 @@ class MirrorServer:
         if st.get("waiting_since") and not st.get("error") and self.root.sync_running():
             contacts.append(st["waiting_since"])  # parked in a long poll: it would have heard
         in_contact = any(c is not None and now - c <= fresh for c in contacts)
-        if cursor >= head:
-            self._behind_since = None
-            if in_contact:
-                self._current_at = now
-        elif self._behind_since is None:
-            self._behind_since = now
+        if cursor >= head and in_contact:
+            self._current_at = now
         if st.get("caught_up_at") and cursor >= head:
             self._current_at = max(self._current_at or 0.0, float(st["caught_up_at"]))
         return cursor, head, in_contact
