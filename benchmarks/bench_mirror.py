@@ -47,8 +47,8 @@ from pathlib import Path
 from _lab import pct, say
 
 from latitude.lab import LabWorld
+from latitude.lab.mirrors import lab_mirror_root, start_lab_mirrors, wait_lab_mirrors_ready
 from latitude.mirror import ContentRoot, Item, Publisher
-from latitude.mirror.cli import lab_mirror_root, start_lab_mirrors, wait_lab_mirrors_ready
 from latitude.mirror.nginx import nginx_config
 
 RTT_MS = 150.0

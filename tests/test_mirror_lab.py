@@ -19,8 +19,8 @@ import zipfile
 
 import pytest
 
+from latitude.lab.mirrors import start_lab_mirrors, wait_lab_mirrors_ready
 from latitude.mirror import ContentRoot, Item, Publisher
-from latitude.mirror.cli import start_lab_mirrors, wait_lab_mirrors_ready
 from latitude.mirror.feed import SERIAL_HEADER
 
 pytestmark = pytest.mark.timeout(90)

@@ -78,9 +78,9 @@ def check(
             r.name,
             r.role,
             f"{r.latitude:.2f}, {r.longitude:.2f}",
-            r.public_url or "(lab)",
-            _redact(r.database_url) or "(lab)",
-            r.session_store_url or "(lab)",
+            r.public_url or ("(lab)" if topology.is_lab else "-"),
+            _redact(r.database_url) or ("(lab)" if topology.is_lab else "-"),
+            r.session_store_url or ("(lab)" if topology.is_lab else "-"),
         )
     out.print(table)
     links = ", ".join(f"{a}↔{b} {topology.rtt_ms(a, b):.0f} ms" for a, b in topology.region_pairs())
@@ -328,7 +328,7 @@ def demo(
         figures = lab_demo.measure(world, reads=reads, writes=writes, progress=progress)
         print_figures(figures, world.topology().primary.name)
         progress("start a mirror in every region and publish a file at the primary")
-        from latitude.mirror.cli import propagation
+        from latitude.lab.mirrors import propagation
 
         serial, seen = propagation(world, "demo/hello.json")
         for name, ms in seen.items():

@@ -46,6 +46,14 @@ REGION_KEYS = {
     "primary_database_url",
     "session_store_url",
     "mirror_url",
+    "services",
+}
+# What a region may run, and the keys each service needs (`services = ["mirror"]` for a
+# region that only mirrors, as packagist's mirrors do). Without `services`, a region runs the
+# app, plus the mirror when it has a mirror_url.
+SERVICE_KEYS: dict[str, tuple[str, ...]] = {
+    "app": ("public_url", "internal_url", "database_url", "session_store_url"),
+    "mirror": ("mirror_url",),
 }
 TABLE_KEYS: dict[str, set[str]] = {
     "app": {"name"},
@@ -106,6 +114,10 @@ class Region:
     primary_database_url: str | None = None
     session_store_url: str | None = None
     mirror_url: str | None = None
+    services: tuple[str, ...] = ("app",)
+
+    def runs(self, service: str) -> bool:
+        return service in self.services
 
     @property
     def role(self) -> str:
@@ -182,8 +194,13 @@ def default_lab_topology_path() -> Path:
 
 
 def load_topology(
-    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    secrets: bool = True,
 ) -> Topology:
+    """Load and validate a topology file. `secrets=False` is for tools that sign nothing
+    (routing): a signing key's secret need not be set in their environment."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -193,24 +210,29 @@ def load_topology(
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TopologyError(str(path), [f"cannot read the file: {exc}"]) from None
-    return parse_topology(text, source=str(path), environ=environ)
+    return parse_topology(text, source=str(path), environ=environ, secrets=secrets)
 
 
 def parse_topology(
-    text: str, source: str = "<memory>", environ: Mapping[str, str] | None = None
+    text: str,
+    source: str = "<memory>",
+    environ: Mapping[str, str] | None = None,
+    *,
+    secrets: bool = True,
 ) -> Topology:
     environ = os.environ if environ is None else environ
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(source, [f"malformed TOML: {exc}"]) from None
-    return _Validator(source, environ).build(data)
+    return _Validator(source, environ, secrets).build(data)
 
 
 class _Validator:
-    def __init__(self, source: str, environ: Mapping[str, str]):
+    def __init__(self, source: str, environ: Mapping[str, str], secrets: bool = True):
         self.source = source
         self.environ = environ
+        self.secrets = secrets
         self.problems: list[str] = []
 
     def problem(self, key: str, message: str) -> None:
@@ -337,14 +359,19 @@ class _Validator:
                 self.problem(f"{where}.primary", "must be true or false")
                 primary = False
             lat, lon = self.location(where, r.get("location"))
-            required = (
-                ()
-                if is_lab
-                else ("public_url", "internal_url", "database_url", "session_store_url")
-            )
-            for key in required:
-                if key not in r:
-                    self.problem(f"{where}.{key}", f"missing; every region needs {key}")
+            services = self.services(where, r)
+            for service in () if is_lab else services:
+                for key in SERVICE_KEYS[service]:
+                    if key not in r:
+                        self.problem(
+                            f"{where}.{key}",
+                            f"missing; a region that runs the {service} needs {key}"
+                            + (
+                                ' (a region that only mirrors: services = ["mirror"])'
+                                if service == "app"
+                                else ""
+                            ),
+                        )
             regions.append(
                 Region(
                     name=name,
@@ -387,6 +414,7 @@ class _Validator:
                         HTTP_SCHEMES,
                         f"https://mirror.{name}.example.com",
                     ),
+                    services=services,
                 )
             )
         primaries = [r.name for r in regions if r.primary]
@@ -406,6 +434,23 @@ class _Validator:
             else replace(r, primary_database_url=primary_db)
             for r in regions
         ]
+
+    def services(self, where: str, r: Mapping[str, object]) -> tuple[str, ...]:
+        raw = r.get("services")
+        if raw is None:
+            return ("app", "mirror") if "mirror_url" in r else ("app",)
+        known = ", ".join(f'"{s}"' for s in SERVICE_KEYS)
+        if (
+            not isinstance(raw, list)
+            or not raw
+            or not all(isinstance(s, str) and s in SERVICE_KEYS for s in raw)
+        ):
+            self.problem(
+                f"{where}.services",
+                f'must be a non-empty list of {known}, like services = ["mirror"]; got {raw!r}',
+            )
+            return ("app",)
+        return tuple(dict.fromkeys(raw))
 
     def location(self, where: str, raw: object) -> tuple[float, float]:
         example = "location = [53.35, -6.26] (latitude, longitude in degrees)"
@@ -450,7 +495,7 @@ class _Validator:
             value = self.environ.get(env)
             secret = value.encode() if value else None
             # The lab generates its own secrets, so a lab topology may name unset variables.
-            if not is_lab:
+            if not is_lab and self.secrets:
                 if secret is None:
                     self.problem(
                         f"{where} ({key_id})",

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -132,10 +130,15 @@ def publish(
         batch.append(Item(dest, sys.stdin.buffer.read() if src == "-" else Path(src)))
     if not (batch or delete or scan or prune):
         _fail("nothing to do: give PATH=FILE items, --delete PATH, --scan or --prune")
+    from latitude.mirror.store import BadPath
+
     with Publisher(root, retention_s=retention, precompress=gzip_) as pub:
-        changes = pub.publish_many(batch) if batch else []
-        changes += pub.delete_many(delete) if delete else []
-        changes += pub.publish_tree() if scan else []
+        try:
+            changes = pub.publish_many(batch) if batch else []
+            changes += pub.delete_many(delete) if delete else []
+            changes += pub.publish_tree() if scan else []
+        except BadPath as exc:  # a symlink, '..', a reserved name: nothing was recorded
+            _fail(str(exc))
         for c in changes:
             detail = f"sha256 {c.sha256[:16]}… {c.size} bytes" if c.op == "put" else ""
             out.print(f"serial {c.serial}  {c.op:6} {c.path}  {detail}", highlight=False)
@@ -198,7 +201,10 @@ def sync(
             {task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
         )
         daemon.stop()
-        await task
+        try:
+            await task
+        except RuntimeError as exc:  # another daemon holds this root's sync lock
+            _fail(str(exc))
 
     logging.info("sync %s from %s into %s", cfg.region, cfg.primary_url, cfg.root)
     _run_until_signal(main)
@@ -260,35 +266,54 @@ def nginx_config_cmd(
     root: RootOpt = None,
     listen: Annotated[
         str | None,
-        typer.Option("--listen", help="nginx listen value (default: mirror_url's port)."),
+        typer.Option(
+            "--listen",
+            help="nginx listen value (default 8080, beside `mirror serve` on mirror_url).",
+        ),
     ] = None,
     node_url: Annotated[
         str | None,
         typer.Option(
-            "--node-url", help="URL of `latitude mirror serve` on this node (health, serial)."
+            "--node-url",
+            help="URL of `latitude mirror serve` on this node, for health and the serial "
+            "(default: the region's mirror_url; 'none' to leave them out).",
         ),
     ] = None,
     standalone: Annotated[
         Path | None,
         typer.Option("--standalone", help="Write a whole nginx.conf keeping pid/logs/temp in DIR."),
     ] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", help="With --standalone: the worker processes' user.")
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
     ] = None,
 ) -> None:
     """Print an nginx config that serves like `latitude mirror serve` (try_files, then the primary)."""
-    from latitude.mirror.nginx import nginx_config
+    from latitude.mirror.nginx import default_listen, nginx_config
 
     cfg = _config(topology, region, root)
+    listen = listen or default_listen(cfg.listen_port)
+    if listen.rpartition(":")[2] == str(cfg.listen_port) and cfg.listen_host in (
+        listen.rpartition(":")[0] or cfg.listen_host,
+        "0.0.0.0",
+    ):
+        _fail(
+            f"--listen {listen} is the port `latitude mirror serve` of {cfg.region} listens on "
+            f"({cfg.listen_host}:{cfg.listen_port}, from mirror_url); give nginx another port"
+        )
+    node = f"http://{cfg.listen_host}:{cfg.listen_port}" if node_url is None else node_url
     text = nginx_config(
         region=cfg.region,
         root=cfg.root,
-        listen=listen or str(cfg.listen_port),
+        listen=listen,
         primary_url=None if cfg.is_primary else cfg.primary_url,
         website_url=cfg.website_url,
         paths=cfg.paths,
-        node_url=node_url,
+        node_url=None if node.lower() == "none" else node,
         standalone=standalone.absolute() if standalone else None,
+        user=user,
     )
     if output:
         output.write_text(text)
@@ -297,82 +322,7 @@ def nginx_config_cmd(
         print(text, end="")
 
 
-# ---- the lab (CLI level: the mirror itself never knows it runs in a lab) ----------------------
-
-
-def lab_mirror_root(world, region: str) -> Path:
-    return world.state_dir / "regions" / region / "mirror"
-
-
-def start_lab_mirrors(
-    world, extra: tuple[str, ...] = (), sync_extra: tuple[str, ...] = ()
-) -> dict[str, Path]:
-    """Run `latitude mirror serve` in every region of a running lab, and `sync` in the replicas."""
-    roots = {}
-    py = [sys.executable, "-m", "latitude.cli", "mirror"]
-    for name, r in world.state()["regions"].items():
-        roots[name] = root = lab_mirror_root(world, name)
-        root.mkdir(parents=True, exist_ok=True)
-        world.set_service(name, "mirror", [*py, "serve", "--root", str(root), *extra])
-        if r["role"] != "primary":
-            world.set_service(name, "mirror-sync", [*py, "sync", "--root", str(root), *sync_extra])
-    return roots
-
-
-def wait_lab_mirrors_ready(world, timeout: float = 30.0) -> bool:
-    """Wait until every region's mirror answers and every replica is parked in a long poll."""
-    import json
-    import urllib.request
-
-    state = world.state()
-    deadline = time.monotonic() + timeout
-    pending = set(state["regions"])
-    while pending and time.monotonic() < deadline:
-        for name in list(pending):
-            port = state["regions"][name]["mirror_port"]
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/_latitude/mirror/health", timeout=2
-                ) as r:
-                    h = json.loads(r.read())
-            except OSError:
-                continue
-            if h.get("role") == "primary" or (
-                h.get("behind_seconds") == 0 and h.get("primary") == "reachable"
-            ):
-                pending.discard(name)
-        time.sleep(0.05)
-    return not pending
-
-
 @mirror_app.command("demo")
-def propagation(
-    world, path: str = "demo/hello.json", timeout_s: float = 10.0
-) -> tuple[int, dict[str, float | None]]:
-    """Start a mirror in every region of a running lab, publish one file at the primary, and
-    return its serial and how many ms after the commit each region's copy had it."""
-    from latitude.mirror.publisher import Publisher
-
-    primary = world.state()["primary"]
-    roots = start_lab_mirrors(world)
-    if not wait_lab_mirrors_ready(world, timeout=30):
-        raise RuntimeError(
-            "the mirrors did not become ready within 30 s; see regions/*/mirror*.log in the lab folder"
-        )
-    body = f'{{"published_at": {time.time():.6f}, "pid": {os.getpid()}}}\n'.encode()
-    with Publisher(roots[primary]) as pub:
-        change = pub.publish(path, body)
-        t0 = time.perf_counter()  # committed: from here on every mirror may hear of it
-    seen: dict[str, float] = {}
-    while len(seen) < len(roots) and time.perf_counter() - t0 < timeout_s:
-        for name, root in roots.items():
-            f = root / path
-            if name not in seen and f.exists() and f.read_bytes() == body:
-                seen[name] = (time.perf_counter() - t0) * 1000
-        time.sleep(0.001)
-    return change.serial, {name: seen.get(name) for name in roots}
-
-
 def demo(
     state_dir: Annotated[
         Path | None, typer.Option("--state-dir", help="The running lab's folder.")
@@ -383,17 +333,27 @@ def demo(
 ) -> None:
     """In a running lab: start a mirror in every region, publish a file, show when each had it."""
     from latitude.lab import LabWorld
+    from latitude.lab.mirrors import propagation
+    from latitude.lab.world import LabError
+    from latitude.mirror.store import BadPath
 
     world = LabWorld(state_dir)
-    primary = world.state()["primary"]
     try:
+        if not world.is_running():
+            _fail(
+                f"no lab world is running from {world.state_dir}; start one with "
+                "`latitude lab up` (or pass --state-dir DIR)"
+            )
+        primary = world.state()["primary"]
         serial, seen = propagation(world, path)
-    except RuntimeError as exc:
+    except (RuntimeError, LabError, BadPath) as exc:
         _fail(str(exc))
-    roots = seen
-    out.print(f"published /{path} at {primary} as serial {serial}")
+    out.print(f"published /{path} at {primary} as serial {serial}", highlight=False)
     topo = world.topology()
-    for name in roots:
+    for name, ms in seen.items():
         rtt = topo.rtt_ms(name, primary)
-        when = f"{seen[name]:7.1f} ms" if seen[name] is not None else "not within 10 s"
-        out.print(f"  {name:14} had it after {when}   (link RTT to {primary}: {rtt:.0f} ms)")
+        when = f"{ms:7.1f} ms" if ms is not None else "not within 10 s"
+        out.print(
+            f"  {name:14} had it after {when}   (link RTT to {primary}: {rtt:.0f} ms)",
+            highlight=False,
+        )

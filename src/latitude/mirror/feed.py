@@ -4,6 +4,8 @@
                                                        signed; long-polled up to S seconds
     GET  /_latitude/mirror/snapshot                    signed; the whole tree, for `resync`
     POST /_latitude/mirror/bundle                      many small files in one response
+    GET  /_latitude/mirror/head?after=N&timeout=S      signed; the head serial, long-polled
+                                                       until it passes N (mirrors' health)
 
 `changes` answers ``{"head", "floor", "next", "resync", "changes": [...]}``. With nothing newer
 than N it holds the request until a change is committed (or S passes), so a mirror hears of a
@@ -29,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import socket
 from dataclasses import dataclass, replace
 
@@ -39,7 +42,7 @@ from yarl import URL
 from latitude import signing
 from latitude.mirror.changelog import Change, ChangeLog, Page
 from latitude.mirror.publisher import notify_address
-from latitude.mirror.store import ContentRoot, rel_path
+from latitude.mirror.store import BadPath, ContentRoot, rel_path
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ CHANGES = f"{PREFIX}/changes"
 SNAPSHOT = f"{PREFIX}/snapshot"
 BUNDLE = f"{PREFIX}/bundle"
 HEALTH = f"{PREFIX}/health"
+HEAD = f"{PREFIX}/head"
 SERIAL_HEADER = "Latitude-Mirror-Serial"
 FILE_SERIAL_HEADER = "Latitude-File-Serial"
 BUNDLE_TYPE = "application/x-latitude-bundle"
@@ -153,6 +157,21 @@ class FeedServer:
         app.router.add_get(CHANGES, self.changes, allow_head=False)
         app.router.add_get(SNAPSHOT, self.snapshot, allow_head=False)
         app.router.add_post(BUNDLE, self.bundle)
+        app.router.add_get(HEAD, self.head_serial, allow_head=False)
+
+    async def head_serial(self, request: web.Request) -> web.Response:
+        """The head serial, held until it passes `after` (or `timeout` s): how a mirror's
+        server learns the primary's head on its own, whatever its sync daemon is doing."""
+        await self._verify(request)
+        try:
+            after = int(request.query.get("after", "-1"))
+            timeout = max(0.0, min(float(request.query.get("timeout", "0")), self.poll_timeout_s))
+        except ValueError:
+            raise web.HTTPBadRequest(text="after and timeout must be numbers\n") from None
+        self.refresh()
+        if timeout > 0:
+            await self.wait_past(after, timeout)
+        return self._signed_json(request, {"head": self.head})
 
     async def changes(self, request: web.Request) -> web.Response:
         await self._verify(request)
@@ -196,8 +215,8 @@ class FeedServer:
                 and last[c.path] == c.serial
                 and (c.size or 0) <= min(file_max, budget)
             ):
-                with contextlib.suppress(OSError):
-                    data = self.root.file(c.path).read_bytes()
+                with contextlib.suppress(OSError, ValueError):  # ValueError: a symlink
+                    data = self.root.read_bytes(c.path)
                     budget -= len(data)
                     c = replace(c, data=data)
             out.append(c)
@@ -225,11 +244,11 @@ class FeedServer:
     def _frames(self, paths: list[str], serials: dict[str, int]) -> bytes:
         out = bytearray()
         for path in paths:
-            full = self.root.file(path)
             try:
-                data = full.read_bytes()
-                mtime = full.stat().st_mtime
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                with self.root.open(path) as f:  # never through a symlink
+                    data = f.read()
+                    mtime = os.fstat(f.fileno()).st_mtime
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, BadPath):
                 out += json.dumps({"path": path, "status": 404, "size": 0}).encode() + b"\n"
                 continue
             header = {
@@ -317,6 +336,14 @@ class FeedClient:
             )
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise FeedError(f"malformed feed page: {exc}") from None
+
+    async def head(self, after: int = -1, timeout: float = 0) -> int:
+        """The primary's head serial; with `timeout`, once it passes `after`."""
+        data = await self._get(f"{HEAD}?after={after}&timeout={timeout:g}", timeout + 15)
+        try:
+            return int(data["head"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FeedError(f"malformed head: {exc}") from None
 
     async def snapshot(self) -> Snapshot:
         data = await self._get(SNAPSHOT, 300)

@@ -1,20 +1,68 @@
 """`latitude mirror nginx-config`: the serving rules of `latitude mirror serve`, for nginx.
 
 nginx answers mirrored paths from the root the sync daemon keeps (`try_files`), asks the
-primary's mirror on a miss (`@primary`, over a kept-alive upstream pool), serves `<file>.gz` to
-clients that accept gzip (`gzip_static`), and proxies every other path to the primary region's
-website. The `/_latitude/mirror/` endpoints (health with the lag, the serial) are answered by
-`latitude mirror serve` on the node, when its URL is given: nginx cannot read the serial per
-request.
+primary's mirror on a miss (`@primary`, over a kept-alive upstream pool), compresses text for
+clients that accept gzip, and proxies every other path to the primary region's website. The
+`/_latitude/` endpoints (health with the lag, the serial) are answered by `latitude mirror
+serve` on the node (by default the region's `mirror_url`): nginx cannot read the serial.
+
+What keeps it as correct as `latitude mirror serve`:
+
+* `gzip on`, never `gzip_static`: nginx would serve a `<file>.gz` whatever its age, so for
+  the moment between a file's rename and its `.gz`'s (or for good, if only the file is
+  republished) a client would get the old version. Compressing on the fly costs CPU, never
+  freshness.
+* the content types come from the same table as `mirror serve`'s (`store.CONTENT_TYPES`), and
+  `gzip_vary` gives compressible types `Vary: Accept-Encoding`, as `mirror serve` does.
+* `disable_symlinks on`: no symlink in the root is followed, as `mirror serve` refuses them.
+* `if_modified_since exact` (nginx's default) with the publisher's one-version-per-second
+  mtimes: If-Modified-Since alone never gets 304 for changed bytes.
 
 Differences to `latitude mirror serve`: nginx's ETag is mtime-size rather than the sha256 (so it
-differs between nodes), and a file fetched from the primary on a miss is not kept.
+differs between nodes, and is weak when compressed), a file fetched from the primary on a miss
+is not kept, and an index the node knows to be behind is served from the local copy (nginx
+does not know the primary's head).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from latitude.mirror.store import COMPRESSIBLE_TYPES, CONTENT_TYPES, DEFAULT_CONTENT_TYPE
+
+DEFAULT_LISTEN_PORT = 8080
+
+
+def default_listen(node_port: int) -> str:
+    """A port beside `latitude mirror serve` on the node, never the node's own."""
+    return str(DEFAULT_LISTEN_PORT if node_port != DEFAULT_LISTEN_PORT else DEFAULT_LISTEN_PORT + 1)
+
+
+def _types_block() -> list[str]:
+    by_type: dict[str, list[str]] = {}
+    for ext, ctype in CONTENT_TYPES.items():
+        by_type.setdefault(ctype, []).append(ext)
+    lines = ["    types {  # the same table as `latitude mirror serve` (store.CONTENT_TYPES)"]
+    lines += [f"        {ctype} {' '.join(exts)};" for ctype, exts in by_type.items()]
+    text = sorted({t for t in CONTENT_TYPES.values() if t.startswith("text/")})
+    gzip_types = sorted(
+        {t for t in CONTENT_TYPES.values() if t.startswith(COMPRESSIBLE_TYPES)} - {"text/html"}
+    )
+    return [
+        *lines,
+        "    }",
+        f"    default_type {DEFAULT_CONTENT_TYPE};",
+        "    charset utf-8;",
+        f"    charset_types {' '.join(t for t in text if t != 'text/html')};",
+        "    # Compressed on the fly, never from a .gz beside the file (which may be older).",
+        "    gzip on;",
+        "    gzip_static off;",
+        "    gzip_vary on;",
+        "    gzip_min_length 0;",
+        "    gzip_proxied any;",
+        f"    gzip_types {' '.join(gzip_types)};  # text/html always",
+    ]
 
 
 def _hostport(url: str) -> str:
@@ -88,7 +136,9 @@ def nginx_config(
         f"    listen {listen};",
         f"    root {root};",
         "    etag on;",
-        "    gzip_static on;",
+        "    if_modified_since exact;",
+        "    disable_symlinks on;  # as `mirror serve`: a symlink could lead outside the root",
+        *_types_block(),
         "    sendfile on;",
         "    tcp_nopush on;",
         "    keepalive_requests 10000;",
@@ -100,7 +150,7 @@ def nginx_config(
     ]
     if node_url:
         out += [
-            "    location /_latitude/mirror/ {",
+            "    location /_latitude/ {",
             *_proxy("latitude_node", node_url),
             "    }",
             "",
@@ -146,8 +196,6 @@ def nginx_config(
         f"error_log {s / 'error.log'} warn;",
         "events { worker_connections 4096; }",
         "http {",
-        "    types { text/html html; application/json json; application/octet-stream whl; application/gzip gz; }",
-        "    default_type application/octet-stream;",
         "    access_log off;",
         f"    client_body_temp_path {s / 'client_body'};",
         f"    proxy_temp_path {s / 'proxy'};",

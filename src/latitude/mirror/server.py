@@ -8,9 +8,12 @@
   against the primary's ETag and keeps them, unless the sync daemon has already dealt with that
   change. If the primary cannot be reached the answer is 502, never 404.
 * Other paths (the website) are proxied to the primary region's website.
+* An index file the node knows to be behind (the primary's head, which the server long-polls
+  itself, is past its serial) is asked of the primary like a missing file.
 * Every response carries `Latitude-Mirror-Serial`, the serial the node holds, and
-  `/_latitude/mirror/health` reports the lag in serials and seconds: 503 beyond `max_lag_s`, so
-  a health checker takes a stale node out.
+  `/_latitude/mirror/health` (also at `/_latitude/health`) reports how far behind the primary's
+  real head it is and since when: 503 beyond `max_lag_s`, and at once when no sync daemon holds
+  the root's sync lock, so a health checker takes a stale node out.
 * On the primary the same server also answers the change feed (see `feed`).
 """
 
@@ -18,15 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import hashlib
 import logging
-import mimetypes
 import os
 import re
 import stat
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -34,25 +36,37 @@ from aiohttp import web
 from latitude import signing
 from latitude.http_headers import HOP_BY_HOP
 from latitude.mirror.changelog import ChangeLog
-from latitude.mirror.feed import FILE_SERIAL_HEADER, HEALTH, PREFIX, SERIAL_HEADER, FeedServer
+from latitude.mirror.feed import (
+    FILE_SERIAL_HEADER,
+    HEAD,
+    HEALTH,
+    PREFIX,
+    SERIAL_HEADER,
+    FeedClient,
+    FeedError,
+    FeedServer,
+)
 from latitude.mirror.store import (
     AtomicFile,
     BadPath,
     ContentRoot,
+    UnsafePath,
+    compressible,
+    content_type,
     http_date,
     parse_http_date,
     rel_path,
 )
+from latitude.mirror.sync import DEFAULT_INDEXES
 
 log = logging.getLogger(__name__)
 
+GENERIC_HEALTH = "/_latitude/health"
 REGION_HEADER = "Latitude-Mirror-Region"
 SOURCE_HEADER = "Latitude-Mirror-Source"
 SMALL_FILE = 256 * 1024  # bodies up to this size are cached in memory with their hash
 CACHE_ENTRIES = 20_000
 _SHA_RE = re.compile(r'^(W/)?"?([0-9a-f]{64})"?$')
-mimetypes.add_type("application/octet-stream", ".whl")
-mimetypes.add_type("application/json", ".json")
 
 
 class MirrorServer:
@@ -69,6 +83,7 @@ class MirrorServer:
         max_lag_s: float = 60.0,
         poll_timeout_s: float = 25.0,
         retention_s: float | None = None,
+        indexes: tuple[str, ...] = DEFAULT_INDEXES,
     ):
         self.root = root if isinstance(root, ContentRoot) else ContentRoot(root)
         self.region = region
@@ -80,6 +95,12 @@ class MirrorServer:
         self.max_lag_s = max_lag_s
         self.poll_timeout_s = poll_timeout_s
         self.retention_s = retention_s
+        self.indexes = tuple(indexes)
+        # What this server itself knows of the primary's head (see `_watch_head`).
+        self._head = 0
+        self._head_contact: float | None = None  # last answer, or "parked in a poll" since
+        self._head_error: str | None = None
+        self._current_at: float | None = None  # last moment known to hold the primary's head
         self.via = f"1.1 latitude-mirror-{region}"
         self._cache: OrderedDict[tuple, tuple[str, bytes | None]] = OrderedDict()
         self._cursor: tuple[int, int] = (-1, 0)
@@ -101,6 +122,7 @@ class MirrorServer:
             max_lag_s=cfg.max_lag_s,
             poll_timeout_s=cfg.poll_timeout_s,
             retention_s=cfg.retention_s,
+            indexes=cfg.indexes,
         )
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -112,6 +134,7 @@ class MirrorServer:
         app.on_cleanup.append(self._on_cleanup)
         app.on_response_prepare.append(self._stamp)
         app.router.add_get(HEALTH, self.health)
+        app.router.add_get(GENERIC_HEALTH, self.health)  # routing's default check_path
         if self.is_primary:
             self.root.ensure()
             self.log = ChangeLog(self.root.state_dir / "changes.sqlite", self.retention_s or 86400)
@@ -145,6 +168,8 @@ class MirrorServer:
         if self.feed is not None:
             await self.feed.start()
             self._tasks.append(asyncio.create_task(self._prune_forever()))
+        elif self.primary_url is not None:
+            self._tasks.append(asyncio.create_task(self._watch_head()))
 
     async def _on_shutdown(self, app: web.Application) -> None:
         for t in self._tasks:
@@ -187,6 +212,54 @@ class MirrorServer:
             report, status=200 if report["healthy"] else 503, headers={"Cache-Control": "no-store"}
         )
 
+    async def _watch_head(self) -> None:
+        """Long-poll the primary's head serial, independently of the sync daemon: health and
+        the stale-index check compare with the primary's real head, not with what the daemon
+        last wrote down (a dead daemon writes nothing)."""
+        feed = FeedClient(self.http, self.primary_url, self.keyring)
+        failures = 0
+        while True:
+            after = max(self._head, self.serial())
+            self._head_contact = time.time() if self._head_error is None else self._head_contact
+            try:
+                head = await feed.head(after, self.poll_timeout_s)
+            except FeedError as exc:
+                if ": HTTP 404:" in str(exc):  # a primary from before /head: the daemon's word
+                    log.warning("the primary has no %s; health relies on the sync daemon", HEAD)
+                    self._head_contact = None
+                    return
+                if self._head_error is None:
+                    self._observe(time.time())  # current until this very moment, perhaps
+                self._head_error = str(exc)
+                failures += 1
+                await asyncio.sleep(min(0.2 * 2**failures, 2.0))
+                continue
+            failures, self._head_error = 0, None
+            self._head = max(self._head, head)
+            self._head_contact = time.time()
+            self._observe(self._head_contact)
+
+    def _observe(self, now: float) -> tuple[int, int, bool]:
+        """(cursor, primary head, in contact with the primary), updating the last moment the
+        node was known to hold the primary's head."""
+        st = self.root.status()
+        cursor = self.root.cursor()
+        self._head = head = max(self._head, int(st.get("head") or 0), cursor)
+        fresh = self.poll_timeout_s + 5  # a parked long poll answers within this
+        contacts = [self._head_contact if self._head_error is None else None]
+        if st.get("waiting_since") and not st.get("error") and self.root.sync_running():
+            contacts.append(st["waiting_since"])  # parked in a long poll: it would have heard
+        in_contact = any(c is not None and now - c <= fresh for c in contacts)
+        if cursor >= head and in_contact:
+            self._current_at = now
+        if st.get("caught_up_at") and cursor >= head:
+            self._current_at = max(self._current_at or 0.0, float(st["caught_up_at"]))
+        return cursor, head, in_contact
+
+    def behind(self) -> bool:
+        """Whether this mirror knows the primary has changes it has not applied yet."""
+        return not self.is_primary and self.serial() < self._head
+
     def health_report(self) -> dict:
         if self.is_primary:
             return {
@@ -195,36 +268,44 @@ class MirrorServer:
                 "serial": self.serial(),
                 "healthy": True,
             }
-        st = self.root.status()
-        cursor = self.root.cursor()
-        head = max(int(st.get("head") or 0), cursor)
         now = time.time()
-        waiting = st.get("waiting_since")
-        if (
-            cursor >= head
-            and waiting
-            and not st.get("error")
-            and now - waiting <= self.poll_timeout_s + 5
-        ):
-            lag_s: float | None = 0.0  # parked in a long poll: the primary would have told us
-        elif st.get("caught_up_at"):
-            lag_s = max(0.0, now - float(st["caught_up_at"]))
+        st = self.root.status()
+        cursor, head, in_contact = self._observe(now)
+        sync_running = self.root.sync_running()
+        if cursor >= head and in_contact:
+            lag_s: float | None = 0.0
+            since = None
         else:
-            lag_s = None  # never caught up
-        healthy = lag_s is not None and lag_s <= self.max_lag_s
-        last = st.get("last_contact")
+            # Behind, or out of touch: lagging since the last moment it was known current.
+            since = self._current_at
+            lag_s = None if since is None else max(0.0, now - since)
+        problems = []
+        if not sync_running:
+            problems.append("the sync daemon is not running (no process holds .latitude/sync.lock)")
+        if lag_s is None:
+            problems.append("never known to be current with the primary")
+        elif lag_s > self.max_lag_s:
+            problems.append(f"behind for {lag_s:.1f} s, more than max_lag_s {self.max_lag_s:g}")
+        last = self._head_contact if self._head_error is None else None
+        last = max(filter(None, [last, st.get("last_contact")]), default=None)
+        error = self._head_error or st.get("error")
         return {
             "region": self.region,
             "role": "mirror",
             "serial": cursor,
             "primary_serial": head,
-            "behind_serials": head - cursor,
+            "behind_serials": max(0, head - cursor),
+            "behind_since": None if since is None else round(since, 3),
             "behind_seconds": None if lag_s is None else round(lag_s, 3),
             "max_lag_s": self.max_lag_s,
-            "primary": "unreachable" if st.get("error") else ("reachable" if last else "unknown"),
+            "sync": "running" if sync_running else "not running",
+            "primary": "reachable"
+            if in_contact and not error
+            else ("unreachable" if error else "unknown"),
             "last_contact_s_ago": None if last is None else round(now - last, 3),
-            "error": st.get("error"),
-            "healthy": healthy,
+            "error": error,
+            "problems": problems,
+            "healthy": not problems,
         }
 
     # ---- requests ------------------------------------------------------------------------------
@@ -246,6 +327,12 @@ class MirrorServer:
             rel = rel_path(path)
         except BadPath as exc:
             raise web.HTTPNotFound(text=f"{exc}\n") from None
+        if self.primary_url is not None and self.is_index(rel) and self.behind():
+            # The local index may predate a change the primary has: ask the primary, as for
+            # a missing file. Only if it cannot be reached is the local copy the answer.
+            response = await self.from_primary(request, rel)
+            if response.status != 502:
+                return response
         response = await self.local(request, rel)
         if response is not None:
             return response
@@ -253,28 +340,40 @@ class MirrorServer:
             raise web.HTTPNotFound(text=f"{path}: no such file\n")
         return await self.from_primary(request, rel)
 
+    def is_index(self, rel: str) -> bool:
+        return any(fnmatch.fnmatchcase(rel, p) for p in self.indexes)
+
     async def local(self, request: web.Request, rel: str) -> web.StreamResponse | None:
-        full = self.root.root / rel
         try:
-            st = os.stat(full)
-        except (FileNotFoundError, NotADirectoryError):
+            st = self.root.stat(rel)
+        except UnsafePath as exc:
+            raise web.HTTPForbidden(text=f"{exc}\n") from None
+        if st is None:
             return None
         if stat.S_ISDIR(st.st_mode):
             raise web.HTTPMovedPermanently(
                 request.path + "/" + (f"?{request.query_string}" if request.query_string else "")
             )
-        headers = {"Content-Type": _content_type(rel), "Last-Modified": http_date(st.st_mtime)}
-        if not rel.endswith(".gz"):
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                gz = os.stat(str(full) + ".gz")
-                headers["Vary"] = "Accept-Encoding"
-                if _accepts_gzip(request) and gz.st_mtime >= st.st_mtime:
-                    full, st = Path(str(full) + ".gz"), gz
-                    headers["Content-Encoding"] = "gzip"
-        sha, body = await self._entry(full, st)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        served = rel
+        ctype = content_type(rel)
+        headers = {"Content-Type": ctype, "Last-Modified": http_date(st.st_mtime)}
+        if compressible(ctype):
+            headers["Vary"] = "Accept-Encoding"  # as nginx's gzip_vary: a .gz may come and go
+            with contextlib.suppress(BadPath):
+                gz = self.root.stat(rel + ".gz")
+                if gz is not None and stat.S_ISREG(gz.st_mode):
+                    if _accepts_gzip(request) and gz.st_mtime >= st.st_mtime:
+                        served, st = rel + ".gz", gz
+                        headers["Content-Encoding"] = "gzip"
+        try:
+            sha, body = await self._entry(served, st)
+        except (UnsafePath, FileNotFoundError):  # swapped for a symlink, or deleted, meanwhile
+            return None
         headers["ETag"] = f'"{sha}"'
         if self.feed is not None:
-            known = self.log.file(rel + (".gz" if "Content-Encoding" in headers else ""))
+            known = self.log.file(served)
             if known:
                 headers[FILE_SERIAL_HEADER] = str(known["serial"])
         if _not_modified(request, sha, st.st_mtime):
@@ -290,28 +389,35 @@ class MirrorServer:
         resp.content_length = st.st_size
         await resp.prepare(request)
         if request.method != "HEAD":
-            with open(full, "rb") as f:
+            with self.root.open(served) as f:
                 while chunk := f.read(1 << 20):
                     await resp.write(chunk)
         await resp.write_eof()
         return resp
 
-    async def _entry(self, full: Path, st: os.stat_result) -> tuple[str, bytes | None]:
+    async def _entry(self, rel: str, st: os.stat_result) -> tuple[str, bytes | None]:
         """(sha256, body if small) of a file version, cached by inode, mtime and size."""
-        key = (st.st_ino, st.st_mtime_ns, st.st_size, str(full))
+        key = (st.st_ino, st.st_mtime_ns, st.st_size, rel)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
         if st.st_size <= SMALL_FILE:
-            data = full.read_bytes()
+            data = self.root.read_bytes(rel)
             entry = (hashlib.sha256(data).hexdigest(), data)
         else:
-            entry = (await asyncio.to_thread(_sha_file, full), None)
+            entry = (await asyncio.to_thread(self._sha_file, rel), None)
         self._cache[key] = entry
         if len(self._cache) > CACHE_ENTRIES:
             self._cache.popitem(last=False)
         return entry
+
+    def _sha_file(self, rel: str) -> str:
+        h = hashlib.sha256()
+        with self.root.open(rel) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
 
     async def from_primary(self, request: web.Request, rel: str) -> web.StreamResponse:
         """A local miss: the primary's copy, checked, kept, never a 404 for a file it has."""
@@ -362,7 +468,10 @@ class MirrorServer:
         file_serial = h.get(FILE_SERIAL_HEADER)
         if m and file_serial and file_serial.isdigit():
             mtime = parse_http_date(h.get("Last-Modified"))
-            await asyncio.to_thread(self._keep, rel, body, mtime, int(file_serial))
+            try:
+                await asyncio.to_thread(self._keep, rel, body, mtime, int(file_serial))
+            except BadPath as exc:  # a symlink on the way: serve the checked bytes, keep none
+                log.warning("not keeping /%s: %s", rel, exc)
         return status, keep, body
 
     def _keep(self, rel: str, body: bytes, mtime: float | None, file_serial: int) -> None:
@@ -370,7 +479,7 @@ class MirrorServer:
         with self.root.locked():
             if file_serial <= self.root.cursor():
                 return
-            f = AtomicFile(self.root.file(rel))
+            f = AtomicFile(self.root.file(rel, create_parents=True))
             f.write(body)
             f.commit(mtime, no_clobber=True)
 
@@ -414,14 +523,6 @@ class MirrorServer:
             ) from None
 
 
-def _content_type(rel: str) -> str:
-    if rel.endswith(".gz"):
-        return "application/gzip"
-    ctype, _ = mimetypes.guess_type(rel, strict=False)
-    ctype = ctype or "application/octet-stream"
-    return f"{ctype}; charset=utf-8" if ctype.startswith("text/") else ctype
-
-
 def _accepts_gzip(request: web.Request) -> bool:
     for part in request.headers.get("Accept-Encoding", "").lower().split(","):
         name, _, params = part.strip().partition(";")
@@ -438,14 +539,6 @@ def _not_modified(request: web.Request, sha: str, mtime: float | None) -> bool:
         return "*" in tags or sha in tags
     ims = parse_http_date(request.headers.get("If-Modified-Since"))
     return ims is not None and mtime is not None and int(mtime) <= ims
-
-
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 async def serve_forever(server: MirrorServer, host: str, port: int, stop: asyncio.Event) -> None:

@@ -143,7 +143,9 @@ def routing_config(topology: Topology) -> RoutingConfig:
         problem("check_path", f'must be a path starting with "/", like "{DEFAULT_CHECK_PATH}"')
         path = DEFAULT_CHECK_PATH
 
-    services = raw.get("check_services", ["app"])
+    # A deployment that only mirrors (no region runs the app) checks its mirrors by default.
+    runs_app = any("app" in r.services for r in topology.regions)
+    services = raw.get("check_services", ["app"] if runs_app else ["mirror"])
     if (
         not isinstance(services, list)
         or not services
