@@ -97,3 +97,19 @@ async def test_a_bad_cookie_gets_the_same_answer_everywhere(calendar, cookie):
                 login = (r.status, "session=" in r.headers.get("Set-Cookie", ""))
         seen[region] = (me, write, login)
     assert seen == {r: ((200, None), 401, (200, True)) for r in (PRIMARY, EU, AP)}
+
+
+async def test_primary_session_store_outage_is_503_at_the_replica(calendar):
+    """The primary's Valkey also holds its replay cache: a forwarded write it cannot check
+    is refused with a signed 503 the replica passes on, not a 502 "bad answer"."""
+    async with client(calendar, EU) as c:
+        await sign_in(c, f"far-outage-{uuid.uuid4().hex[:8]}")
+        calendar.kill(PRIMARY, "sessions")
+        try:
+            async with c.post("/events", json={"title": "x"}) as r:
+                assert r.status == 503
+                assert r.headers.get("Retry-After")
+                assert "verify" in await r.text()
+            assert (await whoami(c)) is not None  # still signed in here
+        finally:
+            calendar.revive(PRIMARY, "sessions")

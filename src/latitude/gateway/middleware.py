@@ -269,10 +269,12 @@ class RegionGateway:
             return
         if not self._started:
             await self.startup()
+        # A forwarded request is the client's, checked at its edge, plus our envelope headers.
+        slack = 8192 if header(scope["headers"], FORWARDED_FROM_HEADER.encode()) else 0
         refusal = check_request(
             scope["headers"],
             max_header_bytes=self.config.max_header_bytes,
-            max_headers_bytes=self.config.max_headers_bytes,
+            max_headers_bytes=self.config.max_headers_bytes + slack,
         )
         if refusal is not None:
             self.counters["refused_at_edge"] += 1
@@ -836,13 +838,14 @@ class RegionGateway:
             await send_error(scope, send, 401, "Forwarded request rejected", str(exc))
             return
         except NonceCacheError as exc:
-            await send_error(
-                scope,
+            # The signature is good; only its nonce cannot be checked (the session store is
+            # down). Signed, so the replica relays the 503 instead of calling it a bad answer.
+            await self._signed_answer(
                 send,
+                headers,
                 503,
-                "Cannot verify forwarded requests",
-                str(exc),
-                extra_headers=[(b"retry-after", b"1")],
+                [(b"retry-after", b"2"), (b"content-type", b"text/plain")],
+                f"Cannot verify forwarded requests: {exc}".encode(),
             )
             return
         body = await SpooledBody.read(receive, prefix_length=_announced_body_length(headers))
@@ -949,6 +952,12 @@ class RegionGateway:
                 consistency.PRIMARY, scope["method"], scope["path"], cfg.region.name
             ):
                 await self.app(app_scope, *body.replay(body.size - n, captured.send))
+        except SessionStoreUnavailable as exc:
+            await self.idempotency.abandon(key)
+            await self._signed_answer(
+                send, headers, 503, [(b"retry-after", b"2")], str(exc).encode()
+            )
+            return
         except Exception:
             log.exception("the app failed on a forwarded %s %s", scope["method"], scope["path"])
             await self.idempotency.abandon(key)
@@ -1052,6 +1061,17 @@ async def _nonce_cache_for(url: str | None) -> NonceCache:
     if not url or url.startswith("memory:"):
         return MemoryNonceCache()
     import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     url = url.replace("valkey://", "redis://", 1).replace("valkeys://", "rediss://", 1)
-    return ValkeyNonceCache(redis.from_url(url))
+    # As the session store: a connection to a restarted Valkey is retried once on a new one.
+    client = redis.from_url(
+        url,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+        socket_connect_timeout=2.0,
+        socket_timeout=2.0,
+    )
+    return ValkeyNonceCache(client)
