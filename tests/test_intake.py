@@ -80,3 +80,33 @@ def test_invalid_hosts_are_refused(host):
     if host:
         got = refusal([(b"host", host.encode())])
         assert got is not None and got.status == 400 and "Host" in got.title
+
+
+def _config(extra: str):
+    from latitude.gateway.config import GatewayConfig
+    from latitude.topology import default_lab_topology_path, parse_topology
+
+    text = default_lab_topology_path().read_text() + extra
+    topology = parse_topology(text, environ={"LATITUDE_LAB_KEY": "k" * 32})
+    return GatewayConfig.from_topology(topology, "eu-west", environ={"LATITUDE_LAB_KEY": "k" * 32})
+
+
+def test_edge_bounds_come_from_the_topology():
+    config = _config(
+        "\n[gateway]\nmax_header_bytes = 8192\nheader_timeout_s = 2.5\nbody_timeout_s = 4\n"
+    )
+    assert (config.max_header_bytes, config.header_timeout_s, config.body_timeout_s) == (
+        8192,
+        2.5,
+        4.0,
+    )
+    defaults = _config("")
+    assert (defaults.max_answer_bytes, defaults.max_headers_bytes) == (64 << 20, 64 << 10)
+
+
+@pytest.mark.parametrize("setting", ["header_timeout_s = 0", "max_pending_headers = -1"])
+def test_a_bound_that_is_not_positive_is_named(setting):
+    from latitude.gateway.config import GatewayConfigError
+
+    with pytest.raises(GatewayConfigError, match=setting.split()[0]):
+        _config(f"\n[gateway]\n{setting}\n")
