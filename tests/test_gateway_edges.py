@@ -199,6 +199,16 @@ def test_odd_targets_arrive_byte_for_byte(edges, kind):
     assert wrong == []
 
 
+@pytest.mark.parametrize("target", ["http://elsewhere/x?q=1", "/a#b", "*"])
+def test_a_target_that_is_not_a_path_is_refused(edges, target):
+    record = f"target-{uuid.uuid4()}"
+    for method in ("POST", "OPTIONS"):
+        answer = raw_request(edges.serve[EU], method, target, [("x-record", record)], b"x")
+        assert answer.status == 400, answer.body[:200]
+        assert b"not a path" in answer.body
+    assert records(edges, record) == []
+
+
 # ---- 12. the client's headers, not the HTTP library's ---------------------------------------
 
 

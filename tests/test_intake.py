@@ -110,3 +110,18 @@ def test_a_bound_that_is_not_positive_is_named(setting):
 
     with pytest.raises(GatewayConfigError, match=setting.split()[0]):
         _config(f"\n[gateway]\n{setting}\n")
+
+
+@pytest.mark.parametrize("target", [b"/", b"/a/../b", b"//x", b"/%23"])
+def test_paths_pass(target):
+    from latitude.gateway.intake import check_target
+
+    assert check_target(target) is None
+
+
+@pytest.mark.parametrize("target", [b"*", b"http://x/abs", b"/a#b", b"a"])
+def test_a_target_that_is_not_a_path_is_refused(target):
+    from latitude.gateway.intake import check_target
+
+    got = check_target(target)
+    assert got is not None and got.status == 400 and "not a path" in got.detail

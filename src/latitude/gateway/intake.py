@@ -8,7 +8,9 @@ wherever it lands (docs/gateway.md, "What the gateway refuses, and with what sta
    (it can only sign visible ASCII), or a header that is not UTF-8 (it could not be carried
    byte for byte): `400`;
 3. a `Host` that is not one `host[:port]` (it is written into `Forwarded` for the primary's
-   app; nothing a client sends may change what that header says): `400`.
+   app; nothing a client sends may change what that header says): `400`;
+4. a request target that is not a path and query (`check_target`: an absolute URL, `*`, or a
+   `#`, which no client sends and which could not reach the primary's app as sent): `400`.
 """
 
 from __future__ import annotations
@@ -98,6 +100,19 @@ def check_request(
             f"The Host header {hosts[0].decode('ascii')[:100]!r} is not a host[:port].",
         )
     return None
+
+
+def check_target(raw_path: bytes) -> Refusal | None:
+    """The request target (before `?`) must be a path: `/...` without a fragment."""
+    if raw_path.startswith(b"/") and b"#" not in raw_path:
+        return None
+    shown = raw_path.decode("latin-1")[:100]
+    return Refusal(
+        400,
+        "Bad request target",
+        f"The request target {shown!r} is not a path; send the path and query only "
+        "(GET /path?query), without a #fragment.",
+    )
 
 
 def valid_host(value: str) -> bool:

@@ -20,7 +20,7 @@ from latitude.forwarding import AnswerTooLarge, ForwardingClient, NoAnswer, NotS
 from latitude.gateway.classify import FORWARDED_FROM_HEADER, SAFE_METHODS, Decision, classify
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.deadlines import bounded
-from latitude.gateway.intake import check_request
+from latitude.gateway.intake import check_request, check_target
 from latitude.gateway.messages import (
     BodyStalled,
     BodyTooLarge,
@@ -275,7 +275,7 @@ class RegionGateway:
             scope["headers"],
             max_header_bytes=self.config.max_header_bytes,
             max_headers_bytes=self.config.max_headers_bytes + slack,
-        )
+        ) or check_target(scope.get("raw_path") or scope["path"].encode())
         if refusal is not None:
             self.counters["refused_at_edge"] += 1
             await send_error(scope, send, refusal.status, refusal.title, refusal.detail)
