@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
+import yarl
 
 
 class ForwardingError(Exception):
@@ -27,6 +28,28 @@ class NotSent(ForwardingError):
 
 class NoAnswer(ForwardingError):
     """The request may have reached the primary, but no complete answer came back."""
+
+
+class AnswerTooLarge(ForwardingError):
+    """The primary answered, but with more than `max_response_bytes`: it was not read whole.
+
+    The primary has run the request and stored its outcome; a retry would only fetch the same
+    answer again, so this is final, not retried."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the primary's answer is larger than {limit} bytes")
+        self.limit = limit
+
+
+# What aiohttp would add on its own to every request: the primary's app must see the client's
+# headers, not the library's (Host is the one it must set: the signature covers @authority).
+SKIP_AUTO_HEADERS = ("User-Agent", "Content-Type", "Accept", "Accept-Encoding")
+
+
+def raw_url(base_url: str, path_and_query: str) -> yarl.URL:
+    """The URL exactly as given: yarl would otherwise re-encode the path and query (`%7E` to
+    `~`, `%2f`, dot segments), and the primary's app and signature must see the client's bytes."""
+    return yarl.URL(base_url + path_and_query, encoded=True)
 
 
 @dataclass
@@ -93,7 +116,7 @@ class ForwardingClient:
         return aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Content-Type"),
+            skip_auto_headers=SKIP_AUTO_HEADERS,
         )
 
     @property
@@ -158,15 +181,13 @@ class ForwardingClient:
         try:
             async with session.request(
                 method,
-                f"{self.base_url}{path_and_query}",
+                raw_url(self.base_url, path_and_query),
                 headers=headers,
                 data=body,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.connect_timeout_s),
             ) as resp:
-                data = await resp.content.read(self.max_response_bytes + 1)
-                if len(data) > self.max_response_bytes:
-                    raise NoAnswer(f"the primary's answer exceeds {self.max_response_bytes} bytes")
+                data = await self._read_whole(resp)
                 headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
                 return ForwardedResponse(resp.status, headers, data)
         except aiohttp.ClientConnectorError as exc:
@@ -184,6 +205,22 @@ class ForwardingClient:
         finally:
             if owned is not None:
                 await owned.close()
+
+    async def _read_whole(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole answer, up to `max_response_bytes` (`content.read(n)` returns only what is
+        buffered, so an answer larger than one read would be cut short)."""
+        limit = self.max_response_bytes
+        announced = resp.content_length
+        if announced is not None and announced > limit:
+            raise AnswerTooLarge(limit)
+        data = bytearray()
+        async for chunk in resp.content.iter_any():
+            data += chunk
+            if len(data) > limit:
+                raise AnswerTooLarge(limit)
+        if announced is not None and len(data) != announced:
+            raise NoAnswer(f"the primary's answer ended after {len(data)} of {announced} bytes")
+        return bytes(data)
 
     def pool_info(self) -> dict[str, int | bool]:
         connector = self._session.connector if self._session else None

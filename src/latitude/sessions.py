@@ -72,6 +72,7 @@ PHP_KEY_TEMPLATE = "PHPREDIS_SESSION:{sid}"
 DEFAULT_TTL_S = 86400
 DEFAULT_LIMIT_BYTES = 1024 * 1024
 LIMIT_SETTING = "[gateway] session_limit_bytes"
+STORE_TIMEOUT_S = 2.0  # connect and per-command bound of a store made from a URL
 
 _SID_RE = re.compile(r"[A-Za-z0-9_.~,-]{8,256}")
 
@@ -193,7 +194,19 @@ class ValkeySessionStore:
         self.key_template = check_key_template(key_template)
         self.default_ttl_s = _ttl(None, default_ttl_s)
         if isinstance(url_or_client, str):
-            self._client = aioredis.Redis.from_url(_redis_url(url_or_client))
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import ConnectionError as RedisConnectionError
+
+            self._client = aioredis.Redis.from_url(
+                _redis_url(url_or_client),
+                # A pooled connection to a Valkey that restarted fails once: retry it on a new
+                # one. A store that is down or cut fails within the timeouts, not forever.
+                retry=Retry(NoBackoff(), 1),
+                retry_on_error=[RedisConnectionError],
+                socket_connect_timeout=STORE_TIMEOUT_S,
+                socket_timeout=STORE_TIMEOUT_S,
+            )
             self._owns_client = True
         else:
             kwargs = getattr(

@@ -77,6 +77,12 @@ TABLE_KEYS: dict[str, set[str]] = {
         "tls_key",
         "workers",
         "trusted_proxies",
+        "max_answer_bytes",
+        "max_header_bytes",
+        "max_headers_bytes",
+        "body_timeout_s",
+        "header_timeout_s",
+        "max_pending_headers",
     },
     "mirror": {"root", "indexes", "retention_s", "max_lag_s", "poll_timeout_s", "paths"},
     "routing": {

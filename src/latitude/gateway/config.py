@@ -30,6 +30,13 @@ class GatewayConfig:
     consistency: object = "session"
     ca_file: str | None = None
     trusted_proxies: tuple = ()
+    # The edge's bounds (docs/gateway.md, "What the gateway refuses").
+    max_answer_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_headers_bytes: int = 64 * 1024
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    max_pending_headers: int = 256
     local_routes: tuple[str, ...] = ()
     always_forward_routes: tuple[str, ...] = ()
     overrides: Mapping[str, object] = field(default_factory=dict)
@@ -101,6 +108,18 @@ class GatewayConfig:
             consistency=g.get("consistency", "session"),
             ca_file=get("ca_file", environ.get("LATITUDE_CA_FILE"), str),
             trusted_proxies=_networks(g.get("trusted_proxies", [])),
+            max_answer_bytes=_positive(
+                get("max_answer_bytes", 64 * 1024 * 1024, int), "max_answer_bytes"
+            ),
+            max_header_bytes=_positive(get("max_header_bytes", 16 * 1024, int), "max_header_bytes"),
+            max_headers_bytes=_positive(
+                get("max_headers_bytes", 64 * 1024, int), "max_headers_bytes"
+            ),
+            body_timeout_s=_positive(get("body_timeout_s", 30.0), "body_timeout_s"),
+            header_timeout_s=_positive(get("header_timeout_s", 10.0), "header_timeout_s"),
+            max_pending_headers=_positive(
+                get("max_pending_headers", 256, int), "max_pending_headers"
+            ),
             local_routes=topology.routes.local,
             always_forward_routes=topology.routes.always_forward,
         )
@@ -119,6 +138,12 @@ class GatewayConfig:
         except TopologyError:
             raise
         return cls.from_topology(topology, region, **overrides)
+
+
+def _positive(value, name: str):
+    if value is None or value <= 0:
+        raise GatewayConfigError(f"[gateway] {name} = {value!r} must be a positive number")
+    return value
 
 
 def _networks(value: object) -> tuple:

@@ -74,32 +74,67 @@ def _forwarded_node(ip: str) -> str:
         if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address):
             return f'"[{ip}]"'
     except ValueError:
-        return '"unknown"'
+        return "unknown"
     return ip
 
 
+# RFC 7230 token characters: a value made only of these needs no quotes.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _forwarded_value(value: str) -> str:
+    """A token as is, anything else as a quoted-string with `"` and `\\` escaped (RFC 7239)."""
+    if _TOKEN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def build_forwarded(client_ip: str | None, proto: str, host: str | None) -> str:
-    """RFC 7239 `Forwarded` for one hop, from what this gateway itself saw."""
-    parts = [f"for={_forwarded_node(client_ip) if client_ip else 'unknown'}", f"proto={proto}"]
+    """RFC 7239 `Forwarded` for one hop, from what this gateway itself saw. Every value is
+    escaped, so no `Host` can add a parameter (`a";for=6.6.6.6` stays one host value)."""
+    parts = [
+        f"for={_forwarded_node(client_ip) if client_ip else 'unknown'}",
+        f"proto={_forwarded_value(proto)}",
+    ]
     if host:
-        parts.append(
-            f'host="{host}"' if not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", host) else f"host={host}"
-        )
+        parts.append(f"host={_forwarded_value(host)}")
     return ";".join(parts)
 
 
 def parse_forwarded(value: str) -> dict[str, str]:
-    """The first element of a `Forwarded` header (the one our own gateway wrote)."""
-    first = value.split(",", 1)[0]
+    """The first element of a `Forwarded` header (the one our own gateway wrote), reading
+    quoted-strings as RFC 7239 writes them: a `;`, `,` or `=` inside quotes is part of the value."""
     out: dict[str, str] = {}
-    for pair in first.split(";"):
-        if "=" not in pair:
-            continue
-        k, v = pair.split("=", 1)
-        v = v.strip().strip('"')
-        if k.strip().lower() == "for" and v.startswith("[") and v.endswith("]"):
+    i, n = 0, len(value)
+    while i < n:
+        eq = value.find("=", i)
+        if eq < 0:
+            break
+        name = value[i:eq].strip().lower()
+        i = eq + 1
+        if i < n and value[i] == '"':
+            chars = []
+            i += 1
+            while i < n and value[i] != '"':
+                if value[i] == "\\" and i + 1 < n:
+                    i += 1
+                chars.append(value[i])
+                i += 1
+            i += 1  # the closing quote
+            v = "".join(chars)
+        else:
+            j = i
+            while j < n and value[j] not in ";,":
+                j += 1
+            v, i = value[i:j].strip(), j
+        if name == "for" and v.startswith("[") and v.endswith("]"):
             v = v[1:-1]
-        out[k.strip().lower()] = v
+        out.setdefault(name, v)
+        while i < n and value[i] == " ":
+            i += 1
+        if i < n and value[i] == ",":
+            break  # the next element is another hop's
+        i += 1  # past ";"
     return out
 
 
@@ -117,12 +152,23 @@ class SpooledBody:
 
     @classmethod
     async def read(
-        cls, receive: Receive, limit: int | None = None, prefix_length: int | None = None
+        cls,
+        receive: Receive,
+        limit: int | None = None,
+        prefix_length: int | None = None,
+        idle_timeout_s: float | None = None,
     ) -> SpooledBody:
+        """The whole body; `idle_timeout_s` bounds each wait for the next piece of it (a
+        client that stalls mid-body raises `BodyStalled`), not the whole upload."""
         body = cls(prefix_length)
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), idle_timeout_s)
+            except TimeoutError:
+                body.close()
+                raise BodyStalled(body.size, idle_timeout_s) from None
             if message["type"] == "http.disconnect":
+                body.close()
                 raise ClientDisconnected()
             chunk = message.get("body", b"")
             if chunk:
@@ -210,6 +256,14 @@ class SpooledBody:
 
 class ClientDisconnected(Exception):
     pass
+
+
+class BodyStalled(Exception):
+    def __init__(self, size: int, idle_timeout_s: float):
+        super().__init__(
+            f"the request body stopped arriving: no bytes for {idle_timeout_s:g} s after "
+            f"{size} bytes"
+        )
 
 
 class BodyTooLarge(Exception):

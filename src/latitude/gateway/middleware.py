@@ -16,11 +16,13 @@ import uuid
 from collections import Counter
 
 from latitude import consistency
-from latitude.forwarding import ForwardingClient, NoAnswer, NotSent
+from latitude.forwarding import AnswerTooLarge, ForwardingClient, NoAnswer, NotSent
 from latitude.gateway.classify import FORWARDED_FROM_HEADER, SAFE_METHODS, Decision, classify
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.deadlines import bounded
+from latitude.gateway.intake import check_request, check_target
 from latitude.gateway.messages import (
+    BodyStalled,
     BodyTooLarge,
     CapturedResponse,
     ClientDisconnected,
@@ -43,10 +45,13 @@ from latitude.gateway.positions import PositionTracker, request_route
 from latitude.http_headers import HOP_BY_HOP
 from latitude.idempotency import IdempotencyStore, IdempotencyUnavailable, Outcome
 from latitude.sessions import (
+    InvalidSessionId,
     SessionCodec,
     SessionError,
     SessionStore,
+    SessionStoreUnavailable,
     SessionTooLarge,
+    check_session_id,
     session_store_from_url,
 )
 from latitude.signing import (
@@ -66,6 +71,9 @@ from latitude.signing import (
 log = logging.getLogger("latitude.gateway")
 
 SESSION_LENGTH = "latitude-session-length"
+# What the answer does to the replica's session: `updated` (the session rides at the end of the
+# body), `deleted` (the app emptied it), `unchanged` (every refusal: it never touches a session).
+SESSION_STATE = "latitude-session"
 POSITION = "latitude-position"
 IDEMPOTENCY = "latitude-idempotency"
 FALLBACK_TIMEOUT_S = 30.0
@@ -88,6 +96,7 @@ SIGNED_RESPONSE_HEADERS = (
     "location",
     "set-cookie",
     SESSION_LENGTH,
+    SESSION_STATE,
     POSITION,
     IDEMPOTENCY,
 )
@@ -95,6 +104,7 @@ SIGNED_RESPONSE_HEADERS = (
 INTERNAL_RESPONSE_HEADERS = frozenset(
     {
         SESSION_LENGTH,
+        SESSION_STATE,
         POSITION,
         IDEMPOTENCY,
         "signature",
@@ -176,6 +186,7 @@ class RegionGateway:
                     pooling=cfg.pooling,
                     connect_timeout_s=cfg.connect_timeout_s,
                     ca_file=cfg.ca_file,
+                    max_response_bytes=cfg.max_answer_bytes,
                 )
                 await self.forwarding.warm()
             await self.positions.start()
@@ -258,6 +269,17 @@ class RegionGateway:
             return
         if not self._started:
             await self.startup()
+        # A forwarded request is the client's, checked at its edge, plus our envelope headers.
+        slack = 8192 if header(scope["headers"], FORWARDED_FROM_HEADER.encode()) else 0
+        refusal = check_request(
+            scope["headers"],
+            max_header_bytes=self.config.max_header_bytes,
+            max_headers_bytes=self.config.max_headers_bytes + slack,
+        ) or check_target(scope.get("raw_path") or scope["path"].encode())
+        if refusal is not None:
+            self.counters["refused_at_edge"] += 1
+            await send_error(scope, send, refusal.status, refusal.title, refusal.detail)
+            return
         if self.config.trusted_proxies:
             # Behind a trusted load balancer the client is who it says it saw, not the balancer.
             peer = (scope.get("client") or (None, 0))[0]
@@ -298,8 +320,21 @@ class RegionGateway:
         return {**scope, "headers": strip_untrusted(scope["headers"])}
 
     async def _run_here(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
-        with request_route(route, scope["method"], scope["path"], self.config.region.name):
-            await self.app(self._edge_scope(scope), receive, send)
+        started = False
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            with request_route(route, scope["method"], scope["path"], self.config.region.name):
+                await self.app(self._edge_scope(scope), receive, watched)
+        except SessionStoreUnavailable as exc:
+            # The app's own sessions (SessionMiddleware) are in the region's store too.
+            if started:
+                raise
+            await self._session_store_down(scope, send, exc)
 
     async def _own_endpoint(self, scope: Scope, send: Send) -> None:
         path = scope["path"]
@@ -336,33 +371,43 @@ class RegionGateway:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         cfg = self.config
-        started = time.monotonic()
-        deadline = started + cfg.deadline_s
         headers = scope["headers"]
         # A client retrying after a 504 sends back the key it was given.
         key = header(headers, b"idempotency-key") or str(uuid.uuid4())
         try:
-            body = await SpooledBody.read(receive)
+            body = await SpooledBody.read(receive, idle_timeout_s=cfg.body_timeout_s)
         except BodyTooLarge as exc:
             await send_error(scope, send, 413, "Request too large", str(exc))
             return
+        except BodyStalled as exc:
+            self.counters["body_stalled"] += 1
+            await send_error(
+                scope, send, 408, "Request body stalled", f"{exc} ([gateway] body_timeout_s)"
+            )
+            return
+        # The deadline is the primary's budget: a slow upload must not spend it.
+        started = time.monotonic()
+        deadline = started + cfg.deadline_s
         try:
-            sid = cookie_value(headers, cfg.session_cookie)
+            sid = session_id(headers, cfg.session_cookie)
             session = await self.session_store.get(sid) if sid else None
             blob = self.codec.pack(session) if session else b""
         except SessionTooLarge as exc:
             self.counters["session_too_large"] += 1
+            body.close()
             await send_error(scope, send, 413, "Session too large to forward", str(exc))
             return
-        except SessionError as exc:
-            await send_error(scope, send, 400, "Bad session", str(exc))
+        except SessionStoreUnavailable as exc:
+            body.close()
+            await self._session_store_down(scope, send, exc, nothing_done=True)
             return
         # The idempotency fingerprint covers the request, not the session that rides along.
         body_digest = body.digest.header_value()
         body.digest.update(blob)
         client_ip = (scope.get("client") or (None, None))[0]
         outgoing: list[tuple[str, str]] = [
-            (k.decode("latin-1"), v.decode("latin-1"))
+            # aiohttp writes values as UTF-8; the edge let through only ASCII or UTF-8.
+            (k.decode("latin-1"), v.decode())
             for k, v in strip_untrusted(headers)
             if k.decode("latin-1").lower() not in HOP_BY_HOP and k != b"idempotency-key"
         ]
@@ -430,6 +475,21 @@ class RegionGateway:
                     fingerprint = request_fingerprint(scope, body_digest, sid)
                     await self._fallback(scope, body, send, key, fingerprint, deadline)
                     return
+                except AnswerTooLarge as exc:
+                    self.counters["answer_too_large"] += 1
+                    await send_error(
+                        scope,
+                        send,
+                        502,
+                        "The primary region's answer is too large",
+                        f"The primary region handled the request, but {exc} ([gateway] "
+                        "max_answer_bytes), so it was not relayed. Its outcome is stored: a "
+                        f"retry with the header Idempotency-Key: {key} gets the same answer, "
+                        "not a second run.",
+                        extra_headers=[(b"idempotency-key", key.encode())],
+                        data={"idempotency_key": key, "max_answer_bytes": exc.limit},
+                    )
+                    return
                 except NoAnswer as exc:
                     attempt += 1
                     self.counters["retries"] += 1
@@ -450,6 +510,28 @@ class RegionGateway:
         finally:
             body.close()
         await self._send_deadline(scope, send, key)
+
+    async def _session_store_down(
+        self,
+        scope: Scope,
+        send: Send,
+        exc: Exception,
+        key: str | None = None,
+        nothing_done: bool = False,
+    ) -> None:
+        """The region's session store does not answer: the store's fault, not the user's."""
+        self.counters["session_store_down"] += 1
+        detail = f"This region's session store does not answer ({exc}). Retry in a few seconds."
+        extra = [(b"retry-after", b"2")]
+        if key:
+            detail += (
+                " The request itself was carried out; retry with the header Idempotency-Key: "
+                f"{key} to get its answer without running it again."
+            )
+            extra.append((b"idempotency-key", key.encode()))
+        elif nothing_done:
+            detail += " Nothing was changed."
+        await send_error(scope, send, 503, "Session store unavailable", detail, extra_headers=extra)
 
     async def _send_deadline(self, scope: Scope, send: Send, key: str) -> None:
         cfg = self.config
@@ -512,6 +594,7 @@ class RegionGateway:
                 headers=resp.headers,
                 request_headers=signed_request,
                 body=resp.body,
+                must_cover=SIGNED_RESPONSE_HEADERS,
             )
         except SignatureError as exc:
             self.counters["bad_answer_signature"] += 1
@@ -533,11 +616,22 @@ class RegionGateway:
         n = int(resp.header(SESSION_LENGTH) or 0)
         body, blob = resp.body[: len(resp.body) - n], resp.body[len(resp.body) - n :]
         new_sid = set_cookie_value(resp.headers, cfg.session_cookie) or sid
-        if new_sid:
-            if blob:
+        # Only an answer that says so changes the session: a refusal says `unchanged`.
+        state = resp.header(SESSION_STATE) or ("updated" if blob else "unchanged")
+        try:
+            new_sid = check_session_id(new_sid) if new_sid else None
+            if new_sid and state == "updated" and blob:
                 await self.session_store.set(new_sid, self.codec.unpack(blob))
-            elif had_session:
+            elif new_sid and state == "deleted" and had_session:
                 await self.session_store.delete(new_sid)
+        except InvalidSessionId:
+            pass  # the app named a session id no store may hold; the client's cookie is moot
+        except SessionStoreUnavailable as exc:
+            # The request ran; its answer is stored. A retry with the key fetches it again
+            # and writes the session then.
+            key = next((v for k, v in signed_request if k == "idempotency-key"), None)
+            await self._session_store_down(scope, send, exc, key=key)
+            return
         headers = [
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in resp.headers
@@ -744,13 +838,14 @@ class RegionGateway:
             await send_error(scope, send, 401, "Forwarded request rejected", str(exc))
             return
         except NonceCacheError as exc:
-            await send_error(
-                scope,
+            # The signature is good; only its nonce cannot be checked (the session store is
+            # down). Signed, so the replica relays the 503 instead of calling it a bad answer.
+            await self._signed_answer(
                 send,
+                headers,
                 503,
-                "Cannot verify forwarded requests",
-                str(exc),
-                extra_headers=[(b"retry-after", b"1")],
+                [(b"retry-after", b"2"), (b"content-type", b"text/plain")],
+                f"Cannot verify forwarded requests: {exc}".encode(),
             )
             return
         body = await SpooledBody.read(receive, prefix_length=_announced_body_length(headers))
@@ -777,7 +872,7 @@ class RegionGateway:
                 send, headers, 400, [(b"content-type", b"text/plain")], b"bad forwarding envelope"
             )
             return
-        sid = cookie_value(headers, cfg.session_cookie)
+        sid = session_id(headers, cfg.session_cookie)
         request_hash = request_fingerprint(scope, body.prefix_digest(body.size - n), sid)
         try:
             claim = await self.idempotency.begin(key, request_hash)
@@ -814,7 +909,6 @@ class RegionGateway:
                 b"this Idempotency-Key was used for a different request",
             )
             return
-        sid = cookie_value(headers, cfg.session_cookie)
         try:
             session = self.codec.unpack(body.read_tail(n)) if n else None
             if sid:
@@ -822,6 +916,12 @@ class RegionGateway:
                     await self.session_store.set(sid, session)
                 else:
                     await self.session_store.delete(sid)
+        except SessionStoreUnavailable as exc:
+            await self.idempotency.abandon(key)
+            await self._signed_answer(
+                send, headers, 503, [(b"retry-after", b"2")], str(exc).encode()
+            )
+            return
         except SessionError as exc:
             await self.idempotency.abandon(key)
             await self._signed_answer(
@@ -852,6 +952,12 @@ class RegionGateway:
                 consistency.PRIMARY, scope["method"], scope["path"], cfg.region.name
             ):
                 await self.app(app_scope, *body.replay(body.size - n, captured.send))
+        except SessionStoreUnavailable as exc:
+            await self.idempotency.abandon(key)
+            await self._signed_answer(
+                send, headers, 503, [(b"retry-after", b"2")], str(exc).encode()
+            )
+            return
         except Exception:
             log.exception("the app failed on a forwarded %s %s", scope["method"], scope["path"])
             await self.idempotency.abandon(key)
@@ -885,6 +991,7 @@ class RegionGateway:
         ]
         envelope = bytes(captured.body) + blob
         out_headers.append((SESSION_LENGTH.encode(), str(len(blob)).encode()))
+        out_headers.append((SESSION_STATE.encode(), b"updated" if blob else b"deleted"))
         # One round trip stores the outcome and reads the WAL position the replica must reach.
         _, position = await self.idempotency.complete_at_position(
             key,
@@ -898,8 +1005,13 @@ class RegionGateway:
         await self._send_signed(send, headers, captured.status, out_headers, envelope)
 
     async def _signed_answer(self, send, request_headers, status, headers, body: bytes) -> None:
-        """A signed answer of the gateway's own (a refusal or an error): it carries no session."""
-        headers = [*headers, (SESSION_LENGTH.encode(), b"0")]
+        """A signed answer of the gateway's own (a refusal or an error): it leaves the session
+        as it is."""
+        headers = [
+            *headers,
+            (SESSION_LENGTH.encode(), b"0"),
+            (SESSION_STATE.encode(), b"unchanged"),
+        ]
         await self._send_signed(send, request_headers, status, headers, body)
 
     async def _send_signed(
@@ -924,6 +1036,16 @@ class RegionGateway:
         await send_response(send, status, headers, envelope)
 
 
+def session_id(headers: list[tuple[bytes, bytes]], cookie_name: str) -> str | None:
+    """The session cookie's id, or None when there is none or it is not a valid id: a bad
+    cookie is no session, as `SessionMiddleware` treats it, in every region and method."""
+    sid = cookie_value(headers, cookie_name)
+    try:
+        return check_session_id(sid.strip().strip('"')) if sid else None
+    except InvalidSessionId:
+        return None
+
+
 def _announced_body_length(headers) -> int | None:
     """The request's own length (without the session that rides after it), from its signed
     headers; None if they do not say."""
@@ -939,6 +1061,17 @@ async def _nonce_cache_for(url: str | None) -> NonceCache:
     if not url or url.startswith("memory:"):
         return MemoryNonceCache()
     import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     url = url.replace("valkey://", "redis://", 1).replace("valkeys://", "rediss://", 1)
-    return ValkeyNonceCache(redis.from_url(url))
+    # As the session store: a connection to a restarted Valkey is retried once on a new one.
+    client = redis.from_url(
+        url,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+        socket_connect_timeout=2.0,
+        socket_timeout=2.0,
+    )
+    return ValkeyNonceCache(client)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import uvicorn
 
 from latitude.gateway.config import GatewayConfig
+from latitude.gateway.connections import BoundedH11Protocol
 from latitude.gateway.middleware import RegionGateway
 from latitude.gateway.upstream import HttpUpstream
 
@@ -101,7 +102,12 @@ def run(
         # The gateway alone decides which client address to trust; uvicorn's own proxy-header
         # handling would believe any X-Forwarded-For sent from loopback.
         proxy_headers=False,
+        http=BoundedH11Protocol,
+        # Room for the gateway to see a header block up to its own limit and refuse it by name.
+        h11_max_incomplete_event_size=config.max_headers_bytes + 8 * 1024,
     )
+    server_config.header_timeout_s = config.header_timeout_s
+    server_config.max_pending_headers = config.max_pending_headers
     server = uvicorn.Server(server_config)
     if workers > 1:
         from uvicorn.supervisors import Multiprocess

@@ -11,6 +11,7 @@ from __future__ import annotations
 import aiohttp
 
 from latitude import consistency
+from latitude.forwarding import SKIP_AUTO_HEADERS, raw_url
 from latitude.gateway.messages import (
     Receive,
     Scope,
@@ -47,11 +48,14 @@ class HttpUpstream:
             return
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                auto_decompress=False,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
             )
         client_ip = (scope.get("client") or ("unknown",))[0]
         headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
+            # aiohttp writes values as UTF-8; the edge let through only ASCII or UTF-8.
+            (k.decode("latin-1"), v.decode())
             for k, v in scope["headers"]
             if k.decode("latin-1").lower() not in HOP_BY_HOP
             and k not in (b"forwarded", b"x-forwarded-for")
@@ -87,7 +91,7 @@ class HttpUpstream:
         try:
             async with self._session.request(
                 scope["method"],
-                self.base_url + path,
+                raw_url(self.base_url, path),
                 headers=headers,
                 data=body(),
                 allow_redirects=False,

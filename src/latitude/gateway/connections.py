@@ -1,0 +1,103 @@
+"""Client connections that have not finished their headers: a bound on time and on number.
+
+uvicorn times out idle keep-alive connections (`timeout_keep_alive`) and can refuse requests
+past a concurrency limit (`limit_concurrency`, counted once a request has arrived), but it
+has no header read timeout: a connection that sends half a request line and then nothing stays
+open forever, and a few hundred of them (slowloris) hold a worker's sockets. `BoundedH11Protocol`
+is uvicorn's h11 protocol with both bounds `latitude serve` reads from `[gateway]`:
+
+- `header_timeout_s`: from a connection's first byte of a request (or from its opening) to the
+  end of that request's headers; past it the connection gets `408` and is closed.
+- `max_pending_headers`: how many connections of one worker process may be waiting for their
+  headers at once; a new one past it closes the one that has waited longest (so a flood of
+  slow connections cannot lock out a client that sends its request at once).
+
+A keep-alive connection between requests is not waiting for headers until a byte arrives:
+pooled connections from other regions stay open for `timeout_keep_alive`.
+"""
+
+from __future__ import annotations
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+_TIMEOUT_ANSWER = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
+
+
+class BoundedH11Protocol(H11Protocol):
+    def __init__(self, config, server_state, app_state, _loop=None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.header_timeout_s = float(getattr(config, "header_timeout_s", 10.0))
+        self.max_pending_headers = int(getattr(config, "max_pending_headers", 256))
+        self.max_headers_bytes = getattr(config, "h11_max_incomplete_event_size", None)
+        if not hasattr(server_state, "latitude_pending_headers"):
+            # Insertion-ordered: the first key is the connection that has waited longest.
+            server_state.latitude_pending_headers = {}
+        self._pending: dict[BoundedH11Protocol, None] = server_state.latitude_pending_headers
+        self._header_timer = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_timer is None and self._between_requests():
+            self._await_headers()
+        super().data_received(data)
+        if self._header_timer is not None and self.conn.their_state is not h11.IDLE:
+            self._headers_done()
+
+    def connection_lost(self, exc) -> None:
+        self._headers_done()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        # h11 refuses a header block past its buffer limit with a bare 400; say what it was.
+        buffered = len(self.conn.trailing_data[0])
+        if self.max_headers_bytes and buffered > self.max_headers_bytes:
+            msg = (
+                f"The request's headers are over {self.max_headers_bytes:,} bytes "
+                "([gateway] max_headers_bytes)."
+            )
+            self._close_with(b"431 Request Header Fields Too Large", msg)
+            return
+        super().send_400_response(msg)
+
+    def _between_requests(self) -> bool:
+        return self.conn.their_state is h11.IDLE and (
+            self.cycle is None or self.cycle.response_complete
+        )
+
+    def _await_headers(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+        self._pending[self] = None
+        while len(self._pending) > self.max_pending_headers:
+            oldest = next(iter(self._pending))
+            oldest._headers_done()
+            oldest.transport.close()
+
+    def _headers_done(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        self._pending.pop(self, None)
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        self._headers_done()
+        self._close_with(
+            b"408 Request Timeout",
+            f"The request's headers did not arrive within {self.header_timeout_s:g} s "
+            "([gateway] header_timeout_s).",
+        )
+
+    def _close_with(self, status: bytes, msg: str) -> None:
+        if self.transport.is_closing():
+            return
+        body = msg.encode()
+        answer = _TIMEOUT_ANSWER.replace(b"408 Request Timeout", status)
+        self.transport.write(answer % (len(body), body))
+        self.transport.close()
