@@ -163,6 +163,47 @@ def lab_revive(
     out.print(LabWorld(state_dir).revive(region, part))
 
 
+@lab_app.command("place")
+def lab_place(
+    city: Annotated[str, typer.Argument(help="Sydney, Frankfurt, São Paulo, Tokyo, ...")],
+    state_dir: StateDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Put yourself in CITY: URLs to every region's app over client links timed by distance."""
+    from latitude.lab import places
+
+    try:
+        where = places.place(city)
+    except places.UnknownPlace as exc:
+        fail(str(exc), 2)
+    vantage = places.join(LabWorld(state_dir), where)
+    if as_json:
+        print(json.dumps(vantage.as_dict(), indent=2, ensure_ascii=False))
+        return
+    near, primary = vantage.nearest, vantage.primary
+    out.print(
+        f"you in {where.name} -> your nearest region ({near}, {vantage.rtt_ms[near]:.0f} ms): "
+        f"{vantage.app_urls[near]}",
+        highlight=False,
+    )
+    out.print(
+        f"you in {where.name} -> the primary only ({primary}, {vantage.rtt_ms[primary]:.0f} ms): "
+        f"{vantage.app_urls[primary]}",
+        highlight=False,
+    )
+    for region, url in vantage.app_urls.items():
+        if region not in (near, primary):
+            out.print(
+                f"you in {where.name} -> {region} ({vantage.rtt_ms[region]:.0f} ms): {url}",
+                highlight=False,
+            )
+    out.print(
+        f"dashboard (as seen from {where.name}): {vantage.app_urls[primary]}/_latitude/dashboard; "
+        "the links stay until `latitude lab down`",
+        highlight=False,
+    )
+
+
 def print_status(status: dict) -> None:
     table = Table(title=f"lab world in {status['state_dir']}")
     for col in (
