@@ -104,11 +104,7 @@ class Observe:
                 headers = list(message.get("headers", []))
                 headers.append((b"server-timing", _server_timing(box, elapsed).encode()))
                 # At the primary a forwarded write's cookie is left to the region it came from.
-                if (
-                    html
-                    and scope["method"] not in SAFE_METHODS
-                    and box.get("decision") != "verify"
-                ):
+                if html and scope["method"] not in SAFE_METHODS and box.get("decision") != "verify":
                     headers.append((b"set-cookie", _last_write_cookie(box, elapsed).encode()))
                 message = {**message, "headers": headers}
             await send(message)
