@@ -71,11 +71,16 @@ def served_line(request: Request, region: str) -> str:
     took = f"{ms:.0f} ms" if ms is not None else "time unknown (no Latitude gateway in front)"
     route = consistency.current_route.get()
     primary = note.get("primary")
+    if request.method not in ("GET", "HEAD"):
+        return f"answered in {region} (on its {route} database), {took}"
     if route == consistency.REPLICA:
         lag = note.get("replica_lag_s")
         behind = (
             "replica lag not yet sampled" if lag is None else f"replica {lag * 1000:.0f} ms behind"
         )
+        waited = (note.get("read_wait_s") or 0) * 1000
+        if waited >= 1:
+            behind += f"; {waited:.0f} ms of it waiting for the replica to replay your last write"
         return f"read in {region} from its replica, {took} ({behind})"
     if primary and primary != region:
         return f"read in {region} from the primary database in {primary} over the ocean, {took}"
