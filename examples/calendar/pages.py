@@ -93,8 +93,10 @@ def last_write_line(request: Request, region: str, topology) -> str | None:
     if not raw:
         return None
     try:
-        ran_in, ms_text, outcome = raw.split(":", 2)
+        ran_in, ms_text, outcome, *rest = raw.split(":")
         ms = float(ms_text)
+        # The primary's own work (its gateway's Server-Timing): the rest is the ocean.
+        at_primary = float(rest[0]) if rest else 0.0
         topology.region(ran_in)
     except (ValueError, KeyError):
         return None
@@ -111,8 +113,9 @@ def last_write_line(request: Request, region: str, topology) -> str | None:
         )
     if not rtt:
         return f"your write ran here in {ran_in}: {ms:.0f} ms, no ocean crossed"
-    trips = max(1, round(ms / rtt))
-    return f"your write went to {ran_in}: {ms:.0f} ms, {_trips(trips)}"
+    trips = max(1, round((ms - at_primary) / rtt))
+    work = f" ({at_primary:.0f} ms of it at the primary)" if at_primary >= 1 else ""
+    return f"your write went to {ran_in}: {ms:.0f} ms, {_trips(trips)}{work}"
 
 
 def _trips(n: int) -> str:

@@ -105,7 +105,8 @@ class Observe:
                 headers.append((b"server-timing", _server_timing(box, elapsed).encode()))
                 # At the primary a forwarded write's cookie is left to the region it came from.
                 if html and scope["method"] not in SAFE_METHODS and box.get("decision") != "verify":
-                    headers.append((b"set-cookie", _last_write_cookie(box, elapsed).encode()))
+                    cookie = _last_write_cookie(box, elapsed, _primary_ms(headers, primary))
+                    headers.append((b"set-cookie", cookie.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -359,11 +360,28 @@ def _server_timing(box: dict, elapsed_s: float) -> str:
     return f'{box["region"]};dur={elapsed_s * 1000:.1f};desc="{desc}"'
 
 
-def _last_write_cookie(box: dict, elapsed_s: float) -> str:
-    """`region:ms:how`, read by the next page: where this browser's write ran and its cost."""
+def _primary_ms(headers, primary: str) -> float:
+    """The primary's own time, from the `Server-Timing` entry its gateway put on the answer."""
+    for k, v in headers:
+        if k.lower() != b"server-timing":
+            continue
+        for entry in v.decode("latin-1").split(","):
+            name, _, params = entry.strip().partition(";")
+            if name == primary:
+                for param in params.split(";"):
+                    key, _, value = param.strip().partition("=")
+                    if key == "dur":
+                        with contextlib.suppress(ValueError):
+                            return float(value)
+    return 0.0
+
+
+def _last_write_cookie(box: dict, elapsed_s: float, primary_ms: float = 0.0) -> str:
+    """`region:ms:how:primary_ms`, read by the next page: where this browser's write ran, what
+    it cost in all, and how much of that was the primary's own work."""
     outcome = box.get("outcome") or KINDS.get(box.get("decision", ""), "here")
     ran_in = box["primary"] if outcome in ("forwarded", "primary", "verified") else box["region"]
-    value = f"{ran_in}:{elapsed_s * 1000:.1f}:{outcome}"
+    value = f"{ran_in}:{elapsed_s * 1000:.1f}:{outcome}:{primary_ms:.1f}"
     return f"{LAST_WRITE_COOKIE}={value}; Max-Age=60; Path=/; HttpOnly; SameSite=Lax"
 
 
