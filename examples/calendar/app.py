@@ -15,6 +15,7 @@ import os
 from datetime import UTC, datetime
 
 from sqlalchemy import text
+from sqlalchemy.pool import NullPool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -55,7 +56,14 @@ def _region() -> tuple[object, str]:
 
 topology, region_name = _region()
 region = topology.region(region_name)
-engines = AsyncRoutedEngines.from_topology(topology, region_name)
+# CALENDAR_PRIMARY_POOL=none: a new connection to the primary database for every transaction,
+# as the naive layout (`naive.py`) of the demo runs it.
+_unpooled = os.environ.get("CALENDAR_PRIMARY_POOL") == "none"
+engines = AsyncRoutedEngines.from_topology(
+    topology,
+    region_name,
+    primary_engine_kwargs={"poolclass": NullPool, "pool_pre_ping": False} if _unpooled else None,
+)
 
 
 def current_user(request: Request) -> dict | None:
