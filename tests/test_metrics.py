@@ -159,3 +159,27 @@ def test_quantiles_interpolate_within_buckets():
 def test_quantile_beyond_the_last_bucket_is_its_bound():
     bounds = [(0.1, 10.0), (float("inf"), 20.0)]
     assert metrics._quantile(0.99, bounds) == 0.1
+
+
+def test_the_grafana_dashboard_uses_only_series_we_export():
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads(
+        (Path(__file__).parents[1] / "docs" / "grafana-dashboard.json").read_text()
+    )
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"latitude_[a-z_]+", target["expr"]))
+    snapshot = metrics.Snapshot("r", "primary")
+    metrics.forwarded_total.labels("r", "forwarded").inc(0)
+    metrics.forward_duration.labels("r")
+    metrics.read_wait.labels("r")
+    metrics.idempotency_total.labels("r", "new").inc(0)
+    metrics.requests_total.labels("r", "primary", "200").inc(0)
+    metrics.request_duration.labels("r", "primary")
+    exported = set()
+    for family in text_string_to_metric_families(metrics.exposition(snapshot).decode()):
+        exported |= {s.name for s in family.samples} | {family.name}
+    assert used and used <= exported, used - exported

@@ -163,6 +163,30 @@ def lab_revive(
     out.print(LabWorld(state_dir).revive(region, part))
 
 
+@lab_app.command("dashboard")
+def lab_dashboard(
+    state_dir: StateDirOption = None,
+    region: Annotated[
+        str | None, typer.Option("--region", "-r", help="Whose dashboard (default: the primary's).")
+    ] = None,
+    open_it: Annotated[bool, typer.Option("--open", help="Open it in a browser.")] = False,
+) -> None:
+    """Print (or open) the URL of a region's live dashboard: every region, updated each second."""
+    world = LabWorld(state_dir)
+    state = world.state()
+    name = region or state["primary"]
+    if name not in state["regions"]:
+        fail(f"no region {name!r} in the lab (regions: {', '.join(state['regions'])})", 2)
+    if "app" not in state["regions"][name].get("services", {}):
+        fail(f"{name} runs no app yet, so no dashboard; `latitude demo` starts one in every region")
+    url = f"http://127.0.0.1:{state['regions'][name]['app_port']}/_latitude/dashboard"
+    out.print(f"{name}'s dashboard: {url}", highlight=False)
+    if open_it:
+        import webbrowser
+
+        webbrowser.open(url)
+
+
 @lab_app.command("place")
 def lab_place(
     city: Annotated[str, typer.Argument(help="Sydney, Frankfurt, São Paulo, Tokyo, ...")],
@@ -430,6 +454,16 @@ def demo(
         if not once:
             for name, f in figures.items():
                 out.print(f"{name}: {f['url']}")
+            for name, v in (layouts or {}).get("places", {}).items():
+                near, primary = v["nearest"], v["primary"]
+                out.print(
+                    f"you in {name} -> your nearest region ({near}): {v['app_urls'][near]}; "
+                    f"-> the primary only ({primary}): {v['app_urls'][primary]}",
+                    highlight=False,
+                )
+            out.print(
+                f"dashboard: {figures[world.topology().primary.name]['url']}/_latitude/dashboard"
+            )
             out.print("the world is running; press Ctrl-C to stop it")
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             try:
