@@ -65,3 +65,39 @@ def test_a_far_user_reads_locally_and_writes_in_one_ocean_round_trip(calendar, t
     svg = chart.read_text()
     assert svg.startswith("<?xml") and "<svg" in svg
     assert all(layout in svg for layout in demo.LAYOUTS) and PLACE in svg
+
+
+def test_a_place_feels_as_far_as_the_model_says(calendar):
+    """`latitude lab place Sydney`: its URLs cross client links whose RTT is the model's."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from latitude.lab import places
+
+    out = subprocess.run(
+        [sys.executable, "-m", "latitude.cli", "lab", "place", "Sydney", "--json",
+         "--state-dir", str(calendar.state_dir)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    vantage = json.loads(out.stdout)
+    assert vantage["nearest"] == "ap-southeast" and vantage["primary"] == "us-west"
+    model = places.client_rtts(places.place("Sydney"), calendar.topology())
+    assert vantage["rtt_ms"] == model
+    for region, url in vantage["app_urls"].items():
+        best = float("inf")
+        for _ in range(3):  # each on a new connection: the handshake's RTT plus the request's
+            started = time.perf_counter()
+            with urllib.request.urlopen(f"{url}/_latitude/health", timeout=10) as r:
+                assert json.loads(r.read())["region"] == region
+            best = min(best, (time.perf_counter() - started) * 1000)
+        assert 2 * model[region] * 0.95 <= best <= 2 * model[region] + 150, (region, best)
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "latitude.cli", "lab", "place", "Atlantis",
+         "--state-dir", str(calendar.state_dir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "no place called 'Atlantis'" in bad.stderr
+    assert "Traceback" not in bad.stderr

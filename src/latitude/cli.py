@@ -479,7 +479,7 @@ def print_layouts(result: dict, primary: str) -> None:
     from latitude.lab.demo import LAYOUT_HELP
 
     where = result["places"]
-    table = Table(title=f"far users: p50 / p99 ms under four layouts (primary: {primary})")
+    table = Table(title=f"far users: ms under four layouts (primary: {primary})")
     longest = max(
         len(f"{v['nearest']} ({max(v['rtt_ms'].values()):.0f} ms)") for v in where.values()
     )
@@ -487,8 +487,8 @@ def print_layouts(result: dict, primary: str) -> None:
     table.add_column("nearest region (RTT)", no_wrap=True, min_width=longest)
     table.add_column("RTT to primary", justify="right", no_wrap=True)
     table.add_column("layout", no_wrap=True, min_width=max(len(k) for k in LAYOUT_HELP))
-    for col in ("read p50", "read p99", "write p50", "write p99"):
-        table.add_column(col, justify="right", no_wrap=True)
+    for col in ("read p50 / p99", "write p50 / p99"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     for place, v in where.items():
         for i, (layout, by_place) in enumerate(result["layouts"].items()):
             f = by_place[place]
@@ -497,10 +497,8 @@ def print_layouts(result: dict, primary: str) -> None:
                 f"{v['nearest']} ({v['rtt_ms'][v['nearest']]:.0f} ms)" if i == 0 else "",
                 f"{v['rtt_ms'][v['primary']]:.0f} ms" if i == 0 else "",
                 layout,
-                f"{f['read_p50_ms']:.1f}",
-                f"{f['read_p99_ms']:.1f}",
-                f"{f['write_p50_ms']:.1f}",
-                f"{f['write_p99_ms']:.1f}",
+                f"{f['read_p50_ms']:.0f} / {f['read_p99_ms']:.0f}",
+                f"{f['write_p50_ms']:.0f} / {f['write_p99_ms']:.0f}",
                 end_section=i == len(result["layouts"]) - 1,
             )
     out.print(table)
@@ -509,8 +507,9 @@ def print_layouts(result: dict, primary: str) -> None:
         "user in: where the scripted user sits; its links to every region have RTTs from distance",
         "nearest region (RTT): the region closest to the user, and the user's RTT to it",
         "RTT to primary: the user's RTT straight to the primary region",
-        "read / write p50, p99: median and slowest-1% time of one read (GET of an event) and one "
-        "write (create an event: eight SQL statements), in ms, as the user's client measured it",
+        "read / write p50 / p99: median / slowest-1% time of one read (GET of an event) and one "
+        "write (create an event: eight SQL statements), in ms, as the user's client measured it "
+        "(all figures in the --json file)",
     ):
         out.print(f"  {line}", highlight=False)
     out.print("layouts:", highlight=False)

@@ -230,7 +230,9 @@ def _wait_port(world: LabWorld, region: str, layout: str, port: int, timeout: fl
     raise LabError(f"{region}: the {layout} layout did not answer on {port}; its log ends:\n{tail}")
 
 
-async def _timed_place(urls: dict[str, str], name: str, reads: int, writes: int, progress) -> dict:
+async def _timed_place(
+    place: str, urls: dict[str, str], name: str, reads: int, writes: int, progress
+) -> dict:
     """One user per layout, all from the same place, taking turns write by write and read by
     read: a machine that slows down for a while slows every layout alike."""
     timeout = aiohttp.ClientTimeout(total=120)
@@ -261,7 +263,7 @@ async def _timed_place(urls: dict[str, str], name: str, reads: int, writes: int,
                         )
                 write_ms[layout].append((time.perf_counter() - started) * 1000)
                 event_ids[layout] = body["id"]
-        progress(f"{name}: {writes} writes done in every layout; now {reads} reads")
+        progress(f"{place}: {writes} writes done in every layout; now {reads} reads")
         await asyncio.sleep(0.5)  # reads measure the replica, not the wait for the last write
         for _ in range(reads):
             for layout, c in clients.items():
@@ -327,7 +329,9 @@ def measure_layouts(
                     f"{v.rtt_ms[v.primary]:.0f} ms away)"
                 )
                 name = f"{p.key}-{os.getpid()}-{time.time_ns() % 10**6}"
-                return p.name, await _timed_place(urls[p.name], name, reads, writes, progress)
+                return p.name, await _timed_place(
+                    p.name, urls[p.name], name, reads, writes, progress
+                )
 
         return dict(await asyncio.gather(*(one(p) for p in chosen)))
 
@@ -347,8 +351,13 @@ def write_chart(figures: dict, path: Path) -> Path:
 
     layouts = figures["layouts"]
     place_names = list(next(iter(layouts.values())))
+    values = [f[k] for by_place in layouts.values() for f in by_place.values() for k in f]
+    # Bars grow from a power of ten below the smallest figure, so every bar shows.
+    low = 10 ** math.floor(math.log10(max(0.1, min(values))))
     chart = pygal.Bar(
         logarithmic=True,
+        range=(low, max(values) * 1.3),
+        zero=low,
         style=DefaultStyle,
         width=1200,
         height=600,
