@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from latitude import metrics
+from tests.test_sidecar import sidecars  # noqa: F401, F811  (a fixture: the sidecar in two regions)
 
 EVERYWHERE = {
     "latitude_requests",
@@ -183,3 +184,32 @@ def test_the_grafana_dashboard_uses_only_series_we_export():
     for family in text_string_to_metric_families(metrics.exposition(snapshot).decode()):
         exported |= {s.name for s in family.samples} | {family.name}
     assert used and used <= exported, used - exported
+
+
+def test_the_sidecar_gateway_counts_too(world, sidecars):  # noqa: F811
+    """`latitude gateway --upstream` (the sidecar) exposes the same series."""
+    import asyncio
+
+    from tests.extra_slots import EU, PRIMARY
+
+    before = {r: scrape(port) for r, port in sidecars.items()}
+
+    async def sign_in() -> None:
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{sidecars[EU]}", cookie_jar=jar) as c:
+            for name in ("metrics-a", "metrics-b"):
+                async with c.post("/login", data={"name": name}) as r:
+                    assert r.status == 200
+
+    asyncio.run(sign_in())
+    after = {r: scrape(port) for r, port in sidecars.items()}
+    fwd = "latitude_forwarded_requests_total"
+    assert (
+        total(after[EU], fwd, outcome="forwarded") - total(before[EU], fwd, outcome="forwarded")
+        == 2
+    )
+    idem = "latitude_idempotency_outcomes_total"
+    assert (
+        total(after[PRIMARY], idem, outcome="new") - total(before[PRIMARY], idem, outcome="new")
+        == 2
+    )
