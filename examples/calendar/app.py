@@ -15,11 +15,13 @@ import os
 from datetime import UTC, datetime
 
 from sqlalchemy import text
+from sqlalchemy.pool import NullPool
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from examples.calendar import pages
 from latitude.db import AsyncRoutedEngines
 from latitude.sessions import SessionMiddleware, session_store_from_url
 from latitude.topology import load_topology
@@ -54,22 +56,52 @@ def _region() -> tuple[object, str]:
 
 topology, region_name = _region()
 region = topology.region(region_name)
-engines = AsyncRoutedEngines.from_topology(topology, region_name)
-
-
-def wants_html(request: Request) -> bool:
-    return "text/html" in request.headers.get("accept", "")
+# CALENDAR_PRIMARY_POOL=none: a new connection to the primary database for every transaction,
+# as the naive layout (`naive.py`) of the demo runs it.
+_unpooled = os.environ.get("CALENDAR_PRIMARY_POOL") == "none"
+engines = AsyncRoutedEngines.from_topology(
+    topology,
+    region_name,
+    primary_engine_kwargs={"poolclass": NullPool, "pool_pre_ping": False} if _unpooled else None,
+)
 
 
 def current_user(request: Request) -> dict | None:
     return request.session.get("user")
 
 
+def page(request: Request, name: str, status: int = 200, **ctx) -> Response:
+    return pages.render(
+        request, name, region=region_name, topology=topology, team=TEAM, status=status, **ctx
+    )
+
+
+def refuse(request: Request, status: int, message: str) -> Response:
+    """An error as a page for a browser, as JSON for a script."""
+    if pages.wants_page(request):
+        if status == 401:
+            return page(request, "index.html", status, error=message, events=[])
+        return page(request, "message.html", status, heading="That did not work", detail=message)
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def form_payload(request: Request) -> dict | Response:
+    """The request's fields; a form post must carry its session's CSRF token."""
+    data = await _payload(request)
+    if pages.is_form(request) and not pages.csrf_ok(request, data):
+        return refuse(
+            request, 403, "this form has expired or came from another site; reload the page"
+        )
+    return data
+
+
 async def login(request: Request) -> Response:
-    form = await _payload(request)
+    form = await form_payload(request)
+    if isinstance(form, Response):
+        return form
     name = str(form.get("name", "")).strip()
     if not name or len(name) > 64:
-        return JSONResponse({"error": "give a name of 1 to 64 characters"}, status_code=400)
+        return refuse(request, 400, "give a name of 1 to 64 characters")
     async with engines.engine().begin() as db:
         user_id = (
             await db.execute(
@@ -101,11 +133,18 @@ async def login(request: Request) -> Response:
         )
     request.session["user"] = {"id": user_id, "name": name, "team_id": team_id}
     request.session["flash"] = f"Welcome, {name}"
+    if pages.is_form(request):
+        return pages.see_other("/")
     return JSONResponse({"user": request.session["user"]})
 
 
 async def logout(request: Request) -> Response:
+    form = await form_payload(request)
+    if isinstance(form, Response):
+        return form
     request.session.clear()
+    if pages.is_form(request):
+        return pages.see_other("/")
     return JSONResponse({"ok": True})
 
 
@@ -124,6 +163,8 @@ async def me(request: Request) -> Response:
 
 async def list_events(request: Request) -> Response:
     user = current_user(request)
+    if not user and pages.wants_page(request):
+        return page(request, "index.html", events=[])
     if not user:
         return JSONResponse({"error": "sign in first: POST /login"}, status_code=401)
     async with engines.engine().connect() as db:
@@ -139,10 +180,9 @@ async def list_events(request: Request) -> Response:
             .mappings()
             .all()
         )
+    if pages.wants_page(request):
+        return page(request, "index.html", events=[pages.event_view(r) for r in rows])
     events = [{**r, "starts_at": r["starts_at"].isoformat()} for r in rows]
-    if wants_html(request):
-        items = "".join(f"<li>{e['starts_at']}: {e['title']}</li>" for e in events)
-        return HTMLResponse(f"<h1>{TEAM} calendar ({region_name})</h1><ul>{items}</ul>")
     return JSONResponse({"region": region_name, "events": events})
 
 
@@ -159,24 +199,28 @@ async def get_event(request: Request) -> Response:
             .first()
         )
     if row is None:
-        return JSONResponse({"error": "no such event"}, status_code=404)
+        return refuse(request, 404, "no such event")
+    if pages.wants_page(request):
+        if not current_user(request):
+            return refuse(request, 401, "sign in first")
+        return page(request, "event.html", event=pages.event_view(row))
     return JSONResponse({**row, "starts_at": row["starts_at"].isoformat()})
 
 
 async def create_event(request: Request) -> Response:
     user = current_user(request)
     if not user:
-        return JSONResponse({"error": "sign in first: POST /login"}, status_code=401)
-    data = await _payload(request)
+        return refuse(request, 401, "sign in first: POST /login")
+    data = await form_payload(request)
+    if isinstance(data, Response):
+        return data
     title = str(data.get("title", "")).strip()
     if not title:
-        return JSONResponse({"error": "an event needs a title"}, status_code=400)
+        return refuse(request, 400, "an event needs a title")
     try:
-        starts_at = datetime.fromisoformat(
-            str(data.get("starts_at") or datetime.now(UTC).isoformat())
-        )
+        starts_at = _starts_at(data.get("starts_at")) or datetime.now(UTC)
     except ValueError:
-        return JSONResponse({"error": "starts_at must be an ISO 8601 time"}, status_code=400)
+        return refuse(request, 400, "starts_at must be an ISO 8601 time, e.g. 2026-12-01T10:00")
     # Realistic work, as in the original app: eight statements in one transaction.
     async with engines.engine().begin() as db:
         member = (
@@ -186,7 +230,7 @@ async def create_event(request: Request) -> Response:
             )
         ).first()
         if member is None:
-            return JSONResponse({"error": "not a member of this team"}, status_code=403)
+            return refuse(request, 403, "not a member of this team")
         await db.execute(text("select id from users where id = :u for share"), {"u": user["id"]})
         clashes = (
             await db.execute(
@@ -230,22 +274,34 @@ async def create_event(request: Request) -> Response:
     request.session["flash"] = f"Created {title!r}" + (
         " (clashes with another event)" if clashes else ""
     )
+    if pages.is_form(request):
+        return pages.see_other("/")
     return JSONResponse({"id": event_id, "title": title, "region": region_name}, status_code=201)
 
 
 async def edit_event(request: Request) -> Response:
     user = current_user(request)
     if not user:
-        return JSONResponse({"error": "sign in first: POST /login"}, status_code=401)
-    data = await _payload(request)
+        return refuse(request, 401, "sign in first: POST /login")
+    data = await form_payload(request)
+    if isinstance(data, Response):
+        return data
     event_id = int(request.path_params["id"])
+    title = str(data.get("title", "")).strip()
+    if pages.is_form(request) and not title:
+        return refuse(request, 400, "an event needs a title")
+    try:
+        starts_at = _starts_at(data.get("starts_at"))
+    except ValueError:
+        return refuse(request, 400, "starts_at must be an ISO 8601 time, e.g. 2026-12-01T10:00")
     async with engines.engine().begin() as db:
         updated = (
             await db.execute(
                 text(
-                    "update events set title = :title where id = :i and team_id = :t returning id"
+                    "update events set title = :title, starts_at = coalesce(:s, starts_at)"
+                    " where id = :i and team_id = :t returning id"
                 ),
-                {"title": str(data.get("title", "")), "i": event_id, "t": user["team_id"]},
+                {"title": title, "s": starts_at, "i": event_id, "t": user["team_id"]},
             )
         ).first()
         if updated:
@@ -253,6 +309,11 @@ async def edit_event(request: Request) -> Response:
                 text("insert into audit (user_id, action, event_id) values (:u, 'edit', :e)"),
                 {"u": user["id"], "e": event_id},
             )
+    if pages.is_form(request):
+        if not updated:
+            return refuse(request, 404, "no such event")
+        request.session["flash"] = f"Saved {title!r}"
+        return pages.see_other("/")
     return JSONResponse(
         {"id": event_id} if updated else {"error": "no such event"},
         status_code=200 if updated else 404,
@@ -262,7 +323,10 @@ async def edit_event(request: Request) -> Response:
 async def delete_event(request: Request) -> Response:
     user = current_user(request)
     if not user:
-        return JSONResponse({"error": "sign in first: POST /login"}, status_code=401)
+        return refuse(request, 401, "sign in first: POST /login")
+    data = await form_payload(request)
+    if isinstance(data, Response):
+        return data
     event_id = int(request.path_params["id"])
     async with engines.engine().begin() as db:
         deleted = (
@@ -280,6 +344,11 @@ async def delete_event(request: Request) -> Response:
                 text("insert into audit (user_id, action, event_id) values (:u, 'delete', :e)"),
                 {"u": user["id"], "e": event_id},
             )
+    if pages.is_form(request):
+        if not deleted:
+            return refuse(request, 404, "no such event")
+        request.session["flash"] = "Deleted the event"
+        return pages.see_other("/")
     return Response(status_code=204 if deleted else 404)
 
 
@@ -306,6 +375,14 @@ async def auth_callback(request: Request) -> Response:
     async with engines.engine().begin() as db:
         await db.execute(text("insert into audit (action) values ('auth-callback')"))
     return JSONResponse({"ok": True, "region": region_name})
+
+
+def _starts_at(value) -> datetime | None:
+    """An ISO 8601 time; one without a zone (a browser's datetime-local) is UTC."""
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 async def _payload(request: Request) -> dict:
@@ -343,6 +420,7 @@ app = SessionMiddleware(
             Route("/events/{id:int}", get_event),
             Route("/events/{id:int}", edit_event, methods=["PUT", "PATCH", "POST"]),
             Route("/events/{id:int}", delete_event, methods=["DELETE"]),
+            Route("/events/{id:int}/delete", delete_event, methods=["POST"]),
             Route("/notes", save_notes, methods=["POST"]),
             Route("/attachments", upload, methods=["POST"]),
             Route("/auth/callback", auth_callback),

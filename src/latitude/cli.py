@@ -163,6 +163,71 @@ def lab_revive(
     out.print(LabWorld(state_dir).revive(region, part))
 
 
+@lab_app.command("dashboard")
+def lab_dashboard(
+    state_dir: StateDirOption = None,
+    region: Annotated[
+        str | None, typer.Option("--region", "-r", help="Whose dashboard (default: the primary's).")
+    ] = None,
+    open_it: Annotated[bool, typer.Option("--open", help="Open it in a browser.")] = False,
+) -> None:
+    """Print (or open) the URL of a region's live dashboard: every region, updated each second."""
+    world = LabWorld(state_dir)
+    state = world.state()
+    name = region or state["primary"]
+    if name not in state["regions"]:
+        fail(f"no region {name!r} in the lab (regions: {', '.join(state['regions'])})", 2)
+    if "app" not in state["regions"][name].get("services", {}):
+        fail(f"{name} runs no app yet, so no dashboard; `latitude demo` starts one in every region")
+    url = f"http://127.0.0.1:{state['regions'][name]['app_port']}/_latitude/dashboard"
+    out.print(f"{name}'s dashboard: {url}", highlight=False)
+    if open_it:
+        import webbrowser
+
+        webbrowser.open(url)
+
+
+@lab_app.command("place")
+def lab_place(
+    city: Annotated[str, typer.Argument(help="Sydney, Frankfurt, São Paulo, Tokyo, ...")],
+    state_dir: StateDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Put yourself in CITY: URLs to every region's app over client links timed by distance."""
+    from latitude.lab import places
+
+    try:
+        where = places.place(city)
+    except places.UnknownPlace as exc:
+        fail(str(exc), 2)
+    vantage = places.join(LabWorld(state_dir), where)
+    if as_json:
+        print(json.dumps(vantage.as_dict(), indent=2, ensure_ascii=False))
+        return
+    near, primary = vantage.nearest, vantage.primary
+    out.print(
+        f"you in {where.name} -> your nearest region ({near}, {vantage.rtt_ms[near]:.0f} ms): "
+        f"{vantage.app_urls[near]}",
+        highlight=False,
+    )
+    out.print(
+        f"you in {where.name} -> the primary only ({primary}, {vantage.rtt_ms[primary]:.0f} ms): "
+        f"{vantage.app_urls[primary]}",
+        highlight=False,
+    )
+    for region, url in vantage.app_urls.items():
+        if region not in (near, primary):
+            out.print(
+                f"you in {where.name} -> {region} ({vantage.rtt_ms[region]:.0f} ms): {url}",
+                highlight=False,
+            )
+    out.print(
+        f"dashboard (as seen from {where.name}): {vantage.app_urls[primary]}/_latitude/dashboard; "
+        "the links stay until `latitude lab down`",
+        highlight=False,
+    )
+
+
 def print_status(status: dict) -> None:
     table = Table(title=f"lab world in {status['state_dir']}")
     for col in (
@@ -177,7 +242,9 @@ def print_status(status: dict) -> None:
         "reads waited (avg ms)",
         "forwarded (reads)",
     ):
-        table.add_column(col)
+        # Region names are never cut short, however narrow the terminal.
+        width = max(len(r["name"]) for r in status["regions"]) if col == "region" else None
+        table.add_column(col, no_wrap=col == "region", min_width=width)
     for r in status["regions"]:
         ports = r["ports"]
         lag_ms = "" if r["lag_ms"] is None else f"{r['lag_ms']:.1f}"
@@ -198,8 +265,10 @@ def print_status(status: dict) -> None:
         )
     out.print(table)
     links = Table(title="links")
+    names = [f"{link['a']} ↔ {link['b']}" for link in status["links"]] or [""]
     for col in ("link", "RTT ms", "jitter ms", "state", "open connections"):
-        links.add_column(col)
+        width = max(map(len, names)) if col == "link" else None
+        links.add_column(col, no_wrap=col == "link", min_width=width)
     for link in status["links"]:
         links.add_row(
             f"{link['a']} ↔ {link['b']}",
@@ -315,18 +384,49 @@ def demo(
     ] = None,
     reads: Annotated[int, typer.Option("--reads", min=1, help="Reads per scripted user.")] = 20,
     writes: Annotated[int, typer.Option("--writes", min=1, help="Writes per scripted user.")] = 10,
+    place: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--place",
+            help="A far user's city (repeat it; default: Sydney, Frankfurt, São Paulo, Tokyo, "
+            "Virginia, Johannesburg). `--place none` skips far users.",
+        ),
+    ] = None,
 ) -> None:
-    """Bring the world up with the calendar in every region, time a user next to each region,
-    and keep it running until Ctrl-C."""
+    """Bring the world up with the calendar in every region, time a user next to each region and
+    far users under four layouts, and keep it running until Ctrl-C."""
     from latitude.lab import demo as lab_demo
+    from latitude.lab import places
 
+    chosen = tuple(place) if place else lab_demo.DEFAULT_PLACES
+    if chosen == ("none",):
+        chosen = ()
+    try:
+        chosen = tuple(places.place(name).name for name in chosen)
+    except places.UnknownPlace as exc:
+        fail(str(exc), 2)
     progress = progress_printer()
+    progress(
+        "the demo: start a lab world (Postgres primary + streaming replicas, Valkey, emulated "
+        "ocean links), run the calendar behind the gateway in every region, then time users"
+    )
     world = LabWorld(state_dir, topology, progress=progress)
     world.up()
     try:
         lab_demo.start_calendar(world, progress=progress)
+        progress(f"users next to each region: {writes} writes, then {reads} reads each")
         figures = lab_demo.measure(world, reads=reads, writes=writes, progress=progress)
         print_figures(figures, world.topology().primary.name)
+        layouts = None
+        if chosen:
+            progress(
+                f"far users in {', '.join(chosen)}: the same work under {len(lab_demo.LAYOUTS)} "
+                "layouts, side by side"
+            )
+            layouts = lab_demo.measure_layouts(
+                world, chosen, reads=reads, writes=writes, progress=progress
+            )
+            print_layouts(layouts, world.topology().primary.name)
         progress("start a mirror in every region and publish a file at the primary")
         from latitude.lab.mirrors import propagation
 
@@ -337,11 +437,33 @@ def demo(
             out.print(f"mirror: /demo/hello.json (serial {serial}) was in {name} after {when}")
         print_status(world.status())
         if json_file:
-            json_file.write_text(json.dumps({"regions": figures}, indent=2))
-            out.print(f"figures written to {json_file}")
+            data = {"regions": figures}
+            if layouts:
+                data = {
+                    "layouts": layouts["layouts"],
+                    "regions": figures,
+                    "places": layouts["places"],
+                }
+            tmp = json_file.with_name(json_file.name + ".tmp")
+            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+            os.replace(tmp, json_file)
+            out.print(f"figures written to {json_file}", highlight=False)
+            if layouts:
+                chart = lab_demo.write_chart(layouts, json_file.with_suffix(".svg"))
+                out.print(f"chart of the layouts table: {chart}", highlight=False)
         if not once:
             for name, f in figures.items():
                 out.print(f"{name}: {f['url']}")
+            for name, v in (layouts or {}).get("places", {}).items():
+                near, primary = v["nearest"], v["primary"]
+                out.print(
+                    f"you in {name} -> your nearest region ({near}): {v['app_urls'][near]}; "
+                    f"-> the primary only ({primary}): {v['app_urls'][primary]}",
+                    highlight=False,
+                )
+            out.print(
+                f"dashboard: {figures[world.topology().primary.name]['url']}/_latitude/dashboard"
+            )
             out.print("the world is running; press Ctrl-C to stop it")
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             try:
@@ -351,6 +473,48 @@ def demo(
     finally:
         stopped = world.down()
         out.print(f"stopped: {', '.join(stopped)}")
+
+
+def print_layouts(result: dict, primary: str) -> None:
+    from latitude.lab.demo import LAYOUT_HELP
+
+    where = result["places"]
+    table = Table(title=f"far users: ms under four layouts (primary: {primary})")
+    longest = max(
+        len(f"{v['nearest']} ({max(v['rtt_ms'].values()):.0f} ms)") for v in where.values()
+    )
+    table.add_column("user in", no_wrap=True, min_width=max(len(p) for p in where))
+    table.add_column("nearest region (RTT)", no_wrap=True, min_width=longest)
+    table.add_column("RTT to primary", justify="right", no_wrap=True)
+    table.add_column("layout", no_wrap=True, min_width=max(len(k) for k in LAYOUT_HELP))
+    for col in ("read p50 / p99", "write p50 / p99"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+    for place, v in where.items():
+        for i, (layout, by_place) in enumerate(result["layouts"].items()):
+            f = by_place[place]
+            table.add_row(
+                place if i == 0 else "",
+                f"{v['nearest']} ({v['rtt_ms'][v['nearest']]:.0f} ms)" if i == 0 else "",
+                f"{v['rtt_ms'][v['primary']]:.0f} ms" if i == 0 else "",
+                layout,
+                f"{f['read_p50_ms']:.0f} / {f['read_p99_ms']:.0f}",
+                f"{f['write_p50_ms']:.0f} / {f['write_p99_ms']:.0f}",
+                end_section=i == len(result["layouts"]) - 1,
+            )
+    out.print(table)
+    out.print("columns:", highlight=False)
+    for line in (
+        "user in: where the scripted user sits; its links to every region have RTTs from distance",
+        "nearest region (RTT): the region closest to the user, and the user's RTT to it",
+        "RTT to primary: the user's RTT straight to the primary region",
+        "read / write p50 / p99: median / slowest-1% time of one read (GET of an event) and one "
+        "write (create an event: eight SQL statements), in ms, as the user's client measured it "
+        "(all figures in the --json file)",
+    ):
+        out.print(f"  {line}", highlight=False)
+    out.print("layouts:", highlight=False)
+    for layout, text in LAYOUT_HELP.items():
+        out.print(f"  {layout}: {text}", highlight=False)
 
 
 def print_figures(figures: dict, primary: str) -> None:
@@ -363,7 +527,8 @@ def print_figures(figures: dict, primary: str) -> None:
         "write / ideal",
         "RTT to primary ms",
     ):
-        table.add_column(col)
+        width = max(map(len, figures)) if col == "region" else None
+        table.add_column(col, no_wrap=col == "region", min_width=width)
     for name, f in figures.items():
         table.add_row(
             name,

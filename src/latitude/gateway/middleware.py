@@ -41,6 +41,7 @@ from latitude.gateway.messages import (
     set_cookie_value,
     strip_untrusted,
 )
+from latitude.gateway.observe import note
 from latitude.gateway.positions import PositionTracker, request_route
 from latitude.http_headers import HOP_BY_HOP
 from latitude.idempotency import IdempotencyStore, IdempotencyUnavailable, Outcome
@@ -298,6 +299,7 @@ class RegionGateway:
             always_forward=self.config.always_forward_routes,
         )
         self.counters[decision.value] += 1
+        note(scope, decision=decision.value)
         try:
             if decision is Decision.LATITUDE:
                 await self._own_endpoint(scope, send)
@@ -361,9 +363,14 @@ class RegionGateway:
     # ---- replica side: reads -------------------------------------------------------------
 
     async def _serve_read(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if await self.positions.replica_is_current(scope):
+        checked = time.monotonic()
+        current = await self.positions.replica_is_current(scope)
+        note(scope, read_wait_s=time.monotonic() - checked)
+        if current:
+            note(scope, kind="local_read")
             await self._run_here(scope, receive, send, consistency.REPLICA)
         else:
+            note(scope, kind="read_forwarded")
             self.counters["read_forwarded"] += 1
             await self._forward(scope, receive, send)
 
@@ -536,6 +543,7 @@ class RegionGateway:
     async def _send_deadline(self, scope: Scope, send: Send, key: str) -> None:
         cfg = self.config
         self.counters["deadline"] += 1
+        note(scope, outcome="deadline")
         await send_error(
             scope,
             send,
@@ -598,6 +606,7 @@ class RegionGateway:
             )
         except SignatureError as exc:
             self.counters["bad_answer_signature"] += 1
+            note(scope, outcome="bad_signature")
             # An unsigned answer is usually the primary refusing the request: say why.
             log.error(
                 "the primary's answer (%s, %r) failed verification: %s",
@@ -639,6 +648,7 @@ class RegionGateway:
         ]
         headers += self.positions.cookie_headers(scope, resp.header(POSITION))
         self.counters["forwarded"] += 1
+        note(scope, outcome="forwarded")
         await send_response(send, resp.status, headers, body)
 
     async def _fallback(
@@ -704,6 +714,7 @@ class RegionGateway:
             )
             return
         self.counters["fallback"] += 1
+        note(scope, outcome="fallback")
         captured = CapturedResponse()
         route = request_route(
             consistency.PRIMARY, scope["method"], scope["path"], self.config.region.name
@@ -794,6 +805,7 @@ class RegionGateway:
 
     async def _read_only(self, scope: Scope, send: Send, key: str, why: str) -> None:
         self.counters["read_only"] += 1
+        note(scope, outcome="read_only")
         await send_error(
             scope,
             send,
@@ -835,6 +847,7 @@ class RegionGateway:
             )
         except SignatureError as exc:
             self.counters["rejected"] += 1
+            note(scope, idempotency="rejected")
             await send_error(scope, send, 401, "Forwarded request rejected", str(exc))
             return
         except NonceCacheError as exc:
@@ -881,6 +894,7 @@ class RegionGateway:
                 send, headers, 503, [(b"retry-after", b"1")], str(exc).encode()
             )
             return
+        note(scope, idempotency=claim.outcome.value)
         if claim.outcome is Outcome.REPLAY:
             self.counters["replayed"] += 1
             await self._send_signed(

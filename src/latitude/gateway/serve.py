@@ -7,9 +7,12 @@ from the environment (`app_factory`), so each opens and warms its own pool at st
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import shutil
 import socket
+import tempfile
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -17,6 +20,7 @@ import uvicorn
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.connections import BoundedH11Protocol
 from latitude.gateway.middleware import RegionGateway
+from latitude.gateway.observe import Observe
 from latitude.gateway.upstream import HttpUpstream
 
 ENV_APP = "LATITUDE_APP"
@@ -52,7 +56,7 @@ def app_factory():
         inner = HttpUpstream(os.environ[ENV_UPSTREAM])
     else:
         inner = import_app(os.environ[ENV_APP])
-    return RegionGateway(inner, config)
+    return Observe(RegionGateway(inner, config), config)
 
 
 def default_port(config: GatewayConfig) -> int:
@@ -112,9 +116,25 @@ def run(
     if workers > 1:
         from uvicorn.supervisors import Multiprocess
 
-        Multiprocess(server_config, sockets=[server_config.bind_socket()]).run()
+        with _metrics_folder():
+            Multiprocess(server_config, sockets=[server_config.bind_socket()]).run()
     else:
         server.run()
+
+
+@contextlib.contextmanager
+def _metrics_folder():
+    """Workers count into files in one fresh folder, so a scrape sees all of them (and none of
+    an earlier run's); the user's own PROMETHEUS_MULTIPROC_DIR is kept if set."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="latitude-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _TcpConfig(uvicorn.Config):

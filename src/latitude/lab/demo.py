@@ -1,9 +1,13 @@
-"""The demo: the calendar app in every region of a lab world, and a scripted user next to each
-region whose reads and writes are timed, beside what physics allows (the ideal)."""
+"""The demo: the calendar app in every region of a lab world; a scripted user next to each
+region whose reads and writes are timed beside what physics allows (the ideal); and far users
+(`latitude.lab.places`) timed under four layouts, the talk's table reproduced."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import os
 import statistics
 import sys
 import time
@@ -132,3 +136,247 @@ def measure(world: LabWorld, reads: int = 20, writes: int = 10, progress=None) -
         )
         f["url"] = f"http://127.0.0.1:{state['regions'][region]['app_port']}"
     return figures
+
+
+# ---- far users: the four layouts, per place -----------------------------------------------
+
+LAYOUTS = ("single-region", "sql-over-the-ocean", "forwarding-unpooled", "latitude")
+LAYOUT_HELP = {
+    "single-region": "everything at the primary; the user crosses the ocean for every request",
+    "sql-over-the-ocean": "app and replica near the user; every write's SQL sent to the far "
+    "primary on a new connection (the talk's first attempt)",
+    "forwarding-unpooled": "app and replica near the user; writes forwarded whole to the "
+    "primary, on a new connection each time",
+    "latitude": "app and replica near the user; writes forwarded on a pooled, kept-alive "
+    "connection; reads local",
+}
+DEFAULT_PLACES = ("Sydney", "Frankfurt", "São Paulo", "Tokyo", "Virginia", "Johannesburg")
+NAIVE_APP = "examples.calendar.naive:app"
+
+
+def _pct(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile: with few samples the p99 is the slowest one, never invented."""
+    ordered = sorted(samples)
+    return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 1)
+
+
+def start_layouts(world: LabWorld, regions: list[str], progress=None) -> dict[str, dict]:
+    """In each replica region near a user: the naive app (`app-sql`) and an unpooled gateway
+    (`app-unpooled`) beside the normal one. Returns the port of each layout per region."""
+    from latitude.lab.world import _free_ports
+
+    progress = progress or (lambda _m: None)
+    state = world.state()
+    primary = state["primary"]
+    ports: dict[str, dict] = {}
+    for region in regions:
+        app_port = state["regions"][region]["app_port"]
+        if region == primary:
+            ports[region] = dict.fromkeys(LAYOUTS, app_port)
+            continue
+        sql_port, unpooled_port = _free_ports(2)
+        progress(
+            f"{region}: start the naive app (SQL over the ocean, unpooled) on {sql_port} and an "
+            f"unpooled gateway on {unpooled_port}"
+        )
+        world.set_service(
+            region,
+            "app-sql",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                NAIVE_APP,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(sql_port),
+                "--app-dir",
+                str(REPO),
+                "--log-level",
+                "warning",
+            ],
+            env={"CALENDAR_PRIMARY_POOL": "none", "PYTHONPATH": str(REPO)},
+        )
+        world.set_service(
+            region,
+            "app-unpooled",
+            calendar_argv(world, region, 1, ["--no-pool", "--port", str(unpooled_port)]),
+        )
+        ports[region] = {
+            "single-region": state["regions"][primary]["app_port"],
+            "sql-over-the-ocean": sql_port,
+            "forwarding-unpooled": unpooled_port,
+            "latitude": app_port,
+        }
+    for region, by_layout in ports.items():
+        for layout, port in by_layout.items():
+            _wait_port(world, region, layout, port)
+    return ports
+
+
+def _wait_port(world: LabWorld, region: str, layout: str, port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/me", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    service = {"sql-over-the-ocean": "app-sql", "forwarding-unpooled": "app-unpooled"}
+    log = world.service_log(region, service.get(layout, "app"))
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    raise LabError(f"{region}: the {layout} layout did not answer on {port}; its log ends:\n{tail}")
+
+
+async def _timed_place(
+    place: str, urls: dict[str, str], name: str, reads: int, writes: int, progress
+) -> dict:
+    """One user per layout, all from the same place, taking turns write by write and read by
+    read: a machine that slows down for a while slows every layout alike."""
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {}
+        for layout, url in urls.items():
+            jar = aiohttp.CookieJar(unsafe=True)  # the lab's hosts are IP addresses
+            c = await stack.enter_async_context(
+                aiohttp.ClientSession(url, cookie_jar=jar, timeout=timeout)
+            )
+            async with c.post("/login", json={"name": f"{name}-{layout}"}) as r:
+                if r.status != 200:
+                    raise LabError(
+                        f"{layout}: sign-in at {url} failed: {r.status} {await r.text()}"
+                    )
+            clients[layout] = c
+        write_ms: dict[str, list[float]] = {layout: [] for layout in urls}
+        read_ms: dict[str, list[float]] = {layout: [] for layout in urls}
+        event_ids = {}
+        for i in range(writes):
+            for layout, c in clients.items():
+                started = time.perf_counter()
+                async with c.post("/events", json={"title": f"{name} {layout} {i}"}) as r:
+                    body = await r.json()
+                    if r.status != 201:
+                        raise LabError(
+                            f"{layout}: write at {urls[layout]} failed: {r.status} {body}"
+                        )
+                write_ms[layout].append((time.perf_counter() - started) * 1000)
+                event_ids[layout] = body["id"]
+        progress(f"{place}: {writes} writes done in every layout; now {reads} reads")
+        await asyncio.sleep(0.5)  # reads measure the replica, not the wait for the last write
+        for _ in range(reads):
+            for layout, c in clients.items():
+                started = time.perf_counter()
+                async with c.get(f"/events/{event_ids[layout]}") as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise LabError(f"{layout}: read at {urls[layout]} failed: {r.status}")
+                read_ms[layout].append((time.perf_counter() - started) * 1000)
+    return {
+        layout: {
+            "read_p50_ms": _p50(read_ms[layout]),
+            "write_p50_ms": _p50(write_ms[layout]),
+            "read_p99_ms": _pct(read_ms[layout], 0.99),
+            "write_p99_ms": _pct(write_ms[layout], 0.99),
+        }
+        for layout in urls
+    }
+
+
+def measure_layouts(
+    world: LabWorld,
+    place_names: tuple[str, ...] = DEFAULT_PLACES,
+    reads: int = 20,
+    writes: int = 10,
+    progress=None,
+    concurrency: int = 3,
+) -> dict:
+    """For a user in each place, reads and writes under the four layouts (places measured
+    `concurrency` at a time).
+
+    Returns `{"layouts": {LAYOUT: {PLACE: figures}}, "places": {PLACE: where it is}}`."""
+    from latitude.lab import places
+
+    progress = progress or (lambda _m: None)
+    chosen = [places.place(name) for name in place_names]
+    vantages = {}
+    for p in chosen:
+        v = places.join(world, p)
+        vantages[p.name] = v
+        rtts = ", ".join(f"{r} {ms:.0f} ms" for r, ms in v.rtt_ms.items())
+        progress(f"{p.name}: client links to every region ({rtts}); nearest {v.nearest}")
+    ports = start_layouts(world, sorted({v.nearest for v in vantages.values()}), progress)
+    urls: dict[str, dict[str, str]] = {}
+    for p in chosen:
+        v = vantages[p.name]
+        urls[p.name] = {}
+        for layout in LAYOUTS:
+            # single-region is reached across the client link to the primary; the others
+            # across the link to the nearest region.
+            region = v.primary if layout == "single-region" else v.nearest
+            urls[p.name][layout] = places.relay_from(world, p, region, ports[v.nearest][layout])
+
+    async def run_all() -> dict:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(p) -> tuple[str, dict]:
+            async with gate:
+                v = vantages[p.name]
+                progress(
+                    f"{p.name}: one user per layout takes turns: {writes} writes, {reads} reads "
+                    f"(via {v.nearest}, {v.rtt_ms[v.nearest]:.0f} ms away; the primary "
+                    f"{v.rtt_ms[v.primary]:.0f} ms away)"
+                )
+                name = f"{p.key}-{os.getpid()}-{time.time_ns() % 10**6}"
+                return p.name, await _timed_place(
+                    p.name, urls[p.name], name, reads, writes, progress
+                )
+
+        return dict(await asyncio.gather(*(one(p) for p in chosen)))
+
+    by_place = asyncio.run(run_all())
+    return {
+        "layouts": {
+            layout: {p.name: by_place[p.name][layout] for p in chosen} for layout in LAYOUTS
+        },
+        "places": {name: v.as_dict() for name, v in vantages.items()},
+    }
+
+
+def write_chart(figures: dict, path: Path) -> Path:
+    """The layouts table as an SVG bar chart (log scale: naive writes take seconds)."""
+    import pygal
+    from pygal.style import DefaultStyle
+
+    layouts = figures["layouts"]
+    place_names = list(next(iter(layouts.values())))
+    values = [f[k] for by_place in layouts.values() for f in by_place.values() for k in f]
+    # Bars grow from a power of ten below the smallest figure, so every bar shows.
+    low = 10 ** math.floor(math.log10(max(0.1, min(values))))
+    chart = pygal.Bar(
+        logarithmic=True,
+        range=(low, max(values) * 1.3),
+        zero=low,
+        style=DefaultStyle,
+        width=1200,
+        height=600,
+        x_label_rotation=30,
+        legend_at_bottom=True,
+        title="A far user's p50 (ms, log scale): reads and writes under four layouts",
+        y_title="ms (p50)",
+    )
+    chart.x_labels = [f"{p} {kind}" for p in place_names for kind in ("read", "write")]
+    for layout, by_place in layouts.items():
+        chart.add(
+            layout,
+            [
+                max(0.1, by_place[p][f"{kind}_p50_ms"])
+                for p in place_names
+                for kind in ("read", "write")
+            ],
+        )
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(chart.render())
+    os.replace(tmp, path)
+    return path

@@ -45,6 +45,17 @@ def build_app(wan: WanEmulator, token: str, stop: asyncio.Event) -> web.Applicat
         relay = wan.relay(body["a"], body["b"], body.get("host", "127.0.0.1"), int(body["port"]))
         return web.json_response({"port": relay.port})
 
+    async def add_link(request: web.Request) -> web.Response:
+        # Client links (a far user's place to a region) join the table at run time.
+        body = await request.json()
+        try:
+            link = wan.link(body["a"], body["b"])
+        except UnknownLinkError:
+            link = wan.add_link(body["a"], body["b"], rtt_ms=float(body["rtt_ms"]))
+        link.set_rtt(float(body["rtt_ms"]))
+        link.set_jitter(float(body.get("jitter_ms", 0.0)))
+        return web.json_response({"a": link.a, "b": link.b, **link.stats()})
+
     async def link_action(request: web.Request) -> web.Response:
         body = await request.json()
         link = wan.link(body["a"], body["b"])
@@ -71,6 +82,7 @@ def build_app(wan: WanEmulator, token: str, stop: asyncio.Event) -> web.Applicat
     app = web.Application(middlewares=[require_token])
     app.router.add_get("/status", status)
     app.router.add_post("/relays", add_relay)
+    app.router.add_post("/links", add_link)
     app.router.add_post("/links/{action}", link_action)
     app.router.add_post("/shutdown", shutdown)
     return app

@@ -630,6 +630,11 @@ class LabWorld:
             "POST", "/relays", {"a": from_region, "b": to_region, "port": port}
         )["port"]
 
+    def add_link(self, a: str, b: str, rtt_ms: float, jitter_ms: float = 0.0) -> dict:
+        """A link of the caller's own (a far user's place to a region); re-timed if it exists."""
+        body = {"a": a, "b": b, "rtt_ms": rtt_ms, "jitter_ms": jitter_ms}
+        return self.control().call("POST", "/links", body)
+
     def _service_pid_file(self, region: str, service: str) -> Path:
         return self.state_dir / "regions" / region / f"{service}.pid"
 

@@ -35,6 +35,7 @@ from aiohttp import web
 
 from latitude import signing
 from latitude.http_headers import HOP_BY_HOP
+from latitude.metrics import aiohttp_routes as metrics_routes
 from latitude.mirror.changelog import ChangeLog
 from latitude.mirror.feed import (
     FILE_SERIAL_HEADER,
@@ -140,6 +141,7 @@ class MirrorServer:
             self.log = ChangeLog(self.root.state_dir / "changes.sqlite", self.retention_s or 86400)
             self.feed = FeedServer(self.root, self.log, self.keyring, self.poll_timeout_s)
             self.feed.routes(app)
+        metrics_routes(app, self)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
