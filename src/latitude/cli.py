@@ -156,11 +156,71 @@ def lab_kill(
 @lab_app.command("revive")
 def lab_revive(
     region: str,
-    part: Annotated[str, typer.Argument(help="db, sessions or app")],
+    part: Annotated[
+        str | None, typer.Argument(help="db, sessions or app (default: all, rejoining the db)")
+    ] = None,
     state_dir: StateDirOption = None,
 ) -> None:
-    """Start a killed part of a region again."""
-    out.print(LabWorld(state_dir).revive(region, part))
+    """Start a killed part of a region again (all of it: an old primary rejoins as a replica)."""
+    if part is not None:
+        out.print(LabWorld(state_dir).revive(region, part))
+        return
+    from latitude.lab.promote import revive_region
+
+    for line in _promotion_call(revive_region, LabWorld(state_dir), region):
+        out.print(line)
+
+
+@lab_app.command("promote")
+def lab_promote(
+    region: Annotated[str | None, typer.Argument(help="The replica region to promote.")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Forced failover: the primary is unreachable.")
+    ] = False,
+    auto_choose: Annotated[
+        bool, typer.Option("--auto-choose", help="With --force: the most caught-up replica.")
+    ] = False,
+    max_lag_bytes: Annotated[
+        int | None, typer.Option("--max-lag-bytes", help="Refuse a switchover further behind.")
+    ] = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Move the primary to another region of the lab (switchover, or --force failover)."""
+    from latitude.lab.promote import promote
+
+    result = _promotion_call(
+        promote,
+        LabWorld(state_dir),
+        region,
+        force=force,
+        auto_choose=auto_choose,
+        max_lag_bytes=max_lag_bytes,
+        progress=progress_printer(),
+    )
+    out.print(json.dumps(result))
+
+
+@app.command()
+def rejoin(
+    region: Annotated[str, typer.Argument(help="The old primary region to bring back.")],
+    state_dir: StateDirOption = None,
+) -> None:
+    """Bring an old primary back as a replica of the new timeline (pg_rewind if needed)."""
+    from latitude.lab.promote import revive_region
+
+    for line in _promotion_call(revive_region, LabWorld(state_dir), region, services=False):
+        out.print(line)
+
+
+def _promotion_call(fn, *args, **kwargs):
+    from latitude.promotion import PromotionError
+
+    try:
+        return fn(*args, **kwargs)
+    except PromotionError as exc:
+        fail(str(exc), exc.exit_code)
+    except LabError as exc:
+        fail(str(exc), 2)
 
 
 def print_status(status: dict) -> None:
