@@ -54,7 +54,9 @@ def _region() -> tuple[object, str]:
 
 topology, region_name = _region()
 region = topology.region(region_name)
-engines = AsyncRoutedEngines.from_topology(topology, region_name)
+# Pinged before use: a promotion restarts databases, and a dead pooled connection must not fail
+# the request that draws it.
+engines = AsyncRoutedEngines.from_topology(topology, region_name, pool_pre_ping=True)
 
 
 def wants_html(request: Request) -> bool:
@@ -318,9 +320,15 @@ async def _payload(request: Request) -> dict:
     return dict(await request.form())
 
 
+async def _writable(engine) -> bool:
+    """False at an old primary revived after a failover: fenced read-only (latitude.promotion)."""
+    async with engine.connect() as db:
+        return (await db.execute(text("show transaction_read_only"))).scalar_one() == "off"
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app):
-    if region.primary:
+    if region.primary and await _writable(engines.primary):
         async with engines.primary.begin() as db:
             await db.execute(text("select pg_advisory_xact_lock(4242)"))
             for statement in filter(str.strip, SCHEMA.split(";")):

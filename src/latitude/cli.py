@@ -197,7 +197,7 @@ def lab_promote(
         max_lag_bytes=max_lag_bytes,
         progress=progress_printer(),
     )
-    out.print(json.dumps(result))
+    print(json.dumps(result))
 
 
 @app.command()

@@ -305,6 +305,13 @@ class LabWorld:
         self._write_state(state)
         self.progress(f"waiting for replicas to stream from {primary}")
         self._wait_streaming(state, topology, timeout=60)
+        quorum = int(topology.replication.get("synchronous", 0) or 0)
+        if quorum:
+            from latitude.promotion.postgres import PgServer
+
+            self.progress(f"{primary}: every commit waits for {quorum} replica region(s)")
+            standbys = [n for n in names if n != primary]
+            PgServer(primary, pnode.url).set_synchronous(quorum, standbys)
         state["up_seconds"] = round(time.monotonic() - started, 2)
         self._write_state(state)
         self.progress(f"world up in {state['up_seconds']:.1f} s")
