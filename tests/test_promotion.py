@@ -308,6 +308,44 @@ def test_forced_failover_fences_and_rejoins_the_old_primary(promo: LabWorld):
     assert_refuses_writes(promo, "us-west")
 
 
+# ---- production: `latitude promote --topology` -------------------------------------------
+
+
+def test_promote_with_a_topology_talks_to_the_databases_and_gateways(promo: LabWorld):
+    """The production command, run as an operator in the primary region: the databases and the
+    gateways are reached at the URLs the region's topology names (through the links)."""
+    import os
+
+    old = promo.status()["primary"]
+    target = "us-west" if old != "us-west" else "eu-west"
+    state = promo.state()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "latitude.cli",
+            "promote",
+            target,
+            "--topology",
+            state["regions"][old]["topology_file"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LATITUDE_LAB_KEY": state["secret"]},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{target} told" in result.stderr  # POST /_latitude/epoch reached the gateways
+    w = Writer(promo, "ap-southeast")
+    w.login()
+    status, body = w.post("/events", {"title": "after-production-promote"})
+    assert status == 201 and body["region"] == target
+    assert_refuses_writes(promo, old)  # fenced read-only, still running
+    result = latitude(promo, "rejoin", old)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: old in streams_from(promo, target), 20, f"{old} streams again")
+
+
 # ---- quorum commit -----------------------------------------------------------------------
 
 

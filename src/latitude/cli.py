@@ -212,6 +212,41 @@ def rejoin(
         out.print(line)
 
 
+@app.command()
+def promote(
+    region: Annotated[str | None, typer.Argument(help="The replica region to promote.")] = None,
+    topology: Annotated[
+        Path, typer.Option("--topology", "-t", help="Topology file.", envvar="LATITUDE_TOPOLOGY")
+    ] = Path("latitude.toml"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Forced failover: the primary is unreachable.")
+    ] = False,
+    auto_choose: Annotated[
+        bool, typer.Option("--auto-choose", help="With --force: the most caught-up replica.")
+    ] = False,
+    max_lag_bytes: Annotated[
+        int, typer.Option("--max-lag-bytes", help="Refuse a switchover further behind.")
+    ] = 16 * 1024 * 1024,
+) -> None:
+    """Move the primary to another region: the databases and gateways the topology names."""
+    from latitude.promotion import BadPromotion, failover, switchover
+    from latitude.promotion.remote import RemoteCluster
+
+    def run():
+        cluster = RemoteCluster(load_topology(topology))
+        if auto_choose and not force:
+            raise BadPromotion(
+                "--auto-choose chooses the replica of a forced failover: add --force"
+            )
+        if force:
+            return failover(cluster, region, auto_choose=auto_choose, progress=progress_printer())
+        if region is None:
+            raise BadPromotion("name the region to promote (or pass --force --auto-choose)")
+        return switchover(cluster, region, max_lag_bytes=max_lag_bytes, progress=progress_printer())
+
+    print(json.dumps(_promotion_call(run)))
+
+
 def _promotion_call(fn, *args, **kwargs):
     from latitude.promotion import PromotionError
 

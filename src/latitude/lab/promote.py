@@ -43,8 +43,15 @@ class LabCluster:
         return Path(self.world.state()["regions"][region]["topology_file"]).parent
 
     def epoch(self) -> Epoch:
-        found = self.epoch_file().read()
-        return found[0] if found else self._initial
+        """The newest epoch the lab or any region has seen (`latitude promote` tells regions)."""
+        newest = self._initial
+        for where in (None, *self.regions):
+            found = self.epoch_file(where).read()
+            if found and found[0].newer_than(newest):
+                newest = found[0]
+                if where is not None:
+                    self.epoch_file().offer(found[1])
+        return newest
 
     def journal(self) -> Journal:
         return Journal(self.world.state_dir)
@@ -213,7 +220,7 @@ def revive_region(world: LabWorld, region: str, *, services: bool = True) -> lis
     if region not in state["regions"]:
         raise LabError(f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})")
     cluster = LabCluster(world)
-    primary = cluster.epoch().primary if cluster.epoch_file().read() else state["primary"]
+    primary = cluster.epoch().primary
     lines = []
     if region == primary:
         lines.append(world.revive(region, "db"))
