@@ -256,6 +256,63 @@ def test_promote_back(promo: LabWorld):
     assert "after-promote-back" in titles_in(promo, "us-west")
 
 
+# ---- workers -------------------------------------------------------------------------------
+
+
+def reminders(world: LabWorld, region: str, event_id: int) -> list[str]:
+    with pg(world, region) as c:
+        if c.execute("select to_regclass('reminders')").fetchone()[0] is None:
+            return []
+        return [
+            r[0]
+            for r in c.execute(
+                "select sent_by from reminders where event_id = %s", (event_id,)
+            ).fetchall()
+        ]
+
+
+def test_workers_run_jobs_only_at_the_primary_and_follow_it(promo: LabWorld):
+    state = promo.state()
+    for region in REGIONS:
+        argv = [
+            sys.executable,
+            "-m",
+            "latitude.cli",
+            "worker",
+            "examples.calendar.tasks:tasks",
+            "--region",
+            region,
+            "--topology",
+            state["regions"][region]["topology_file"],
+        ]
+        promo.set_service(region, "worker", argv)
+    try:
+        primary = promo.status()["primary"]
+        w = Writer(promo, "eu-west")
+        w.login()
+        status, body = w.post("/events", {"title": "job-before"})
+        assert status == 201
+        sent = wait_for(lambda: reminders(promo, primary, body["id"]), 30, "the reminder")
+        time.sleep(2)  # a second run would show up by now
+        assert reminders(promo, primary, body["id"]) == [primary] == sent
+
+        target = next(r for r in ("eu-west", "us-west") if r != primary)
+        result = latitude(promo, "lab", "promote", target)
+        assert result.returncode == 0, result.stderr
+        status, body = w.post("/events", {"title": "job-after"})
+        assert status == 201 and body["region"] == target
+        wait_for(lambda: reminders(promo, target, body["id"]), 30, "the reminder after promotion")
+        time.sleep(2)
+        assert reminders(promo, target, body["id"]) == [target]
+        log = promo.service_log(primary, "worker").read_text()
+        assert "worker stopped" in log
+    finally:
+        for region in REGIONS:
+            from latitude.lab import process
+
+            process.stop_pid_file(promo._service_pid_file(region, "worker"))
+
+
 # ---- forced failover ---------------------------------------------------------------------
 
 

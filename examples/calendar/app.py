@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from examples.calendar import tasks
 from latitude.db import AsyncRoutedEngines
 from latitude.sessions import SessionMiddleware, session_store_from_url
 from latitude.topology import load_topology
@@ -229,6 +230,7 @@ async def create_event(request: Request) -> Response:
         await db.execute(
             text("update teams set last_activity = now() where id = :t"), {"t": user["team_id"]}
         )
+    await tasks.remind_later(engines.engine(), event_id, title)  # a job, at the primary
     request.session["flash"] = f"Created {title!r}" + (
         " (clashes with another event)" if clashes else ""
     )

@@ -247,6 +247,23 @@ def promote(
     print(json.dumps(_promotion_call(run)))
 
 
+@app.command()
+def worker(
+    tasks: Annotated[
+        str, typer.Argument(help="The jobs: a procrastinate Blueprint, module:tasks.")
+    ],
+    region: RegionOption,
+    topology: ServeTopologyOption = Path("latitude.toml"),
+) -> None:
+    """Run background jobs while REGION is the primary (and only then), following promotions."""
+    from latitude.workers import WorkerError, run
+
+    try:
+        run(str(topology), region, tasks)
+    except WorkerError as exc:
+        fail(str(exc), 2)
+
+
 def _promotion_call(fn, *args, **kwargs):
     from latitude.promotion import PromotionError
 
