@@ -454,3 +454,77 @@ def test_synchronous_quorum_forced_failover_loses_nothing(sync_world: LabWorld):
         # The new primary commits with the remaining region as its quorum.
         assert c.execute("show synchronous_standby_names").fetchone()[0].startswith("ANY 1")
     assert not set(acked) - have, f"{len(set(acked) - have)} acknowledged writes lost"
+
+
+# ---- automatic failover by majority ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auto_world(tmp_path_factory):
+    source = Path(__file__).resolve().parent.parent / "src/latitude/data/lab.toml"
+    topology = tmp_path_factory.mktemp("auto-topology") / "lab.toml"
+    topology.write_text(
+        source.read_text() + "\n[failover]\nautomatic = true\nafter_s = 6\nlease_s = 3\n"
+    )
+    world = LabWorld(tmp_path_factory.mktemp("auto-lab"), topology)
+    world.up()
+    try:
+        start_apps(world)
+        state = world.state()
+        for region in REGIONS:
+            argv = [
+                sys.executable,
+                "-m",
+                "latitude.cli",
+                "failover",
+                "watch",
+                "--region",
+                region,
+                "--topology",
+                state["regions"][region]["topology_file"],
+            ]
+            world.set_service(region, "watcher", argv)
+        yield world
+    finally:
+        world.down()
+
+
+def test_partitioned_primary_is_replaced_by_majority_one_primary_at_a_time(auto_world):
+    world = auto_world
+    ws = [Writer(world, r) for r in REGIONS]
+    for w in ws:
+        w.login()
+        w.start()
+    try:
+        time.sleep(3)
+        cut_at = time.monotonic()
+        world.link("cut", "us-west", "eu-west")
+        world.link("cut", "us-west", "ap-southeast")
+        new_primary_ack = wait_for(
+            lambda: min(
+                (t for w in ws for t, _, region in w.acked if region != "us-west" and t > cut_at),
+                default=None,
+            ),
+            60,
+            "a write acknowledged by a new primary",
+        )
+        time.sleep(2)
+    finally:
+        stop(ws)
+        world.link("heal", "us-west", "eu-west")
+        world.link("heal", "us-west", "ap-southeast")
+    by_old = [t for w in ws for t, _, region in w.acked if region == "us-west"]
+    new = {region for w in ws for t, _, region in w.acked if t >= new_primary_ack}
+    # One primary at every moment: the cut-off primary's last acknowledgement comes before the
+    # new primary's first, and after it only the new primary acknowledges.
+    assert max(by_old) < new_primary_ack, (max(by_old) - cut_at, new_primary_ack - cut_at)
+    assert len(new) == 1 and new != {"us-west"}
+    # The cut-off primary stopped acknowledging writes within its lease (3 s) and a margin.
+    assert max(by_old) - cut_at <= 3 + 2.5
+    elected = new.pop()
+    assert world.status()["primary"] in ("us-west", elected)  # the lab's record may lag
+    # Healed, the old primary's gateway learns the new epoch from its peers and forwards.
+    w = Writer(world, "us-west")
+    w.login()
+    status, body = w.post("/events", {"title": "after-heal"})
+    assert status == 201 and body["region"] == elected, (status, body)

@@ -264,6 +264,18 @@ def worker(
         fail(str(exc), 2)
 
 
+failover_app = typer.Typer(no_args_is_help=True, help="Automatic failover by majority.")
+app.add_typer(failover_app, name="failover")
+
+
+@failover_app.command("watch")
+def failover_watch(region: RegionOption, topology: ServeTopologyOption = Path("latitude.toml")):
+    """Watch the primary from REGION; promote REGION when a majority agrees the primary is down."""
+    from latitude.promotion.automatic import run
+
+    _promotion_call(run, str(topology), region)
+
+
 def _promotion_call(fn, *args, **kwargs):
     from latitude.promotion import PromotionError
 
@@ -276,7 +288,11 @@ def _promotion_call(fn, *args, **kwargs):
 
 
 def print_status(status: dict) -> None:
-    table = Table(title=f"lab world in {status['state_dir']}")
+    epoch = status.get("epoch") or {}
+    table = Table(
+        title=f"lab world in {status['state_dir']}: primary {status['primary']}"
+        f" (epoch {epoch.get('number', 1)})"
+    )
     for col in (
         "region",
         "role",

@@ -65,9 +65,10 @@ class EpochFollower:
         )
         settings = failover_settings(config.topology)
         self.hold_s = float(settings.get("hold_s", DEFAULT_HOLD_S))
-        lease = settings.get("lease_s")
+        # With automatic failover the primary holds a lease, shorter than the others' wait.
+        lease = settings.get("lease_s", 5.0 if settings.get("automatic") else None)
         self.lease_s = float(lease) if lease else None
-        self.peer_poll_s = float(settings.get("peer_poll_s", 2.0 if self.lease_s else 0))
+        self.peer_poll_s = float(settings.get("peer_poll_s", 1.0 if self.lease_s else 0))
         self.epoch: Epoch = initial_epoch(config.topology)
         self.token: str | None = None
         self.applied: str = config.topology.primary.name
@@ -275,12 +276,19 @@ class EpochFollower:
             await send_json(send, 200, self._answer(gateway))
 
     def _answer(self, gateway) -> dict:
-        return {
+        answer = {
             "region": gateway.config.region.name,
             "role": gateway.config.region.role,
             "epoch": self.status(),
             "token": self.token,
         }
+        if self.file is not None:
+            # The region's failover watcher's verdict on the primary (latitude.promotion.automatic).
+            with contextlib.suppress(OSError, ValueError):
+                answer["view"] = json.loads(
+                    (self.file.path.parent / "failover-view.json").read_text()
+                )
+        return answer
 
 
 async def _reconfigure(gateway, topology, base) -> None:
