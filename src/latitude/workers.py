@@ -29,6 +29,7 @@ log = logging.getLogger("latitude.workers")
 
 NAMESPACE = "app"
 CHECK_INTERVAL_S = 0.5
+ENQUEUE_TIMEOUT_S = 2.0
 _SCHEMA_LOCK = 4243
 
 
@@ -62,17 +63,43 @@ _queues: dict[str, procrastinate.App] = {}
 _queues_lock = asyncio.Lock()
 
 
-async def enqueue(url_or_engine: Any, task: str, **kwargs: Any) -> int:
-    """Put a job on the queue in the database at `url_or_engine`; returns the job id."""
-    url = libpq_url(url_or_engine)
+async def _queue(url: str) -> procrastinate.App:
     async with _queues_lock:
         app = _queues.get(url)
         if app is None:
-            app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
-            await app.open_async()
-            await ensure_schema(app, url)
+            connector = procrastinate.PsycopgConnector(
+                conninfo=url,
+                min_size=1,
+                max_size=4,
+                timeout=ENQUEUE_TIMEOUT_S,
+            )
+            app = procrastinate.App(connector=connector)
+            await asyncio.wait_for(app.open_async(), ENQUEUE_TIMEOUT_S)
+            await asyncio.wait_for(ensure_schema(app, url), ENQUEUE_TIMEOUT_S * 4)
             _queues[url] = app
-    return await app.configure_task(f"{NAMESPACE}:{task}").defer_async(**kwargs)
+        return app
+
+
+async def enqueue(url_or_engine: Any, task: str, **kwargs: Any) -> int:
+    """Put a job on the queue in the database at `url_or_engine`; returns the job id."""
+    url = libpq_url(url_or_engine)
+    for attempt in (1, 2):
+        app = await _queue(url)
+        try:
+            return await asyncio.wait_for(
+                app.configure_task(f"{NAMESPACE}:{task}").defer_async(**kwargs),
+                ENQUEUE_TIMEOUT_S,
+            )
+        except Exception:
+            # A pool whose server went away: start afresh once, then give up loudly.
+            async with _queues_lock:
+                if _queues.get(url) is app:
+                    del _queues[url]
+            with contextlib.suppress(Exception):
+                await app.close_async()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def close_queues() -> None:
