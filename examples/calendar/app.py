@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from examples.calendar import pages
+from examples.calendar import pages, tasks
 from latitude.db import AsyncRoutedEngines
 from latitude.sessions import SessionMiddleware, session_store_from_url
 from latitude.topology import load_topology
@@ -59,9 +59,12 @@ region = topology.region(region_name)
 # CALENDAR_PRIMARY_POOL=none: a new connection to the primary database for every transaction,
 # as the naive layout (`naive.py`) of the demo runs it.
 _unpooled = os.environ.get("CALENDAR_PRIMARY_POOL") == "none"
+# Pinged before use: a promotion restarts databases, and a dead pooled connection must not fail
+# the request that draws it.
 engines = AsyncRoutedEngines.from_topology(
     topology,
     region_name,
+    pool_pre_ping=True,
     primary_engine_kwargs={"poolclass": NullPool, "pool_pre_ping": False} if _unpooled else None,
 )
 
@@ -271,6 +274,7 @@ async def create_event(request: Request) -> Response:
         await db.execute(
             text("update teams set last_activity = now() where id = :t"), {"t": user["team_id"]}
         )
+    await tasks.remind_later(engines.engine(), event_id, title)  # a job, at the primary
     request.session["flash"] = f"Created {title!r}" + (
         " (clashes with another event)" if clashes else ""
     )
@@ -395,9 +399,15 @@ async def _payload(request: Request) -> dict:
     return dict(await request.form())
 
 
+async def _writable(engine) -> bool:
+    """False at an old primary revived after a failover: fenced read-only (latitude.promotion)."""
+    async with engine.connect() as db:
+        return (await db.execute(text("show transaction_read_only"))).scalar_one() == "off"
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app):
-    if region.primary:
+    if region.primary and await _writable(engines.primary):
         async with engines.primary.begin() as db:
             await db.execute(text("select pg_advisory_xact_lock(4242)"))
             for statement in filter(str.strip, SCHEMA.split(";")):

@@ -156,11 +156,135 @@ def lab_kill(
 @lab_app.command("revive")
 def lab_revive(
     region: str,
-    part: Annotated[str, typer.Argument(help="db, sessions or app")],
+    part: Annotated[
+        str | None, typer.Argument(help="db, sessions or app (default: all, rejoining the db)")
+    ] = None,
     state_dir: StateDirOption = None,
 ) -> None:
-    """Start a killed part of a region again."""
-    out.print(LabWorld(state_dir).revive(region, part))
+    """Start a killed part of a region again (all of it: an old primary rejoins as a replica)."""
+    if part is not None:
+        out.print(LabWorld(state_dir).revive(region, part))
+        return
+    from latitude.lab.promote import revive_region
+
+    for line in _promotion_call(revive_region, LabWorld(state_dir), region):
+        out.print(line)
+
+
+@lab_app.command("promote")
+def lab_promote(
+    region: Annotated[str | None, typer.Argument(help="The replica region to promote.")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Forced failover: the primary is unreachable.")
+    ] = False,
+    auto_choose: Annotated[
+        bool, typer.Option("--auto-choose", help="With --force: the most caught-up replica.")
+    ] = False,
+    max_lag_bytes: Annotated[
+        int | None, typer.Option("--max-lag-bytes", help="Refuse a switchover further behind.")
+    ] = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Move the primary to another region of the lab (switchover, or --force failover)."""
+    from latitude.lab.promote import promote
+
+    result = _promotion_call(
+        promote,
+        LabWorld(state_dir),
+        region,
+        force=force,
+        auto_choose=auto_choose,
+        max_lag_bytes=max_lag_bytes,
+        progress=progress_printer(),
+    )
+    print(json.dumps(result))
+
+
+@app.command()
+def rejoin(
+    region: Annotated[str, typer.Argument(help="The old primary region to bring back.")],
+    state_dir: StateDirOption = None,
+) -> None:
+    """Bring an old primary back as a replica of the new timeline (pg_rewind if needed)."""
+    from latitude.lab.promote import revive_region
+
+    for line in _promotion_call(revive_region, LabWorld(state_dir), region, services=False):
+        out.print(line)
+
+
+@app.command()
+def promote(
+    region: Annotated[str | None, typer.Argument(help="The replica region to promote.")] = None,
+    topology: Annotated[
+        Path, typer.Option("--topology", "-t", help="Topology file.", envvar="LATITUDE_TOPOLOGY")
+    ] = Path("latitude.toml"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Forced failover: the primary is unreachable.")
+    ] = False,
+    auto_choose: Annotated[
+        bool, typer.Option("--auto-choose", help="With --force: the most caught-up replica.")
+    ] = False,
+    max_lag_bytes: Annotated[
+        int, typer.Option("--max-lag-bytes", help="Refuse a switchover further behind.")
+    ] = 16 * 1024 * 1024,
+) -> None:
+    """Move the primary to another region: the databases and gateways the topology names."""
+    from latitude.promotion import BadPromotion, failover, switchover
+    from latitude.promotion.remote import RemoteCluster
+
+    def run():
+        cluster = RemoteCluster(load_topology(topology))
+        if auto_choose and not force:
+            raise BadPromotion(
+                "--auto-choose chooses the replica of a forced failover: add --force"
+            )
+        if force:
+            return failover(cluster, region, auto_choose=auto_choose, progress=progress_printer())
+        if region is None:
+            raise BadPromotion("name the region to promote (or pass --force --auto-choose)")
+        return switchover(cluster, region, max_lag_bytes=max_lag_bytes, progress=progress_printer())
+
+    print(json.dumps(_promotion_call(run)))
+
+
+@app.command()
+def worker(
+    tasks: Annotated[
+        str, typer.Argument(help="The jobs: a procrastinate Blueprint, module:tasks.")
+    ],
+    region: RegionOption,
+    topology: ServeTopologyOption = Path("latitude.toml"),
+) -> None:
+    """Run background jobs while REGION is the primary (and only then), following promotions."""
+    from latitude.workers import WorkerError, run
+
+    try:
+        run(str(topology), region, tasks)
+    except WorkerError as exc:
+        fail(str(exc), 2)
+
+
+failover_app = typer.Typer(no_args_is_help=True, help="Automatic failover by majority.")
+app.add_typer(failover_app, name="failover")
+
+
+@failover_app.command("watch")
+def failover_watch(region: RegionOption, topology: ServeTopologyOption = Path("latitude.toml")):
+    """Watch the primary from REGION; promote REGION when a majority agrees the primary is down."""
+    from latitude.promotion.automatic import run
+
+    _promotion_call(run, str(topology), region)
+
+
+def _promotion_call(fn, *args, **kwargs):
+    from latitude.promotion import PromotionError
+
+    try:
+        return fn(*args, **kwargs)
+    except PromotionError as exc:
+        fail(str(exc), exc.exit_code)
+    except LabError as exc:
+        fail(str(exc), 2)
 
 
 @lab_app.command("dashboard")
@@ -229,7 +353,11 @@ def lab_place(
 
 
 def print_status(status: dict) -> None:
-    table = Table(title=f"lab world in {status['state_dir']}")
+    epoch = status.get("epoch") or {}
+    table = Table(
+        title=f"lab world in {status['state_dir']}: primary {status['primary']}"
+        f" (epoch {epoch.get('number', 1)})"
+    )
     for col in (
         "region",
         "role",

@@ -35,6 +35,8 @@ TOP_LEVEL_KEYS = {
     "mirror",
     "routing",
     "lab",
+    "replication",
+    "failover",
 }
 REGION_KEYS = {
     "name",
@@ -96,6 +98,8 @@ TABLE_KEYS: dict[str, set[str]] = {
         *("check_timeout_s", "check_quorum", "check_services", "addresses", "cidrs", "geoip_path"),
     },
     "lab": {"state_dir"},
+    "replication": {"synchronous"},
+    "failover": {"automatic", "after_s", "lease_s", "hold_s", "peer_poll_s", "max_lag_bytes"},
 }
 
 
@@ -164,6 +168,8 @@ class Topology:
     gateway: Mapping[str, object] = field(default_factory=dict)
     mirror: Mapping[str, object] = field(default_factory=dict)
     routing: Mapping[str, object] = field(default_factory=dict)
+    replication: Mapping[str, object] = field(default_factory=dict)
+    failover: Mapping[str, object] = field(default_factory=dict)
     app_name: str = "app"
     is_lab: bool = False
     source: str = "<memory>"
@@ -314,6 +320,8 @@ class _Validator:
         gateway = self.table(data, "gateway")
         mirror = self.table(data, "mirror")
         routing = self.table(data, "routing")
+        replication = self.replication(self.table(data, "replication"), len(regions))
+        failover = self.failover(self.table(data, "failover"))
         if self.problems:
             raise TopologyError(self.source, self.problems)
         return Topology(
@@ -326,10 +334,35 @@ class _Validator:
             gateway=gateway,
             mirror=mirror,
             routing=routing,
+            replication=replication,
+            failover=failover,
             app_name=str(app.get("name", "app")),
             is_lab=is_lab,
             source=self.source,
         )
+
+    def replication(self, table: dict[str, object], n_regions: int) -> dict[str, object]:
+        k = table.get("synchronous", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            self.problem(
+                "replication.synchronous",
+                f"must be a whole number of replica regions (0 = async), got {k!r}",
+            )
+        elif n_regions and k > n_regions - 1:
+            self.problem(
+                "replication.synchronous",
+                f"{k} but there are only {n_regions - 1} replica regions; "
+                f"use at most {n_regions - 1}",
+            )
+        return table
+
+    def failover(self, table: dict[str, object]) -> dict[str, object]:
+        if "automatic" in table and not isinstance(table["automatic"], bool):
+            self.problem("failover.automatic", "must be true or false")
+        for key in ("after_s", "lease_s", "hold_s", "peer_poll_s", "max_lag_bytes"):
+            if key in table:
+                self.number(f"failover.{key}", table[key])
+        return table
 
     def regions(self, raw: object, is_lab: bool) -> list[Region]:
         if raw is None:

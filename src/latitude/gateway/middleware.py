@@ -45,6 +45,7 @@ from latitude.gateway.observe import note
 from latitude.gateway.positions import PositionTracker, request_route
 from latitude.http_headers import HOP_BY_HOP
 from latitude.idempotency import IdempotencyStore, IdempotencyUnavailable, Outcome
+from latitude.promotion.follow import EPOCH_HEADER, EpochFollower
 from latitude.sessions import (
     InvalidSessionId,
     SessionCodec,
@@ -159,6 +160,10 @@ class RegionGateway:
         self._fallback_store: IdempotencyStore | None = None
         self._stats_task: asyncio.Task | None = None
         self._primary_db_seen_at = float("-inf")  # when a fallback last reached the primary DB
+        # The primary epoch: which region is primary now (latitude.promotion); it may swap
+        # `config`, and the route that runs requests here as the primary.
+        self.epochs = EpochFollower(config)
+        self._primary_route = consistency.PRIMARY
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -166,6 +171,7 @@ class RegionGateway:
         async with self._start_lock:
             if self._started:
                 return
+            await self.epochs.start(self)
             cfg = self.config
             region = cfg.region
             if self.session_store is None:
@@ -229,6 +235,7 @@ class RegionGateway:
             getattr(self.session_store, "close", None),
             getattr(self.nonce_cache, "close", None),
             self.positions.close,
+            self.epochs.close,
         ):
             if closer is not None:
                 with contextlib.suppress(Exception):
@@ -281,6 +288,8 @@ class RegionGateway:
             self.counters["refused_at_edge"] += 1
             await send_error(scope, send, refusal.status, refusal.title, refusal.detail)
             return
+        if await self.epochs.gate(self, scope, receive, send):
+            return
         if self.config.trusted_proxies:
             # Behind a trusted load balancer the client is who it says it saw, not the balancer.
             peer = (scope.get("client") or (None, 0))[0]
@@ -306,7 +315,7 @@ class RegionGateway:
             elif decision is Decision.VERIFY:
                 await self._run_forwarded(scope, receive, send)
             elif decision is Decision.PRIMARY:
-                await self._run_here(scope, receive, send, consistency.PRIMARY)
+                await self._run_here(scope, receive, send, self._primary_route)
             elif decision is Decision.LOCAL and scope["method"] not in SAFE_METHODS:
                 # Listed `local`: a POST that only reads runs here, never forwarded.
                 await self._run_here(scope, receive, send, consistency.REPLICA)
@@ -358,6 +367,7 @@ class RegionGateway:
             "decisions": dict(self.counters),
             "forwarding": self.forwarding.pool_info() if self.forwarding else None,
             "consistency": self.positions.stats(),
+            "epoch": self.epochs.status(),
         }
 
     # ---- replica side: reads -------------------------------------------------------------
@@ -595,6 +605,7 @@ class RegionGateway:
         self, scope, send, resp, signed_request, sid, had_session: bool
     ) -> None:
         cfg = self.config
+        self.epochs.heard(resp.header(EPOCH_HEADER))
         try:
             verify_response(
                 cfg.keyring,
@@ -826,9 +837,10 @@ class RegionGateway:
             await send_error(
                 scope,
                 send,
-                421,
+                421 if self.epochs.token is None else 503,
                 "Misdirected request",
                 f"{cfg.region.name} is not the primary region; forward to {cfg.primary.name}",
+                extra_headers=[(b"retry-after", b"1"), *self.epochs.headers()],
             )
             return
         host = header(headers, b"host") or ""
@@ -963,7 +975,7 @@ class RegionGateway:
         captured = CapturedResponse()
         try:
             with request_route(
-                consistency.PRIMARY, scope["method"], scope["path"], cfg.region.name
+                self._primary_route, scope["method"], scope["path"], cfg.region.name
             ):
                 await self.app(app_scope, *body.replay(body.size - n, captured.send))
         except SessionStoreUnavailable as exc:
@@ -1039,6 +1051,7 @@ class RegionGateway:
             if k.lower() not in (b"content-digest", b"signature", b"signature-input")
         ]
         headers.append((b"content-digest", content_digest(envelope).encode()))
+        headers += self.epochs.headers()
         signature = sign_response(
             self.config.keyring,
             status=status,

@@ -22,7 +22,9 @@ LAB_SETTINGS = {
     "listen_addresses": "'127.0.0.1'",
     "unix_socket_directories": "''",
     "fsync": "off",
-    "full_page_writes": "off",
+    # pg_rewind (an old primary rejoining after a failover) needs both of these.
+    "full_page_writes": "on",
+    "wal_log_hints": "on",
     "shared_buffers": "32MB",
     "max_connections": "200",
     "max_wal_senders": "10",
@@ -216,4 +218,59 @@ class PostgresNode:
                 time.sleep(0.1)
         raise PostgresError(
             f"{self.name}: Postgres on port {self.port} not ready after {timeout:.0f} s: {last}"
+        )
+
+    # ---- promotion (latitude.promotion): demotion token, standby, rewind ----------------------
+
+    def controldata(self) -> dict[str, str]:
+        """`pg_controldata`: the cluster's state, timeline and latest checkpoint."""
+        out = self._run("pg_controldata", "-D", str(self.data_dir), timeout=30).stdout
+        return {
+            k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())
+        }
+
+    def is_standby(self) -> bool:
+        return (self.data_dir / "standby.signal").exists()
+
+    def set_settings(self, settings: dict[str, str]) -> None:
+        """Append settings to postgresql.auto.conf (the last one of a name wins); server down."""
+        self._configure_only(settings)
+
+    def _configure_only(self, settings: dict[str, str]) -> None:
+        path = self.data_dir / "postgresql.auto.conf"
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        text += "\n# latitude promotion\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        self.run_as.own(tmp)
+        os.replace(tmp, path)
+
+    def make_standby(self, upstream_port: int, slot: str) -> None:
+        """Make this (stopped) server a streaming standby of the server behind `upstream_port`."""
+        self._configure_only(
+            {
+                "primary_conninfo": (
+                    f"'host=127.0.0.1 port={upstream_port} user={SUPERUSER} "
+                    f"application_name={self.name} connect_timeout=5'"
+                ),
+                "primary_slot_name": f"'{slot}'",
+                "default_transaction_read_only": "off",
+                # pg_rewind copies the source's settings, its port among them: restate ours.
+                "port": str(self.port),
+            }
+        )
+        signal = self.data_dir / "standby.signal"
+        signal.write_text("")
+        self.run_as.own(signal)
+
+    def rewind(self, source_port: int, timeout: float = 120) -> None:
+        """`pg_rewind` this (stopped) server onto the timeline of the server at `source_port`."""
+        self._run(
+            "pg_rewind",
+            "-D",
+            str(self.data_dir),
+            "--source-server",
+            f"host=127.0.0.1 port={source_port} user={SUPERUSER} dbname=postgres connect_timeout=10",
+            "--no-sync",
+            timeout=timeout,
         )

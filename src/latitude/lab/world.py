@@ -305,6 +305,13 @@ class LabWorld:
         self._write_state(state)
         self.progress(f"waiting for replicas to stream from {primary}")
         self._wait_streaming(state, topology, timeout=60)
+        quorum = int(topology.replication.get("synchronous", 0) or 0)
+        if quorum:
+            from latitude.promotion.postgres import PgServer
+
+            self.progress(f"{primary}: every commit waits for {quorum} replica region(s)")
+            standbys = [n for n in names if n != primary]
+            PgServer(primary, pnode.url).set_synchronous(quorum, standbys)
         state["up_seconds"] = round(time.monotonic() - started, 2)
         self._write_state(state)
         self.progress(f"world up in {state['up_seconds']:.1f} s")
@@ -440,7 +447,7 @@ class LabWorld:
                 f"jitter_ms = {link.jitter_ms}",
                 "",
             ]
-        for table in ("gateway", "mirror", "routing"):
+        for table in ("gateway", "mirror", "routing", "replication", "failover"):
             values = getattr(topology, table)
             if values:
                 lines.append(f"[{table}]")
@@ -558,6 +565,7 @@ class LabWorld:
         return {
             "state_dir": str(self.state_dir),
             "primary": state["primary"],
+            "epoch": state.get("epoch", {"number": 1, "primary": state["primary"]}),
             "started_at": state["started_at"],
             "up_seconds": state.get("up_seconds"),
             "regions": regions,
@@ -719,6 +727,11 @@ class LabWorld:
                 node = self._pg(state, region)
                 if node.is_running():
                     return f"{region} db is already up"
+                if state["primary"] != region and not node.is_standby():
+                    # An old primary after a failover: fenced, until `latitude rejoin` rewinds it.
+                    node.set_settings({"default_transaction_read_only": "on"})
+                    node.start()
+                    return f"{region} db revived read-only (fenced: {state['primary']} is primary)"
                 node.start()
             elif part == "sessions":
                 if process.read_pid(self._valkey_dir(state, region) / "valkey.pid"):
@@ -729,6 +742,36 @@ class LabWorld:
                     return f"{region} {part} is already up"
                 self._start_service(state, region, part)
             return f"{region} {part} revived"
+
+    # ---- promotion (latitude.lab.promote) -------------------------------------------------
+
+    def set_primary(
+        self,
+        primary: str,
+        number: int | None = None,
+        *,
+        skip: tuple[str, ...] = (),
+        only: tuple[str, ...] | None = None,
+    ) -> None:
+        """Record a promotion: `primary` is the primary region now. Each region's topology file is
+        rewritten for processes started from now on, except `skip` (unreachable: an old primary
+        learns from its peers) and, with `only`, all but those."""
+        from latitude.promotion.follow import topology_for_epoch
+
+        state = self.state()
+        topology = topology_for_epoch(self.topology(), primary)
+        state["primary"] = primary
+        if number is not None:
+            state["epoch"] = {"number": number, "primary": primary}
+        for name, r in state["regions"].items():
+            if only is not None and name not in only:
+                continue
+            if name in skip:
+                r["role"] = "fenced"
+                continue
+            r["role"] = "primary" if name == primary else "replica"
+            self._write_region_topology(state, topology, name)
+        self._write_state(state)
 
     # ---- down ----------------------------------------------------------------------------
 

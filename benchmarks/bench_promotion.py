@@ -1,0 +1,245 @@
+"""Promotion: how long writes stop, and what quorum commit costs.
+
+One three-region lab world (us-west primary, 125 ms to eu-west, 165 ms to ap-southeast), the
+calendar behind the gateway everywhere, a user writing events next to each region:
+
+The topology asks for `[replication] synchronous = 1`, so every figure but the async commit
+latency is taken with quorum commit on.
+
+* planned switchover us-west -> eu-west, and back: the longest gap between two acknowledged
+  writes of one user (goal <= 2 s), the command's own time, acknowledged writes lost (must be 0);
+* forced failover with us-west killed (db, app, sessions): command start to
+  the first acknowledged write (goal <= 5 s), and the acknowledged commits lost (must be 0);
+* commit latency at the primary, async against `synchronous_standby_names = 'ANY 1 (...)'`,
+  measured in the same run on the same world (the baseline is async).
+
+    python benchmarks/bench_promotion.py [--commits N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from http.cookiejar import CookieJar
+from pathlib import Path
+
+import psycopg
+from _lab import REPO, say, summary, throwaway_world
+
+from latitude.lab import LabWorld
+from latitude.lab.demo import calendar_argv, wait_healthy
+from latitude.lab.postgres import database_url
+from latitude.promotion.postgres import PgServer
+
+REGIONS = ("us-west", "eu-west", "ap-southeast")
+
+
+class Writer(threading.Thread):
+    def __init__(self, world: LabWorld, region: str):
+        super().__init__(daemon=True)
+        self.port = world.state()["regions"][region]["app_port"]
+        self.region = region
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        self.acked: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+
+    def post(self, path: str, data: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=json.dumps(data).encode(),
+            headers={"content-type": "application/json", "accept": "application/json"},
+            method="POST",
+        )
+        try:
+            with self.opener.open(req, timeout=20) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            return exc.code, {}
+        except OSError:
+            return 0, {}
+
+    def login(self) -> None:
+        for _ in range(100):
+            if self.post("/login", {"name": f"bench-{self.region}"})[0] == 200:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"cannot sign in at {self.region}")
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            title = f"{self.region}-{uuid.uuid4().hex[:12]}"
+            status, _ = self.post("/events", {"title": title})
+            if status == 201:
+                self.acked.append((time.monotonic(), title))
+            else:
+                if status == 401:
+                    self.login()
+                time.sleep(0.05)
+
+    def gap_around(self, t0: float, t1: float) -> float:
+        """The longest wait between two acknowledged writes in [t0 - 1 s, t1 + 5 s]."""
+        times = [t for t, _ in self.acked if t0 - 1 <= t <= t1 + 5]
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=float("nan"))
+
+
+def latitude(world: LabWorld, *args: str) -> tuple[float, dict]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "latitude.cli", *args, "--state-dir", str(world.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"latitude {' '.join(args)} failed:\n{result.stderr}")
+    return time.monotonic() - started, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def titles(world: LabWorld, region: str) -> set[str]:
+    port = world.state()["regions"][region]["pg_port"]
+    with psycopg.connect(database_url(port), autocommit=True) as c:
+        return {r[0] for r in c.execute("select title from events").fetchall()}
+
+
+def commit_latency(world: LabWorld, region: str, n: int) -> dict:
+    port = world.state()["regions"][region]["pg_port"]
+    ms = []
+    with psycopg.connect(database_url(port), autocommit=True) as c:
+        c.execute("create table if not exists bench_commits (id serial primary key, at float8)")
+        for _ in range(n):
+            started = time.perf_counter()
+            c.execute("insert into bench_commits (at) values (%s)", (time.time(),))
+            ms.append((time.perf_counter() - started) * 1000)
+    return summary(ms)
+
+
+def switchover(world: LabWorld, target: str) -> dict:
+    ws = [Writer(world, r) for r in REGIONS]
+    for w in ws:
+        w.login()
+        w.start()
+    time.sleep(2)
+    t0 = time.monotonic()
+    seconds, report = latitude(world, "lab", "promote", target)
+    t1 = time.monotonic()
+    time.sleep(4)
+    for w in ws:
+        w.stop.set()
+    for w in ws:
+        w.join(30)
+    acked = {title for w in ws for _, title in w.acked}
+    gaps = {w.region: round(w.gap_around(t0, t1), 2) for w in ws}
+    lost = len(acked - titles(world, target))
+    say(f"switchover to {target}: {seconds:.2f} s, longest write gap {gaps}, lost {lost}")
+    return {
+        "command_s": round(seconds, 2),
+        "steps_s": report["seconds"],
+        "longest_write_gap_s": max(gaps.values()),
+        "write_gap_by_region_s": gaps,
+        "acknowledged_writes": len(acked),
+        "acknowledged_writes_lost": lost,
+    }
+
+
+def forced_failover(world: LabWorld) -> dict:
+    primary = "us-west"
+    standbys = [r for r in REGIONS if r != primary]
+    ws = [Writer(world, r) for r in standbys]
+    for w in ws:
+        w.login()
+    commits: list[int] = []
+    done = threading.Event()
+
+    def direct() -> None:
+        port = world.state()["regions"][primary]["pg_port"]
+        with psycopg.connect(database_url(port), autocommit=True) as c:
+            c.execute("create table if not exists bench_acked (id int primary key)")
+            i = 0
+            while not done.is_set():
+                i += 1
+                try:
+                    c.execute("insert into bench_acked values (%s)", (i,))
+                except psycopg.Error:
+                    return
+                commits.append(i)
+
+    t = threading.Thread(target=direct, daemon=True)
+    t.start()
+    time.sleep(2)
+    for part in ("db", "app", "sessions"):
+        world.kill(primary, part)
+    done.set()
+    t.join(10)
+    for w in ws:
+        w.start()
+    time.sleep(1)
+    started = time.monotonic()
+    seconds, report = latitude(world, "lab", "promote", "--force", "--auto-choose")
+    deadline = time.monotonic() + 30
+    first = None
+    while first is None and time.monotonic() < deadline:
+        first = min((t for w in ws for t, _ in w.acked if t > started), default=None)
+        time.sleep(0.05)
+    for w in ws:
+        w.stop.set()
+    for w in ws:
+        w.join(30)
+    port = world.state()["regions"][report["to"]]["pg_port"]
+    with psycopg.connect(database_url(port), autocommit=True) as c:
+        have = {r[0] for r in c.execute("select id from bench_acked").fetchall()}
+    lost = len(set(commits) - have)
+    to_first = round(first - started, 2) if first else None
+    say(f"forced failover to {report['to']}: first write after {to_first} s, lost {lost}")
+    return {
+        "to": report["to"],
+        "command_s": round(seconds, 2),
+        "command_to_first_write_s": to_first,
+        "acknowledged_commits_before_crash": len(commits),
+        "acknowledged_commits_lost_sync1": lost,
+        "reported_rpo0": report["rpo0"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commits", type=int, default=40, help="commits per latency sample")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    topology = (REPO / "src/latitude/data/lab.toml").read_text()
+    topology += "\n[replication]\nsynchronous = 1\n"
+    with throwaway_world("latitude-bench-promotion-", topology) as world:
+        for i, region in enumerate(REGIONS):
+            world.set_app(region, calendar_argv(world, region, 1))
+            if i == 0:
+                wait_healthy(world, region, 60)
+        for region in REGIONS:
+            wait_healthy(world, region, 60)
+        pg = PgServer("us-west", database_url(world.state()["regions"]["us-west"]["pg_port"]))
+        sync_commit = commit_latency(world, "us-west", args.commits)
+        pg.set_synchronous(0, [])
+        async_commit = commit_latency(world, "us-west", args.commits)
+        pg.set_synchronous(1, ["eu-west", "ap-southeast"])
+        say(f"commit p50: async {async_commit['p50_ms']} ms, sync=1 {sync_commit['p50_ms']} ms")
+        figures = {
+            "commit_async": async_commit,
+            "commit_sync1": sync_commit,
+            "sync1_vs_async_p50": round(sync_commit["p50_ms"] / async_commit["p50_ms"], 1),
+            "switchover": switchover(world, "eu-west"),
+            "switchover_back": switchover(world, "us-west"),
+            "forced_failover_sync1": forced_failover(world),
+        }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Promotion in production: the `Cluster` for `latitude promote REGION --topology FILE`.
+
+It reaches what the topology names: each region's Postgres at its `database_url` (over SQL only)
+and each region's gateway at its `internal_url` (`POST /_latitude/epoch`). Without a shell on
+the database hosts, the old primary is fenced read-only (`default_transaction_read_only`, its
+sessions ended) rather than stopped, and the command prints what to run on its host to make it
+a replica (`pg_rewind`, `standby.signal`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from latitude.promotion.epoch import Epoch, EpochFile, epoch_file_for, initial_epoch, verify_epoch
+from latitude.promotion.follow import EPOCH_PATH
+from latitude.promotion.journal import BadPromotion, Journal
+from latitude.promotion.postgres import PgServer, PgUnavailable, slot_name
+from latitude.signing import Keyring, SigningKey
+from latitude.topology import Topology
+
+HTTP_TIMEOUT_S = 3.0
+STREAM_TIMEOUT_S = 20.0
+
+
+def keyring_from(topology: Topology) -> Keyring:
+    keys = [SigningKey(k.id, k.secret) for k in topology.signing_keys if k.secret]
+    if not keys:
+        raise BadPromotion(
+            "no signing key secret in the environment: epochs are signed with the forwarding "
+            "keys; set the variables [signing] keys names"
+        )
+    ids = [k.key_id for k in keys]
+    return Keyring(keys, topology.sign_with if topology.sign_with in ids else ids[0])
+
+
+class RemoteCluster:
+    def __init__(self, topology: Topology):
+        self.topology = topology
+        self.regions = [r.name for r in topology.regions]
+        self.keyring = keyring_from(topology)
+        self.synchronous = int(topology.replication.get("synchronous", 0) or 0)
+        self.file = EpochFile(epoch_file_for(topology.source), self.keyring)
+        missing = [r.name for r in topology.regions if not r.database_url]
+        if missing:
+            raise BadPromotion(f"regions without database_url: {', '.join(missing)}")
+
+    def epoch(self) -> Epoch:
+        newest = initial_epoch(self.topology)
+        found = self.file.read()
+        if found and found[0].newer_than(newest):
+            newest = found[0]
+        for r in self.topology.regions:
+            token = self._get_epoch(r)
+            if token:
+                try:
+                    epoch = verify_epoch(self.keyring, token)
+                except Exception:
+                    continue
+                if epoch.newer_than(newest):
+                    newest = epoch
+                    self.file.offer(token)
+        return newest
+
+    def journal(self) -> Journal:
+        return Journal(Path(self.topology.source).absolute().parent)
+
+    def pg(self, region: str) -> PgServer:
+        return PgServer(region, self.topology.region(region).database_url, timeout_s=5)
+
+    def conninfo(self, replica: str, upstream: str) -> str:
+        params = conninfo_to_dict(self.topology.region(upstream).database_url)
+        params.pop("dbname", None)
+        params.setdefault("connect_timeout", "5")
+        return make_conninfo(**params, application_name=replica)
+
+    def _url(self, region) -> str | None:
+        base = region.internal_url or region.public_url
+        return base.rstrip("/") + EPOCH_PATH if base else None
+
+    def _get_epoch(self, region) -> str | None:
+        url = self._url(region)
+        if not url:
+            return None
+        try:
+            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as resp:
+                return json.loads(resp.read()).get("token")
+        except (OSError, ValueError):
+            return None
+
+    def publish(self, token: str, skip: tuple[str, ...] = ()) -> dict[str, str]:
+        self.file.offer(token)
+        told = {}
+        for r in self.topology.regions:
+            if r.name in skip or not self._url(r):
+                continue
+            req = urllib.request.Request(
+                self._url(r),
+                data=json.dumps({"token": token}).encode(),
+                headers={"content-type": "application/json", "accept": "application/json"},
+                method="POST",
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S):
+                    told[r.name] = "told"
+            except urllib.error.HTTPError as exc:
+                told[r.name] = f"refused ({exc.code})"
+            except OSError:
+                told[r.name] = "unreachable"
+        return told
+
+    def record(self, epoch: Epoch, token: str, skip: tuple[str, ...] = ()) -> None:
+        """The epoch file next to the topology is the record; the topology file is the user's."""
+
+    def fence(self, region: str) -> int:
+        return self.pg(region).fence_read_only()
+
+    def unfence(self, region: str) -> None:
+        self.pg(region).unfence()
+
+    def repoint(self, region: str, primary: str) -> str:
+        pg = self.pg(region)
+        try:
+            if not pg.in_recovery():
+                return "is not a standby (left alone)"
+            pg.set_upstream(self.conninfo(region, primary), slot_name(region))
+        except PgUnavailable:
+            return "unreachable: re-point it when it is back (`latitude rejoin`)"
+        if self._streaming(region, primary):
+            return "streams"
+        return "does not stream: it is past the new timeline's fork; rewind it (`latitude rejoin`)"
+
+    def _streaming(self, region: str, primary: str) -> bool:
+        deadline = time.monotonic() + STREAM_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                rows = self.pg(primary).query(
+                    "select 1 from pg_stat_replication where application_name = %s"
+                    " and state = 'streaming'",
+                    (region,),
+                )
+                if rows:
+                    return True
+            except (PgUnavailable, psycopg.Error):
+                pass
+            time.sleep(0.2)
+        return False
+
+    def rejoin(self, region: str, primary: str) -> str:
+        source = self.conninfo(region, primary)
+        return (
+            "fenced read-only; on its host make it a replica: stop Postgres, "
+            f"`pg_rewind -D DATA --source-server '{source} dbname=postgres'`, "
+            f"`touch DATA/standby.signal`, set primary_conninfo = '{source}' and "
+            f"primary_slot_name = '{slot_name(region)}', start"
+        )

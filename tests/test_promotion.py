@@ -1,0 +1,531 @@
+"""Promotion in the lab: switchover while writes flow, promote back, forced failover with the
+primary region killed, the old primary fenced and rejoined, quorum commit, bad input.
+
+These tests move the primary, so they run in their own lab world (never the shared `world`,
+whose tests assume us-west is primary), and take it down afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from http.cookiejar import CookieJar
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from latitude.lab import LabWorld
+from latitude.lab.demo import calendar_argv, wait_healthy
+from latitude.lab.postgres import database_url
+from latitude.promotion.journal import Journal
+
+pytestmark = [pytest.mark.promotion, pytest.mark.slow, pytest.mark.timeout(300)]
+
+REGIONS = ("us-west", "eu-west", "ap-southeast")
+
+
+def start_apps(world: LabWorld, order=REGIONS) -> None:
+    for i, region in enumerate(order):
+        world.set_app(region, calendar_argv(world, region, 1))
+        if i == 0:
+            wait_healthy(world, region, 60)
+    for region in order:
+        wait_healthy(world, region, 60)
+
+
+@pytest.fixture(scope="module")
+def promo(tmp_path_factory):
+    """A three-region world of our own, with the calendar in every region."""
+    world = LabWorld(tmp_path_factory.mktemp("promotion-lab"))
+    world.up()
+    try:
+        start_apps(world)
+        yield world
+    finally:
+        world.down()
+
+
+def latitude(world: LabWorld, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "latitude.cli", *args, "--state-dir", str(world.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def pg(world: LabWorld, region: str) -> psycopg.Connection:
+    port = world.state()["regions"][region]["pg_port"]
+    return psycopg.connect(database_url(port), autocommit=True, connect_timeout=5)
+
+
+class Writer(threading.Thread):
+    """A user next to one region, creating events as fast as answers come back."""
+
+    def __init__(self, world: LabWorld, region: str):
+        super().__init__(daemon=True)
+        self.port = world.state()["regions"][region]["app_port"]
+        self.region = region
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        self.acked: list[tuple[float, str, str]] = []  # (time, title, region that ran it)
+        self.refused: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+
+    def post(self, path: str, data: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=json.dumps(data).encode(),
+            headers={"content-type": "application/json", "accept": "application/json"},
+            method="POST",
+        )
+        try:
+            with self.opener.open(req, timeout=20) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            return exc.code, {}
+        except OSError:
+            return 0, {}
+
+    def login(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.post("/login", {"name": f"writer-{self.region}"})[0] == 200:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"cannot sign in at {self.region}")
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            title = f"{self.region}-{uuid.uuid4().hex[:12]}"
+            status, body = self.post("/events", {"title": title})
+            if status == 201:
+                self.acked.append((time.monotonic(), title, body.get("region")))
+            else:
+                if status == 401:
+                    self.login()
+                self.refused.append((time.monotonic(), status))
+                time.sleep(0.05)
+
+    def longest_refusal(self) -> float:
+        """The longest stretch from a refused write to the next acknowledged one."""
+        longest, first_bad = 0.0, None
+        events = sorted(
+            [(t, True) for t, _, _ in self.acked] + [(t, False) for t, _ in self.refused]
+        )
+        for t, ok in events:
+            if not ok and first_bad is None:
+                first_bad = t
+            elif ok and first_bad is not None:
+                longest, first_bad = max(longest, t - first_bad), None
+        if first_bad is not None:
+            longest = max(longest, events[-1][0] - first_bad)
+        return longest
+
+
+def writers(world: LabWorld, regions) -> list[Writer]:
+    ws = [Writer(world, r) for r in regions]
+    for w in ws:
+        w.login()
+        w.start()
+    return ws
+
+
+def stop(ws: list[Writer]) -> None:
+    for w in ws:
+        w.stop.set()
+    for w in ws:
+        w.join(30)
+
+
+def titles_in(world: LabWorld, region: str) -> set[str]:
+    with pg(world, region) as c:
+        return {r[0] for r in c.execute("select title from events").fetchall()}
+
+
+def assert_refuses_writes(world: LabWorld, region: str) -> None:
+    with pg(world, region) as c, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        c.execute("insert into audit (action) values ('direct write')")
+
+
+def streams_from(world: LabWorld, primary: str) -> set[str]:
+    with pg(world, primary) as c:
+        return {
+            r[0]
+            for r in c.execute(
+                "select application_name from pg_stat_replication where state = 'streaming'"
+            ).fetchall()
+        }
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def one_error_line(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def test_bad_input_one_line_exit_2(promo: LabWorld):
+    one_error_line(latitude(promo, "lab", "promote", "us-west"), "already the primary")
+    one_error_line(latitude(promo, "lab", "promote", "mars"), "unknown region", "eu-west")
+    one_error_line(latitude(promo, "lab", "promote", "--auto-choose"), "--force")
+    # A second promotion while one runs.
+    with Journal(promo.state_dir).running("ap-southeast", "switchover"):
+        one_error_line(latitude(promo, "lab", "promote", "eu-west"), "another promotion")
+    assert Journal(promo.state_dir).read() is None
+    # A replica that is behind: eu-west cut off from the primary while writes land there.
+    promo.link("cut", "us-west", "eu-west")
+    try:
+        with pg(promo, "us-west") as c:
+            c.execute("insert into audit (action) select 'filler' from generate_series(1, 500)")
+        result = latitude(promo, "lab", "promote", "eu-west", "--max-lag-bytes", "1024")
+        one_error_line(result, "behind", "--force")
+    finally:
+        promo.link("heal", "us-west", "eu-west")
+    assert promo.status()["primary"] == "us-west"
+
+
+# ---- planned switchover ------------------------------------------------------------------
+
+
+def test_switchover_while_writes_flow_loses_nothing(promo: LabWorld):
+    ws = writers(promo, REGIONS)
+    try:
+        time.sleep(2)
+        started = time.monotonic()
+        result = latitude(promo, "lab", "promote", "eu-west")
+        finished = time.monotonic()
+        assert result.returncode == 0, result.stderr
+        assert "[9/9]" in result.stderr  # a progress line per step
+        time.sleep(2)
+    finally:
+        stop(ws)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["to"] == "eu-west" and report["from"] == "us-west"
+
+    acked = [a for w in ws for a in w.acked]
+    lost = {title for _, title, _ in acked} - titles_in(promo, "eu-west")
+    assert not lost, f"{len(lost)} acknowledged writes lost"
+    for w in ws:
+        assert w.longest_refusal() <= 5.0, (w.region, w.longest_refusal(), w.refused[-5:])
+        later = [region for t, _, region in w.acked if t > finished + 0.5]
+        assert later and set(later) == {"eu-west"}, (w.region, set(later))
+        assert any(t > started for t, _, _ in w.acked)
+    # The old primary: its database refuses a direct write and streams from the new primary.
+    assert_refuses_writes(promo, "us-west")
+    wait_for(lambda: {"us-west", "ap-southeast"} <= streams_from(promo, "eu-west"), 20, "streams")
+    status = promo.status()
+    assert status["primary"] == "eu-west" and status["epoch"]["number"] == 2
+    assert {r["name"]: r["role"] for r in status["regions"]} == {
+        "us-west": "replica",
+        "eu-west": "primary",
+        "ap-southeast": "replica",
+    }
+
+
+def test_promote_back(promo: LabWorld):
+    result = latitude(promo, "lab", "promote", "us-west")
+    assert result.returncode == 0, result.stderr
+    w = Writer(promo, "eu-west")
+    w.login()
+    status, body = w.post("/events", {"title": "after-promote-back"})
+    assert status == 201 and body["region"] == "us-west"
+    assert_refuses_writes(promo, "eu-west")
+    wait_for(lambda: {"eu-west", "ap-southeast"} <= streams_from(promo, "us-west"), 20, "streams")
+    assert "after-promote-back" in titles_in(promo, "us-west")
+
+
+# ---- workers -------------------------------------------------------------------------------
+
+
+def reminders(world: LabWorld, region: str, event_id: int) -> list[str]:
+    with pg(world, region) as c:
+        if c.execute("select to_regclass('reminders')").fetchone()[0] is None:
+            return []
+        return [
+            r[0]
+            for r in c.execute(
+                "select sent_by from reminders where event_id = %s", (event_id,)
+            ).fetchall()
+        ]
+
+
+def test_workers_run_jobs_only_at_the_primary_and_follow_it(promo: LabWorld):
+    state = promo.state()
+    for region in REGIONS:
+        argv = [
+            sys.executable,
+            "-m",
+            "latitude.cli",
+            "worker",
+            "examples.calendar.tasks:tasks",
+            "--region",
+            region,
+            "--topology",
+            state["regions"][region]["topology_file"],
+        ]
+        promo.set_service(region, "worker", argv)
+    try:
+        primary = promo.status()["primary"]
+        w = Writer(promo, "eu-west")
+        w.login()
+        status, body = w.post("/events", {"title": "job-before"})
+        assert status == 201
+        sent = wait_for(lambda: reminders(promo, primary, body["id"]), 30, "the reminder")
+        time.sleep(2)  # a second run would show up by now
+        assert reminders(promo, primary, body["id"]) == [primary] == sent
+
+        target = next(r for r in ("eu-west", "us-west") if r != primary)
+        result = latitude(promo, "lab", "promote", target)
+        assert result.returncode == 0, result.stderr
+        status, body = w.post("/events", {"title": "job-after"})
+        assert status == 201 and body["region"] == target
+        wait_for(lambda: reminders(promo, target, body["id"]), 30, "the reminder after promotion")
+        time.sleep(2)
+        assert reminders(promo, target, body["id"]) == [target]
+        log = promo.service_log(primary, "worker").read_text()
+        assert "worker stopped" in log
+    finally:
+        for region in REGIONS:
+            from latitude.lab import process
+
+            process.stop_pid_file(promo._service_pid_file(region, "worker"))
+
+
+# ---- forced failover ---------------------------------------------------------------------
+
+
+def test_forced_failover_fences_and_rejoins_the_old_primary(promo: LabWorld):
+    ws = [Writer(promo, r) for r in ("eu-west", "ap-southeast")]
+    for w in ws:
+        w.login()  # signing in is a write too: before the primary dies
+    for part in ("db", "app", "sessions"):
+        promo.kill("us-west", part)
+    for w in ws:
+        w.start()
+    try:
+        time.sleep(1)
+        late = [(round(time.monotonic() - t, 2), r) for w in ws for t, _, r in w.acked]
+        assert not [x for x in late if x[0] < 0.8], late
+        command_at = time.monotonic()
+        result = latitude(promo, "lab", "promote", "--force", "--auto-choose")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        new = report["to"]
+        assert new in ("eu-west", "ap-southeast") and "may_have_lost" in report
+        first = wait_for(
+            lambda: min((t for w in ws for t, _, _ in w.acked if t > command_at), default=None),
+            30,
+            "a write acknowledged after the failover",
+        )
+        assert first - command_at <= 15.0
+        time.sleep(1)
+    finally:
+        stop(ws)
+    acked = {title for w in ws for t, title, _ in w.acked if t > command_at}
+    assert acked <= titles_in(promo, new)
+
+    # The old primary comes back: fenced. Its database refuses writes; writes through its
+    # gateway go to the new primary (it learned the epoch from its peers), none land at home.
+    assert "read-only" in promo.revive("us-west", "db")
+    promo.revive("us-west", "sessions")
+    promo.revive("us-west", "app")
+    wait_healthy(promo, "us-west", 60)
+    assert_refuses_writes(promo, "us-west")
+    w = Writer(promo, "us-west")
+    w.login()
+    status, body = w.post("/events", {"title": "via-old-primary"})
+    assert status == 201 and body["region"] == new
+    assert "via-old-primary" not in titles_in(promo, "us-west")
+
+    result = latitude(promo, "rejoin", "us-west")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: "us-west" in streams_from(promo, new), 20, "us-west streams again")
+    wait_for(lambda: "via-old-primary" in titles_in(promo, "us-west"), 20, "replayed at us-west")
+    assert_refuses_writes(promo, "us-west")
+
+
+# ---- production: `latitude promote --topology` -------------------------------------------
+
+
+def test_promote_with_a_topology_talks_to_the_databases_and_gateways(promo: LabWorld):
+    """The production command, run as an operator in the primary region: the databases and the
+    gateways are reached at the URLs the region's topology names (through the links)."""
+    import os
+
+    old = promo.status()["primary"]
+    target = "us-west" if old != "us-west" else "eu-west"
+    state = promo.state()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "latitude.cli",
+            "promote",
+            target,
+            "--topology",
+            state["regions"][old]["topology_file"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LATITUDE_LAB_KEY": state["secret"]},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{target} told" in result.stderr  # POST /_latitude/epoch reached the gateways
+    w = Writer(promo, "ap-southeast")
+    w.login()
+    status, body = w.post("/events", {"title": "after-production-promote"})
+    assert status == 201 and body["region"] == target
+    assert_refuses_writes(promo, old)  # fenced read-only, still running
+    result = latitude(promo, "rejoin", old)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: old in streams_from(promo, target), 20, f"{old} streams again")
+
+
+# ---- quorum commit -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sync_world(tmp_path_factory):
+    source = Path(__file__).resolve().parent.parent / "src/latitude/data/lab.toml"
+    topology = tmp_path_factory.mktemp("sync-topology") / "lab.toml"
+    topology.write_text(source.read_text() + "\n[replication]\nsynchronous = 1\n")
+    world = LabWorld(tmp_path_factory.mktemp("sync-lab"), topology)
+    world.up()
+    try:
+        yield world
+    finally:
+        world.down()
+
+
+def test_synchronous_quorum_forced_failover_loses_nothing(sync_world: LabWorld):
+    with pg(sync_world, "us-west") as c:
+        names = c.execute("show synchronous_standby_names").fetchone()[0]
+        assert names.startswith("ANY 1")
+        c.execute("create table acked (id int primary key)")
+    acked: list[int] = []
+    done = threading.Event()
+
+    def write() -> None:
+        with pg(sync_world, "us-west") as c:
+            i = 0
+            while not done.is_set():
+                i += 1
+                try:
+                    c.execute("insert into acked values (%s)", (i,))  # autocommit: acknowledged
+                except psycopg.Error:
+                    return
+                acked.append(i)
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    time.sleep(2)
+    sync_world.kill("us-west", "db")  # a crash in the middle of the writes
+    done.set()
+    t.join(10)
+    assert len(acked) > 10
+    result = latitude(sync_world, "lab", "promote", "--force", "--auto-choose")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["rpo0"] is True
+    with pg(sync_world, report["to"]) as c:
+        have = {r[0] for r in c.execute("select id from acked").fetchall()}
+        # The new primary commits with the remaining region as its quorum.
+        assert c.execute("show synchronous_standby_names").fetchone()[0].startswith("ANY 1")
+    assert not set(acked) - have, f"{len(set(acked) - have)} acknowledged writes lost"
+
+
+# ---- automatic failover by majority ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auto_world(tmp_path_factory):
+    source = Path(__file__).resolve().parent.parent / "src/latitude/data/lab.toml"
+    topology = tmp_path_factory.mktemp("auto-topology") / "lab.toml"
+    topology.write_text(
+        source.read_text() + "\n[failover]\nautomatic = true\nafter_s = 6\nlease_s = 3\n"
+    )
+    world = LabWorld(tmp_path_factory.mktemp("auto-lab"), topology)
+    world.up()
+    try:
+        start_apps(world)
+        state = world.state()
+        for region in REGIONS:
+            argv = [
+                sys.executable,
+                "-m",
+                "latitude.cli",
+                "failover",
+                "watch",
+                "--region",
+                region,
+                "--topology",
+                state["regions"][region]["topology_file"],
+            ]
+            world.set_service(region, "watcher", argv)
+        yield world
+    finally:
+        world.down()
+
+
+def test_partitioned_primary_is_replaced_by_majority_one_primary_at_a_time(auto_world):
+    world = auto_world
+    ws = [Writer(world, r) for r in REGIONS]
+    for w in ws:
+        w.login()
+        w.start()
+    try:
+        time.sleep(3)
+        cut_at = time.monotonic()
+        world.link("cut", "us-west", "eu-west")
+        world.link("cut", "us-west", "ap-southeast")
+        new_primary_ack = wait_for(
+            lambda: min(
+                (t for w in ws for t, _, region in w.acked if region != "us-west" and t > cut_at),
+                default=None,
+            ),
+            60,
+            "a write acknowledged by a new primary",
+        )
+        time.sleep(2)
+    finally:
+        stop(ws)
+        world.link("heal", "us-west", "eu-west")
+        world.link("heal", "us-west", "ap-southeast")
+    by_old = [t for w in ws for t, _, region in w.acked if region == "us-west"]
+    new = {region for w in ws for t, _, region in w.acked if t >= new_primary_ack}
+    # One primary at every moment: the cut-off primary's last acknowledgement comes before the
+    # new primary's first, and after it only the new primary acknowledges.
+    assert max(by_old) < new_primary_ack, (max(by_old) - cut_at, new_primary_ack - cut_at)
+    assert len(new) == 1 and new != {"us-west"}
+    # The cut-off primary stopped acknowledging writes within its lease (3 s) and a margin.
+    assert max(by_old) - cut_at <= 3 + 2.5
+    elected = new.pop()
+    assert world.status()["primary"] in ("us-west", elected)  # the lab's record may lag
+    # Healed, the old primary's gateway learns the new epoch from its peers and forwards.
+    w = Writer(world, "us-west")
+    w.login()
+    status, body = w.post("/events", {"title": "after-heal"})
+    assert status == 201 and body["region"] == elected, (status, body)
