@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS changes (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_at ON changes (at);
+CREATE INDEX IF NOT EXISTS changes_path ON changes (path);
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY,
     sha256 TEXT NOT NULL,
@@ -157,6 +158,16 @@ class ChangeLog:
             "SELECT sha256, size, mtime, serial FROM files WHERE path = ?", (path,)
         ).fetchone()
         return dict(zip(("sha256", "size", "mtime", "serial"), row, strict=True)) if row else None
+
+    def last_mtime(self, path: str) -> float | None:
+        """The mtime of the path's latest version, even if it was deleted since (while the
+        log remembers it)."""
+        row = self.db.execute("SELECT mtime FROM files WHERE path = ?", (path,)).fetchone()
+        if row is None:
+            row = self.db.execute(
+                "SELECT max(mtime) FROM changes WHERE path = ? AND op = 'put'", (path,)
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def serials(self, paths: list[str]) -> dict[str, int]:
         """The serial of the last change of each path that exists."""

@@ -132,10 +132,15 @@ def publish(
         batch.append(Item(dest, sys.stdin.buffer.read() if src == "-" else Path(src)))
     if not (batch or delete or scan or prune):
         _fail("nothing to do: give PATH=FILE items, --delete PATH, --scan or --prune")
+    from latitude.mirror.store import BadPath
+
     with Publisher(root, retention_s=retention, precompress=gzip_) as pub:
-        changes = pub.publish_many(batch) if batch else []
-        changes += pub.delete_many(delete) if delete else []
-        changes += pub.publish_tree() if scan else []
+        try:
+            changes = pub.publish_many(batch) if batch else []
+            changes += pub.delete_many(delete) if delete else []
+            changes += pub.publish_tree() if scan else []
+        except BadPath as exc:  # a symlink, '..', a reserved name: nothing was recorded
+            _fail(str(exc))
         for c in changes:
             detail = f"sha256 {c.sha256[:16]}… {c.size} bytes" if c.op == "put" else ""
             out.print(f"serial {c.serial}  {c.op:6} {c.path}  {detail}", highlight=False)

@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import socket
 from dataclasses import dataclass, replace
 
@@ -39,7 +40,7 @@ from yarl import URL
 from latitude import signing
 from latitude.mirror.changelog import Change, ChangeLog, Page
 from latitude.mirror.publisher import notify_address
-from latitude.mirror.store import ContentRoot, rel_path
+from latitude.mirror.store import BadPath, ContentRoot, rel_path
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,8 @@ class FeedServer:
                 and last[c.path] == c.serial
                 and (c.size or 0) <= min(file_max, budget)
             ):
-                with contextlib.suppress(OSError):
-                    data = self.root.file(c.path).read_bytes()
+                with contextlib.suppress(OSError, ValueError):  # ValueError: a symlink
+                    data = self.root.read_bytes(c.path)
                     budget -= len(data)
                     c = replace(c, data=data)
             out.append(c)
@@ -225,11 +226,11 @@ class FeedServer:
     def _frames(self, paths: list[str], serials: dict[str, int]) -> bytes:
         out = bytearray()
         for path in paths:
-            full = self.root.file(path)
             try:
-                data = full.read_bytes()
-                mtime = full.stat().st_mtime
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                with self.root.open(path) as f:  # never through a symlink
+                    data = f.read()
+                    mtime = os.fstat(f.fileno()).st_mtime
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, BadPath):
                 out += json.dumps({"path": path, "status": 404, "size": 0}).encode() + b"\n"
                 continue
             header = {

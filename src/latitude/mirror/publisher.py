@@ -19,13 +19,21 @@ import hashlib
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from latitude.mirror.changelog import DEFAULT_RETENTION_S, Change, ChangeLog
-from latitude.mirror.store import AtomicFile, ContentRoot, fsync_dir, rel_path, sha256_file
+from latitude.mirror.store import (
+    AtomicFile,
+    ContentRoot,
+    UnsafePath,
+    fsync_dir,
+    rel_path,
+    sha256_file,
+)
 
 GZIP_SUFFIXES = (".html", ".json", ".xml", ".txt", ".css", ".js", ".svg")
 
@@ -109,7 +117,8 @@ class Publisher:
         for p in paths:
             path = rel_path(p)
             targets.append(path)
-            if self.precompress and (self.root.root / (path + ".gz")).exists():
+            self.root.file(path)  # refuses a symlink before anything is deleted
+            if self.precompress and self.root.stat(path + ".gz") is not None:
                 targets.append(path + ".gz")
         self.log.begin()
         try:
@@ -131,12 +140,24 @@ class Publisher:
         copied in by other tools, or a crash between a rename and its commit)."""
         _, known = self.log.snapshot()
         known_sha = {f["path"]: f["sha256"] for f in known}
-        changed, on_disk = [], set()
-        for f in self.root.walk():
+        changed, on_disk, symlinks = [], set(), []
+        for f in self.root.walk(symlinks):
             on_disk.add(f.path)
-            sha = sha256_file(self.root.root / f.path)
+            sha = sha256_file(self.root.file(f.path))
             if known_sha.get(f.path) != sha:
                 changed.append(("put", f.path, sha, f.size, f.mtime))
+        if symlinks:
+            raise UnsafePath(
+                f"refusing to scan {self.root.root}: {', '.join(sorted(symlinks))} "
+                f"{'is a symlink' if len(symlinks) == 1 else 'are symlinks'}; symlinks are never "
+                "published (they could lead outside the root): replace each with a copy of "
+                "what it points to, or remove it"
+            )
+        for i, (op, path, sha, size, mtime) in enumerate(changed):
+            later = self._later_second(path, mtime)
+            if later != mtime:
+                os.utime(self.root.file(path), (later, later))
+                changed[i] = (op, path, sha, size, later)
         gone = [("delete", p, None, None, None) for p in known_sha if p not in on_disk]
         if not changed and not gone:
             return []
@@ -160,17 +181,36 @@ class Publisher:
     # ---- steps -----------------------------------------------------------------------------
 
     def _stage(self, path: str, data: bytes) -> AtomicFile:
-        f = AtomicFile(self.root.file(path))
+        f = AtomicFile(self.root.file(path, create_parents=True))
         f.write(data)
         f.file.flush()
         os.fsync(f.file.fileno())
         return f
 
+    def _later_second(self, path: str, mtime: float) -> float:
+        """`mtime`, or the second after the previous version's when it falls in the same (or an
+        earlier) whole second.
+
+        Last-Modified has one-second resolution and clients such as composer revalidate with
+        If-Modified-Since alone: two versions of a path within one second would share a
+        Last-Modified, and the second would be answered 304. So every version gets a later
+        whole second than the one before (mirrors copy the origin's mtime, so this holds on
+        every node); a path republished many times a second runs ahead of the clock.
+        """
+        prev = self.log.last_mtime(path)
+        if prev is not None and int(mtime) <= int(prev):
+            return float(int(prev) + 1)
+        return mtime
+
     def _commit_puts(self, staged: list[tuple[AtomicFile, str, float | None]]) -> list[Change]:
         self.log.begin()
         try:
-            entries = []
+            entries, chosen = [], {}
             for f, path, mtime in staged:
+                mtime = self._later_second(path, time.time() if mtime is None else mtime)
+                if path.endswith(".gz") and path[:-3] in chosen:
+                    mtime = max(mtime, chosen[path[:-3]])  # never older than its file
+                chosen[path] = mtime
                 f.commit(mtime)  # fsync (again, cheap) + rename under the log's write lock
                 st = f.target.stat()
                 entries.append(("put", path, f.hash.hexdigest(), f.size, st.st_mtime))

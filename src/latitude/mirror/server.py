@@ -26,7 +26,6 @@ import re
 import stat
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +38,7 @@ from latitude.mirror.store import (
     AtomicFile,
     BadPath,
     ContentRoot,
+    UnsafePath,
     http_date,
     parse_http_date,
     rel_path,
@@ -254,27 +254,35 @@ class MirrorServer:
         return await self.from_primary(request, rel)
 
     async def local(self, request: web.Request, rel: str) -> web.StreamResponse | None:
-        full = self.root.root / rel
         try:
-            st = os.stat(full)
-        except (FileNotFoundError, NotADirectoryError):
+            st = self.root.stat(rel)
+        except UnsafePath as exc:
+            raise web.HTTPForbidden(text=f"{exc}\n") from None
+        if st is None:
             return None
         if stat.S_ISDIR(st.st_mode):
             raise web.HTTPMovedPermanently(
                 request.path + "/" + (f"?{request.query_string}" if request.query_string else "")
             )
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        served = rel
         headers = {"Content-Type": _content_type(rel), "Last-Modified": http_date(st.st_mtime)}
         if not rel.endswith(".gz"):
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                gz = os.stat(str(full) + ".gz")
-                headers["Vary"] = "Accept-Encoding"
-                if _accepts_gzip(request) and gz.st_mtime >= st.st_mtime:
-                    full, st = Path(str(full) + ".gz"), gz
-                    headers["Content-Encoding"] = "gzip"
-        sha, body = await self._entry(full, st)
+            with contextlib.suppress(BadPath):
+                gz = self.root.stat(rel + ".gz")
+                if gz is not None and stat.S_ISREG(gz.st_mode):
+                    headers["Vary"] = "Accept-Encoding"
+                    if _accepts_gzip(request) and gz.st_mtime >= st.st_mtime:
+                        served, st = rel + ".gz", gz
+                        headers["Content-Encoding"] = "gzip"
+        try:
+            sha, body = await self._entry(served, st)
+        except (UnsafePath, FileNotFoundError):  # swapped for a symlink, or deleted, meanwhile
+            return None
         headers["ETag"] = f'"{sha}"'
         if self.feed is not None:
-            known = self.log.file(rel + (".gz" if "Content-Encoding" in headers else ""))
+            known = self.log.file(served)
             if known:
                 headers[FILE_SERIAL_HEADER] = str(known["serial"])
         if _not_modified(request, sha, st.st_mtime):
@@ -290,28 +298,35 @@ class MirrorServer:
         resp.content_length = st.st_size
         await resp.prepare(request)
         if request.method != "HEAD":
-            with open(full, "rb") as f:
+            with self.root.open(served) as f:
                 while chunk := f.read(1 << 20):
                     await resp.write(chunk)
         await resp.write_eof()
         return resp
 
-    async def _entry(self, full: Path, st: os.stat_result) -> tuple[str, bytes | None]:
+    async def _entry(self, rel: str, st: os.stat_result) -> tuple[str, bytes | None]:
         """(sha256, body if small) of a file version, cached by inode, mtime and size."""
-        key = (st.st_ino, st.st_mtime_ns, st.st_size, str(full))
+        key = (st.st_ino, st.st_mtime_ns, st.st_size, rel)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
         if st.st_size <= SMALL_FILE:
-            data = full.read_bytes()
+            data = self.root.read_bytes(rel)
             entry = (hashlib.sha256(data).hexdigest(), data)
         else:
-            entry = (await asyncio.to_thread(_sha_file, full), None)
+            entry = (await asyncio.to_thread(self._sha_file, rel), None)
         self._cache[key] = entry
         if len(self._cache) > CACHE_ENTRIES:
             self._cache.popitem(last=False)
         return entry
+
+    def _sha_file(self, rel: str) -> str:
+        h = hashlib.sha256()
+        with self.root.open(rel) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
 
     async def from_primary(self, request: web.Request, rel: str) -> web.StreamResponse:
         """A local miss: the primary's copy, checked, kept, never a 404 for a file it has."""
@@ -362,7 +377,10 @@ class MirrorServer:
         file_serial = h.get(FILE_SERIAL_HEADER)
         if m and file_serial and file_serial.isdigit():
             mtime = parse_http_date(h.get("Last-Modified"))
-            await asyncio.to_thread(self._keep, rel, body, mtime, int(file_serial))
+            try:
+                await asyncio.to_thread(self._keep, rel, body, mtime, int(file_serial))
+            except BadPath as exc:  # a symlink on the way: serve the checked bytes, keep none
+                log.warning("not keeping /%s: %s", rel, exc)
         return status, keep, body
 
     def _keep(self, rel: str, body: bytes, mtime: float | None, file_serial: int) -> None:
@@ -370,7 +388,7 @@ class MirrorServer:
         with self.root.locked():
             if file_serial <= self.root.cursor():
                 return
-            f = AtomicFile(self.root.file(rel))
+            f = AtomicFile(self.root.file(rel, create_parents=True))
             f.write(body)
             f.commit(mtime, no_clobber=True)
 
@@ -438,14 +456,6 @@ def _not_modified(request: web.Request, sha: str, mtime: float | None) -> bool:
         return "*" in tags or sha in tags
     ims = parse_http_date(request.headers.get("If-Modified-Since"))
     return ims is not None and mtime is not None and int(mtime) <= ims
-
-
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 async def serve_forever(server: MirrorServer, host: str, port: int, stop: asyncio.Event) -> None:

@@ -11,16 +11,23 @@ Layout of a root (the primary's and every mirror's)::
 A file is only ever replaced by renaming a fully written, fsynced temp file of the same folder
 over it (`.latitude-tmp-*`, never served, removed at start-up), so a reader sees the old bytes or
 the new bytes, and a crash leaves no partial file behind.
+
+No read or write ever resolves outside the root: every access goes through
+`ContentRoot.file` (or `stat` / `open` on top of it), which `lstat`s each component below the
+root and refuses a symlink, file or folder, with `UnsafePath` naming it; the final open adds
+`O_NOFOLLOW`. (The root itself may be a symlink: it is the operator's choice.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +41,10 @@ HASH_CHUNK = 1 << 20
 
 class BadPath(ValueError):
     """A URL path that does not name a file inside the content root."""
+
+
+class UnsafePath(BadPath):
+    """A path that is, or goes through, a symlink: refused for reads and writes alike."""
 
 
 def rel_path(url_path: str) -> str:
@@ -147,23 +158,91 @@ class ContentRoot:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         return self
 
-    def file(self, path: str) -> Path:
-        """The file for a relative path (as in the change log), checked to stay inside."""
-        return self.root / rel_path(path)
+    def file(self, path: str, *, create_parents: bool = False) -> Path:
+        """The file for a relative path (as in the change log), checked to stay inside: no
+        component below the root may be a symlink. `create_parents` makes missing folders,
+        one at a time, so a folder symlink planted meanwhile is refused, not followed."""
+        return self._check(path, create_parents)[0]
 
-    def walk(self) -> Iterator[LocalFile]:
-        """Every mirrored file (not state, not temp files), as relative paths."""
+    def stat(self, path: str) -> os.stat_result | None:
+        """The file's own `lstat` (None when it does not exist), after the same checks."""
+        return self._check(path, False)[1]
+
+    def open(self, path: str):
+        """The file opened for reading, never through a symlink."""
+        full = self.file(path)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # became a symlink since the check
+                raise self._unsafe(rel_path(path), rel_path(path)) from None
+            raise
+        return os.fdopen(fd, "rb")
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.open(path) as f:
+            return f.read()
+
+    def _check(self, path: str, create_parents: bool) -> tuple[Path, os.stat_result | None]:
+        rel = rel_path(path)
+        parts = rel.split("/")
+        here = self.root
+        for i, part in enumerate(parts):
+            here = here / part
+            last = i == len(parts) - 1
+            while True:
+                try:
+                    st = os.lstat(here)
+                    break
+                except FileNotFoundError:
+                    if last or not create_parents:
+                        return self.root / rel, None
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(here)  # then lstat again: it may be someone else's symlink
+                except NotADirectoryError:
+                    return self.root / rel, None  # a file where a folder should be
+            if stat.S_ISLNK(st.st_mode):
+                raise self._unsafe(rel, "/".join(parts[: i + 1]))
+            if last:
+                return here, st
+        raise AssertionError("unreachable")
+
+    def _unsafe(self, rel: str, link: str) -> UnsafePath:
+        return UnsafePath(
+            f"{rel}: {link} is a symlink in the content root {self.root}; symlinks are never "
+            "followed (they could lead outside the root): replace it with the real "
+            "file or folder, or remove it"
+        )
+
+    def walk(self, symlinks: list[str] | None = None) -> Iterator[LocalFile]:
+        """Every mirrored file (not state, not temp files), as relative paths. Symlinks are
+        skipped, and their paths appended to `symlinks` when it is given."""
         for folder, dirs, files in os.walk(self.root):
-            dirs[:] = [d for d in dirs if not d.startswith(".latitude")]
+            base = Path(folder)
+            keep = []
+            for d in dirs:
+                if d.startswith(".latitude"):
+                    continue
+                if os.path.islink(base / d):
+                    if symlinks is not None:
+                        symlinks.append((base / d).relative_to(self.root).as_posix())
+                    continue
+                keep.append(d)
+            dirs[:] = keep
             for name in files:
                 if name.startswith(".latitude"):
                     continue
-                full = Path(folder) / name
-                st = full.stat()
-                yield LocalFile(full.relative_to(self.root).as_posix(), st.st_size, st.st_mtime)
+                full = base / name
+                st = os.lstat(full)
+                if stat.S_ISLNK(st.st_mode):
+                    if symlinks is not None:
+                        symlinks.append(full.relative_to(self.root).as_posix())
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield LocalFile(full.relative_to(self.root).as_posix(), st.st_size, st.st_mtime)
 
     def hashes(self) -> dict[str, str]:
-        return {f.path: sha256_file(self.root / f.path) for f in self.walk()}
+        return {f.path: sha256_file(self.file(f.path)) for f in self.walk()}
 
     def remove_temp_files(self) -> int:
         """Remove what a crash mid-write left behind; returns how many."""

@@ -45,7 +45,7 @@ from latitude.mirror.feed import (
     FeedClient,
     FeedError,
 )
-from latitude.mirror.store import AtomicFile, ContentRoot, fsync_dir, parse_http_date
+from latitude.mirror.store import AtomicFile, BadPath, ContentRoot, fsync_dir, parse_http_date
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class SyncDaemon:
                         cursor = page.next
                     self._caught_up(cursor, page.head)
                     failures = 0
-                except (FeedError, BatchFailed) as exc:
+                except (FeedError, BatchFailed, BadPath) as exc:  # BadPath: a symlink in the root
                     failures += 1
                     self._report(
                         error=str(exc),
@@ -290,7 +290,7 @@ class SyncDaemon:
             return loop.run_in_executor(self.writers, fn, *args)
 
         files = [
-            (self.root.file(c.path), g.data or b"", g.mtime or c.mtime)
+            (self.root.file(c.path, create_parents=True), g.data or b"", g.mtime or c.mtime)
             for c, g in items
             if g.staged is None
         ]
@@ -324,7 +324,7 @@ class SyncDaemon:
             )
             if resp.status != 200:
                 return got
-            staged = AtomicFile(self.root.file(path))
+            staged = AtomicFile(self.root.file(path, create_parents=True))
             try:
                 async for chunk in resp.content.iter_chunked(1 << 20):
                     staged.write(chunk)
