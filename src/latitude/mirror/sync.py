@@ -2,8 +2,10 @@
 
     latitude mirror sync --region ap-southeast
 
-The loop (`SyncDaemon.run`) long-polls the feed from the saved cursor and applies each page as a
-batch. Small files come inline with the feed's answer; the rest are downloaded concurrently over
+The loop (`SyncDaemon.run`) follows the streaming feed from the saved cursor (one held
+response carrying each change as it commits; long-polling `changes` when the primary has no
+stream, or with `stream=False`) and applies each page as a batch: pages that arrived while the
+previous batch was being applied are applied together, as one batch. Small files come inline with the feed's answer; the rest are downloaded concurrently over
 a pooled, pre-warmed connection pool (many small files to a request, see `feed`). Each is checked against the sha256 the signed
 feed announced, writes it atomically with the origin's Last-Modified, writes index files only
 after the files they name, applies deletes last, and only then saves the cursor. A crash at
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,9 +44,11 @@ from latitude.mirror.feed import (
     FILE_SERIAL_HEADER,
     HEALTH,
     INLINE_FILE_MAX,
+    MAX_PAGE,
     SERIAL_HEADER,
     FeedClient,
     FeedError,
+    StreamUnsupported,
 )
 from latitude.mirror.store import AtomicFile, BadPath, ContentRoot, fsync_dir, parse_http_date
 
@@ -102,6 +107,7 @@ class SyncDaemon:
         bundles: bool = True,
         inline: int = INLINE_FILE_MAX,
         region: str | None = None,
+        stream: bool = True,
     ):
         self.root = root if isinstance(root, ContentRoot) else ContentRoot(root)
         self.primary_url = primary_url.rstrip("/")
@@ -114,6 +120,8 @@ class SyncDaemon:
         self.bundles = bundles
         self.inline = inline  # ask the feed to carry files up to this size (0: never)
         self.region = region
+        self.stream = stream  # follow the streaming feed (False: long-poll `changes`)
+        self._heard = False  # a frame arrived since the last failure
         self.stopping = asyncio.Event()
         self.status: dict = {}
         self.batches = 0
@@ -130,6 +138,10 @@ class SyncDaemon:
             failures = 0
             while not self.stopping.is_set():
                 try:
+                    if self.stream and not self.poll_interval_s:
+                        cursor = await self._follow(cursor)
+                        failures = 0
+                        continue
                     page = await self._poll(cursor)
                     if page.resync:
                         cursor = await self.resync()
@@ -138,7 +150,13 @@ class SyncDaemon:
                         cursor = page.next
                     self._caught_up(cursor, page.head)
                     failures = 0
+                except StreamUnsupported as exc:
+                    log.warning("sync: %s; long-polling instead", exc)
+                    self.stream = False
+                    continue
                 except (FeedError, BatchFailed, BadPath) as exc:  # BadPath: a symlink in the root
+                    if self._heard:  # the stream worked for a while: start the backoff afresh
+                        failures, self._heard = 0, False
                     failures += 1
                     self._report(
                         error=str(exc),
@@ -172,6 +190,73 @@ class SyncDaemon:
             update["caught_up_at"] = now  # current until the change we just heard of
         self._report(**update)
         return page
+
+    async def _follow(self, cursor: int) -> int:
+        """Apply the streaming feed's pages as they arrive, from `cursor`. Returns the cursor
+        reached when the stream ends (the primary closing, a resync done, or `stop()`)."""
+        heartbeat = max(1.0, self.poll_timeout_s / 2)
+        async with self.feed.stream(cursor, heartbeat, self.inline) as frames:
+            arrived: deque = deque()  # pages, then None (the end) or the exception that ended it
+            ready = asyncio.Event()
+
+            async def read() -> None:
+                try:
+                    async for page in frames:
+                        arrived.append(page)
+                        ready.set()
+                    arrived.append(None)
+                except Exception as exc:  # handed to the loop below, which raises it
+                    arrived.append(exc)
+                ready.set()
+
+            reader = asyncio.create_task(read())
+            stop = asyncio.ensure_future(self.stopping.wait())
+            self._report(cursor=cursor)
+            try:
+                while True:
+                    if not arrived:
+                        ready.clear()
+                        wake = asyncio.ensure_future(ready.wait())
+                        await asyncio.wait({wake, stop}, return_when=asyncio.FIRST_COMPLETED)
+                        wake.cancel()
+                        if self.stopping.is_set():
+                            return cursor
+                        continue
+                    item = arrived.popleft()
+                    if item is None:
+                        return cursor
+                    if isinstance(item, BaseException):
+                        raise item
+                    self._heard = True
+                    if item.resync:
+                        return await self.resync()
+                    changes, head = list(item.changes), item.head
+                    # Pages that came while the last batch was applied: one batch, one cursor.
+                    while (
+                        arrived
+                        and isinstance(arrived[0], Page)
+                        and not arrived[0].resync
+                        and len(changes) < MAX_PAGE
+                    ):
+                        more = arrived.popleft()
+                        changes += more.changes
+                        head = max(head, more.head)
+                    now = time.time()
+                    update = {"head": head, "last_contact": now, "waiting_since": None}
+                    if changes and cursor >= self.status.get("head", 0):
+                        update["caught_up_at"] = now  # current until the change just heard of
+                    self._report(**update)
+                    if changes:
+                        await self.apply(changes, changes[-1].serial)
+                        cursor = changes[-1].serial
+                    self._caught_up(cursor, head)
+                    if cursor >= head:  # parked in the stream: the primary will tell us
+                        self._report(waiting_since=time.time())
+            finally:
+                reader.cancel()
+                stop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
 
     # ---- one batch -----------------------------------------------------------------------------
 
