@@ -22,8 +22,9 @@ carries each change as it commits. Every frame is a JSON header line ``{"size",
 "content-digest", "signature-input", "signature"}`` then `size` bytes of a page (as
 `changes` answers, plus ``"since"``: the serial it continues from), signed like a response and
 bound to the request, so frames cannot be forged, and the mirror checks that each continues
-exactly where the previous one ended, so none can be dropped, repeated or reordered. With
-nothing to send the primary sends a heartbeat frame (no changes) every S seconds. A `resync`
+exactly where the previous one ended, so none can be dropped, repeated or reordered. The first
+frame goes at once (a heartbeat if nothing is new: the mirror learns the head); with nothing
+to send the primary sends a heartbeat frame (no changes) every S seconds. A `resync`
 frame ends the stream; so does the primary shutting down. The mirror resumes by opening a
 new stream from its saved cursor.
 
@@ -216,11 +217,12 @@ class FeedServer:
             headers={"Content-Type": STREAM_TYPE, "Cache-Control": "no-store"}
         )
         await resp.prepare(request)
-        cursor = since
+        cursor, first = since, True
         with contextlib.suppress(ConnectionError):
             while not self._closing.is_set():
                 page = self.log.since(cursor, MAX_PAGE)
-                if not page.resync and not page.changes:
+                # The first frame goes at once, changes or not: the mirror learns the head.
+                if not page.resync and not page.changes and not first:
                     self.refresh()
                     if self.head <= cursor:
                         await self.wait_past(cursor, heartbeat)
@@ -231,6 +233,7 @@ class FeedServer:
                         page, changes=self._inline(page.changes, min(inline, INLINE_FILE_MAX))
                     )
                 await resp.write(self._frame(request, cursor, page))  # changes, or a heartbeat
+                first = False
                 if page.resync:
                     break
                 cursor = page.changes[-1].serial if page.changes else cursor
