@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import statistics
 import time
@@ -161,11 +162,12 @@ class HealthView:
     vantage_locations: dict[str, tuple[float, float]]
     at: float
 
-    @property
+    # Cached: the DNS front reads both on every query, and a view never changes once made.
+    @functools.cached_property
     def healthy(self) -> tuple[str, ...]:
         return tuple(n for n, r in self.regions.items() if r.healthy)
 
-    @property
+    @functools.cached_property
     def suspect(self) -> tuple[str, ...]:
         """Healthy regions some vantage point has lately seen fail: answers naming them are
         given a short TTL, so resolvers ask again soon if the region is dying."""
