@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -281,15 +282,25 @@ class LabWorld:
         # still announces itself. A failed step fails `up` once the others have finished.
         primary = topology.primary.name
         replicas = [r for r in topology.regions if not r.primary]
-        with ThreadPoolExecutor(max_workers=2 + len(names)) as pool:
-            first = [
-                pool.submit(self._start_links, state, topology),
-                pool.submit(self._start_primary_db, state, primary, replicas),
-                *(pool.submit(self._start_valkey_step, state, n) for n in names),
-            ]
-            _results(first)
-            clones = [pool.submit(self._start_replica_db, state, topology, r) for r in replicas]
-            _results(clones)
+        plain, said = self.progress, threading.Lock()
+
+        def one_line_at_a_time(message: str) -> None:
+            with said:
+                plain(message)
+
+        self.progress = one_line_at_a_time
+        try:
+            with ThreadPoolExecutor(max_workers=2 + len(names)) as pool:
+                first = [
+                    pool.submit(self._start_links, state, topology),
+                    pool.submit(self._start_primary_db, state, primary, replicas),
+                    *(pool.submit(self._start_valkey_step, state, n) for n in names),
+                ]
+                _results(first)
+                clones = [pool.submit(self._start_replica_db, state, topology, r) for r in replicas]
+                _results(clones)
+        finally:
+            self.progress = plain
         for name in names:
             self._write_region_topology(state, topology, name)
         self._write_state(state)
