@@ -141,6 +141,11 @@ def test_down_leaves_no_process(tmp_path):
                         capture_output=True, text=True, timeout=120)
     try:
         assert up.returncode == 0, up.stderr
+        # The steps run concurrently, and each still says what it is doing.
+        for step in ("WAN emulator (1 links)", "a: initdb", "b: pg_basebackup from a",
+                     "a: start the Valkey", "b: start the Valkey", "waiting for replicas",
+                     "world up in"):
+            assert step in up.stderr, up.stderr
         data_root = json.loads((state / "state.json").read_text())["data_root"]
         assert pids_under(str(state)) and pids_under(data_root)
     finally:
@@ -148,4 +153,26 @@ def test_down_leaves_no_process(tmp_path):
     assert down.returncode == 0, down.stderr
     assert "link supervisor" in down.stdout
     assert pids_under(str(state)) == [] and pids_under(data_root) == []
+    assert not os.path.exists(state / "state.json")
+
+
+def test_a_failed_step_stops_the_steps_started_beside_it(tmp_path):
+    """Valkey cannot start while the databases start in parallel: `up` names the step that failed
+    and leaves nothing running."""
+    topology = tmp_path / "two.toml"
+    topology.write_text(
+        '[lab]\n[[regions]]\nname = "a"\nprimary = true\nlocation = [0, 0]\n'
+        '[[regions]]\nname = "b"\nlocation = [10, 10]\n[links]\ndefault_rtt_ms = 20\n'
+    )
+    state = tmp_path / "state"
+    env = {**os.environ, "LATITUDE_VALKEY_SERVER": "/bin/false"}
+    cli = [sys.executable, "-m", "latitude.cli", "lab"]
+    up = subprocess.run([*cli, "up", "--topology", str(topology), "--state-dir", str(state)],
+                        capture_output=True, text=True, timeout=120, env=env)
+    assert up.returncode == 1
+    assert "Valkey (/bin/false) exited at start-up" in up.stderr
+    assert "start-up failed; stopping what was started" in up.stderr
+    assert "a: stopping Postgres" in up.stderr  # the primary started beside it is stopped
+    assert "Traceback" not in up.stderr
+    assert pids_under(str(state)) == []
     assert not os.path.exists(state / "state.json")

@@ -140,7 +140,9 @@ def router_for(topology, config, healthy=ALL_UP, rtt=None) -> RegionRouter:
 
 def test_config_defaults_and_values(topology, config):
     assert config.zone == ZONE and config.name == APP
-    assert config.ttl_s == 30 and config.check_interval_s == 2.0 and config.check_threshold == 3
+    assert config.ttl_s == 30 and config.check_interval_s == 1.0 and config.check_threshold == 2
+    assert config.window == 3 and config.rise == 3 and config.suspect_interval_s == 0.25
+    assert config.suspect_ttl_s == 1
     assert config.check_path == "/_latitude/health"
     assert config.addresses["us-west"] == ("192.0.2.1", "2001:db8::1")
     bare = routing_config(parse_topology(TOPOLOGY.split("[routing]")[0], environ={}))
@@ -150,8 +152,9 @@ def test_config_defaults_and_values(topology, config):
 def test_config_problems_name_the_key(topology):
     bad = TOPOLOGY.replace(
         'zone = "example.test"',
-        'zone = "exa mple"\nttl_s = -1\ncheck_threshold = 1.5\ncheck_services = ["db"]',
-    )
+        'zone = "exa mple"\nttl_s = -1\ncheck_threshold = 1.5\ncheck_services = ["db"]\n'
+        "check_window = 1\ncheck_threshold_x = 0\ncheck_suspect_interval_s = 5\nsuspect_ttl_s = -2",
+    ).replace("check_threshold_x = 0\n", "")
     bad = bad.replace('["10.0.0.0/8", "us-west"]', '["10.0.0.0/8", "mars"]')
     with pytest.raises(RoutingConfigError) as info:
         routing_config(parse_topology(bad, environ={}))
@@ -161,6 +164,9 @@ def test_config_problems_name_the_key(topology):
         "routing.ttl_s",
         "routing.check_threshold",
         "routing.check_services",
+        "routing.check_window",
+        "routing.check_suspect_interval_s",
+        "routing.suspect_ttl_s",
         "routing.cidrs[5]",
     ):
         assert key in text, text
@@ -439,8 +445,8 @@ def test_checker_threshold_and_recovery_over_http():
             t0 = time.monotonic()
             assert wait_until(lambda: not checker.view.regions["eu-west"].healthy, 3)
             took = time.monotonic() - t0
-            # Three consecutive failures at 0.1 s: never sooner than two intervals later.
-            assert took >= 0.2
+            # Three failures: the first at the next probe, two more at the suspect cadence.
+            assert took >= 2 * config.suspect_interval_s
             pair = checker.pairs[("local", "eu-west", "app")]
             assert pair.last_error == "HTTP 503"
             assert bg.call(lambda: service.router.choose_for_address(LONDON).region) == "us-west"
@@ -478,16 +484,71 @@ def test_peers_over_http():
 
 
 def test_checker_threshold_state_machine(topology, config):
-    checker = HealthChecker(topology, config, [])
+    three = config.with_overrides(check_threshold=3)  # 3 of 3: three failures in a row
+    checker = HealthChecker(topology, three, [])
     for ok in (True, False, False):
         checker.observe("v1", "eu-west", "app", ok)
     assert checker.pairs[("v1", "eu-west", "app")].healthy  # 2 failures < threshold 3
-    checker.observe("v1", "eu-west", "app", True)  # a success resets the streak
+    checker.observe("v1", "eu-west", "app", True)  # a success breaks the run
     for _ in range(2):
         checker.observe("v1", "eu-west", "app", False)
     assert checker.view.regions["eu-west"].healthy
     checker.observe("v1", "eu-west", "app", False)
     assert not checker.view.regions["eu-west"].healthy
+
+
+def test_default_hysteresis_no_flapping(topology, config):
+    """Defaults: 2 failures among the last 3 results take a pair down, 3 successes in a row
+    bring it back. One lost probe never takes it out; answering 1 probe in 3 keeps it out."""
+    checker = HealthChecker(topology, config, [])
+    pair = lambda: checker.pairs[("v1", "eu-west", "app")]  # noqa: E731
+    for ok in [True] + [True, False, True, True] * 5:  # one probe in four lost, every time
+        checker.observe("v1", "eu-west", "app", ok)
+        assert pair().healthy
+    assert pair().in_doubt(config.window)  # a failure among the last 3: probed faster
+    checker.observe("v1", "eu-west", "app", True)
+    assert pair().in_doubt(config.window) is False  # the last failure is 4 results back
+    checker.observe("v1", "eu-west", "app", False)
+    assert pair().healthy and pair().in_doubt(config.window)
+    checker.observe("v1", "eu-west", "app", True)
+    checker.observe("v1", "eu-west", "app", False)  # 2 of the last 3: out
+    assert pair().healthy is False
+    for ok in [True, False, False] * 10:  # answers 1 probe in 3: stays out
+        checker.observe("v1", "eu-west", "app", ok)
+        assert pair().healthy is False
+    for ok in [True, True, False] * 5:  # 2 in 3: never 3 in a row either
+        checker.observe("v1", "eu-west", "app", ok)
+        assert pair().healthy is False
+    for _ in range(2):
+        checker.observe("v1", "eu-west", "app", True)
+    assert pair().healthy is False
+    checker.observe("v1", "eu-west", "app", True)  # the third success in a row
+    assert pair().healthy is True and not pair().in_doubt(config.window)
+    checker.observe("v1", "eu-west", "app", False)  # the old failures no longer count
+    assert pair().healthy is True
+
+
+def test_suspect_region_gets_a_short_ttl(topology, config):
+    checker = HealthChecker(topology, config, [])
+    names = ["us-west", "eu-west", "ap-southeast"]
+    for v in names:
+        for r in names:
+            checker.observe(v, r, "app", True, LAB_RTT[(v, r)])
+    router = RegionRouter(
+        topology, config, Locator(CidrTable(config.cidrs, topology)), lambda: checker.view
+    )
+    front = DnsFront(config, router)
+    assert ask(front, APP, client=LONDON).answer[0].ttl == 30
+    checker.observe("us-west", "eu-west", "app", False)  # one vantage point saw one failure
+    assert checker.view.suspect == ("eu-west",) and checker.view.healthy == tuple(names)
+    r = ask(front, APP, client=LONDON)  # the cached answer is not reused: the view changed
+    assert addresses(r) == ["192.0.2.2"] and r.answer[0].ttl == config.suspect_ttl_s
+    assert ask(front, APP, client=SEATTLE).answer[0].ttl == 30  # other regions: full TTL
+    assert checker.observations()["vantages"]["us-west"]["results"][1]["in_doubt"] is True
+    for _ in range(config.window):
+        checker.observe("us-west", "eu-west", "app", True)
+    assert checker.view.suspect == ()  # the failure is out of the window
+    assert ask(front, APP, client=LONDON).answer[0].ttl == 30
 
 
 def test_quorum_across_vantage_points(topology, config):
@@ -913,7 +974,8 @@ def test_route53_terraform_parses_with_every_region(topology, config):
         assert check["fqdn"].strip('"') == f"{region}.example.test"
         assert check["resource_path"].strip('"') == "/_latitude/health"
         assert check["type"].strip('"') == "HTTPS" and check["port"] == 443
-        assert check["request_interval"] == 10 and check["failure_threshold"] == 3
+        assert check["request_interval"] == 10
+        assert check["failure_threshold"] == config.check_threshold
         record = records[f"{ident}_a"]
         assert record["set_identifier"].strip('"') == region
         assert record["name"].strip('"') == "calendar.example.test" and record["ttl"] == 30

@@ -40,15 +40,50 @@ SUBNETS = {
     "ap-southeast": ("100.64.0.0", 16),
 }
 
+# A region's health endpoint. A test may write a mode into the file named by argv[2], applied
+# per vantage point (the checker names itself in X-Latitude-Vantage), counted from the change:
+#   lose-one      the first probe from each vantage point gets no answer in time, then all do
+#   one-in-three  only every third probe from each vantage point is answered 200, others 503
+# GET /_stats says what was served since the mode last changed.
 HEALTH_SERVER = """
-import sys
+import asyncio, collections, sys
 from aiohttp import web
 
+mode_file = sys.argv[2]
+state = {"mode": "", "seen": collections.Counter(), "lost": collections.Counter(),
+         "ok": collections.Counter()}
+
+def mode():
+    try:
+        with open(mode_file) as f:
+            current = f.read().strip()
+    except OSError:
+        current = ""
+    if current != state["mode"]:
+        state.update(mode=current, seen=collections.Counter(), lost=collections.Counter(),
+                     ok=collections.Counter())
+    return current.split(":")[0]
+
 async def health(request):
+    m = mode()
+    v = request.headers.get("X-Latitude-Vantage", "?")
+    state["seen"][v] += 1
+    n = state["seen"][v]
+    if m == "lose-one" and n == 1:
+        state["lost"][v] += 1
+        await asyncio.sleep(3)
+    elif m == "one-in-three" and n % 3:
+        return web.Response(status=503, text="flaky")
+    state["ok"][v] += 1
     return web.Response(text="ok")
+
+async def stats(request):
+    mode()
+    return web.json_response({k: dict(state[k]) for k in ("seen", "lost", "ok")})
 
 app = web.Application()
 app.router.add_get("/_latitude/health", health)
+app.router.add_get("/_stats", stats)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 """
 
@@ -110,8 +145,8 @@ def wait_for(cond, timeout: float, what: str, step: float = 0.02):
 
 
 class Routed:
-    def __init__(self, world, ports, dns_port, http_port, history, proc):
-        self.world, self.ports = world, ports
+    def __init__(self, world, ports, dns_port, http_port, history, proc, folder):
+        self.world, self.ports, self.folder = world, ports, folder
         self.dns_port, self.http_port = dns_port, http_port
         self.history, self.proc = history, proc
 
@@ -134,6 +169,32 @@ class Routed:
     def all_healthy(self) -> bool:
         return self.status()["healthy"] == list(ADDRESSES)
 
+    def set_mode(self, region: str, mode: str) -> None:
+        """Change how the region's endpoint answers (see HEALTH_SERVER); counters restart."""
+        tmp = self.folder / f"mode-{region}.tmp"
+        tmp.write_text(f"{mode}:{time.monotonic_ns()}")
+        tmp.replace(self.folder / f"mode-{region}")
+
+    def served(self, region: str) -> dict:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.ports[region]}/_stats", timeout=2
+        ) as r:
+            return json.loads(r.read())
+
+    def watch(self, region: str, seconds: float) -> set[bool]:
+        """Every verdict on `region` the service gave while polled every 20 ms for `seconds`."""
+        seen: set[bool] = set()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            seen.add(self.status()["regions"][region]["healthy"])
+            time.sleep(0.02)
+        return seen
+
+    def jitter(self, jitter_ms: float) -> None:
+        topo = self.world.topology()
+        for a, b in topo.region_pairs():
+            self.world.link("set", a, b, jitter_ms=jitter_ms)
+
     def kill(self, region: str) -> float:
         at = time.monotonic()
         self.world.kill(region, SLOT)
@@ -154,7 +215,8 @@ def routed(world, tmp_path_factory):
     proc = None
     try:
         for n in names:
-            world.set_service(n, SLOT, [sys.executable, "-c", HEALTH_SERVER, str(ports[n])])
+            argv = [sys.executable, "-c", HEALTH_SERVER, str(ports[n]), str(folder / f"mode-{n}")]
+            world.set_service(n, SLOT, argv)
         # What each region sees: its own endpoint directly, the others' through the links.
         vantage_args = []
         for v in names:
@@ -174,7 +236,7 @@ def routed(world, tmp_path_factory):
         wait_for(lambda: ready.exists() or proc.poll() is not None, 20, "latitude dns to listen")
         assert proc.poll() is None, (folder / "dns.log").read_text()
         info = json.loads(ready.read_text())
-        r = Routed(world, ports, info["dns_port"], info["http_port"], history, proc)
+        r = Routed(world, ports, info["dns_port"], info["http_port"], history, proc, folder)
         wait_for(r.all_healthy, 10, "every region to be seen healthy")
         # ... and measured from every vantage point (9 round trips).
         wait_for(lambda: len(r.status()["rtt_ms"]) == 9, 10, "RTTs from every vantage point")
@@ -327,3 +389,58 @@ def test_malformed_packets_do_not_stop_the_server(routed):
     assert routed.proc.poll() is None
     assert routed.answer("us-west") == [ADDRESSES["us-west"]]
     assert routed.query(SUBNETS["eu-west"], tcp=True).rcode() == dns.rcode.NOERROR
+
+
+# ---- no flapping, under jitter ------------------------------------------------------------
+
+JITTER_MS = 60  # per direction, uniform: a probe across a link takes RTT + 0..120 ms
+
+
+def test_one_lost_probe_never_takes_a_healthy_region_out(routed, healed):
+    routed.jitter(JITTER_MS)
+    wait_for(routed.all_healthy, BOUND + 3, "every region healthy under jitter")
+    assert routed.watch("eu-west", 2.0) == {True}  # jitter alone costs nothing
+    h = UptimeHistory(routed.history)
+    try:
+        outages = len(h.outages("eu-west"))
+    finally:
+        h.close()
+    routed.set_mode("eu-west", "lose-one")  # every vantage point loses its next probe at once
+    try:
+        seen = routed.watch("eu-west", 2.5)
+        served = routed.served("eu-west")
+    finally:
+        routed.set_mode("eu-west", "ok")
+    print(f"lose-one: served {served}, verdicts seen {seen}")
+    assert served["lost"] == {v: 1 for v in ADDRESSES}  # each vantage point did lose one
+    assert all(served["ok"][v] >= 2 for v in ADDRESSES)  # and was answered after it
+    assert seen == {True}
+    assert routed.answer("eu-west") == [ADDRESSES["eu-west"]]
+    h = UptimeHistory(routed.history)
+    try:
+        assert len(h.outages("eu-west")) == outages
+    finally:
+        h.close()
+
+
+def test_region_answering_one_probe_in_three_stays_out(routed, healed):
+    routed.jitter(JITTER_MS)
+    wait_for(routed.all_healthy, BOUND + 3, "every region healthy under jitter")
+    routed.set_mode("eu-west", "one-in-three")
+    try:
+        wait_for(
+            lambda: routed.answer("eu-west") != [ADDRESSES["eu-west"]],
+            BOUND + 3,
+            "DNS to stop naming eu-west",
+        )
+        seen = routed.watch("eu-west", 4.0)
+        served = routed.served("eu-west")
+        still_out = routed.answer("eu-west") != [ADDRESSES["eu-west"]]
+    finally:
+        routed.set_mode("eu-west", "ok")
+    print(f"one-in-three: served {served}, verdicts seen {seen}")
+    # Every vantage point got 200s all along (about one a second at the suspect cadence) ...
+    assert all(served["ok"].get(v, 0) >= 2 for v in ADDRESSES), served
+    # ... and never brought it back: that takes three in a row.
+    assert seen == {False} and still_out
+    wait_for(routed.all_healthy, BOUND + 3, "eu-west back once it answers every probe")

@@ -123,9 +123,22 @@ class PostgresNode:
             if not exists:
                 c.execute(f"create database {DATABASE}")
 
-    def init_replica(self, upstream_port: int, slot: str) -> None:
-        """Clone the primary through `upstream_port` (the link relay), streaming via a slot."""
+    def create_slots(self, slots: list[str]) -> None:
+        """Physical replication slots that keep WAL from now on (for `init_replica(reserved=True)`)."""
+        with psycopg.connect(
+            database_url(self.port).rsplit("/", 1)[0] + "/postgres", autocommit=True
+        ) as c:
+            for slot in slots:
+                c.execute("select pg_create_physical_replication_slot(%s, true)", (slot,))
+
+    def init_replica(self, upstream_port: int, slot: str, reserved: bool = False) -> None:
+        """Clone the primary through `upstream_port` (the link relay), streaming via a slot.
+
+        `reserved`: the slot exists already and has kept WAL since before this backup, so the
+        backup carries no WAL (no second connection, no wait for the last segment: ~0.6 s
+        less over a 125 ms link) and the replica streams what it needs when it starts."""
         self._prepare_parent()
+        wal = ["-X", "none"] if reserved else ["-X", "stream", "-C", "-S", slot]
         self._run(
             "pg_basebackup",
             "-h",
@@ -137,14 +150,10 @@ class PostgresNode:
             "-D",
             str(self.data_dir),
             "-R",
-            "-X",
-            "stream",
+            *wal,
             "-c",
             "fast",
             "--no-sync",
-            "-C",
-            "-S",
-            slot,
             timeout=300,
         )
         self._configure(

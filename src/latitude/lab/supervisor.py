@@ -40,10 +40,16 @@ def build_app(wan: WanEmulator, token: str, stop: asyncio.Event) -> web.Applicat
             links.append({"a": link.a, "b": link.b, **link.stats()})
         return web.json_response({"pid": os.getpid(), "links": links})
 
+    def one_relay(spec: dict) -> int:
+        return wan.relay(
+            spec["a"], spec["b"], spec.get("host", "127.0.0.1"), int(spec["port"])
+        ).port
+
     async def add_relay(request: web.Request) -> web.Response:
         body = await request.json()
-        relay = wan.relay(body["a"], body["b"], body.get("host", "127.0.0.1"), int(body["port"]))
-        return web.json_response({"port": relay.port})
+        if "relays" in body:  # many in one call: `lab up` asks for all of them at once
+            return web.json_response({"ports": [one_relay(spec) for spec in body["relays"]]})
+        return web.json_response({"port": one_relay(body)})
 
     async def add_link(request: web.Request) -> web.Response:
         # Client links (a far user's place to a region) join the table at run time.

@@ -19,8 +19,10 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +83,17 @@ def _free_ports(n: int) -> list[int]:
         if len(chosen) == n:
             return chosen
     raise LabError(f"no {n} free ports between {SERVICE_PORTS.start} and {SERVICE_PORTS.stop}")
+
+
+def _slot(region: str) -> str:
+    return region.replace("-", "_")
+
+
+def _results(futures: list[Future]) -> list:
+    """Every future's result once all are done; the first failure (in order) is raised."""
+    for f in futures:
+        f.exception()  # waits
+    return [f.result() for f in futures]
 
 
 @dataclass
@@ -264,42 +277,30 @@ class LabWorld:
             }
         self._write_state(state)
 
-        self.progress(f"starting the WAN emulator ({len(topology.region_pairs())} links)")
-        self._start_supervisor()
-        control = self.control()
-        for target in names:
-            for source_region in names:
-                if source_region == target:
-                    continue
-                relays = {}
-                for service in REMOTE_SERVICES:
-                    port = state["regions"][target][f"{service}_port"]
-                    relays[service] = control.call(
-                        "POST", "/relays", {"a": source_region, "b": target, "port": port}
-                    )["port"]
-                state["regions"][target]["relays"][source_region] = relays
-        self._write_state(state)
-
+        # Steps that do not depend on each other run at once (the world is up in the time of
+        # its longest chain: initdb -> basebackup over the farthest link -> streaming); each
+        # still announces itself. A failed step fails `up` once the others have finished.
         primary = topology.primary.name
-        pnode = self._pg(state, primary)
-        self.progress(f"{primary}: initdb and start the primary database")
-        pnode.init_primary()
-        pnode.start()
-        pnode.create_database()
-        for r in topology.regions:
-            if r.primary:
-                continue
-            rtt = topology.rtt_ms(r.name, primary)
-            self.progress(
-                f"{r.name}: pg_basebackup from {primary} over the emulated link ({rtt:.0f} ms RTT)"
-            )
-            node = self._pg(state, r.name)
-            upstream = state["regions"][primary]["relays"][r.name]["pg"]
-            node.init_replica(upstream, slot=r.name.replace("-", "_"))
-            node.start()
-        for name in names:
-            self.progress(f"{name}: start the Valkey session store")
-            self._start_valkey(state, name)
+        replicas = [r for r in topology.regions if not r.primary]
+        plain, said = self.progress, threading.Lock()
+
+        def one_line_at_a_time(message: str) -> None:
+            with said:
+                plain(message)
+
+        self.progress = one_line_at_a_time
+        try:
+            with ThreadPoolExecutor(max_workers=2 + len(names)) as pool:
+                first = [
+                    pool.submit(self._start_links, state, topology),
+                    pool.submit(self._start_primary_db, state, primary, replicas),
+                    *(pool.submit(self._start_valkey_step, state, n) for n in names),
+                ]
+                _results(first)
+                clones = [pool.submit(self._start_replica_db, state, topology, r) for r in replicas]
+                _results(clones)
+        finally:
+            self.progress = plain
         for name in names:
             self._write_region_topology(state, topology, name)
         self._write_state(state)
@@ -311,11 +312,52 @@ class LabWorld:
 
             self.progress(f"{primary}: every commit waits for {quorum} replica region(s)")
             standbys = [n for n in names if n != primary]
-            PgServer(primary, pnode.url).set_synchronous(quorum, standbys)
+            PgServer(primary, self._pg(state, primary).url).set_synchronous(quorum, standbys)
         state["up_seconds"] = round(time.monotonic() - started, 2)
         self._write_state(state)
         self.progress(f"world up in {state['up_seconds']:.1f} s")
         return state
+
+    def _start_links(self, state: dict, topology: Topology) -> None:
+        names = [r.name for r in topology.regions]
+        self.progress(f"starting the WAN emulator ({len(topology.region_pairs())} links)")
+        self._start_supervisor()
+        wanted = [
+            {"a": source, "b": target, "port": state["regions"][target][f"{service}_port"]}
+            for target in names
+            for source in names
+            if source != target
+            for service in REMOTE_SERVICES
+        ]
+        ports = iter(self.control().call("POST", "/relays", {"relays": wanted})["ports"])
+        for target in names:
+            for source in names:
+                if source != target:
+                    relays = {service: next(ports) for service in REMOTE_SERVICES}
+                    state["regions"][target]["relays"][source] = relays
+
+    def _start_primary_db(self, state: dict, primary: str, replicas: list) -> None:
+        pnode = self._pg(state, primary)
+        self.progress(f"{primary}: initdb and start the primary database")
+        pnode.init_primary()
+        pnode.start()
+        pnode.create_database()
+        pnode.create_slots([_slot(r.name) for r in replicas])
+
+    def _start_replica_db(self, state: dict, topology: Topology, region) -> None:
+        primary = topology.primary.name
+        rtt = topology.rtt_ms(region.name, primary)
+        self.progress(
+            f"{region.name}: pg_basebackup from {primary} over the emulated link ({rtt:.0f} ms RTT)"
+        )
+        node = self._pg(state, region.name)
+        upstream = state["regions"][primary]["relays"][region.name]["pg"]
+        node.init_replica(upstream, slot=_slot(region.name), reserved=True)
+        node.start()
+
+    def _start_valkey_step(self, state: dict, region: str) -> None:
+        self.progress(f"{region}: start the Valkey session store")
+        self._start_valkey(state, region)
 
     def _data_root(self, run_as: RunAs) -> Path:
         root = self.state_dir / "regions"
@@ -391,6 +433,12 @@ class LabWorld:
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return
+            if process.read_pid(folder / "valkey.pid") is None:
+                log = (folder / "valkey.log").read_text(errors="replace")[-500:].strip()
+                raise LabError(
+                    f"{region}: Valkey ({state['valkey_bin']}) exited at start-up: "
+                    f"{log or 'no output'}; see {folder / 'valkey.log'}"
+                )
             time.sleep(0.02)
         raise LabError(
             f"{region}: Valkey did not answer on port {port}; see {folder / 'valkey.log'}"

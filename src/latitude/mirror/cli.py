@@ -171,6 +171,10 @@ def sync(
     poll_timeout: Annotated[
         float | None, typer.Option("--poll-timeout", help="Long-poll hold, seconds.")
     ] = None,
+    stream: Annotated[
+        bool,
+        typer.Option("--stream/--no-stream", help="Follow the streaming feed (else long-poll)."),
+    ] = True,
 ) -> None:
     """Keep this region's copy in step with the primary (runs until stopped)."""
     from latitude.mirror.sync import SyncDaemon
@@ -191,6 +195,7 @@ def sync(
         bundles=bundles,
         inline=inline,
         region=cfg.region,
+        stream=stream,
     )
     if cfg.keyring is None:
         logging.warning("no signing key has its secret set: the feed is read unsigned")

@@ -2,6 +2,9 @@
 
     GET  /_latitude/mirror/changes?since=N&timeout=S&inline=B
                                                        signed; long-polled up to S seconds
+    GET  /_latitude/mirror/stream?since=N&timeout=S&inline=B
+                                                       signed; one held response, a signed
+                                                       frame per commit (S: heartbeat)
     GET  /_latitude/mirror/snapshot                    signed; the whole tree, for `resync`
     POST /_latitude/mirror/bundle                      many small files in one response
     GET  /_latitude/mirror/head?after=N&timeout=S      signed; the head serial, long-polled
@@ -13,6 +16,19 @@ change one one-way trip after it happens. Files up to B bytes (at most 64 KiB, 1
 inline, base64 in `data`: metadata files then reach a mirror in that same one-way trip, with
 no second round trip to download them. A cursor below `floor` (pruned away) gets
 ``"resync": true`` and the mirror rebuilds from `snapshot`.
+
+`stream` is the same feed without the re-arming: after a long poll answers, the mirror's next
+poll needs a one-way trip to reach the primary, and a publish in that window waits for it (up
+to RTT/2 more; a burst of publishes pays it again and again). The stream stays open and
+carries each change as it commits. Every frame is a JSON header line ``{"size",
+"content-digest", "signature-input", "signature"}`` then `size` bytes of a page (as
+`changes` answers, plus ``"since"``: the serial it continues from), signed like a response and
+bound to the request, so frames cannot be forged, and the mirror checks that each continues
+exactly where the previous one ended, so none can be dropped, repeated or reordered. The first
+frame goes at once (a heartbeat if nothing is new: the mirror learns the head); with nothing
+to send the primary sends a heartbeat frame (no changes) every S seconds. A `resync`
+frame ends the stream; so does the primary shutting down. The mirror resumes by opening a
+new stream from its saved cursor.
 
 Requests and the primary's answers are signed (RFC 9421, `latitude.signing`) with the region
 keys of the topology, like the gateway's traffic: the sha256 of every file a mirror stores
@@ -50,6 +66,8 @@ PREFIX = "/_latitude/mirror"
 CHANGES = f"{PREFIX}/changes"
 SNAPSHOT = f"{PREFIX}/snapshot"
 BUNDLE = f"{PREFIX}/bundle"
+STREAM = f"{PREFIX}/stream"
+STREAM_TYPE = "application/x-latitude-feed-stream"
 HEALTH = f"{PREFIX}/health"
 HEAD = f"{PREFIX}/head"
 SERIAL_HEADER = "Latitude-Mirror-Serial"
@@ -63,6 +81,10 @@ INLINE_PAGE_MAX = 1024 * 1024
 
 class FeedError(Exception):
     """The feed could not be read, or its answer failed verification."""
+
+
+class StreamUnsupported(FeedError):
+    """The primary has no streaming feed (an older version): long-poll `changes` instead."""
 
 
 # ------------------------------------------------------------------------------ server side
@@ -155,6 +177,7 @@ class FeedServer:
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get(CHANGES, self.changes, allow_head=False)
+        app.router.add_get(STREAM, self.stream, allow_head=False)
         app.router.add_get(SNAPSHOT, self.snapshot, allow_head=False)
         app.router.add_post(BUNDLE, self.bundle)
         app.router.add_get(HEAD, self.head_serial, allow_head=False)
@@ -198,6 +221,55 @@ class FeedServer:
         if inline > 0 and page.changes:
             page = replace(page, changes=self._inline(page.changes, min(inline, INLINE_FILE_MAX)))
         return self._signed_json(request, page_to_json(page))
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        await self._verify(request)
+        try:
+            since = int(request.query.get("since", "0"))
+            heartbeat = float(request.query.get("timeout", self.poll_timeout_s))
+            inline = int(request.query.get("inline", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="since, timeout and inline must be numbers\n") from None
+        heartbeat = max(0.5, min(heartbeat, self.poll_timeout_s))
+        resp = web.StreamResponse(
+            headers={"Content-Type": STREAM_TYPE, "Cache-Control": "no-store"}
+        )
+        await resp.prepare(request)
+        cursor, first = since, True
+        with contextlib.suppress(ConnectionError):
+            while not self._closing.is_set():
+                page = self.log.since(cursor, MAX_PAGE)
+                # The first frame goes at once, changes or not: the mirror learns the head.
+                if not page.resync and not page.changes and not first:
+                    self.refresh()
+                    if self.head <= cursor:
+                        await self.wait_past(cursor, heartbeat)
+                        if self.head > cursor or self._closing.is_set():
+                            continue  # a commit (read it) or the end
+                if inline > 0 and page.changes:
+                    page = replace(
+                        page, changes=self._inline(page.changes, min(inline, INLINE_FILE_MAX))
+                    )
+                await resp.write(self._frame(request, cursor, page))  # changes, or a heartbeat
+                first = False
+                if page.resync:
+                    break
+                cursor = page.changes[-1].serial if page.changes else cursor
+            await resp.write_eof()
+        return resp
+
+    def _frame(self, request: web.Request, since: int, page: Page) -> bytes:
+        body = json.dumps({**page_to_json(page), "since": since}, separators=(",", ":")).encode()
+        headers = {"Content-Digest": signing.content_digest(body)}  # the frame's only header
+        if self.keyring is not None and "signature" in request.headers:
+            headers.update(
+                signing.sign_response(
+                    self.keyring, status=200, headers=headers, request_headers=request.headers
+                )
+            )
+        header: dict = {k.lower(): v for k, v in headers.items()}
+        header["size"] = len(body)
+        return json.dumps(header, separators=(",", ":")).encode() + b"\n" + body
 
     def _inline(self, changes: tuple[Change, ...], file_max: int) -> tuple[Change, ...]:
         """Carry small files in the answer itself: the mirror then needs no second round trip.
@@ -345,6 +417,37 @@ class FeedClient:
         except (KeyError, TypeError, ValueError) as exc:
             raise FeedError(f"malformed head: {exc}") from None
 
+    @contextlib.asynccontextmanager
+    async def stream(self, since: int, heartbeat: float, inline: int = INLINE_FILE_MAX):
+        """Open the streaming feed from `since`: yields a `FeedStream` of verified pages."""
+        qs = f"?since={since}&timeout={heartbeat:g}&inline={inline}"
+        url = self.base_url + STREAM + qs
+        headers = self._sign("GET", url)
+        # No total timeout (the response never ends by itself); a silence of two heartbeats
+        # and then some means the connection is dead.
+        timeout = aiohttp.ClientTimeout(total=None, connect=15, sock_read=2 * heartbeat + 10)
+        try:
+            resp = await self.session.get(URL(url, encoded=True), headers=headers, timeout=timeout)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise FeedError(f"GET {url}: {type(exc).__name__}: {exc}") from None
+        try:
+            if resp.status in (404, 405):
+                raise StreamUnsupported(f"GET {url}: HTTP {resp.status}: no streaming feed")
+            if resp.status != 200:
+                body = (await resp.read())[:200].decode(errors="replace").strip()
+                raise FeedError(f"GET {url}: HTTP {resp.status}: {body}")
+            yield FeedStream(resp, since, headers, self.keyring, url)
+        finally:
+            resp.close()  # never back into the pool: the stream was left mid-way
+
+    def _sign(self, method: str, url: str) -> dict:
+        headers = {"Content-Digest": signing.content_digest(b"")}
+        if self.keyring is not None:
+            headers.update(
+                signing.sign_request(self.keyring, method=method, url=url, headers=headers)
+            )
+        return headers
+
     async def snapshot(self) -> Snapshot:
         data = await self._get(SNAPSHOT, 300)
         try:
@@ -388,3 +491,71 @@ class FeedClient:
             raise FeedError(f"GET {url}: {type(exc).__name__}: {exc}") from None
         except ValueError as exc:
             raise FeedError(f"GET {url}: not JSON: {exc}") from None
+
+
+class FeedStream:
+    """The pages of one streaming feed response, each verified and checked to continue exactly
+    where the previous one ended. Iterating ends when the primary ends the stream."""
+
+    def __init__(self, resp, since: int, request_headers: dict, keyring, url: str):
+        self.resp = resp
+        self.cursor = since  # where the next frame must continue from
+        self.request_headers = request_headers
+        self.keyring = keyring
+        self.url = url
+
+    def __aiter__(self) -> FeedStream:
+        return self
+
+    async def __anext__(self) -> Page:
+        content = self.resp.content
+        try:
+            line = await content.readline()
+            if not line:
+                raise StopAsyncIteration
+            header = json.loads(line)
+            size = int(header["size"])
+            if not 0 <= size <= 64 * INLINE_PAGE_MAX:
+                raise ValueError(f"frame size {size}")
+            body = await content.readexactly(size)
+        except asyncio.IncompleteReadError:
+            raise FeedError(f"GET {self.url}: the stream ended inside a frame") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise FeedError(f"GET {self.url}: {type(exc).__name__}: {exc}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FeedError(f"GET {self.url}: malformed frame header: {exc}") from None
+        if self.keyring is not None:
+            try:
+                signing.verify_response(
+                    self.keyring,
+                    status=200,
+                    headers={k: str(v) for k, v in header.items() if k != "size"},
+                    request_headers=self.request_headers,
+                    body=body,
+                )
+            except signing.SignatureError as exc:
+                raise FeedError(
+                    f"GET {self.url}: a frame's signature does not verify: {exc}"
+                ) from None
+        try:
+            data = json.loads(body)
+            page = Page(
+                head=int(data["head"]),
+                floor=int(data["floor"]),
+                changes=tuple(Change.from_json(c) for c in data["changes"]),
+                resync=bool(data["resync"]),
+            )
+            since = int(data["since"])
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise FeedError(f"malformed feed frame: {exc}") from None
+        serials = [c.serial for c in page.changes]
+        if since != self.cursor or any(
+            b <= a for a, b in zip([since, *serials], serials, strict=False)
+        ):
+            raise FeedError(
+                f"GET {self.url}: a frame continues from serial {since} with {serials[:3]}..., "
+                f"not from {self.cursor}: frames lost or out of order"
+            )
+        if serials:
+            self.cursor = serials[-1]
+        return page

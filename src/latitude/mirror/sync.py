@@ -2,8 +2,10 @@
 
     latitude mirror sync --region ap-southeast
 
-The loop (`SyncDaemon.run`) long-polls the feed from the saved cursor and applies each page as a
-batch. Small files come inline with the feed's answer; the rest are downloaded concurrently over
+The loop (`SyncDaemon.run`) follows the streaming feed from the saved cursor (one held
+response carrying each change as it commits; long-polling `changes` when the primary has no
+stream, or with `stream=False`) and applies each page as a batch: pages that arrived while the
+previous batch was being applied are applied together, as one batch. Small files come inline with the feed's answer; the rest are downloaded concurrently over
 a pooled, pre-warmed connection pool (many small files to a request, see `feed`). Each is checked against the sha256 the signed
 feed announced, writes it atomically with the origin's Last-Modified, writes index files only
 after the files they name, applies deletes last, and only then saves the cursor. A crash at
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,9 +44,11 @@ from latitude.mirror.feed import (
     FILE_SERIAL_HEADER,
     HEALTH,
     INLINE_FILE_MAX,
+    MAX_PAGE,
     SERIAL_HEADER,
     FeedClient,
     FeedError,
+    StreamUnsupported,
 )
 from latitude.mirror.store import AtomicFile, BadPath, ContentRoot, fsync_dir, parse_http_date
 
@@ -55,6 +60,7 @@ BUNDLE_FILES = 256
 BUNDLE_BYTES = 4 * 1024 * 1024
 RETRIES = 6
 WARM_EVERY_S = 15.0
+FEW_FILES = 4  # batches up to this many in-memory files are written in one writer-thread trip
 
 
 class BatchFailed(Exception):
@@ -102,6 +108,7 @@ class SyncDaemon:
         bundles: bool = True,
         inline: int = INLINE_FILE_MAX,
         region: str | None = None,
+        stream: bool = True,
     ):
         self.root = root if isinstance(root, ContentRoot) else ContentRoot(root)
         self.primary_url = primary_url.rstrip("/")
@@ -114,6 +121,8 @@ class SyncDaemon:
         self.bundles = bundles
         self.inline = inline  # ask the feed to carry files up to this size (0: never)
         self.region = region
+        self.stream = stream  # follow the streaming feed (False: long-poll `changes`)
+        self._heard = False  # a frame arrived since the last failure
         self.stopping = asyncio.Event()
         self.status: dict = {}
         self.batches = 0
@@ -137,6 +146,10 @@ class SyncDaemon:
             failures = 0
             while not self.stopping.is_set():
                 try:
+                    if self.stream and not self.poll_interval_s:
+                        cursor = await self._follow(cursor)
+                        failures = 0
+                        continue
                     page = await self._poll(cursor)
                     if page.resync:
                         cursor = await self.resync()
@@ -145,7 +158,13 @@ class SyncDaemon:
                         cursor = page.next
                     self._caught_up(cursor, page.head)
                     failures = 0
+                except StreamUnsupported as exc:
+                    log.warning("sync: %s; long-polling instead", exc)
+                    self.stream = False
+                    continue
                 except (FeedError, BatchFailed, BadPath) as exc:  # BadPath: a symlink in the root
+                    if self._heard:  # the stream worked for a while: start the backoff afresh
+                        failures, self._heard = 0, False
                     failures += 1
                     self._report(
                         error=str(exc),
@@ -179,6 +198,73 @@ class SyncDaemon:
             update["caught_up_at"] = now  # current until the change we just heard of
         self._report(**update)
         return page
+
+    async def _follow(self, cursor: int) -> int:
+        """Apply the streaming feed's pages as they arrive, from `cursor`. Returns the cursor
+        reached when the stream ends (the primary closing, a resync done, or `stop()`)."""
+        heartbeat = max(1.0, self.poll_timeout_s / 2)
+        async with self.feed.stream(cursor, heartbeat, self.inline) as frames:
+            arrived: deque = deque()  # pages, then None (the end) or the exception that ended it
+            ready = asyncio.Event()
+
+            async def read() -> None:
+                try:
+                    async for page in frames:
+                        arrived.append(page)
+                        ready.set()
+                    arrived.append(None)
+                except Exception as exc:  # handed to the loop below, which raises it
+                    arrived.append(exc)
+                ready.set()
+
+            reader = asyncio.create_task(read())
+            stop = asyncio.ensure_future(self.stopping.wait())
+            self._report(cursor=cursor)
+            try:
+                while True:
+                    if not arrived:
+                        ready.clear()
+                        wake = asyncio.ensure_future(ready.wait())
+                        await asyncio.wait({wake, stop}, return_when=asyncio.FIRST_COMPLETED)
+                        wake.cancel()
+                        if self.stopping.is_set():
+                            return cursor
+                        continue
+                    item = arrived.popleft()
+                    if item is None:
+                        return cursor
+                    if isinstance(item, BaseException):
+                        raise item
+                    self._heard = True
+                    if item.resync:
+                        return await self.resync()
+                    changes, head = list(item.changes), item.head
+                    # Pages that came while the last batch was applied: one batch, one cursor.
+                    while (
+                        arrived
+                        and isinstance(arrived[0], Page)
+                        and not arrived[0].resync
+                        and len(changes) < MAX_PAGE
+                    ):
+                        more = arrived.popleft()
+                        changes += more.changes
+                        head = max(head, more.head)
+                    now = time.time()
+                    update = {"head": head, "last_contact": now, "waiting_since": None}
+                    if changes and cursor >= self.status.get("head", 0):
+                        update["caught_up_at"] = now  # current until the change just heard of
+                    self._report(**update)
+                    if changes:
+                        await self.apply(changes, changes[-1].serial)
+                        cursor = changes[-1].serial
+                    self._caught_up(cursor, head)
+                    if cursor >= head:  # parked in the stream: the primary will tell us
+                        self._report(waiting_since=time.time())
+            finally:
+                reader.cancel()
+                stop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
 
     # ---- one batch -----------------------------------------------------------------------------
 
@@ -306,6 +392,13 @@ class SyncDaemon:
             for c, g in items
             if g.staged is not None
         ]
+        if len(files) <= FEW_FILES and all(not isinstance(d, AtomicFile) for _, d, _ in files):
+            # A few small files (a publish as it commits): one trip to a writer thread, not
+            # three; under load each trip costs a scheduling delay on the way to visibility.
+            await run(_write_few, files)
+            touched.update(target.parent for target, _, _ in files)
+            self.files_written += len(items)
+            return
         staged = await run(_stage, files)
         try:
             await asyncio.gather(*(run(os.fsync, f.file.fileno()) for f, _ in staged))
@@ -452,6 +545,18 @@ def _stage(files: list[tuple]) -> list[tuple[AtomicFile, float | None]]:
             f.abort()
         raise
     return staged
+
+
+def _write_few(files: list[tuple]) -> None:
+    staged = _stage(files)
+    try:
+        for f, _ in staged:
+            os.fsync(f.file.fileno())
+    except BaseException:
+        for f, _ in staged:
+            f.abort()
+        raise
+    _commit(staged)
 
 
 def _commit(staged: list[tuple[AtomicFile, float | None]]) -> None:

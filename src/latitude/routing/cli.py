@@ -211,10 +211,13 @@ async def _serve(service: RoutingService, ready_file: Path | None, quiet: bool) 
 
 
 Interval = Annotated[
-    float | None, typer.Option("--interval", help="Seconds between checks (default 2).")
+    float | None, typer.Option("--interval", help="Seconds between checks (default 1).")
 ]
 Threshold = Annotated[
-    int | None, typer.Option("--threshold", help="Consecutive results to change state (default 3).")
+    int | None,
+    typer.Option(
+        "--threshold", help="Failures among the last 3 results that take a region down (default 2)."
+    ),
 ]
 Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds a check may take.")]
 Services = Annotated[

@@ -17,8 +17,13 @@ from latitude.topology import Topology
 
 DEFAULT_ZONE = "latitude.test."
 DEFAULT_TTL_S = 30
-DEFAULT_INTERVAL_S = 2.0
-DEFAULT_THRESHOLD = 3
+DEFAULT_INTERVAL_S = 1.0
+# Down after THRESHOLD failures among a vantage point's last WINDOW results (one lost probe is
+# never enough; a region answering 1 probe in 3 goes out); back after RISE successes in a row.
+DEFAULT_THRESHOLD = 2
+DEFAULT_WINDOW = 3
+DEFAULT_RISE = 3
+DEFAULT_SUSPECT_TTL_S = 1
 DEFAULT_CHECK_PATH = "/_latitude/health"
 DEFAULT_HISTORY_PATH = ".latitude/routing-history.sqlite3"
 SERVICES = ("app", "mirror")
@@ -54,6 +59,11 @@ class RoutingConfig:
     check_interval_s: float = DEFAULT_INTERVAL_S
     check_timeout_s: float = 1.0
     check_threshold: int = DEFAULT_THRESHOLD
+    check_window: int | None = None  # None: max(DEFAULT_WINDOW, check_threshold)
+    check_rise: int | None = None  # None: max(DEFAULT_RISE, check_threshold)
+    # While a verdict is in doubt (a recent failure, or down) probes come this often.
+    check_suspect_interval_s: float | None = None  # None: a quarter of check_interval_s
+    suspect_ttl_s: int = DEFAULT_SUSPECT_TTL_S  # TTL of answers naming a region in doubt
     check_quorum: int | None = None  # None: a majority of the vantage points
     check_path: str = DEFAULT_CHECK_PATH
     check_services: tuple[str, ...] = ("app",)
@@ -66,9 +76,27 @@ class RoutingConfig:
     def nameserver(self) -> str:
         return "ns1." + self.zone
 
+    @property
+    def window(self) -> int:
+        return self.check_window or max(DEFAULT_WINDOW, self.check_threshold)
+
+    @property
+    def rise(self) -> int:
+        return self.check_rise or max(DEFAULT_RISE, self.check_threshold)
+
+    @property
+    def suspect_interval_s(self) -> float:
+        return self.check_suspect_interval_s or self.check_interval_s / 4
+
     def detection_bound_s(self) -> float:
-        """Worst case from a region's death to the DNS answer changing (one slow probe included)."""
-        return self.check_interval_s * self.check_threshold + self.check_timeout_s
+        """Worst case from a region's death to the DNS answer changing: the next probe (one
+        interval away at most) fails, then threshold - 1 more at the suspect cadence, each of
+        which may take the whole timeout."""
+        return (
+            self.check_interval_s
+            + (self.check_threshold - 1) * max(self.suspect_interval_s, self.check_timeout_s)
+            + self.check_timeout_s
+        )
 
     def with_overrides(self, **values: object) -> RoutingConfig:
         from dataclasses import replace
@@ -134,6 +162,27 @@ def routing_config(topology: Topology) -> RoutingConfig:
             "check_timeout_s", f"{timeout:g} s is longer than check_interval_s ({interval:g} s)"
         )
     threshold = number("check_threshold", DEFAULT_THRESHOLD, 1, integer=True)
+    window = raw.get("check_window")
+    if window is not None:
+        window = number("check_window", DEFAULT_WINDOW, 1, integer=True)
+        if window < threshold:
+            problem(
+                "check_window",
+                f"{window:g} results cannot hold check_threshold = {threshold:g} failures; "
+                f"make it at least {threshold:g}",
+            )
+    rise = raw.get("check_rise")
+    if rise is not None:
+        rise = number("check_rise", DEFAULT_RISE, 1, integer=True)
+    suspect = raw.get("check_suspect_interval_s")
+    if suspect is not None:
+        suspect = number("check_suspect_interval_s", interval / 4, 0.01)
+        if suspect > interval:
+            problem(
+                "check_suspect_interval_s",
+                f"{suspect:g} s is longer than check_interval_s ({interval:g} s)",
+            )
+    suspect_ttl = number("suspect_ttl_s", DEFAULT_SUSPECT_TTL_S, 0, integer=True)
     quorum = raw.get("check_quorum")
     if quorum is not None:
         quorum = number("check_quorum", 1, 1, integer=True)
@@ -181,6 +230,10 @@ def routing_config(topology: Topology) -> RoutingConfig:
         check_interval_s=interval,
         check_timeout_s=timeout,
         check_threshold=int(threshold),
+        check_window=None if window is None else int(window),
+        check_rise=None if rise is None else int(rise),
+        check_suspect_interval_s=None if suspect is None else float(suspect),
+        suspect_ttl_s=min(int(suspect_ttl), int(ttl)),
         check_quorum=None if quorum is None else int(quorum),
         check_path=path,
         check_services=tuple(dict.fromkeys(services)),

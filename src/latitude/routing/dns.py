@@ -4,7 +4,9 @@ Names it answers (everything below is case-insensitive):
 
 * the zone apex: `SOA` and `NS` (one nameserver, `ns1.<zone>`);
 * `ns1.<zone>`: the server's own addresses, when it listens on a specific one;
-* the app's name: `A` / `AAAA` of the region chosen for the client (TTL `ttl_s`, default 30 s);
+* the app's name: `A` / `AAAA` of the region chosen for the client (TTL `ttl_s`, default 30 s;
+  `suspect_ttl_s`, default 1 s, while a vantage point has lately seen that region fail, so a
+  resolver does not keep a dying region's address for the full TTL);
 * `<region>.<app name>`: that region's addresses, whatever its health (for pinning and tests);
 * any other name in the zone: `NXDOMAIN` with the `SOA` (negative TTL = `ttl_s`);
 * a name outside the zone: `REFUSED` (this server is authoritative only).
@@ -118,6 +120,7 @@ class DnsFront:
         self.config = config
         self.router = router
         self.ttl = config.ttl_s
+        self.suspect_ttl = min(config.suspect_ttl_s, config.ttl_s)
         self.zone = _labels(config.zone)
         self.app = _labels(config.name)
         self.nameserver = _labels(config.nameserver)
@@ -138,8 +141,8 @@ class DnsFront:
             "cached": 0,
         }
         # Answers by (query bytes after the ID, client address): valid for CACHE_S at most and
-        # only while the set of healthy regions is the one they were computed for.
-        self._cache: dict[tuple[bytes, str], tuple[float, tuple[str, ...], bytes]] = {}
+        # only while the sets of healthy and suspect regions are the ones they were computed for.
+        self._cache: dict[tuple[bytes, str, bool], tuple[float, tuple, bytes]] = {}
 
     # ---- entry point ----------------------------------------------------------------------
 
@@ -150,7 +153,8 @@ class DnsFront:
             key = (bytes(data[2:]), client_ip, tcp)
             hit = self._cache.get(key)
             now = time.monotonic()
-            healthy = self.router.view().healthy
+            view = self.router.view()
+            healthy = (view.healthy, view.suspect)
             if hit is not None and hit[0] > now and hit[1] == healthy:
                 self.stats["cached"] += 1
                 self.stats["answered"] += 1
@@ -238,7 +242,9 @@ class DnsFront:
                 scope = choice.scope
             else:
                 choice = self.router.choose_for_address(client_ip)
-            self._addresses(reply, q, choice.addresses)
+            suspect = choice.region in self.router.view().suspect
+            ttl = self.suspect_ttl if suspect else self.ttl
+            self._addresses(reply, q, choice.addresses, ttl)
         elif labels in self.regions:
             self._addresses(reply, q, self.router.config.addresses.get(self.regions[labels], ()))
         elif labels == self.nameserver:
@@ -265,11 +271,15 @@ class DnsFront:
             self._rdatas[ip] = found
         return found
 
-    def _addresses(self, reply: DNSRecord, q: DNSQuestion, addresses) -> None:
+    def _addresses(
+        self, reply: DNSRecord, q: DNSQuestion, addresses, ttl: int | None = None
+    ) -> None:
         for ip in addresses:
             rtype, rdata = self._rdata(ip)
             if q.qtype in (rtype, QTYPE.ANY):
-                reply.add_answer(RR(q.qname, rtype, rdata=rdata, ttl=self.ttl))
+                reply.add_answer(
+                    RR(q.qname, rtype, rdata=rdata, ttl=self.ttl if ttl is None else ttl)
+                )
 
     def _glue(self, reply: DNSRecord) -> None:
         for ip in self.ns_addresses:

@@ -2,10 +2,13 @@
 
 Model, per (vantage point, region, service):
 
-* one probe every `check_interval_s`, on a fixed cadence (a slow probe does not delay the next
-  one), each an HTTP GET of the endpoint that must answer `200` within `check_timeout_s`;
-* the state changes after `check_threshold` consecutive results that disagree with it (the
-  first result sets it outright);
+* one probe every `check_interval_s`, each an HTTP GET of the endpoint that must answer `200`
+  within `check_timeout_s`; while the verdict is in doubt (a failure among the recent results,
+  or the pair is down) every `suspect_interval_s` instead, so a death is confirmed, and a
+  recovery noticed, in a fraction of the steady interval;
+* healthy -> down after `check_threshold` failures among the last `window` results (one lost
+  probe never takes a region out; a region answering 1 probe in 3 goes out), down -> healthy
+  after `rise` successes in a row (so that region stays out); the first result sets the state;
 * the round-trip time of successful probes (median of the last few) is what routing compares.
 
 A vantage point sees a region healthy when every checked service is healthy there. A region is
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import statistics
 import time
@@ -92,6 +96,7 @@ class PairState:
 
     healthy: bool | None = None
     streak: int = 0  # consecutive results disagreeing with `healthy`
+    recent: deque = field(default_factory=lambda: deque(maxlen=16))  # last results, True = ok
     rtts: deque = field(default_factory=lambda: deque(maxlen=RTT_SAMPLES))
     checks: int = 0
     failures: int = 0
@@ -99,10 +104,13 @@ class PairState:
     last_error: str | None = None
     changed_at: float | None = None
 
-    def observe(self, ok: bool, threshold: int, at: float) -> bool:
-        """Record one result; True when the state changed."""
+    def observe(self, ok: bool, threshold: int, at: float, window: int = 0, rise: int = 0) -> bool:
+        """Record one result; True when the state changed. `window` and `rise` default to
+        `threshold` (the state then changes after `threshold` disagreeing results in a row)."""
+        window, rise = window or threshold, rise or threshold
         self.checks += 1
         self.last_checked = at
+        self.recent.append(ok)
         if not ok:
             self.failures += 1
         if self.healthy is None:
@@ -110,12 +118,25 @@ class PairState:
             return True
         if ok == self.healthy:
             self.streak = 0
-            return False
-        self.streak += 1
-        if self.streak >= threshold:
-            self.healthy, self.streak, self.changed_at = ok, 0, at
-            return True
-        return False
+        else:
+            self.streak += 1
+        if self.healthy:
+            changed = self._failed_in(window) >= threshold
+        else:
+            changed = self.streak >= rise
+        if changed:
+            self.healthy, self.streak, self.changed_at = not self.healthy, 0, at
+            if self.healthy:
+                self.recent.clear()  # the failures that took it out are history now
+        return changed
+
+    def _failed_in(self, window: int) -> int:
+        n = min(window, len(self.recent))
+        return sum(1 for i in range(1, n + 1) if not self.recent[-i])
+
+    def in_doubt(self, window: int) -> bool:
+        """Down, or healthy with a failure among the last `window` results: probe faster."""
+        return self.healthy is False or (self.healthy is True and self._failed_in(window) > 0)
 
     @property
     def rtt_ms(self) -> float | None:
@@ -129,6 +150,7 @@ class RegionHealth:
     up_votes: int
     down_votes: int
     votes: dict[str, bool | None]  # vantage -> verdict (None: no verdict yet)
+    suspect: bool = False  # healthy, but some vantage point saw a recent failure
 
 
 @dataclass(frozen=True)
@@ -140,9 +162,16 @@ class HealthView:
     vantage_locations: dict[str, tuple[float, float]]
     at: float
 
-    @property
+    # Cached: the DNS front reads both on every query, and a view never changes once made.
+    @functools.cached_property
     def healthy(self) -> tuple[str, ...]:
         return tuple(n for n, r in self.regions.items() if r.healthy)
+
+    @functools.cached_property
+    def suspect(self) -> tuple[str, ...]:
+        """Healthy regions some vantage point has lately seen fail: answers naming them are
+        given a short TTL, so resolvers ask again soon if the region is dying."""
+        return tuple(n for n, r in self.regions.items() if r.healthy and r.suspect)
 
     @property
     def fail_open(self) -> bool:
@@ -157,12 +186,14 @@ class HealthView:
         return {
             "at": self.at,
             "healthy": list(self.healthy),
+            "suspect": list(self.suspect),
             "fail_open": self.fail_open,
             "regions": {
                 n: {
                     "healthy": r.healthy,
                     "up_votes": r.up_votes,
                     "down_votes": r.down_votes,
+                    "suspect": r.suspect,
                     "vantages": r.votes,
                 }
                 for n, r in self.regions.items()
@@ -204,6 +235,7 @@ class HealthChecker:
             str, tuple[float, dict[tuple[str, str], tuple[bool | None, float | None]]]
         ] = {}
         self.remote_locations: dict[str, tuple[float, float]] = {}
+        self.remote_doubts: set[tuple[str, str, str]] = set()  # (vantage, region, service)
         self.view: HealthView = empty_view(self.regions)
         self._verdicts: dict[str, bool] = {n: True for n in self.regions}
         self._tasks: list[asyncio.Task] = []
@@ -227,17 +259,21 @@ class HealthChecker:
         pair.last_error = None if ok else error
         if ok and latency_ms is not None:
             pair.rtts.append(latency_ms)
-        pair.observe(ok, self.config.check_threshold, at)
+        c = self.config
+        pair.observe(ok, c.check_threshold, at, c.window, c.rise)
         self.refresh(at)
 
     def refresh(self, at: float | None = None) -> HealthView:
         """Recompute the snapshot from every vantage point's state."""
         at = time.time() if at is None else at
         votes: dict[str, dict[str, bool | None]] = {n: {} for n in self.regions}
+        doubted: set[str] = set()
         rtt: dict[tuple[str, str], float] = {}
         for (v, region, service), pair in self.pairs.items():
             if region not in votes:
                 continue
+            if pair.in_doubt(self.config.window):
+                doubted.add(region)
             current = votes[region].get(v, True)
             if pair.healthy is None:
                 verdict = None if current is not False else False
@@ -260,6 +296,8 @@ class HealthChecker:
             for (region, service), (healthy, ms) in results.items():
                 if region not in votes:
                     continue
+                if (v, region, service) in self.remote_doubts:
+                    doubted.add(region)
                 current = per_region.get(region, True)
                 if healthy is None:
                     per_region[region] = None if current is not False else False
@@ -276,7 +314,9 @@ class HealthChecker:
             up = len(known) - down
             quorum = self.config.check_quorum or (len(known) // 2 + 1)
             healthy = not (down > 0 and down >= min(quorum, len(known)))
-            regions[name] = RegionHealth(name, healthy, up, down, votes[name])
+            regions[name] = RegionHealth(
+                name, healthy, up, down, votes[name], healthy and name in doubted
+            )
         locations = {v.name: v.location for v in self.vantages if v.location}
         locations.update(self.remote_locations)
         self.view = HealthView(regions, rtt, locations, at)
@@ -302,6 +342,7 @@ class HealthChecker:
                     "last_error": pair.last_error,
                     "checks": pair.checks,
                     "failures": pair.failures,
+                    "in_doubt": pair.in_doubt(self.config.window),
                 }
             )
         for v in self.vantages:
@@ -321,10 +362,15 @@ class HealthChecker:
                 try:
                     healthy = row["healthy"]
                     ms = row.get("rtt_ms")
-                    results[(str(row["region"]), str(row["service"]))] = (
+                    key = (str(row["region"]), str(row["service"]))
+                    results[key] = (
                         None if healthy is None else bool(healthy),
                         None if ms is None else float(ms),
                     )
+                    if row.get("in_doubt") is True:
+                        self.remote_doubts.add((v, *key))
+                    else:
+                        self.remote_doubts.discard((v, *key))
                 except (KeyError, TypeError, ValueError):
                     continue
             self.remote[v] = (received_at, results)
@@ -392,20 +438,20 @@ class HealthChecker:
 
     async def _probe_loop(self, session: aiohttp.ClientSession, v: Vantage, t: Target) -> None:
         loop = asyncio.get_running_loop()
-        interval = self.config.check_interval_s
-        due = loop.time()
+        c = self.config
+        pair = self.pairs.setdefault((v.name, t.region, t.service), PairState())
         while True:
+            started = loop.time()
             try:
                 await self._probe_and_observe(session, v, t)
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let one probe end the loop
                 log.exception("probe of %s from %s failed unexpectedly", t.url, v.name)
-            due += interval
-            now = loop.time()
-            if due < now:  # fell behind (a long pause): skip the missed slots
-                due = now + interval - ((now - due) % interval)
-            await asyncio.sleep(due - now)
+            # Steady cadence from the probe's start (a slow probe does not delay the next one);
+            # in doubt, the next probe comes soon, to confirm a failure or a recovery.
+            step = c.suspect_interval_s if pair.in_doubt(c.window) else c.check_interval_s
+            await asyncio.sleep(max(0.0, started + step - loop.time()))
 
     async def _probe_and_observe(
         self, session: aiohttp.ClientSession, v: Vantage, t: Target
