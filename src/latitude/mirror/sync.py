@@ -244,15 +244,19 @@ class SyncDaemon:
                         head = max(head, more.head)
                     now = time.time()
                     update = {"head": head, "last_contact": now, "waiting_since": None}
-                    if changes and cursor >= self.status.get("head", 0):
-                        update["caught_up_at"] = now  # current until the change just heard of
-                    self._report(**update)
                     if changes:
+                        if cursor >= self.status.get("head", 0):
+                            update["caught_up_at"] = now  # current until the change just heard of
+                        if len(changes) > FEW_FILES:  # a while to apply: say it is behind
+                            self._report(**update)
+                        else:  # reported with the outcome: one status write a batch
+                            self.status.update(update)
                         await self.apply(changes, changes[-1].serial)
                         cursor = changes[-1].serial
-                    self._caught_up(cursor, head)
+                    update = {"cursor": cursor, "error": None, "failing_since": None}
                     if cursor >= head:  # parked in the stream: the primary will tell us
-                        self._report(waiting_since=time.time())
+                        update["caught_up_at"] = update["waiting_since"] = time.time()
+                    self._report(head=head, last_contact=now, **update)
             finally:
                 reader.cancel()
                 stop.cancel()
