@@ -60,6 +60,7 @@ BUNDLE_FILES = 256
 BUNDLE_BYTES = 4 * 1024 * 1024
 RETRIES = 6
 WARM_EVERY_S = 15.0
+PAGES_AHEAD = 3  # streamed pages read ahead of the batch being applied
 FEW_FILES = 4  # batches up to this many in-memory files are written in one writer-thread trip
 
 
@@ -198,13 +199,18 @@ class SyncDaemon:
         heartbeat = max(1.0, self.poll_timeout_s / 2)
         async with self.feed.stream(cursor, heartbeat, self.inline) as frames:
             arrived: deque = deque()  # pages, then None (the end) or the exception that ended it
-            ready = asyncio.Event()
+            ready, room = asyncio.Event(), asyncio.Event()
 
             async def read() -> None:
                 try:
                     async for page in frames:
                         arrived.append(page)
                         ready.set()
+                        # A mirror far behind reads only a few pages ahead: the rest waits in
+                        # the primary (TCP pushes back), not in this process's memory.
+                        while len(arrived) >= PAGES_AHEAD:
+                            room.clear()
+                            await room.wait()
                     arrived.append(None)
                 except Exception as exc:  # handed to the loop below, which raises it
                     arrived.append(exc)
@@ -224,6 +230,7 @@ class SyncDaemon:
                             return cursor
                         continue
                     item = arrived.popleft()
+                    room.set()
                     if item is None:
                         return cursor
                     if isinstance(item, BaseException):
@@ -240,6 +247,7 @@ class SyncDaemon:
                         and len(changes) < MAX_PAGE
                     ):
                         more = arrived.popleft()
+                        room.set()
                         changes += more.changes
                         head = max(head, more.head)
                     now = time.time()
