@@ -171,8 +171,12 @@ def propagation(world: LabWorld, pub: Publisher, samples: int, burst: int) -> di
                 r, f"mirror-{mode}", [*SYNC, "--root", str(mode_roots[mode][r]), *flags]
             )
     wait_until(
-        lambda: all(status(p).get("last_contact") for m in others for p in mode_roots[m].values()),
-        30,
+        lambda: all(
+            status(p).get("last_contact") or status(p).get("waiting_since")  # a poll parked
+            for m in others
+            for p in mode_roots[m].values()
+        ),
+        60,
         "the long-polling and 5 s polling mirrors",
     )
     watcher = Watcher()
