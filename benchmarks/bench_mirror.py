@@ -22,7 +22,7 @@
     threads), otherwise a Python aiohttp load generator (then the client, not nginx, is the
     ceiling, and the figure says so). nginx missing: (c) reports mirror serve alone.
 
-Everything runs on 127.0.0.1; bounded at about a minute and a half (three minutes at most).
+Everything runs on 127.0.0.1; about two minutes on a quiet machine (four at most).
 """
 
 from __future__ import annotations
