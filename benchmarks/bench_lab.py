@@ -27,7 +27,7 @@ def one_postgres(folder: Path) -> float:
         "baseline", folder / "pg" / "data", _free_ports(1)[0], postgres_bin_dir(run_as), run_as
     )
     started = time.perf_counter()
-    node.init_primary()
+    node.init_primary(template=False)  # a real initdb: the baseline stays what it was
     node.start()
     elapsed = time.perf_counter() - started
     node.stop()

@@ -16,7 +16,7 @@ from latitude import signing
 from latitude.mirror import ContentRoot, FeedClient, FeedError, Item, SyncDaemon
 from latitude.mirror.changelog import Page
 from latitude.mirror.feed import STREAM, FeedServer
-from tests.test_mirror import Net, tree, until
+from tests.test_mirror import Net, Recording, tree, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -128,7 +128,8 @@ async def test_a_burst_arrives_whole_and_in_order(net):
     """100 publishes 10 ms apart while the mirror follows the stream: every file, in order,
     the cursor at the head, the tree identical; the index only after the files it names."""
     await net.primary()
-    await net.mirror("eu")
+    await net.mirror("eu", sync=False)
+    d = net.sync("eu", cls=Recording)
     await until(lambda: ContentRoot(net.tmp / "eu").status().get("waiting_since"), what="parked")
     names = [f"packages/p{i}.whl" for i in range(100)]
     for n in names:
@@ -137,6 +138,7 @@ async def test_a_burst_arrives_whole_and_in_order(net):
     net.pub.publish("simple/p/", "".join(f'<a href="/{n}">x</a>' for n in names))
     await until(lambda: ContentRoot(net.tmp / "eu").cursor() == net.pub.serial, what="the burst")
     assert tree(net.tmp / "eu") == tree(net.tmp / "primary")
+    assert d.stored == [*names, "simple/p/index.html"]  # in commit order, the index last
     # It stayed on one stream: nothing failed, nothing was re-requested.
     st = ContentRoot(net.tmp / "eu").status()
     assert st.get("error") is None and not st.get("resyncs")

@@ -156,6 +156,8 @@ def test_config_problems_name_the_key(topology):
         "check_window = 1\ncheck_threshold_x = 0\ncheck_suspect_interval_s = 5\nsuspect_ttl_s = -2",
     ).replace("check_threshold_x = 0\n", "")
     bad = bad.replace('["10.0.0.0/8", "us-west"]', '["10.0.0.0/8", "mars"]')
+    with pytest.raises(RoutingConfigError, match="check_window: must be at most 32"):
+        routing_config(parse_topology(TOPOLOGY + "check_window = 33\n", environ={}))
     with pytest.raises(RoutingConfigError) as info:
         routing_config(parse_topology(bad, environ={}))
     text = "\n".join(info.value.problems)

@@ -60,6 +60,7 @@ BUNDLE_FILES = 256
 BUNDLE_BYTES = 4 * 1024 * 1024
 RETRIES = 6
 WARM_EVERY_S = 15.0
+PAGES_AHEAD = 3  # streamed pages read ahead of the batch being applied
 FEW_FILES = 4  # batches up to this many in-memory files are written in one writer-thread trip
 
 
@@ -205,13 +206,18 @@ class SyncDaemon:
         heartbeat = max(1.0, self.poll_timeout_s / 2)
         async with self.feed.stream(cursor, heartbeat, self.inline) as frames:
             arrived: deque = deque()  # pages, then None (the end) or the exception that ended it
-            ready = asyncio.Event()
+            ready, room = asyncio.Event(), asyncio.Event()
 
             async def read() -> None:
                 try:
                     async for page in frames:
                         arrived.append(page)
                         ready.set()
+                        # A mirror far behind reads only a few pages ahead: the rest waits in
+                        # the primary (TCP pushes back), not in this process's memory.
+                        while len(arrived) >= PAGES_AHEAD:
+                            room.clear()
+                            await room.wait()
                     arrived.append(None)
                 except Exception as exc:  # handed to the loop below, which raises it
                     arrived.append(exc)
@@ -231,6 +237,7 @@ class SyncDaemon:
                             return cursor
                         continue
                     item = arrived.popleft()
+                    room.set()
                     if item is None:
                         return cursor
                     if isinstance(item, BaseException):
@@ -247,19 +254,24 @@ class SyncDaemon:
                         and len(changes) < MAX_PAGE
                     ):
                         more = arrived.popleft()
+                        room.set()
                         changes += more.changes
                         head = max(head, more.head)
                     now = time.time()
                     update = {"head": head, "last_contact": now, "waiting_since": None}
-                    if changes and cursor >= self.status.get("head", 0):
-                        update["caught_up_at"] = now  # current until the change just heard of
-                    self._report(**update)
                     if changes:
+                        if cursor >= self.status.get("head", 0):
+                            update["caught_up_at"] = now  # current until the change just heard of
+                        if len(changes) > FEW_FILES:  # a while to apply: say it is behind
+                            self._report(**update)
+                        else:  # reported with the outcome: one status write a batch
+                            self.status.update(update)
                         await self.apply(changes, changes[-1].serial)
                         cursor = changes[-1].serial
-                    self._caught_up(cursor, head)
+                    update = {"cursor": cursor, "error": None, "failing_since": None}
                     if cursor >= head:  # parked in the stream: the primary will tell us
-                        self._report(waiting_since=time.time())
+                        update["caught_up_at"] = update["waiting_since"] = time.time()
+                    self._report(head=head, last_contact=now, **update)
             finally:
                 reader.cancel()
                 stop.cancel()

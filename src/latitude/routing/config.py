@@ -22,6 +22,7 @@ DEFAULT_INTERVAL_S = 1.0
 # never enough; a region answering 1 probe in 3 goes out); back after RISE successes in a row.
 DEFAULT_THRESHOLD = 2
 DEFAULT_WINDOW = 3
+MAX_WINDOW = 32
 DEFAULT_RISE = 3
 DEFAULT_SUSPECT_TTL_S = 1
 DEFAULT_CHECK_PATH = "/_latitude/health"
@@ -162,9 +163,15 @@ def routing_config(topology: Topology) -> RoutingConfig:
             "check_timeout_s", f"{timeout:g} s is longer than check_interval_s ({interval:g} s)"
         )
     threshold = number("check_threshold", DEFAULT_THRESHOLD, 1, integer=True)
+    if threshold > MAX_WINDOW:
+        problem("check_threshold", f"must be at most {MAX_WINDOW}, got {threshold:g}")
+        threshold = DEFAULT_THRESHOLD
     window = raw.get("check_window")
     if window is not None:
         window = number("check_window", DEFAULT_WINDOW, 1, integer=True)
+        if window > MAX_WINDOW:
+            problem("check_window", f"must be at most {MAX_WINDOW}, got {window:g}")
+            window = DEFAULT_WINDOW
         if window < threshold:
             problem(
                 "check_window",

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from latitude.routing.config import RoutingConfig
+from latitude.routing.config import MAX_WINDOW, RoutingConfig
 from latitude.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class PairState:
 
     healthy: bool | None = None
     streak: int = 0  # consecutive results disagreeing with `healthy`
-    recent: deque = field(default_factory=lambda: deque(maxlen=16))  # last results, True = ok
+    recent: deque = field(default_factory=lambda: deque(maxlen=MAX_WINDOW))  # True = ok
     rtts: deque = field(default_factory=lambda: deque(maxlen=RTT_SAMPLES))
     checks: int = 0
     failures: int = 0
