@@ -63,6 +63,9 @@ class Observe:
         self._sampler: asyncio.Task | None = None
         self._http: aiohttp.ClientSession | None = None
         self._db = None
+        # Whether the primary database accepts connections (for writes handled here when the
+        # primary's gateway does not answer); None where there is no such fallback.
+        self._primary_db_up: bool | None = None
 
     # ---- ASGI ----------------------------------------------------------------------------
 
@@ -89,6 +92,7 @@ class Observe:
             "region": self.region,
             "primary": primary,
             "primary_up": self.snapshot.region_up.get(primary, True),
+            "primary_db_up": self._primary_db_up,
             "replica_lag_s": self.snapshot.replica_lag_s.get(self.region),
         }
         scope = {**scope, NOTE: box}
@@ -244,7 +248,10 @@ class Observe:
         while True:
             try:
                 await asyncio.gather(
-                    self._probe_regions(), self._sample_lag(), self._sample_mirror()
+                    self._probe_regions(),
+                    self._sample_lag(),
+                    self._sample_mirror(),
+                    self._probe_primary_db(),
                 )
             except Exception as exc:  # figures are best effort; requests never wait on them
                 log.debug("sampling failed: %r", exc)
@@ -271,6 +278,23 @@ class Observe:
                 self.snapshot.link_rtt_s[region.name] = time.perf_counter() - started
 
         await asyncio.gather(*(probe(r) for r in self.config.topology.regions))
+
+    async def _probe_primary_db(self) -> None:
+        url = self.config.region.primary_database_url
+        if not url or self.config.is_primary:
+            return
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 5432),
+                PROBE_TIMEOUT_S,
+            )
+            writer.close()
+            self._primary_db_up = True
+        except (OSError, TimeoutError):
+            self._primary_db_up = False
 
     async def _sample_lag(self) -> None:
         url = self.config.region.database_url
