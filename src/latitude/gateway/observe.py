@@ -31,6 +31,7 @@ NOTE = "latitude.note"
 LAST_WRITE_COOKIE = "latitude_last_write"
 SAMPLE_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 1.5
+WORLD_EVERY_S = 0.5
 ENDPOINTS = (
     "/_latitude/metrics",
     "/_latitude/dashboard",
@@ -66,6 +67,9 @@ class Observe:
         # Whether the primary database accepts connections (for writes handled here when the
         # primary's gateway does not answer); None where there is no such fallback.
         self._primary_db_up: bool | None = None
+        self._world_lock = asyncio.Lock()
+        self._world_at = float("-inf")
+        self._world: dict = {}
 
     # ---- ASGI ----------------------------------------------------------------------------
 
@@ -174,10 +178,11 @@ class Observe:
     def summary(self) -> dict:
         """This region, as the dashboard shows it (every worker's counts included)."""
         snap = self.snapshot
-        forwarded = metrics.totals("latitude_forwarded_requests", "outcome")
-        requests = metrics.totals("latitude_requests", "kind")
-        waits = metrics.quantiles("latitude_read_wait_seconds", "region")
-        latency = metrics.quantiles("latitude_request_duration_seconds", "kind")
+        seen = metrics.collect()
+        forwarded = metrics.totals("latitude_forwarded_requests", "outcome", seen)
+        requests = metrics.totals("latitude_requests", "kind", seen)
+        waits = metrics.quantiles("latitude_read_wait_seconds", "region", collected=seen)
+        latency = metrics.quantiles("latitude_request_duration_seconds", "kind", collected=seen)
         return {
             "region": self.region,
             "role": self.config.region.role,
@@ -212,7 +217,15 @@ class Observe:
         }
 
     async def world(self) -> dict:
-        """Every region's summary, fetched concurrently; a region that does not answer is down."""
+        """Every region's summary, fetched concurrently; a region that does not answer is down.
+        Pages polling at once share one round of fetches (at most one every WORLD_EVERY_S)."""
+        async with self._world_lock:
+            if time.monotonic() - self._world_at > WORLD_EVERY_S:
+                self._world = await self._fetch_world()
+                self._world_at = time.monotonic()
+            return self._world
+
+    async def _fetch_world(self) -> dict:
         http = self._client()
 
         async def one(region) -> dict:
