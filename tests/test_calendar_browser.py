@@ -204,3 +204,27 @@ def test_the_read_only_banner_while_the_primary_is_cut_off(healed, calendar, bro
     shots(browser, "5-read-only")
     world.link("heal", PRIMARY, EU)
     wait_for(lambda: not banner(), 15, "the banner to go")
+
+
+def test_a_slower_writes_notice_while_only_the_primary_gateway_is_down(calendar, browser, shots):
+    """The primary's app is down but its database answers: writes still work here, over the
+    ocean (the gateway's fallback), so the page says so instead of claiming read-only."""
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import wait_healthy
+
+    url = f"http://127.0.0.1:{calendar.state()['regions'][EU]['app_port']}"
+    calendar.kill(PRIMARY, "app")
+    try:
+
+        def notice():
+            browser.get(url + "/")
+            return browser.find_elements(By.ID, "slow-writes")
+
+        shown = wait_for(notice, 15, "the slower-writes notice")
+        assert "over the ocean" in shown[0].text
+        assert not browser.find_elements(By.ID, "read-only")
+        shots(browser, "6-slow-writes")
+    finally:
+        calendar.revive(PRIMARY, "app")
+        wait_healthy(calendar, PRIMARY)

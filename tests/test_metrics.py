@@ -135,17 +135,27 @@ def test_dashboard_json_names_every_region(calendar):
 
 
 def test_mirror_serve_exposes_its_serial(calendar):
-    from latitude.mirror.cli import propagation
+    from latitude.mirror.cli import start_lab_mirrors, wait_lab_mirrors_ready
+    from latitude.mirror.publisher import Publisher
 
-    serial, seen = propagation(calendar, "metrics/probe.json")
-    assert all(ms is not None for ms in seen.values()), seen
+    roots = start_lab_mirrors(calendar)
+    # A mirror is ready after its first long poll; under load that can take a while.
+    assert wait_lab_mirrors_ready(calendar, timeout=120)
+    with Publisher(roots["us-west"]) as pub:
+        serial = pub.publish("metrics/probe.json", b'{"probe": true}\n').serial
     state = calendar.state()
     for name, r in state["regions"].items():
         port = r["mirror_port"]
+        deadline = time.monotonic() + 30
+        while True:
+            samples = scrape(port)
+            if total(samples, "latitude_mirror_serial", region=name) >= serial:
+                break
+            assert time.monotonic() < deadline, f"{name}'s mirror never reported serial {serial}"
+            time.sleep(0.2)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics/probe.json", timeout=10):
             pass
         samples = scrape(port)
-        assert total(samples, "latitude_mirror_serial", region=name) >= serial
         assert total(samples, "latitude_requests_total", region=name, kind="mirror") >= 1
         assert ("latitude_mirror_lag_seconds", frozenset({("region", name)})) in samples
 

@@ -136,7 +136,10 @@ def render(
         csrf=csrf_token(request),
         flash=request.session.pop("flash", None),
         error=ctx.pop("error", None),
-        read_only=note.get("primary_up") is False,
+        # Writes still work, slowly, while the primary's database answers (the gateway runs
+        # them here): read-only only when neither does.
+        read_only=note.get("primary_up") is False and note.get("primary_db_up") is not True,
+        slow_writes=note.get("primary_up") is False and note.get("primary_db_up") is True,
         last_write=last_write,
         served=served_line(request, region),
         **ctx,

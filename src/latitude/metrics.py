@@ -191,10 +191,15 @@ def mark_process_dead(pid: int) -> None:
 # ---- reading the series back (for the dashboard) -------------------------------------------
 
 
-def totals(name: str, by: str) -> dict[str, float]:
+def collect() -> list:
+    """Every event series once (a multiprocess collection reads every worker's file)."""
+    return list(event_registry().collect())
+
+
+def totals(name: str, by: str, collected: list | None = None) -> dict[str, float]:
     """Sum of counter `name` (without `_total`) per value of label `by`, all workers included."""
     out: dict[str, float] = {}
-    for metric in event_registry().collect():
+    for metric in collected if collected is not None else collect():
         if metric.name != name:
             continue
         for s in metric.samples:
@@ -204,11 +209,13 @@ def totals(name: str, by: str) -> dict[str, float]:
     return out
 
 
-def quantiles(name: str, by: str, qs: tuple[float, ...] = (0.5, 0.99)) -> dict[str, dict]:
+def quantiles(
+    name: str, by: str, qs: tuple[float, ...] = (0.5, 0.99), collected: list | None = None
+) -> dict[str, dict]:
     """Quantiles of histogram `name` per value of label `by`, estimated from its buckets as
     Prometheus' `histogram_quantile` does (linear within the bucket)."""
     buckets: dict[str, dict[float, float]] = {}
-    for metric in event_registry().collect():
+    for metric in collected if collected is not None else collect():
         if metric.name != name:
             continue
         for s in metric.samples:

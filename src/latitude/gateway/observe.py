@@ -31,6 +31,7 @@ NOTE = "latitude.note"
 LAST_WRITE_COOKIE = "latitude_last_write"
 SAMPLE_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 1.5
+WORLD_EVERY_S = 0.5
 ENDPOINTS = (
     "/_latitude/metrics",
     "/_latitude/dashboard",
@@ -63,6 +64,12 @@ class Observe:
         self._sampler: asyncio.Task | None = None
         self._http: aiohttp.ClientSession | None = None
         self._db = None
+        # Whether the primary database accepts connections (for writes handled here when the
+        # primary's gateway does not answer); None where there is no such fallback.
+        self._primary_db_up: bool | None = None
+        self._world_lock = asyncio.Lock()
+        self._world_at = float("-inf")
+        self._world: dict = {}
 
     # ---- ASGI ----------------------------------------------------------------------------
 
@@ -89,6 +96,7 @@ class Observe:
             "region": self.region,
             "primary": primary,
             "primary_up": self.snapshot.region_up.get(primary, True),
+            "primary_db_up": self._primary_db_up,
             "replica_lag_s": self.snapshot.replica_lag_s.get(self.region),
         }
         scope = {**scope, NOTE: box}
@@ -170,10 +178,11 @@ class Observe:
     def summary(self) -> dict:
         """This region, as the dashboard shows it (every worker's counts included)."""
         snap = self.snapshot
-        forwarded = metrics.totals("latitude_forwarded_requests", "outcome")
-        requests = metrics.totals("latitude_requests", "kind")
-        waits = metrics.quantiles("latitude_read_wait_seconds", "region")
-        latency = metrics.quantiles("latitude_request_duration_seconds", "kind")
+        seen = metrics.collect()
+        forwarded = metrics.totals("latitude_forwarded_requests", "outcome", seen)
+        requests = metrics.totals("latitude_requests", "kind", seen)
+        waits = metrics.quantiles("latitude_read_wait_seconds", "region", collected=seen)
+        latency = metrics.quantiles("latitude_request_duration_seconds", "kind", collected=seen)
         return {
             "region": self.region,
             "role": self.config.region.role,
@@ -208,7 +217,15 @@ class Observe:
         }
 
     async def world(self) -> dict:
-        """Every region's summary, fetched concurrently; a region that does not answer is down."""
+        """Every region's summary, fetched concurrently; a region that does not answer is down.
+        Pages polling at once share one round of fetches (at most one every WORLD_EVERY_S)."""
+        async with self._world_lock:
+            if time.monotonic() - self._world_at > WORLD_EVERY_S:
+                self._world = await self._fetch_world()
+                self._world_at = time.monotonic()
+            return self._world
+
+    async def _fetch_world(self) -> dict:
         http = self._client()
 
         async def one(region) -> dict:
@@ -244,7 +261,10 @@ class Observe:
         while True:
             try:
                 await asyncio.gather(
-                    self._probe_regions(), self._sample_lag(), self._sample_mirror()
+                    self._probe_regions(),
+                    self._sample_lag(),
+                    self._sample_mirror(),
+                    self._probe_primary_db(),
                 )
             except Exception as exc:  # figures are best effort; requests never wait on them
                 log.debug("sampling failed: %r", exc)
@@ -271,6 +291,23 @@ class Observe:
                 self.snapshot.link_rtt_s[region.name] = time.perf_counter() - started
 
         await asyncio.gather(*(probe(r) for r in self.config.topology.regions))
+
+    async def _probe_primary_db(self) -> None:
+        url = self.config.region.primary_database_url
+        if not url or self.config.is_primary:
+            return
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 5432),
+                PROBE_TIMEOUT_S,
+            )
+            writer.close()
+            self._primary_db_up = True
+        except (OSError, TimeoutError):
+            self._primary_db_up = False
 
     async def _sample_lag(self) -> None:
         url = self.config.region.database_url
