@@ -306,6 +306,7 @@ def test_workers_run_jobs_only_at_the_primary_and_follow_it(promo: LabWorld):
         assert reminders(promo, target, body["id"]) == [target]
         log = promo.service_log(primary, "worker").read_text()
         assert "worker stopped" in log
+        assert latitude(promo, "lab", "promote", primary).returncode == 0  # as it was
     finally:
         for region in REGIONS:
             from latitude.lab import process
@@ -317,6 +318,7 @@ def test_workers_run_jobs_only_at_the_primary_and_follow_it(promo: LabWorld):
 
 
 def test_forced_failover_fences_and_rejoins_the_old_primary(promo: LabWorld):
+    assert promo.status()["primary"] == "us-west"
     ws = [Writer(promo, r) for r in ("eu-west", "ap-southeast")]
     for w in ws:
         w.login()  # signing in is a write too: before the primary dies

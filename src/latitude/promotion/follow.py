@@ -73,7 +73,7 @@ class EpochFollower:
         self.token: str | None = None
         self.applied: str = config.topology.primary.name
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._majority_seen_at = time.monotonic()
         self.counters = {"epochs_adopted": 0, "writes_held": 0, "writes_refused": 0}
 
@@ -111,16 +111,30 @@ class EpochFollower:
 
     async def start(self, gateway) -> None:
         self._read_file()
-        await self._ask_peers(gateway)
+        if self.file is not None:  # a deployed region (not a topology built in memory)
+            await self._ask_peers(gateway)
         await self._apply(gateway)
+        self._tasks.append(asyncio.create_task(self._watch_file(gateway)))
         if self.peer_poll_s > 0:
-            self._task = asyncio.create_task(self._poll(gateway))
+            self._tasks.append(asyncio.create_task(self._poll(gateway)))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(BaseException):
-                await self._task
+                await task
+        self._tasks.clear()
+
+    async def _watch_file(self, gateway, interval_s: float = 0.2) -> None:
+        """Follow a new epoch before the next request needs it: that request then pays nothing
+        for the new role's pools."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self._read_file()
+                await self._apply(gateway)
+            except Exception as exc:
+                log.debug("epoch file check failed: %r", exc)
 
     async def _ask_peers(self, gateway) -> int:
         """Ask every other region's gateway for its epoch; return how many answered."""
