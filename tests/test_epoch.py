@@ -110,3 +110,26 @@ def test_lsn_text_round_trip():
     assert parse_lsn("16/B374D848") == (0x16 << 32) | 0xB374D848
     assert format_lsn(parse_lsn("0/3000108")) == "0/3000108"
     assert parse_lsn(None) is None
+
+
+def test_journal_resumes_the_same_promotion_and_refuses_another(tmp_path):
+    from latitude.promotion.journal import BadPromotion, Journal
+
+    j = Journal(tmp_path)
+    with pytest.raises(RuntimeError), j.running("eu-west", "switchover") as run:
+        run.mark("checked")
+        run.mark("pending", told={"us-west": "told"})
+        raise RuntimeError("the command died here")
+    # A step that changed something was done: the journal stays, to resume from.
+    assert Journal(tmp_path).read()["done"] == ["checked", "pending"]
+    with pytest.raises(BadPromotion, match="interrupted after step pending"):
+        with Journal(tmp_path).running("ap-southeast", "switchover"):
+            pass
+    with Journal(tmp_path).running("eu-west", "switchover") as again:
+        assert again.done("pending") and not again.done("fenced")
+    assert Journal(tmp_path).read() is None  # finished: forgotten
+    # Refused before anything changed: nothing to resume, nothing blocks the next one.
+    with pytest.raises(BadPromotion), Journal(tmp_path).running("eu-west", "switchover") as run:
+        run.mark("checked")
+        raise BadPromotion("too far behind")
+    assert Journal(tmp_path).read() is None

@@ -338,6 +338,13 @@ def print_status(status: dict) -> None:
         )
     out.print(links)
     out.print(f"down: {', '.join(status['down'])}" if status["down"] else "down: nothing")
+    running = status.get("promotion")
+    if running:
+        done = running.get("done") or ["nothing"]
+        out.print(
+            f"promotion to {running['target']} unfinished (done: {', '.join(done)}); "
+            f"`latitude lab promote {running['target']}` finishes it"
+        )
 
 
 RegionOption = Annotated[
