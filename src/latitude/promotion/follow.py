@@ -74,7 +74,9 @@ class EpochFollower:
         self.applied: str = config.topology.primary.name
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
-        self._majority_seen_at = time.monotonic()
+        # A lease is earned by reaching a majority, never granted at start-up: a primary revived
+        # behind a partition must not acknowledge writes before it has heard from its peers.
+        self._majority_seen_at = float("-inf")
         self.counters = {"epochs_adopted": 0, "writes_held": 0, "writes_refused": 0}
 
     # ---- learning --------------------------------------------------------------------------
@@ -112,7 +114,9 @@ class EpochFollower:
     async def start(self, gateway) -> None:
         self._read_file()
         if self.file is not None:  # a deployed region (not a topology built in memory)
-            await self._ask_peers(gateway)
+            answered = await self._ask_peers(gateway)
+            if answered + 1 > len(self.base.regions) // 2:
+                self._majority_seen_at = time.monotonic()
         await self._apply(gateway)
         self._tasks.append(asyncio.create_task(self._watch_file(gateway)))
         if self.peer_poll_s > 0:
@@ -169,7 +173,7 @@ class EpochFollower:
             await asyncio.sleep(self.peer_poll_s)
             try:
                 answered = await self._ask_peers(gateway)
-                # A majority of regions counts this one: it needs half of the others, rounded up.
+                # A majority of all regions, this one included.
                 if answered + 1 > (peers + 1) // 2:
                     self._majority_seen_at = time.monotonic()
                 await self._apply(gateway)
