@@ -284,6 +284,8 @@ def test_workers_run_jobs_only_at_the_primary_and_follow_it(promo: LabWorld):
             region,
             "--topology",
             state["regions"][region]["topology_file"],
+            "--app-dir",
+            str(Path(__file__).resolve().parent.parent),
         ]
         promo.set_service(region, "worker", argv)
     try:
