@@ -10,6 +10,8 @@ latency is taken with quorum commit on.
   writes of one user (goal <= 2 s), the command's own time, acknowledged writes lost (must be 0);
 * forced failover with us-west killed (db, app, sessions): command start to
   the first acknowledged write (goal <= 5 s), and the acknowledged commits lost (must be 0);
+* automatic failover (`[failover] automatic = true`, `after_s = 10`): the primary killed, a
+  `latitude failover watch` in every region: death to the first acknowledged write (goal <= 15 s);
 * commit latency at the primary, async against `synchronous_standby_names = 'ANY 1 (...)'`,
   measured in the same run on the same world (the baseline is async).
 
@@ -100,7 +102,8 @@ def latitude(world: LabWorld, *args: str) -> tuple[float, dict]:
     )
     if result.returncode != 0:
         raise RuntimeError(f"latitude {' '.join(args)} failed:\n{result.stderr}")
-    return time.monotonic() - started, json.loads(result.stdout.strip().splitlines()[-1])
+    last = (result.stdout.strip().splitlines() or ["{}"])[-1]
+    return time.monotonic() - started, json.loads(last) if last.startswith("{") else {}
 
 
 def titles(world: LabWorld, region: str) -> set[str]:
@@ -208,13 +211,60 @@ def forced_failover(world: LabWorld) -> dict:
     }
 
 
+def automatic_failover(world: LabWorld) -> dict:
+    """Revive the old primary, watch from every region, kill the primary: death to first write."""
+    latitude(world, "lab", "revive", "us-west")  # rejoins as a replica of the new timeline
+    wait_healthy(world, "us-west", 60)
+    state = world.state()
+    primary = state["primary"]
+    for region in REGIONS:
+        world.set_service(
+            region,
+            "watcher",
+            [
+                sys.executable,
+                "-m",
+                "latitude.cli",
+                "failover",
+                "watch",
+                "--region",
+                region,
+                "--topology",
+                state["regions"][region]["topology_file"],
+            ],
+        )
+    others = [r for r in REGIONS if r != primary]
+    ws = [Writer(world, r) for r in others]
+    for w in ws:
+        w.login()
+    time.sleep(3)  # the watchers' first rounds
+    for w in ws:
+        w.start()
+    time.sleep(1)
+    died = time.monotonic()
+    for part in ("db", "app", "sessions"):
+        world.kill(primary, part)
+    first = None
+    deadline = time.monotonic() + 60
+    while first is None and time.monotonic() < deadline:
+        first = min((t for w in ws for t, _ in w.acked if t > died + 0.5), default=None)
+        time.sleep(0.05)
+    for w in ws:
+        w.stop.set()
+    for w in ws:
+        w.join(30)
+    to_first = round(first - died, 2) if first else None
+    say(f"automatic failover from {primary}: first write {to_first} s after its death")
+    return {"from": primary, "after_s": 10, "death_to_first_write_s": to_first}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commits", type=int, default=40, help="commits per latency sample")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     topology = (REPO / "src/latitude/data/lab.toml").read_text()
-    topology += "\n[replication]\nsynchronous = 1\n"
+    topology += "\n[replication]\nsynchronous = 1\n\n[failover]\nautomatic = true\n"
     with throwaway_world("latitude-bench-promotion-", topology) as world:
         for i, region in enumerate(REGIONS):
             world.set_app(region, calendar_argv(world, region, 1))
@@ -235,6 +285,7 @@ def main() -> None:
             "switchover": switchover(world, "eu-west"),
             "switchover_back": switchover(world, "us-west"),
             "forced_failover_sync1": forced_failover(world),
+            "automatic_failover_sync1": automatic_failover(world),
         }
     print(json.dumps(figures, indent=2))
     if args.json:

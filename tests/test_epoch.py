@@ -110,3 +110,126 @@ def test_lsn_text_round_trip():
     assert parse_lsn("16/B374D848") == (0x16 << 32) | 0xB374D848
     assert format_lsn(parse_lsn("0/3000108")) == "0/3000108"
     assert parse_lsn(None) is None
+
+
+def test_journal_resumes_the_same_promotion_and_refuses_another(tmp_path):
+    from latitude.promotion.journal import BadPromotion, Journal
+
+    j = Journal(tmp_path)
+    with pytest.raises(RuntimeError), j.running("eu-west", "switchover") as run:
+        run.mark("checked")
+        run.mark("pending", told={"us-west": "told"})
+        raise RuntimeError("the command died here")
+    # A step that changed something was done: the journal stays, to resume from.
+    assert Journal(tmp_path).read()["done"] == ["checked", "pending"]
+    with pytest.raises(BadPromotion, match="interrupted after step pending"):
+        with Journal(tmp_path).running("ap-southeast", "switchover"):
+            pass
+    with Journal(tmp_path).running("eu-west", "switchover") as again:
+        assert again.done("pending") and not again.done("fenced")
+    assert Journal(tmp_path).read() is None  # finished: forgotten
+    # Refused before anything changed: nothing to resume, nothing blocks the next one.
+    with pytest.raises(BadPromotion), Journal(tmp_path).running("eu-west", "switchover") as run:
+        run.mark("checked")
+        raise BadPromotion("too far behind")
+    assert Journal(tmp_path).read() is None
+
+
+# ---- the gateway's side (latitude.promotion.follow), without a network -------------------
+
+SECRET = "s" * 40
+GATEWAY_TOPOLOGY = (
+    TOPOLOGY
+    + """
+[signing]
+keys = [{ id = "k1", env = "EPOCH_TEST_KEY" }]
+[failover]
+hold_s = 0.2
+"""
+)
+
+
+def follower_for(tmp_path, extra: str = ""):
+    from types import SimpleNamespace
+
+    from latitude.gateway.config import GatewayConfig
+    from latitude.promotion.follow import EpochFollower
+
+    env = {"EPOCH_TEST_KEY": SECRET}
+    path = tmp_path / "latitude.toml"
+    topology = parse_topology(
+        GATEWAY_TOPOLOGY + extra,
+        source=str(path),
+        environ=env,
+    )
+    config = GatewayConfig.from_topology(topology, "us-west", environ=env)
+    return EpochFollower(config), SimpleNamespace(config=config), config.keyring
+
+
+async def call(follower, gateway, method: str, path: str, body: bytes = b""):
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": [(b"accept", b"application/json")],
+    }
+    answered = await follower.gate(gateway, scope, receive, send)
+    if not answered:
+        return None, {}, b""
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), body
+
+
+async def test_epoch_endpoint_adopts_only_signed_newer_epochs(tmp_path):
+    import json
+
+    follower, gw, keyring = follower_for(tmp_path)
+    status, _, body = await call(follower, gw, "GET", "/_latitude/epoch")
+    assert status == 200 and json.loads(body)["epoch"]["number"] == 1
+    assert (await call(follower, gw, "POST", "/_latitude/epoch", b"not json"))[0] == 400
+    forged = sign_epoch(Keyring([SigningKey("k1", b"f" * 32)], "k1"), Epoch(5, "us-west"))
+    status, _, body = await call(
+        follower, gw, "POST", "/_latitude/epoch", json.dumps({"token": forged}).encode()
+    )
+    assert status == 403 and b"does not match" in body
+    good = sign_epoch(keyring, Epoch(2, "us-west"))
+    status, _, body = await call(
+        follower, gw, "POST", "/_latitude/epoch", json.dumps({"token": good}).encode()
+    )
+    assert status == 200 and json.loads(body)["adopted"] is True
+    assert json.loads((tmp_path / "epoch.json").read_text())["number"] == 2  # persisted
+    again = await call(
+        follower, gw, "POST", "/_latitude/epoch", json.dumps({"token": good}).encode()
+    )
+    assert json.loads(again[2])["adopted"] is False
+    assert follower.headers() == [(b"latitude-epoch", good.encode())]
+
+
+async def test_pending_epoch_holds_writes_then_refuses_reads_pass(tmp_path):
+    import time
+
+    follower, gw, keyring = follower_for(tmp_path)
+    follower.offer(sign_epoch(keyring, Epoch(2, "us-west", PENDING)))
+    started = time.monotonic()
+    status, headers, _ = await call(follower, gw, "POST", "/events")
+    assert status == 503 and time.monotonic() - started >= 0.2  # held for hold_s first
+    assert headers[b"retry-after"] == b"1" and b"latitude-epoch" in headers
+    assert (await call(follower, gw, "GET", "/events"))[0] is None  # reads are not held
+    # Another process (or the promotion) activates it: the file is followed, writes pass.
+    EpochFile(tmp_path / "epoch.json", keyring).offer(sign_epoch(keyring, Epoch(2, "us-west")))
+    assert (await call(follower, gw, "POST", "/events"))[0] is None
+
+
+async def test_a_primary_without_a_majority_lease_refuses_writes(tmp_path):
+    follower, gw, _ = follower_for(tmp_path, "lease_s = 5\n")
+    status, _, body = await call(follower, gw, "POST", "/events")
+    assert status == 503 and b"majority" in body

@@ -284,6 +284,8 @@ def test_workers_run_jobs_only_at_the_primary_and_follow_it(promo: LabWorld):
             region,
             "--topology",
             state["regions"][region]["topology_file"],
+            "--app-dir",
+            str(Path(__file__).resolve().parent.parent),
         ]
         promo.set_service(region, "worker", argv)
     try:
@@ -306,6 +308,7 @@ def test_workers_run_jobs_only_at_the_primary_and_follow_it(promo: LabWorld):
         assert reminders(promo, target, body["id"]) == [target]
         log = promo.service_log(primary, "worker").read_text()
         assert "worker stopped" in log
+        assert latitude(promo, "lab", "promote", primary).returncode == 0  # as it was
     finally:
         for region in REGIONS:
             from latitude.lab import process
@@ -317,6 +320,7 @@ def test_workers_run_jobs_only_at_the_primary_and_follow_it(promo: LabWorld):
 
 
 def test_forced_failover_fences_and_rejoins_the_old_primary(promo: LabWorld):
+    assert promo.status()["primary"] == "us-west"
     ws = [Writer(promo, r) for r in ("eu-west", "ap-southeast")]
     for w in ws:
         w.login()  # signing in is a write too: before the primary dies
@@ -402,6 +406,48 @@ def test_promote_with_a_topology_talks_to_the_databases_and_gateways(promo: LabW
     result = latitude(promo, "rejoin", old)
     assert result.returncode == 0, result.stderr
     wait_for(lambda: old in streams_from(promo, target), 20, f"{old} streams again")
+
+
+# ---- a promotion that fails part-way -------------------------------------------------------
+
+
+def test_a_promotion_that_fails_part_way_is_reported_and_resumed(promo: LabWorld):
+    from latitude.lab.promote import LabCluster
+    from latitude.promotion import switchover
+    from latitude.promotion.postgres import PgServer, PgUnavailable
+
+    old = promo.status()["primary"]
+    target = next(r for r in REGIONS if r != old)
+
+    class BrokenPromote(PgServer):
+        def promote(self, timeout_s: float = 30) -> None:
+            raise PgUnavailable(f"{self.name}: the connection dropped during pg_promote")
+
+    class Flaky(LabCluster):
+        def pg(self, region: str) -> PgServer:
+            server = super().pg(region)
+            return BrokenPromote(server.name, server.url) if region == target else server
+
+    with pytest.raises(PgUnavailable):
+        switchover(Flaky(promo), target, progress=lambda _line: None)
+    # Stopped after fencing: no primary at all (never two), and the lab says what to do.
+    with pg(promo, target) as c:
+        assert c.execute("select pg_is_in_recovery()").fetchone()[0] is True
+    assert not promo._pg(promo.state(), old).is_running()
+    unfinished = promo.status()["promotion"]
+    assert unfinished["target"] == target and "fenced" in unfinished["done"]
+    shown = latitude(promo, "lab", "status")
+    assert f"latitude lab promote {target}" in shown.stdout
+    # Another target is refused until this one is finished; the same target resumes it.
+    one_error_line(latitude(promo, "lab", "promote", old), "interrupted", target)
+    result = latitude(promo, "lab", "promote", target)
+    assert result.returncode == 0, result.stderr
+    assert promo.status()["primary"] == target and promo.status()["promotion"] is None
+    w = Writer(promo, "ap-southeast" if target != "ap-southeast" else "eu-west")
+    w.login()
+    status, body = w.post("/events", {"title": "after-resume"})
+    assert status == 201 and body["region"] == target
+    assert_refuses_writes(promo, old)
 
 
 # ---- quorum commit -----------------------------------------------------------------------

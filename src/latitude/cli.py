@@ -254,10 +254,14 @@ def worker(
     ],
     region: RegionOption,
     topology: ServeTopologyOption = Path("latitude.toml"),
+    app_dir: Annotated[
+        Path, typer.Option("--app-dir", help="Folder to import MODULE from.")
+    ] = Path("."),
 ) -> None:
     """Run background jobs while REGION is the primary (and only then), following promotions."""
     from latitude.workers import WorkerError, run
 
+    sys.path.insert(0, str(app_dir.absolute()))
     try:
         run(str(topology), region, tasks)
     except WorkerError as exc:
@@ -407,6 +411,13 @@ def print_status(status: dict) -> None:
         )
     out.print(links)
     out.print(f"down: {', '.join(status['down'])}" if status["down"] else "down: nothing")
+    running = status.get("promotion")
+    if running:
+        done = running.get("done") or ["nothing"]
+        out.print(
+            f"promotion to {running['target']} unfinished (done: {', '.join(done)}); "
+            f"`latitude lab promote {running['target']}` finishes it"
+        )
 
 
 RegionOption = Annotated[

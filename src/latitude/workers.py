@@ -118,6 +118,8 @@ def import_tasks(path: str) -> procrastinate.Blueprint:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise WorkerError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module itself failed while importing
+        raise WorkerError(f"importing {module_name!r} failed: {exc!r}") from None
     tasks = getattr(module, attr, None)
     if not isinstance(tasks, procrastinate.Blueprint):
         raise WorkerError(f"{path} is not a procrastinate.Blueprint (got {type(tasks).__name__})")
@@ -194,8 +196,10 @@ def run(topology_path: str, region: str, tasks_path: str) -> None:
         topology.region(region)
     except KeyError as exc:
         raise WorkerError(str(exc.args[0])) from None
+    # As `latitude serve` does: a tasks module may import the app, which reads these.
+    os.environ["LATITUDE_REGION"] = region
+    os.environ["LATITUDE_TOPOLOGY"] = os.path.abspath(topology_path)
     tasks = import_tasks(tasks_path)
-    os.environ.setdefault("LATITUDE_REGION", region)
 
     async def main() -> None:
         worker = PrimaryOnlyWorker(topology, region, tasks)

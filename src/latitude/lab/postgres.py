@@ -28,6 +28,9 @@ LAB_SETTINGS = {
     # pg_rewind (an old primary rejoining after a failover) needs both of these.
     "full_page_writes": "on",
     "wal_log_hints": "on",
+    # A standby whose primary went away retries after this (default 5 s): with quorum commit,
+    # the new primary's first commits wait for it to stream again.
+    "wal_retrieve_retry_interval": "'500ms'",
     "shared_buffers": "32MB",
     "max_connections": "200",
     "max_wal_senders": "10",

@@ -614,6 +614,7 @@ class LabWorld:
             "state_dir": str(self.state_dir),
             "primary": state["primary"],
             "epoch": state.get("epoch", {"number": 1, "primary": state["primary"]}),
+            "promotion": _read_json(self.state_dir / "promotion.json"),
             "started_at": state["started_at"],
             "up_seconds": state.get("up_seconds"),
             "regions": regions,
@@ -863,3 +864,10 @@ class LabWorld:
         self.state_file.unlink(missing_ok=True)
         (self.state_dir / "supervisor.json").unlink(missing_ok=True)
         return stopped
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

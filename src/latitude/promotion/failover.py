@@ -9,7 +9,14 @@ import time
 from latitude.promotion.epoch import Epoch, sign_epoch
 from latitude.promotion.journal import BadPromotion
 from latitude.promotion.postgres import PgUnavailable, format_lsn
-from latitude.promotion.switchover import Cluster, Progress, Steps, _resuming, check_target
+from latitude.promotion.switchover import (
+    Cluster,
+    Progress,
+    Steps,
+    _resuming,
+    check_target,
+    point_replicas,
+)
 
 
 def standby_positions(cluster: Cluster, exclude: str) -> dict[str, dict]:
@@ -117,6 +124,7 @@ def failover(
         pg_target.ensure_slots(others)
         if quorum:
             pg_target.set_synchronous(quorum, others)
+        point_replicas(cluster, target, skip=(old,))
         steps.say(f"pg_promote {target}: new timeline {pg_target.position()['timeline']}", t0)
 
         t0 = time.monotonic()

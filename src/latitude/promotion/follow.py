@@ -73,8 +73,10 @@ class EpochFollower:
         self.token: str | None = None
         self.applied: str = config.topology.primary.name
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
-        self._majority_seen_at = time.monotonic()
+        self._tasks: list[asyncio.Task] = []
+        # A lease is earned by reaching a majority, never granted at start-up: a primary revived
+        # behind a partition must not acknowledge writes before it has heard from its peers.
+        self._majority_seen_at = float("-inf")
         self.counters = {"epochs_adopted": 0, "writes_held": 0, "writes_refused": 0}
 
     # ---- learning --------------------------------------------------------------------------
@@ -111,16 +113,32 @@ class EpochFollower:
 
     async def start(self, gateway) -> None:
         self._read_file()
-        await self._ask_peers(gateway)
+        if self.file is not None:  # a deployed region (not a topology built in memory)
+            answered = await self._ask_peers(gateway)
+            if answered + 1 > len(self.base.regions) // 2:
+                self._majority_seen_at = time.monotonic()
         await self._apply(gateway)
+        self._tasks.append(asyncio.create_task(self._watch_file(gateway)))
         if self.peer_poll_s > 0:
-            self._task = asyncio.create_task(self._poll(gateway))
+            self._tasks.append(asyncio.create_task(self._poll(gateway)))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(BaseException):
-                await self._task
+                await task
+        self._tasks.clear()
+
+    async def _watch_file(self, gateway, interval_s: float = 0.2) -> None:
+        """Follow a new epoch before the next request needs it: that request then pays nothing
+        for the new role's pools."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self._read_file()
+                await self._apply(gateway)
+            except Exception as exc:
+                log.debug("epoch file check failed: %r", exc)
 
     async def _ask_peers(self, gateway) -> int:
         """Ask every other region's gateway for its epoch; return how many answered."""
@@ -155,7 +173,7 @@ class EpochFollower:
             await asyncio.sleep(self.peer_poll_s)
             try:
                 answered = await self._ask_peers(gateway)
-                # A majority of regions counts this one: it needs half of the others, rounded up.
+                # A majority of all regions, this one included.
                 if answered + 1 > (peers + 1) // 2:
                     self._majority_seen_at = time.monotonic()
                 await self._apply(gateway)

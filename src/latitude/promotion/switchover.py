@@ -18,7 +18,7 @@ from typing import Protocol
 
 from latitude.promotion.epoch import Epoch, sign_epoch
 from latitude.promotion.journal import BadPromotion, Journal, PromotionError
-from latitude.promotion.postgres import PgServer, PgUnavailable, format_lsn
+from latitude.promotion.postgres import PgServer, PgUnavailable, format_lsn, slot_name
 
 Progress = Callable[[str], None]
 DEFAULT_MAX_LAG_BYTES = 16 * 1024 * 1024
@@ -148,6 +148,7 @@ def switchover(
         pg_target.ensure_slots(others)
         if cluster.synchronous:
             pg_target.set_synchronous(cluster.synchronous, others)
+        point_replicas(cluster, target, skip=(old,))
         active = Epoch(number, target, "active", time.time())
         token = sign_epoch(cluster.keyring, active)
         told = cluster.publish(token)
@@ -177,6 +178,20 @@ def switchover(
         "final_lsn": format_lsn(j.data["final_lsn"]),
         "seconds": round(time.monotonic() - steps.started, 2),
     }
+
+
+def point_replicas(cluster: Cluster, primary: str, skip: tuple[str, ...] = ()) -> None:
+    """Point the other standbys at the new primary at once (no waiting): with quorum commit the
+    new primary's first commits wait for one of them, so they must not wait for the epoch."""
+    for r in cluster.regions:
+        if r == primary or r in skip:
+            continue
+        try:
+            pg = cluster.pg(r)
+            if pg.in_recovery():
+                pg.set_upstream(cluster.conninfo(r, primary), slot_name(r))
+        except PgUnavailable:
+            pass  # reported by the re-point step
 
 
 def _told(j: Journal) -> str:
