@@ -3,6 +3,7 @@ replica) whose link has a 100 ms RTT, with the calendar example (`examples/calen
 
     python benchmarks/bench_gateway.py [--json FILE] [--requests N] [--naive-requests N]
                                        [--reads N] [--seconds S] [--install-nginx]
+                                       [--concurrency N] [--split-requests N] [--only PHASES]
 
 Clients sit next to the region they talk to: they dial its app port directly, so the client's
 own RTT is 0 here. Every figure and ratio below is measured in the same run.
@@ -12,7 +13,20 @@ own RTT is 0 here. Every figure and ratio below is measured in the same run.
     RTT (100 ms) + the primary's own time (p50 of the same write made directly at the primary,
     interleaved with the forwarded ones). Target: <= 1.05 x the ideal. The link's relay counts
     the connections opened across the ocean per write (0 with the warm pool). The same pair is
-    then measured with the link at 0 ms: what forwarding costs besides the ocean.
+    then measured with the link at 0 ms: what forwarding costs besides the ocean, and split
+    by part (`--split-requests` forwarded writes alone, then as many direct ones): CPU of the
+    replica's and the primary's gateway process trees, statements at each region's Postgres
+    (= round trips; counted from its log with `log_statement = 'all'` switched on by a reload
+    for the duration) and commands at each region's Valkey (`INFO commandstats`).
+(1b) The peer, in the same rounds: one write through eu-west's gateway, one through nginx as
+    the seed's local keep-alive proxy in eu-west (`proxy_pass` to the primary's app port over
+    the same link, `keepalive 8`) with 1 worker process and with 4, and one directly at the
+    primary; every write on a new client connection, as arriving users make them, so that a
+    request can land on an nginx worker whose own pool is cold. p50 and p99 of each as ratios
+    to the ideal (link RTT + the primary's p50 in the same rounds), and the new connections
+    each opened across the link (every proxy crosses it through a relay of its own). nginx
+    runs with its own prefix and configuration in a temporary folder (workers as `nobody`
+    when we are root) and is stopped with SIGQUIT.
 (2) The same with pooling off (eu-west restarted with `--no-pool`: one new connection per
     forwarded request). The lab's WAN relay charges a new connection the TCP handshake's round
     trip, as a real ocean does (see `latitude.wan`), so the delta is that handshake; TLS would
@@ -29,7 +43,8 @@ own RTT is 0 here. Every figure and ratio below is measured in the same run.
 (5) Writes per second at concurrency 32, one signed-in user per connection: directly at the
     primary (its own ceiling), through eu-west's gateway with one worker process, and through
     nginx `proxy_pass` (1 worker, upstream `keepalive 32`) in eu-west in front of the primary's
-    app port over the same link. nginx forwards unsigned, without the session and without
+    app port over the same link (`--concurrency N` clients; 503/504 answers are counted, not
+    fatal; so are the new connections across the link and the gateway's decisions). nginx forwards unsigned, without the session and without
     idempotency: it is the floor for a proxy, not a like-for-like. Beside each: CPU time per
     write of the proxy process, of the primary's app and of the relays, and how busy the whole
     machine was. nginx comes from Debian's packages: if it is not on PATH, `--install-nginx`
@@ -37,6 +52,8 @@ own RTT is 0 here. Every figure and ratio below is measured in the same run.
 
 (4) and (5) use a lean keep-alive HTTP/1.1 load generator in this process (`benchmarks/_lab.py`)
 so that on a small machine the server, not the client, is the ceiling; (1)-(3) use aiohttp.
+`--only forwarded,peer` runs a subset of the phases (forwarded, peer, unpooled, naive, reads,
+write_throughput).
 The machine's load average is printed: other work on it moves every figure here.
 Everything runs on 127.0.0.1 and is stopped at the end, also on Ctrl-C; about two minutes.
 """
@@ -45,18 +62,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
-import shutil
-import signal
-import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import aiohttp
+from _counters import Census
 from _lab import (
     HOST,
     RawConnection,
@@ -73,6 +88,7 @@ from _lab import (
     uvicorn_argv,
     wait_http,
 )
+from _nginx import find_nginx, nginx_version, running_nginx
 
 from latitude.lab import LabWorld
 
@@ -87,6 +103,7 @@ TARGET_READ_THROUGHPUT = 0.80
 READ_LOAD_ORDER = ("bare", "gateway", "gateway", "bare", "bare", "gateway")
 CALENDAR = "examples.calendar.app:app"
 NAIVE = "benchmarks._naive_app:app"
+PHASES = ("forwarded", "peer", "unpooled", "naive", "reads", "write_throughput")
 TOPOLOGY = two_region_topology("bench-gateway", RTT_MS, PRIMARY, REPLICA)
 
 
@@ -203,7 +220,7 @@ async def write_series(
 # ------------------------------------------------------------------------------ (1) (2) (3)
 
 
-def forwarded_writes(world: LabWorld, n: int) -> dict:
+def forwarded_writes(world: LabWorld, n: int, split_n: int) -> dict:
     say(f"(1) {n} forwarded writes in {REPLICA}, interleaved with {n} writes at the primary")
     pooled = asyncio.run(write_series(world, port_of(world, REPLICA), n))
     primary_p50 = pooled["primary"]["p50_ms"]
@@ -223,6 +240,8 @@ def forwarded_writes(world: LabWorld, n: int) -> dict:
     world.link("set", PRIMARY, REPLICA, rtt_ms=0)
     try:
         local = asyncio.run(write_series(world, port_of(world, REPLICA), n))
+        say(f"(1) own-cost split: {split_n} forwarded writes alone, then {split_n} direct ones")
+        split = own_cost_split(world, split_n)
     finally:
         world.link("set", PRIMARY, REPLICA, rtt_ms=RTT_MS)
     pooled["link_at_0_ms"] = {
@@ -231,7 +250,65 @@ def forwarded_writes(world: LabWorld, n: int) -> dict:
         "overhead_ms": round(local["replica"]["p50_ms"] - local["primary"]["p50_ms"], 2),
     }
     say(f"(1) at 0 ms RTT: forwarding adds {pooled['link_at_0_ms']['overhead_ms']:.1f} ms")
+    pooled["own_cost_split"] = split
     return pooled
+
+
+async def _census_series(census: Census, port: int, n: int, expect_region: str) -> dict:
+    """`n` sequential writes on `port` (after sign-in and warm-up), counted by `census`."""
+    async with client(port) as c:
+        await login(c, f"split-{uuid.uuid4().hex[:8]}")
+        for _ in range(5):
+            await timed_write(c, expect_region)
+        with census.window() as counted:
+            ms = [await timed_write(c, expect_region) for _ in range(n)]
+    counted["latency"] = summary(ms)
+    return counted
+
+
+def own_cost_split(world: LabWorld, n: int) -> dict:
+    """What a forwarded write costs besides the primary's own work, per write, by part: CPU of
+    each side's gateway process tree, statements at the databases (one round trip each),
+    commands at the Valkeys. Forwarded writes alone, then the same number of direct writes at
+    the primary alone (the app's own share), so each counter sees one kind only."""
+    census = Census(
+        world,
+        {
+            "replica": service_pid(world, REPLICA, "app"),
+            "primary": service_pid(world, PRIMARY, "app"),
+        },
+    )
+    with census.logging_statements():
+        fw = asyncio.run(_census_series(census, port_of(world, REPLICA), n, PRIMARY))
+        dw = asyncio.run(_census_series(census, port_of(world, PRIMARY), n, PRIMARY))
+
+    def per(x: float) -> float:
+        return round(x / n, 3)
+
+    def part(key: str) -> dict:
+        fwd = {r: per(v) for r, v in fw[key].items()}
+        direct = {r: per(v) for r, v in dw[key].items()}
+        return {
+            "forwarded_write": fwd,
+            "direct_write": direct,
+            "own": round(sum(fwd.values()) - sum(direct.values()), 2),
+        }
+
+    primary_fwd = fw["cpu_s"]["primary"] * 1000 / n
+    primary_direct = dw["cpu_s"]["primary"] * 1000 / n
+    return {
+        "writes": n,
+        "link_rtt_ms": 0,
+        "latency_forwarded": fw["latency"],
+        "latency_direct": dw["latency"],
+        # The replica's gateway does nothing for a direct write: all of its CPU is forwarding's.
+        "replica_cpu_ms_per_write": round(fw["cpu_s"]["replica"] * 1000 / n, 3),
+        "primary_cpu_ms_per_forwarded_write": round(primary_fwd, 3),
+        "primary_cpu_ms_per_direct_write": round(primary_direct, 3),
+        "primary_cpu_ms_own": round(primary_fwd - primary_direct, 3),
+        "db_round_trips": part("pg_statements"),
+        "valkey_round_trips": part("valkey_commands"),
+    }
 
 
 def unpooled_writes(world: LabWorld, n: int) -> dict:
@@ -265,6 +342,100 @@ def naive_writes(world: LabWorld, n: int) -> dict:
         world.kill(REPLICA, "naive")
     out["round_trips_per_write"] = round(out["replica"]["p50_ms"] / RTT_MS, 1)
     say(f"(3) naive p50 {out['replica']['p50_ms']:.0f} ms")
+    return out
+
+
+# ------------------------------------------------------------------------------- (1b) peer
+
+
+def fresh_client(port: int) -> aiohttp.ClientSession:
+    """A client that opens a new connection for every request, as arriving users do."""
+    return aiohttp.ClientSession(
+        f"http://{HOST}:{port}",
+        connector=aiohttp.TCPConnector(force_close=True),
+        cookie_jar=aiohttp.CookieJar(unsafe=True),
+    )
+
+
+async def _peer_rounds(world: LabWorld, targets: dict[str, tuple[int, int]], n: int) -> dict:
+    """`n` rounds of one write through each target (port, relay port it crosses the link by)
+    and one directly at the primary, every write on a new client connection."""
+    names = list(targets)
+    clients = {name: fresh_client(port) for name, (port, _) in targets.items()}
+    clients["primary"] = fresh_client(port_of(world, PRIMARY))
+    ms: dict[str, list[float]] = {name: [] for name in clients}
+    try:
+        for c in clients.values():
+            await login(c, f"peer-{uuid.uuid4().hex[:8]}")
+        for _ in range(5):
+            for c in clients.values():
+                await timed_write(c, PRIMARY)
+        before = {name: relay_connections(world, relay) for name, (_, relay) in targets.items()}
+        for i in range(n):
+            for name, c in clients.items():
+                ms[name].append(await timed_write(c, PRIMARY))
+            if (i + 1) % 20 == 0:
+                say(f"  {i + 1}/{n} rounds")
+        opened = {
+            name: relay_connections(world, relay) - before[name]
+            for name, (_, relay) in targets.items()
+        }
+    finally:
+        for c in clients.values():
+            await c.close()
+    primary = summary(ms["primary"])
+    # One ideal for both percentiles, as in (1): the link plus the primary's own p50. A proxy's
+    # p99 over it is then what its slow writes cost a user, the primary's own spikes included.
+    ideal = RTT_MS + CLIENT_RTT_MS + primary["p50_ms"]
+    out: dict = {
+        "writes": n,
+        "client_connection": "new per write",
+        "primary": primary,
+        "ideal_ms": round(ideal, 2),
+    }
+    for name in names:
+        s = summary(ms[name])
+        out[name] = {
+            **s,
+            "p50_ratio_to_ideal": round(s["p50_ms"] / ideal, 3),
+            "p99_ratio_to_ideal": round(s["p99_ms"] / ideal, 3),
+            "new_link_connections": opened[name],
+        }
+    return out
+
+
+def peer_writes(world: LabWorld, nginx: str | None, why: str, n: int) -> dict:
+    if nginx is None:
+        return {"skipped": why}
+    say(
+        f"(1b) {n} rounds: a write through {REPLICA}'s gateway, through nginx (1 and 4 workers, "
+        "keepalive 8) and directly at the primary, each on a new client connection"
+    )
+    primary_app = port_of(world, PRIMARY)
+    # A relay of its own for each nginx, so that each one's new link connections are counted.
+    relays = {w: world.add_relay(REPLICA, PRIMARY, primary_app) for w in (1, 4)}
+    with (
+        running_nginx(
+            nginx, f"{HOST}:{relays[1]}", workers=1, keepalive=8, health="/_latitude/health"
+        ) as one,
+        running_nginx(
+            nginx, f"{HOST}:{relays[4]}", workers=4, keepalive=8, health="/_latitude/health"
+        ) as four,
+    ):
+        targets = {
+            "latitude": (port_of(world, REPLICA), world.relay_port(REPLICA, PRIMARY, "app")),
+            "nginx_1_worker": (one.port, relays[1]),
+            "nginx_4_workers": (four.port, relays[4]),
+        }
+        out = asyncio.run(_peer_rounds(world, targets, n))
+    out["nginx_version"] = nginx_version(nginx)
+    for name in targets:
+        x = out[name]
+        say(
+            f"(1b) {name}: p50 {x['p50_ms']:.1f} ms = {x['p50_ratio_to_ideal']:.3f} x ideal, "
+            f"p99 {x['p99_ms']:.1f} ms = {x['p99_ratio_to_ideal']:.3f} x ideal, "
+            f"{x['new_link_connections']} new link connections"
+        )
     return out
 
 
@@ -399,7 +570,14 @@ async def _cookies(port: int, users: int) -> list[str]:
     return out
 
 
-def write_load(port: int, cookies: list[str], seconds: float, cpu_pids: dict[str, int]) -> dict:
+def write_load(
+    port: int,
+    cookies: list[str],
+    seconds: float,
+    cpu_pids: dict[str, int],
+    *,
+    tolerate: tuple[int, ...] = (),
+) -> dict:
     # One signed-in user per connection, so no two requests of one session are ever in flight
     # together: the primary's gateway parks a forwarded session under the client's session id
     # while the request runs, and concurrent requests of one session can lose it that way.
@@ -409,141 +587,85 @@ def write_load(port: int, cookies: list[str], seconds: float, cpu_pids: dict[str
         run_load(
             port,
             lambda i: reqs[i],
-            concurrency=CONCURRENCY,
+            concurrency=len(cookies),
             seconds=seconds,
             warmup_s=1.5,
             expect=(201,),
+            tolerate=tolerate,
             cpu_pids=cpu_pids,
         )
     )
 
 
-def find_nginx(install: bool) -> tuple[str | None, str]:
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-    )
-    if found:
-        return found, ""
-    if not install:
-        return None, "nginx is not installed; pass --install-nginx to apt-get install nginx-light"
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return None, "nginx is not installed and apt-get cannot run here (needs root and apt)"
-    say("installing nginx-light from Debian's packages (apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "nginx-light"]):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            return None, f"`{' '.join(argv)}` failed: {done.stderr.strip()[-300:]}"
-    # A package may start a system nginx of its own; this benchmark starts its own only.
-    with contextlib.suppress(OSError, ValueError, ProcessLookupError):
-        os.kill(int(Path("/run/nginx.pid").read_text()), signal.SIGQUIT)
-    found = shutil.which("nginx") or "/usr/sbin/nginx"
-    return (found, "") if os.access(found, os.X_OK) else (None, "nginx-light installed no nginx")
+def gateway_status(port: int) -> dict:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/_latitude/status", timeout=10) as r:
+        return json.loads(r.read())
 
 
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-{user}
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    upstream primary {{
-        server {upstream};
-        keepalive 32;
-    }}
-    server {{
-        listen {listen};
-        location / {{
-            proxy_pass http://primary;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $http_host;
-        }}
-    }}
-}}
-"""
-
-
-def nginx_writes(world: LabWorld, nginx: str, seconds: float) -> dict:
-    prefix = world.state_dir / "nginx"
-    for sub in ("", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (prefix / sub).mkdir(parents=True, exist_ok=True)
-    os.chmod(prefix, 0o755)
-    port = free_port()
-    relay = world.relay_port(REPLICA, PRIMARY, "app")
-    (prefix / "nginx.conf").write_text(
-        NGINX_CONF.format(
-            prefix=prefix,
-            user="user root;" if os.geteuid() == 0 else "",
-            upstream=f"{HOST}:{relay}",
-            listen=f"{HOST}:{port}",
-        )
-    )
-    with open(prefix / "stderr.log", "wb") as stderr:
-        proc = subprocess.Popen(
-            [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            start_new_session=True,
-        )
-    try:
-        wait_http(f"http://{HOST}:{port}/_latitude/health", 15, "nginx", prefix / "error.log")
-        cookies = asyncio.run(_cookies(port, CONCURRENCY))
+def nginx_writes(world: LabWorld, nginx: str, seconds: float, concurrency: int) -> dict:
+    # nginx gets a relay of its own across the same link, so its new connections are its own.
+    relay = world.add_relay(REPLICA, PRIMARY, port_of(world, PRIMARY))
+    with running_nginx(
+        nginx, f"{HOST}:{relay}", workers=1, keepalive=32, health="/_latitude/health"
+    ) as proxy:
+        cookies = asyncio.run(_cookies(proxy.port, concurrency))
+        before = relay_connections(world, relay)
         out = write_load(
-            port,
+            proxy.port,
             cookies,
             seconds,
             {
-                "proxy": proc.pid,
+                "proxy": proxy.pid,
                 "primary": service_pid(world, PRIMARY, "app"),
                 "relays": int((world.state_dir / "supervisor.pid").read_text()),
             },
+            tolerate=(502, 503, 504),
         )
-        version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip()
-        out["nginx_version"] = version.split("/")[-1]
-        return out
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGQUIT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        out["new_link_connections"] = relay_connections(world, relay) - before
+    out["nginx_version"] = nginx_version(nginx)
+    return out
 
 
-def write_throughput(world: LabWorld, seconds: float, nginx: str | None, why: str) -> dict:
+def write_throughput(
+    world: LabWorld, seconds: float, nginx: str | None, why: str, concurrency: int
+) -> dict:
     pids = {
         "proxy": service_pid(world, REPLICA, "app"),
         "primary": service_pid(world, PRIMARY, "app"),
         "relays": int((world.state_dir / "supervisor.pid").read_text()),
     }
-    out: dict = {"concurrency": CONCURRENCY}
+    out: dict = {"concurrency": concurrency}
     say(f"(5) the primary's own capacity: writes made directly at {PRIMARY}, no proxy")
     port = port_of(world, PRIMARY)
-    cookies = asyncio.run(_cookies(port, CONCURRENCY))
+    cookies = asyncio.run(_cookies(port, concurrency))
     out["primary_direct"] = write_load(port, cookies, seconds, {"primary": pids["primary"]})
     say(f"(5) primary direct: {out['primary_direct']['rps']:.0f} writes/s")
     say(f"(5) forwarded writes/s through {REPLICA}'s gateway (1 process)")
     port = port_of(world, REPLICA)
-    cookies = asyncio.run(_cookies(port, CONCURRENCY))
-    out["latitude"] = write_load(port, cookies, seconds, pids)
-    say(f"(5) latitude gateway: {out['latitude']['rps']:.0f} writes/s")
+    relay = world.relay_port(REPLICA, PRIMARY, "app")
+    cookies = asyncio.run(_cookies(port, concurrency))
+    status0, before = gateway_status(port), relay_connections(world, relay)
+    # A 504 under overload is a figure here, not a reason to lose the run's other figures.
+    lat = write_load(port, cookies, seconds, pids, tolerate=(503, 504))
+    lat["new_link_connections"] = relay_connections(world, relay) - before
+    status1 = gateway_status(port)
+    lat["gateway_decisions"] = {
+        k: v - status0["decisions"].get(k, 0)
+        for k, v in status1["decisions"].items()
+        if v != status0["decisions"].get(k, 0)
+    }
+    lat["pool_after"] = status1["forwarding"]
+    out["latitude"] = lat
+    say(
+        f"(5) latitude gateway: {lat['rps']:.0f} writes/s, {lat['new_link_connections']} new "
+        f"link connections in {lat['seconds']:.1f} s (+ warm-up), decisions {lat['gateway_decisions']}"
+    )
     if nginx is None:
         out["nginx"] = {"skipped": why}
         say(f"(5) nginx row skipped: {why}")
     else:
         say("(5) the same through nginx proxy_pass (keepalive 32) over the same link")
-        out["nginx"] = nginx_writes(world, nginx, seconds)
+        out["nginx"] = nginx_writes(world, nginx, seconds, concurrency)
         say(f"(5) nginx: {out['nginx']['rps']:.0f} writes/s")
         out["ratio_latitude_vs_nginx"] = round(out["latitude"]["rps"] / out["nginx"]["rps"], 3)
     return out
@@ -567,13 +689,31 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=2000, help="Sequential reads per server in (4).")
     ap.add_argument("--seconds", type=float, default=5.0, help="Each load run in (4) and (5).")
     ap.add_argument(
+        "--concurrency", type=int, default=CONCURRENCY, help="Clients in (5) (default 32)."
+    )
+    ap.add_argument(
+        "--split-requests",
+        type=int,
+        default=200,
+        help="Writes of each kind in (1)'s own-cost split (CPU, round trips).",
+    )
+    ap.add_argument(
+        "--only",
+        help=f"Comma-separated phases to run (default all): {', '.join(PHASES)}.",
+    )
+    ap.add_argument(
         "--install-nginx",
         action="store_true",
         help="If nginx is missing, apt-get install nginx-light (Debian; root).",
     )
     args = ap.parse_args()
-    if args.requests < 5 or args.reads < 100 or args.seconds <= 0:
-        ap.error("--requests >= 5, --reads >= 100 and --seconds > 0, please")
+    if args.requests < 5 or args.reads < 100 or args.seconds <= 0 or args.split_requests < 20:
+        ap.error("--requests >= 5, --reads >= 100, --split-requests >= 20, --seconds > 0, please")
+    if args.concurrency < 1:
+        ap.error("--concurrency >= 1, please")
+    only = PHASES if not args.only else tuple(x.strip() for x in args.only.split(","))
+    if unknown := set(only) - set(PHASES):
+        ap.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     naive_n = args.naive_requests or max(10, args.requests // 3)
     nginx, why = find_nginx(args.install_nginx)
     started = time.monotonic()
@@ -593,20 +733,27 @@ def main() -> None:
         say(f"starting the calendar in {PRIMARY} (creates the schema), then in {REPLICA}")
         start_calendar(world, PRIMARY)
         start_calendar(world, REPLICA)
-        phases = [
-            ("forwarded", lambda: forwarded_writes(world, args.requests)),
-            ("unpooled", lambda: unpooled_writes(world, args.requests)),
-            ("naive", lambda: naive_writes(world, naive_n)),
-            ("reads", lambda: local_reads(world, args.reads, args.seconds)),
-            ("write_throughput", lambda: write_throughput(world, args.seconds, nginx, why)),
-        ]
-        for name, phase in phases:
+        phases = {
+            "forwarded": lambda: forwarded_writes(world, args.requests, args.split_requests),
+            "peer": lambda: peer_writes(world, nginx, why, args.requests),
+            "unpooled": lambda: unpooled_writes(world, args.requests),
+            "naive": lambda: naive_writes(world, naive_n),
+            "reads": lambda: local_reads(world, args.reads, args.seconds),
+            "write_throughput": lambda: write_throughput(
+                world, args.seconds, nginx, why, args.concurrency
+            ),
+        }
+        for name, phase in phases.items():
+            if name not in only:
+                continue
             try:
                 results[name] = phase()
             except Exception as exc:  # one phase failing must not cost the others' figures
                 say(f"{name}: failed: {exc!r}")
                 results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    if "error" not in results["naive"] and "error" not in results["forwarded"]:
+    if "error" not in results.get("naive", {"error": 1}) and "error" not in results.get(
+        "forwarded", {"error": 1}
+    ):
         results["naive"]["ratio_to_forwarded"] = round(
             results["naive"]["replica"]["p50_ms"] / results["forwarded"]["replica"]["p50_ms"], 2
         )
@@ -631,11 +778,14 @@ def report(r: dict) -> None:
     )
     for name, show in (
         ("forwarded", _report_forwarded),
+        ("peer", _report_peer),
         ("unpooled", _report_unpooled),
         ("naive", _report_naive),
         ("reads", _report_reads),
         ("write_throughput", _report_throughput),
     ):
+        if name not in r:
+            continue
         if "error" in r[name]:
             print(f"({name}) FAILED: {r[name]['error']}")
         else:
@@ -663,12 +813,53 @@ def _report_forwarded(r: dict) -> None:
         f"    same, link at 0 ms: {REPLICA} {z['replica']['p50_ms']:.1f} ms vs primary "
         f"{z['primary']['p50_ms']:.1f} ms -> forwarding's own cost {z['overhead_ms']:.1f} ms"
     )
+    _report_split(f)
+
+
+def _report_split(f: dict) -> None:
+    sp = f["own_cost_split"]
+    db, vk = sp["db_round_trips"], sp["valkey_round_trips"]
+
+    def regions(d: dict) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in d.items())
+
+    print(
+        f"    own cost per forwarded write, link at 0 ms ({sp['writes']} writes of each kind): "
+        f"CPU {sp['replica_cpu_ms_per_write']:.2f} ms in {REPLICA}'s gateway + "
+        f"{sp['primary_cpu_ms_own']:.2f} ms more at the primary ({sp['primary_cpu_ms_per_direct_write']:.2f}"
+        f" ms for a direct write); DB round trips +{db['own']:g} ({regions(db['forwarded_write'])}"
+        f" vs direct {regions(db['direct_write'])}); Valkey round trips +{vk['own']:g} "
+        f"({regions(vk['forwarded_write'])} vs direct {regions(vk['direct_write'])})"
+    )
+
+
+def _report_peer(r: dict) -> None:
+    p = r["peer"]
+    if "skipped" in p:
+        print(f"(1b) nginx peer: skipped: {p['skipped']}")
+        return
+    print(
+        f"(1b) the same write, {p['writes']} rounds, a new client connection per write; ideal "
+        f"{p['ideal_ms']:.1f} ms (100 ms + the primary's own p50 in the same rounds; its p99 "
+        f"{p['primary']['p99_ms']:.1f} ms)"
+    )
+    for name, label in (
+        ("latitude", f"{REPLICA}'s gateway, warm shared pool"),
+        ("nginx_1_worker", f"nginx {p['nginx_version']}, 1 worker, keepalive 8"),
+        ("nginx_4_workers", f"nginx {p['nginx_version']}, 4 workers, keepalive 8"),
+    ):
+        x = p[name]
+        print(
+            f"    {label:42} p50 {x['p50_ms']:7.1f} ms = {x['p50_ratio_to_ideal']:.3f} x   "
+            f"p99 {x['p99_ms']:7.1f} ms = {x['p99_ratio_to_ideal']:.3f} x   "
+            f"{x['new_link_connections']} new link connections"
+        )
 
 
 def _report_unpooled(r: dict) -> None:
     u = r["unpooled"]
     delta = ""
-    if "error" not in r["forwarded"]:
+    if "error" not in r.get("forwarded", {"error": 1}):
         delta = (
             f"; {u['replica']['p50_ms'] - r['forwarded']['replica']['p50_ms']:+.1f} ms vs pooled"
         )
@@ -742,8 +933,12 @@ def _report_throughput(r: dict) -> None:
             f"{x['proxy_cpu_ms_per_request']:.2f} CPU ms/write ({x['proxy_cpu_percent']:.0f} % of a "
             f"core; one core would carry ~{ceiling:,.0f}/s); primary "
             f"{x['primary_cpu_ms_per_request']:.2f} CPU ms/write; relays "
-            f"{x['relays_cpu_ms_per_request']:.2f}; machine CPU {x['machine_cpu_percent']:.0f} %"
+            f"{x['relays_cpu_ms_per_request']:.2f}; machine CPU {x['machine_cpu_percent']:.0f} %;"
+            f" p99 {x['p99_ms']:.0f} ms; {x['new_link_connections']} new link connections"
+            f"{_other_statuses(x)}"
         )
+    if lat.get("gateway_decisions"):
+        print(f"    gateway decisions meanwhile: {lat['gateway_decisions']}")
     if "skipped" in ng:
         print(f"    nginx: skipped: {ng['skipped']}")
     else:
@@ -751,6 +946,11 @@ def _report_throughput(r: dict) -> None:
             f"    -> latitude = {w['ratio_latitude_vs_nginx']:.2f} x nginx (nginx forwards unsigned,"
             " without sessions or idempotency: a floor, not a like-for-like)"
         )
+
+
+def _other_statuses(x: dict) -> str:
+    other = x.get("other_statuses")
+    return f"; other statuses {other}" if other else ""
 
 
 if __name__ == "__main__":

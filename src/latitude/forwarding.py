@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -69,6 +70,8 @@ class ForwardingStats:
     not_sent: int = 0
     no_answer: int = 0
     warmed: int = 0
+    probes: int = 0  # new connections opened by can_connect
+    probes_spared: int = 0  # can_connect answered by a recent answer or a shared probe
 
 
 def ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -94,6 +97,7 @@ class ForwardingClient:
         connect_timeout_s: float = 1.0,
         ca_file: str | None = None,
         max_response_bytes: int = 64 * 1024 * 1024,
+        proof_of_life_s: float = 0.5,
     ):
         self.base_url = base_url.rstrip("/")
         self.pool_size = pool_size
@@ -102,7 +106,11 @@ class ForwardingClient:
         self.max_response_bytes = max_response_bytes
         self.stats = ForwardingStats()
         self._ssl = ssl_context(ca_file) if self.base_url.startswith("https:") else None
+        self.proof_of_life_s = proof_of_life_s
         self._session: aiohttp.ClientSession | None = None
+        # Monotonic time of the last proof that the path is up: an answer, or a probe that got in.
+        self._alive_at = float("-inf")
+        self._probe: asyncio.Future[bool] | None = None
 
     def _new_session(self, *, force_close: bool) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -147,9 +155,31 @@ class ForwardingClient:
         return self.stats.warmed
 
     async def can_connect(self, timeout_s: float | None = None) -> bool:
-        """Whether a brand-new connection to the primary opens now (bypasses the pool)."""
+        """Whether the primary is reachable now.
+
+        An answer received, or a probe that got in, within the last `proof_of_life_s` says so
+        without a new connection: callers ask this for every late answer, and under load (many
+        requests, each late) one new connection per question was a connection storm across the
+        link. Otherwise a brand-new connection is opened (bypassing the pool), one at a time:
+        callers asking while it is under way share its outcome. So at most one probe per
+        `proof_of_life_s` per process, however many requests are late, and none while answers
+        keep coming; a link cut within the last `proof_of_life_s` is seen that much later.
+        """
+        if time.monotonic() - self._alive_at < self.proof_of_life_s:
+            self.stats.probes_spared += 1
+            return True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._open_probe(timeout_s))
+        else:
+            self.stats.probes_spared += 1
+        # Shielded: one caller giving up (its request answered or cancelled) must not cancel
+        # the probe the others wait on.
+        return await asyncio.shield(self._probe)
+
+    async def _open_probe(self, timeout_s: float | None) -> bool:
         from urllib.parse import urlsplit
 
+        self.stats.probes += 1
         parts = urlsplit(self.base_url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
@@ -159,6 +189,7 @@ class ForwardingClient:
         except (TimeoutError, OSError):
             return False
         writer.close()
+        self._alive_at = time.monotonic()
         return True
 
     async def send(
@@ -189,6 +220,7 @@ class ForwardingClient:
             ) as resp:
                 data = await self._read_whole(resp)
                 headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
+                self._alive_at = time.monotonic()
                 return ForwardedResponse(resp.status, headers, data)
         except aiohttp.ClientConnectorError as exc:
             self.stats.not_sent += 1
@@ -225,7 +257,13 @@ class ForwardingClient:
     def pool_info(self) -> dict[str, int | bool]:
         connector = self._session.connector if self._session else None
         idle = sum(len(v) for v in getattr(connector, "_conns", {}).values()) if connector else 0
-        return {"pooling": self.pooling, "idle_connections": idle, "warmed": self.stats.warmed}
+        return {
+            "pooling": self.pooling,
+            "idle_connections": idle,
+            "warmed": self.stats.warmed,
+            "probes": self.stats.probes,
+            "probes_spared": self.stats.probes_spared,
+        }
 
     async def close(self) -> None:
         if self._session is not None:
