@@ -150,6 +150,44 @@ async def test_a_killed_sync_process_makes_health_503_at_once(net, tmp_path):  #
             proc.wait()
 
 
+async def test_a_mirror_started_before_its_primary_reports_it_reachable_at_once(net):  # noqa: F811
+    """A failed head poll must not leave health saying "unreachable" for a whole long poll
+    (poll_timeout_s) after the primary answers: nothing is published, so a parked poll would
+    only end at its timeout. `latitude demo` waits for every mirror to be reachable."""
+    import socket
+
+    from latitude.mirror import MirrorServer, Publisher
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    net.primary_url = f"http://127.0.0.1:{port}"
+    server, _ = await net.mirror("eu", poll_timeout_s=40)
+    base = f"http://127.0.0.1:{server.port}"
+    async with aiohttp.ClientSession() as s:
+        await until(lambda: server._head_error is not None, what="the head poll to fail")
+        status, h = await health(s, base)
+        assert h["primary"] == "unreachable", h
+        primary = MirrorServer(
+            net.tmp / "primary",
+            region="us",
+            is_primary=True,
+            keyring=net.keyring,
+            poll_timeout_s=40,
+        )
+        await primary.start(port=port)
+        net.servers.append(primary)
+        net.pub = Publisher(net.tmp / "primary")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status, h = await health(s, base)
+            if h["primary"] == "reachable" and h["behind_seconds"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 200 and h["primary"] == "reachable" and h["error"] is None, h
+        assert h["behind_seconds"] == 0 and h["healthy"], h
+
+
 # ------------------------------------------------------------------------- stale index files
 
 

@@ -223,8 +223,11 @@ class MirrorServer:
         while True:
             after = max(self._head, self.serial())
             self._head_contact = time.time() if self._head_error is None else self._head_contact
+            # After a failure ask without waiting: a parked poll answers only when the head
+            # moves, and until it answers health would still say "unreachable".
+            wait = 0 if self._head_error is not None else self.poll_timeout_s
             try:
-                head = await feed.head(after, self.poll_timeout_s)
+                head = await feed.head(after, wait)
             except FeedError as exc:
                 if ": HTTP 404:" in str(exc):  # a primary from before /head: the daemon's word
                     log.warning("the primary has no %s; health relies on the sync daemon", HEAD)
