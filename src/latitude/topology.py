@@ -69,6 +69,8 @@ TABLE_KEYS: dict[str, set[str]] = {
         "tls_key",
         "workers",
         "trusted_proxies",
+        "idempotency_retention_s",
+        "idempotency_purge_every_s",
     },
     "mirror": {"root", "indexes", "retention_s", "max_lag_s", "poll_timeout_s", "paths"},
     "routing": {

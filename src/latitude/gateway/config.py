@@ -32,6 +32,10 @@ class GatewayConfig:
     trusted_proxies: tuple = ()
     local_routes: tuple[str, ...] = ()
     always_forward_routes: tuple[str, ...] = ()
+    # Stored outcomes of forwarded writes are kept this long (a retry later than that runs
+    # anew), purged by the primary's gateway every `idempotency_purge_every_s`.
+    idempotency_retention_s: float = 24 * 3600.0
+    idempotency_purge_every_s: float = 3600.0
     overrides: Mapping[str, object] = field(default_factory=dict)
 
     @property
@@ -103,6 +107,12 @@ class GatewayConfig:
             trusted_proxies=_networks(g.get("trusted_proxies", [])),
             local_routes=topology.routes.local,
             always_forward_routes=topology.routes.always_forward,
+            idempotency_retention_s=_positive(
+                "idempotency_retention_s", get("idempotency_retention_s", 24 * 3600.0)
+            ),
+            idempotency_purge_every_s=_positive(
+                "idempotency_purge_every_s", get("idempotency_purge_every_s", 3600.0)
+            ),
         )
 
     @classmethod
@@ -119,6 +129,14 @@ class GatewayConfig:
         except TopologyError:
             raise
         return cls.from_topology(topology, region, **overrides)
+
+
+def _positive(name: str, value: float) -> float:
+    if value is None or value <= 0:
+        raise GatewayConfigError(
+            f"[gateway] {name} = {value!r} must be a positive number of seconds"
+        )
+    return value
 
 
 def _networks(value: object) -> tuple:
