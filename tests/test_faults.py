@@ -11,6 +11,7 @@ changed" is true; a key is never blocked long after a brief cut.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -42,8 +43,16 @@ def user(world, region: str = EU) -> aiohttp.ClientSession:
 
 
 async def login(c: aiohttp.ClientSession, name: str) -> None:
-    async with c.post("/login", json={"name": name}) as r:
-        assert r.status == 200, await r.text()
+    """Sign in as a careful client does: a 503 / 504 is retried with the key it carries."""
+    headers = {"Accept": "application/json"}
+    for _ in range(10):
+        async with c.post("/login", json={"name": name}, headers=headers) as r:
+            if r.status not in (503, 504):
+                assert r.status == 200, await r.text()
+                return
+            headers["Idempotency-Key"] = r.headers["Idempotency-Key"]
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{name} could not sign in")
 
 
 def count_events(world, title: str) -> int:
@@ -278,3 +287,36 @@ async def test_a_read_that_can_only_be_stale_says_so(healed, calendar):
             assert r.status == 401, await r.text()
             assert r.headers.get("Latitude-Stale") == "replica", dict(r.headers)
         assert time.monotonic() - started < DEADLINE_S + 1.5
+
+
+# ---- the link-fault writer, short (the >= 1,000-write run is benchmarks/bench_faults.py) ----
+
+
+@pytest.mark.timeout(600)
+async def test_careful_writers_through_random_link_faults_lose_double_and_misread_nothing(
+    healed, calendar
+):
+    from latitude.lab.faults import run_fault_writer
+
+    world = calendar
+    seed = int(time.time())
+    try:
+        tally = await run_fault_writer(
+            world,
+            writes=150,
+            users=6,
+            primary=PRIMARY,
+            region=EU,
+            kills=1,
+            seed=seed,
+            progress=print,
+        )
+    finally:
+        wait_healthy(world, PRIMARY)
+    report = tally.as_dict()
+    print(json.dumps(report, indent=1))
+    assert tally.acked >= 140, report  # a run that wrote nothing would prove nothing
+    assert sum(tally.faults.values()) >= 5, report
+    assert (tally.lost, tally.doubled, tally.stale, tally.bad_5xx) == (0, 0, 0, 0), report
+    assert (tally.keyless, tally.unfinished, tally.no_answer) == (0, 0, 0), report
+    assert tally.task_destroyed_logged == 0, report

@@ -73,6 +73,7 @@ __all__ = [
     "IdempotencyUnavailable",
     "ClaimTooLate",
     "Outcome",
+    "fence_statement",
 ]
 
 TABLE = "latitude_idempotency"
@@ -93,8 +94,45 @@ create table if not exists {TABLE} (
     created_at timestamptz not null default now(),
     completed_at timestamptz
 );
+alter table {TABLE} add column if not exists applied boolean not null default false;
 create index if not exists {TABLE}_created_at on {TABLE} (created_at)
 """
+
+# Run by `latitude.db` as the first statement of each of the app's transactions on the primary
+# while a claimed request runs: the mark commits with the transaction or not at all, and it
+# row-locks the claim, so a retry that would take the claim over (or release it) waits for the
+# transaction to end and then sees whether it committed.
+_FENCE = (
+    f"with m as (update {TABLE} set applied = true where key = %s and created_at = %s "
+    "and state = 'running' returning 1) select count(*) from m"
+)
+_FENCE_IDLE = (
+    f"with m as (update {TABLE} set applied = true where key = %s and created_at = %s "
+    "and state = 'running' returning 1) "
+    "select count(*), set_config('idle_in_transaction_session_timeout', %s, true) from m"
+)
+
+# What a retry gets when a run committed its effects but its answer never reached the store
+# (its process died, or its link broke after the commit): the request is not run again.
+LOST_ANSWER_STATUS = 409
+LOST_ANSWER_HEADERS = [("content-type", "application/json")]
+LOST_ANSWER_BODY = (
+    b'{"error": "Applied, but the answer was lost", "detail": "This request was carried out, '
+    b'but its answer was lost on the way; it will not be run again. Reload to see its result."}'
+)
+
+
+def fence_statement(
+    key: str, started_at: Any, idle_timeout_s: float | None = None
+) -> tuple[str, tuple]:
+    """The SQL (and parameters) that marks the claim ``(key, started_at)`` applied within the
+    current transaction; it returns the number of claims marked (1, or 0 if the claim is no
+    longer that run's). With ``idle_timeout_s``, the database also aborts the transaction if the
+    app's next statement takes longer than that to arrive (a link that stalls mid-transaction
+    must not hold the claim's row lock, and the outcome, hostage)."""
+    if idle_timeout_s is None:
+        return _FENCE, (key, started_at)
+    return _FENCE_IDLE, (key, started_at, str(max(1, int(idle_timeout_s * 1000))))
 
 
 class IdempotencyError(Exception):
@@ -366,17 +404,39 @@ class IdempotencyStore:
                         f"idempotency key {key!r}: the claim reached the database after its "
                         "deadline; nothing was claimed"
                     )
+                # A stale run that never committed is taken over; one that did (its answer
+                # lost) is settled as such, never run again. The update waits for a run still
+                # inside a transaction, then sees whether it committed.
                 cur = await conn.execute(
                     f"update {TABLE} set created_at = now() where key = %s and state = 'running' "
                     "and request_hash = %s and created_at < now() - make_interval(secs => %s) "
-                    f"and {in_time} returning created_at",
+                    f"and not applied and {in_time} returning created_at",
                     (key, request_hash, float(stale_after_s), limit),
                 )
                 taken = await cur.fetchone()
                 if taken:
                     return Claim(Outcome.NEW, key, started_at=taken[0], taken_over=True)
+                if await self._settle_lost_answer(
+                    conn,
+                    "key = %s and request_hash = %s and created_at < now() - "
+                    "make_interval(secs => %s)",
+                    (key, request_hash, float(stale_after_s)),
+                ):
+                    continue  # now completed: the next round replays it
                 return Claim(Outcome.IN_PROGRESS, key, started_at=created_at)
         raise IdempotencyError(f"idempotency key {key!r}: could not claim it (row keeps vanishing)")
+
+    @staticmethod
+    async def _settle_lost_answer(conn: psycopg.AsyncConnection, where: str, args: tuple) -> bool:
+        """Complete the running, applied claim matching ``where`` with the lost-answer outcome."""
+        cur = await conn.execute(
+            f"update {TABLE} set state = 'completed', status = %s, headers = %s, body = %s, "
+            f"completed_at = now() where state = 'running' and applied and {where} "
+            "returning key",
+            (LOST_ANSWER_STATUS, Jsonb(_headers_json(LOST_ANSWER_HEADERS)), LOST_ANSWER_BODY)
+            + tuple(args),
+        )
+        return await cur.fetchone() is not None
 
     @staticmethod
     async def _in_time(conn: psycopg.AsyncConnection, limit: float) -> bool:
@@ -438,13 +498,21 @@ class IdempotencyStore:
         Returns ``False`` if there was no such running row (or, with ``claim``, not that run)."""
         _check_key(key)
         query, params = _with_claim(
-            f"delete from {TABLE} where key = %s and state = 'running'", [key], claim
+            f"delete from {TABLE} where key = %s and state = 'running' and not applied",
+            [key],
+            claim,
         )
 
         async def once() -> bool:
             async with self._connection(timeout_s) as conn:
+                # Waits for the run's transaction, if one is still open, to end.
                 cur = await conn.execute(query + " returning key", params)
-                return await cur.fetchone() is not None
+                if await cur.fetchone() is not None:
+                    return True
+                # Not deleted: gone, or the run committed something before it failed.
+                where, args = _with_claim("key = %s", [key], claim)
+                await self._settle_lost_answer(conn, where, tuple(args))
+                return False
 
         # Releasing matters most right after a link broke every pooled connection.
         return await self._retrying(once)

@@ -69,6 +69,7 @@ SESSION_LENGTH = "latitude-session-length"
 POSITION = "latitude-position"
 IDEMPOTENCY = "latitude-idempotency"
 FALLBACK_TIMEOUT_S = 30.0
+FENCE_IDLE_S = 10.0
 PATH_CHECK_AFTER_S = 0.5
 PRIMARY_SESSION_COPY_TTL_S = 60
 STALE = b"latitude-stale"
@@ -357,7 +358,8 @@ class RegionGateway:
         deadline = started + cfg.deadline_s
         headers = scope["headers"]
         # A client retrying after a 504 sends back the key it was given.
-        key = header(headers, b"idempotency-key") or str(uuid.uuid4())
+        client_key = header(headers, b"idempotency-key")
+        key = client_key or str(uuid.uuid4())
         try:
             body = await SpooledBody.read(receive)
         except BodyTooLarge as exc:
@@ -447,7 +449,11 @@ class RegionGateway:
                         exc,
                     )
                     fingerprint = request_fingerprint(scope, body_digest, sid)
-                    maybe_sent = attempt > 0 or getattr(exc, "maybe_delivered", False)
+                    # A request that brings its key may have run before (a retry after a 504):
+                    # only one that does not can be told that nothing was changed.
+                    maybe_sent = (
+                        attempt > 0 or getattr(exc, "maybe_delivered", False) or bool(client_key)
+                    )
                     await self._fallback(scope, body, send, key, fingerprint, deadline, maybe_sent)
                     return
                 except NoAnswer as exc:
@@ -641,7 +647,7 @@ class RegionGateway:
         claimed_at = time.monotonic()
         # The run may outlive this request (which closes its spooled body): it gets a copy.
         data = b"".join([chunk async for chunk in body.chunks()])
-        run = asyncio.ensure_future(self._fallback_app(scope, data))
+        run = asyncio.ensure_future(self._fallback_app(scope, data, claim))
         await asyncio.wait({run}, timeout=left())
         if not run.done():
             # The app's SQL may or may not commit: the run settles the key when it ends.
@@ -712,8 +718,9 @@ class RegionGateway:
             self.counters["fallback_late_claims_released"] += 1
             in_background(store.abandon(claim.key, claim=claim, timeout_s=FALLBACK_TIMEOUT_S))
 
-    async def _fallback_app(self, scope: Scope, data: bytes) -> CapturedResponse:
-        """Run the app here with its SQL routed to the primary database."""
+    async def _fallback_app(self, scope: Scope, data: bytes, claim) -> CapturedResponse:
+        """Run the app here with its SQL routed to the primary database, each of its
+        transactions fenced by the claim (committed with it, or not at all)."""
         captured = CapturedResponse()
         given, finished = False, asyncio.Event()
 
@@ -733,7 +740,10 @@ class RegionGateway:
         route = request_route(
             consistency.PRIMARY, scope["method"], scope["path"], self.config.region.name
         )
-        with route:
+        # A transaction whose next statement is held by a stalled link is aborted by the
+        # database well before the fallback's bound, so a late commit cannot land.
+        fence = consistency.claimed(claim.key, claim.started_at, idle_timeout_s=FENCE_IDLE_S)
+        with route, fence:
             # SQL over the ocean is slow but completes; the bound only stops a stalled link
             # from holding the run (and its claim) forever.
             await bounded(self.app(self._edge_scope(scope), receive, send), FALLBACK_TIMEOUT_S)
@@ -983,8 +993,9 @@ class RegionGateway:
         }
         captured = CapturedResponse()
         try:
-            with request_route(
-                consistency.PRIMARY, scope["method"], scope["path"], cfg.region.name
+            with (
+                request_route(consistency.PRIMARY, scope["method"], scope["path"], cfg.region.name),
+                _fenced(claim),
             ):
                 await self.app(app_scope, *body.replay(body.size - n, captured.send))
         except Exception:
@@ -1067,6 +1078,12 @@ class RegionGateway:
         )
         headers += [(k.lower().encode(), v.encode()) for k, v in signature.items()]
         await send_response(send, status, headers, envelope)
+
+
+def _fenced(claim) -> contextlib.AbstractContextManager:
+    if claim is None:
+        return contextlib.nullcontext()
+    return consistency.claimed(claim.key, claim.started_at)
 
 
 def marked_stale(send: Send) -> Send:
