@@ -292,6 +292,7 @@ async def test_a_read_that_can_only_be_stale_says_so(healed, calendar):
 # ---- the link-fault writer, short (the >= 1,000-write run is benchmarks/bench_faults.py) ----
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_careful_writers_through_random_link_faults_lose_double_and_misread_nothing(
     healed, calendar

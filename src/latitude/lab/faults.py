@@ -13,7 +13,8 @@ counted in the primary database:
   (`Latitude-Stale`); reads marked stale are counted apart and read again until current;
 * keyless - a 503 / 504 answer to a write without an `Idempotency-Key`;
 * 5xx by kind - every 5xx answer by status (only 503 and 504 are allowed);
-* unfinished - writes with no final answer within `give_up_s` (a key blocked, say).
+* unfinished - writes with no final answer within `give_up_s` (a key blocked, say);
+* signed_out - 401s to a signed-in client (it signs in again and resubmits: a 401 ran nothing).
 
 Used by the fault suite (tests/test_faults.py, a short run) and benchmarks/bench_faults.py.
 """
@@ -34,6 +35,7 @@ import psycopg
 from latitude.lab.world import LabWorld
 
 STALE_HEADER = "Latitude-Stale"
+SIGNED_OUT = {"signed_out": True}  # a 401: the write did not run; sign in again and resubmit
 
 
 @dataclass
@@ -153,8 +155,8 @@ class _Client:
                 continue
             if status == 401:
                 self.tally.signed_out += 1
-            else:
-                self.tally.examples.append(f"POST {path}: {status} {body}")
+                return SIGNED_OUT
+            self.tally.examples.append(f"POST {path}: {status} {body}")
             return None
         self.tally.unfinished += 1
         self.tally.examples.append(f"POST {path}: no final answer in {self.give_up_s:g} s")
@@ -213,13 +215,22 @@ async def run_fault_writer(
     async def user(i: int) -> None:
         client = _Client(tally, base, give_up_s)
         try:
-            if await client.write("/login", {"name": f"faults-{run}-{i}"}) is None:
+            name = f"faults-{run}-{i}"
+            if await client.write("/login", {"name": name}) is None:
                 return
             for n in next_write:
                 title = f"faults {run} {i}.{n}"
                 titles.append(title)
                 body = await client.write("/events", {"title": title})
-                if body is None:
+                for _ in range(3):
+                    if body is not SIGNED_OUT:
+                        break
+                    # Signed out under us (a refusal read as "session deleted"): the write was
+                    # refused before it ran, so signing in again and resubmitting is safe.
+                    if await client.write("/login", {"name": name}) in (None, SIGNED_OUT):
+                        break
+                    body = await client.write("/events", {"title": title})
+                if body is None or body is SIGNED_OUT:
                     continue
                 tally.acked += 1
                 acked.append(title)
@@ -283,9 +294,7 @@ async def run_fault_writer(
     for title in titles:
         if counts.get(title, 0) > 1:
             tally.doubled += 1
-            tally.doubled_titles.append(
-                f"{title!r} x {counts[title]}: {tally.history.get(title)}"
-            )
+            tally.doubled_titles.append(f"{title!r} x {counts[title]}: {tally.history.get(title)}")
     for title in acked:
         if counts.get(title, 0) == 0:
             tally.lost += 1
