@@ -217,3 +217,64 @@ async def test_unreachable_database_is_reported():
         port = s.getsockname()[1]
     with pytest.raises(IdempotencyUnavailable, match="cannot connect"):
         await IdempotencyStore.open(f"postgresql://x@127.0.0.1:{port}/x", timeout_s=1)
+
+
+async def test_a_claim_that_arrives_after_its_deadline_claims_nothing(store, prefix, primary_dsn):
+    """A claim held up (a cut link delivers it on heal) after its sender gave up must not take
+    the key: nothing would ever complete it."""
+    import time
+
+    from latitude.idempotency import ClaimTooLate
+
+    key = prefix + "late"
+    with pytest.raises(ClaimTooLate, match="after its deadline"):
+        await store.begin(key, "h", not_after=time.time() - 0.5)
+    with psycopg.connect(primary_dsn) as conn:
+        assert conn.execute(f"select 1 from {TABLE} where key = %s", (key,)).fetchone() is None
+    claim = await store.begin(key, "h", not_after=time.time() + 5)  # in time: claimed
+    assert claim.outcome is Outcome.NEW
+    assert await store.complete(key, 201, HEADERS, BODY, claim=claim)
+    replay = await store.begin(key, "h", not_after=time.time() - 0.5)  # replays stay readable
+    assert replay.outcome is Outcome.REPLAY and replay.position
+
+
+async def test_no_connection_in_time_is_reported_as_not_sent():
+    """The fallback's pool connects in the background; a call that gets no connection within
+    its timeout sent nothing, and says so (the gateway may then answer "nothing was changed")."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = await IdempotencyStore.open(
+        f"postgresql://x@127.0.0.1:{port}/x", wait=False, connect_timeout_s=1
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(IdempotencyUnavailable) as info:
+            await store.begin("k", "h", timeout_s=0.5)
+        assert info.value.sent is False
+        assert time.monotonic() - started < 2  # one timeout, not one per pooled connection
+    finally:
+        await store.close()
+
+
+async def test_purge_periodically_checks_its_arguments_and_reports_failures(store):
+    for retention_s, every_s in ((0, 1), (1, 0), (-1, 1)):
+        with pytest.raises(ValueError, match="must be positive"):
+            await store.purge_periodically(retention_s, every_s)
+    errors = []
+    closed = await IdempotencyStore.open(
+        "postgresql://x@127.0.0.1:9/x", wait=False, connect_timeout_s=1, timeout_s=0.2
+    )
+    task = asyncio.create_task(closed.purge_periodically(60, 0.1, on_error=errors.append))
+    try:
+        for _ in range(50):
+            if len(errors) >= 2:  # it kept going after the first failure
+                break
+            await asyncio.sleep(0.1)
+        assert len(errors) >= 2 and isinstance(errors[0], IdempotencyUnavailable)
+    finally:
+        task.cancel()
+        await closed.close()

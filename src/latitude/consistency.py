@@ -194,6 +194,41 @@ def request_context(
     return _set(current_request, RequestInfo(method.upper(), path, region))
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimFence:
+    """The idempotency claim the current request runs under (key and claim time), and how long
+    the database may wait, within one of its transactions, for the app's next statement."""
+
+    key: str
+    started_at: Any
+    idle_timeout_s: float | None = None
+
+
+current_claim: ContextVar[ClaimFence | None] = ContextVar("latitude_claim", default=None)
+"""Set by the gateway while the app runs a claimed (non-read) request. :mod:`latitude.db` then
+marks the claim "applied" inside each of the app's transactions on the primary, so a commit
+and its mark land together or not at all: a retry can tell "never ran" from "ran, answer lost",
+and a run whose claim was taken over cannot commit (see :mod:`latitude.idempotency`)."""
+
+
+def claimed(
+    key: str, started_at: Any, idle_timeout_s: float | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """``with claimed(claim.key, claim.started_at): ...`` sets :data:`current_claim`."""
+    return _set(current_claim, ClaimFence(key, started_at, idle_timeout_s))
+
+
+class ClaimLost(Exception):
+    """The request's idempotency claim is no longer its own (taken over, or settled): its
+    transaction is refused before it writes anything."""
+
+    def __init__(self, key: str):
+        super().__init__(
+            f"idempotency key {key!r}: this run's claim was taken over by a retry; "
+            "its transaction is refused so that the request runs once"
+        )
+
+
 class WriteOnReplicaError(Exception):
     """The app tried to write on a read replica (Postgres SQLSTATE 25006).
 

@@ -31,7 +31,9 @@ from sqlalchemy.orm import Session
 from latitude.consistency import (
     PRIMARY,
     REPLICA,
+    ClaimLost,
     WriteOnReplicaError,
+    current_claim,
     current_route,
 )
 
@@ -124,6 +126,28 @@ def _translate_read_only(ctx: Any) -> None:
         ) from ctx.sqlalchemy_exception
 
 
+def _fence_claim(conn: Any) -> None:
+    """``begin`` listener on the primary engine: inside a claimed request (the gateway sets
+    :data:`~latitude.consistency.current_claim`), mark the claim applied as the transaction's
+    first statement, so the mark commits with the app's writes or not at all. Run on the DBAPI
+    connection: the driver opens the transaction with it, and SQLAlchemy's own begin is not
+    re-entered."""
+    fence = current_claim.get()
+    if fence is None or current_route.get() != PRIMARY:
+        return
+    from latitude.idempotency import fence_statement
+
+    sql, params = fence_statement(fence.key, fence.started_at, fence.idle_timeout_s)
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(sql, params)
+        (marked, *_) = cursor.fetchone()
+    finally:
+        cursor.close()
+    if marked != 1:
+        raise ClaimLost(fence.key)
+
+
 class _Routed:
     """What the sync and async flavours share: two engines and the choice between them."""
 
@@ -147,6 +171,7 @@ class _Routed:
             self.primary_url,
             **{"pool_pre_ping": True, **engine_kwargs, **(primary_engine_kwargs or {})},
         )
+        event.listen(getattr(self.primary, "sync_engine", self.primary), "begin", _fence_claim)
         if self.replica_url == self.primary_url and not replica_engine_kwargs:
             self.replica = self.primary  # the primary region: one database, one pool
         else:

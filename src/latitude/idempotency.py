@@ -24,6 +24,14 @@ by every gateway process::
 
 ``created_at`` is when the current run claimed the key.
 
+**Claims that arrive late.** A claim sent over a link that then stalls may reach the database
+long after its sender gave up (a cut link holds the bytes and delivers them on heal). Nothing
+would ever complete such a claim, and it would block its key until it went stale. So a caller
+with a deadline passes ``not_after`` (a wall-clock time, ``time.time()`` seconds) to
+:meth:`IdempotencyStore.begin`: the database then takes the claim only if it arrives before
+that time by its own clock (``clock_timestamp()``), and a late claim changes nothing and raises
+:class:`ClaimTooLate`. This assumes the two clocks agree to well within the deadline (NTP).
+
 **Stale claims.** A ``running`` row whose ``created_at`` is older than ``stale_after_s``
 (default 60 s) is taken to belong to a runner that died (process killed between claim and
 completion). A new request with the same key and the same hash takes it over: the row's
@@ -40,6 +48,7 @@ This module is a leaf: it imports no other ``latitude`` module.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import re
@@ -49,21 +58,28 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import pq
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 __all__ = [
+    "DEFAULT_PURGE_EVERY_S",
+    "DEFAULT_RETENTION_S",
     "DEFAULT_STALE_AFTER_S",
     "TABLE",
     "Claim",
     "IdempotencyError",
     "IdempotencyStore",
     "IdempotencyUnavailable",
+    "ClaimTooLate",
     "Outcome",
+    "fence_statement",
 ]
 
 TABLE = "latitude_idempotency"
 DEFAULT_STALE_AFTER_S = 60.0
+DEFAULT_RETENTION_S = 24 * 3600.0
+DEFAULT_PURGE_EVERY_S = 3600.0
 
 _KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as an HTTP header value allows
 
@@ -78,8 +94,45 @@ create table if not exists {TABLE} (
     created_at timestamptz not null default now(),
     completed_at timestamptz
 );
+alter table {TABLE} add column if not exists applied boolean not null default false;
 create index if not exists {TABLE}_created_at on {TABLE} (created_at)
 """
+
+# Run by `latitude.db` as the first statement of each of the app's transactions on the primary
+# while a claimed request runs: the mark commits with the transaction or not at all, and it
+# row-locks the claim, so a retry that would take the claim over (or release it) waits for the
+# transaction to end and then sees whether it committed.
+_FENCE = (
+    f"with m as (update {TABLE} set applied = true where key = %s and created_at = %s "
+    "and state = 'running' returning 1) select count(*) from m"
+)
+_FENCE_IDLE = (
+    f"with m as (update {TABLE} set applied = true where key = %s and created_at = %s "
+    "and state = 'running' returning 1) "
+    "select count(*), set_config('idle_in_transaction_session_timeout', %s, true) from m"
+)
+
+# What a retry gets when a run committed its effects but its answer never reached the store
+# (its process died, or its link broke after the commit): the request is not run again.
+LOST_ANSWER_STATUS = 409
+LOST_ANSWER_HEADERS = [("content-type", "application/json")]
+LOST_ANSWER_BODY = (
+    b'{"error": "Applied, but the answer was lost", "detail": "This request was carried out, '
+    b'but its answer was lost on the way; it will not be run again. Reload to see its result."}'
+)
+
+
+def fence_statement(
+    key: str, started_at: Any, idle_timeout_s: float | None = None
+) -> tuple[str, tuple]:
+    """The SQL (and parameters) that marks the claim ``(key, started_at)`` applied within the
+    current transaction; it returns the number of claims marked (1, or 0 if the claim is no
+    longer that run's). With ``idle_timeout_s``, the database also aborts the transaction if the
+    app's next statement takes longer than that to arrive (a link that stalls mid-transaction
+    must not hold the claim's row lock, and the outcome, hostage)."""
+    if idle_timeout_s is None:
+        return _FENCE, (key, started_at)
+    return _FENCE_IDLE, (key, started_at, str(max(1, int(idle_timeout_s * 1000))))
 
 
 class IdempotencyError(Exception):
@@ -87,7 +140,18 @@ class IdempotencyError(Exception):
 
 
 class IdempotencyUnavailable(IdempotencyError):
-    """The primary database could not be reached (or failed) while claiming or storing."""
+    """The primary database could not be reached (or failed) while claiming or storing.
+
+    ``sent`` is False only when no statement was sent at all (no connection could be had), so
+    the database certainly did not act on it."""
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class ClaimTooLate(IdempotencyError):
+    """The claim reached the database after its ``not_after`` time: nothing was claimed."""
 
 
 class Outcome(enum.StrEnum):
@@ -104,7 +168,9 @@ class Claim:
     ``status`` / ``headers`` / ``body`` are set for ``REPLAY`` only. Headers are
     ``(name, value)`` pairs of ``str`` (latin-1, as HTTP carries them), in the stored order;
     :meth:`asgi_headers` gives them as ASGI byte pairs. ``started_at`` is the claim's
-    ``created_at`` (for ``NEW`` and ``IN_PROGRESS``).
+    ``created_at`` (for ``NEW`` and ``IN_PROGRESS``). ``position`` (``REPLAY`` only) is the
+    database's WAL position when the outcome was read: at or past the stored request's
+    commits, so a replica that has replayed it shows what the request wrote.
     """
 
     outcome: Outcome
@@ -114,6 +180,7 @@ class Claim:
     body: bytes = b""
     started_at: datetime | None = None
     taken_over: bool = False
+    position: str | None = None
 
     def asgi_headers(self) -> list[tuple[bytes, bytes]]:
         return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in self.headers]
@@ -159,19 +226,33 @@ class IdempotencyStore:
         min_size: int = 1,
         max_size: int = 10,
         timeout_s: float = 5.0,
+        wait: bool = True,
+        connect_timeout_s: float | None = None,
     ) -> IdempotencyStore:
-        """Open a pool on ``dsn`` (waiting up to ``timeout_s`` for its first connections)."""
+        """Open a pool on ``dsn`` (waiting up to ``timeout_s`` for its first connections).
+
+        With ``wait=False`` it returns at once and connects in the background: for a database
+        that may be out of reach now (the fallback's, over the ocean), one pool is kept and
+        reused, and each call waits at most its own ``timeout_s`` for a connection."""
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if connect_timeout_s is not None:
+            kwargs["connect_timeout"] = max(1, round(connect_timeout_s))
         pool = AsyncConnectionPool(
             dsn,
             min_size=min_size,
             max_size=max_size,
             timeout=timeout_s,
-            kwargs={"autocommit": True},
-            # No check on checkout: it would cost a round trip on every forwarded write (an
-            # ocean crossing on the fallback path). A broken connection fails one call with
-            # IdempotencyUnavailable and is discarded by the pool.
+            kwargs=kwargs,
+            # No round trip on checkout: it would cost one on every forwarded write (an ocean
+            # crossing on the fallback path). The local check only reads what the socket
+            # already holds: a connection whose peer reset or closed it is discarded before
+            # anything is sent on it (so a failure to reach the database is known as such).
+            check=_alive_locally,
             open=False,
         )
+        if not wait:
+            await pool.open(wait=False)
+            return cls(pool, _owns_pool=True)
         try:
             await pool.open(wait=True, timeout=timeout_s)
         except (PoolTimeout, psycopg.Error) as exc:
@@ -204,61 +285,109 @@ class IdempotencyStore:
                 await conn.execute(statement)
 
     async def begin(
-        self, key: str, request_hash: str, stale_after_s: float = DEFAULT_STALE_AFTER_S
+        self,
+        key: str,
+        request_hash: str,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        *,
+        not_after: float | None = None,
+        timeout_s: float | None = None,
     ) -> Claim:
-        """Claim ``key`` for the request identified by ``request_hash`` (see the module doc)."""
-        return await self._retrying(lambda: self._begin_once(key, request_hash, stale_after_s))
+        """Claim ``key`` for the request identified by ``request_hash`` (see the module doc).
 
-    async def ping(self) -> None:
+        With ``not_after`` (wall-clock seconds), a claim that reaches the database later claims
+        nothing and raises :class:`ClaimTooLate`. ``timeout_s`` bounds the wait for a pooled
+        connection (then :class:`IdempotencyUnavailable` with ``sent`` False)."""
+        return await self._retrying(
+            lambda: self._begin_once(key, request_hash, stale_after_s, not_after, timeout_s)
+        )
+
+    async def ping(self, timeout_s: float | None = None) -> None:
         """One round trip to the database (through a healthy pooled connection)."""
 
         async def once() -> None:
-            async with self._connection() as conn:
+            async with self._connection(timeout_s) as conn:
                 await conn.execute("select 1")
 
         await self._retrying(once)
 
+    async def position(self, timeout_s: float | None = None) -> str:
+        """The database's current WAL position (``pg_current_wal_lsn``), as text."""
+
+        async def once() -> str:
+            async with self._connection(timeout_s) as conn:
+                cur = await conn.execute("select pg_current_wal_lsn()::text")
+                return (await cur.fetchone())[0]
+
+        return await self._retrying(once)
+
     async def _retrying(self, operation):
         """Run ``operation`` again if a pooled connection turned out to be broken (the database
         restarted, a link was reset): the pool discards each broken one, so after at most as
-        many tries as the pool holds connections, a fresh one is used."""
+        many tries as the pool holds connections, a fresh one is used. The error raised says
+        ``sent`` if any try may have reached the database."""
+        sent = False
         for _ in range(self._pool.max_size):
             try:
                 return await operation()
             except IdempotencyUnavailable as exc:
-                if not isinstance(exc.__cause__, psycopg.OperationalError):
+                sent = sent or exc.sent
+                # No connection to be had within the timeout (PoolTimeout) is final, not a
+                # broken connection to discard and try past.
+                if not exc.sent or not isinstance(exc.__cause__, psycopg.OperationalError):
+                    exc.sent = sent
                     raise
-        return await operation()
+        try:
+            return await operation()
+        except IdempotencyUnavailable as exc:
+            exc.sent = sent or exc.sent
+            raise
 
-    async def _begin_once(self, key: str, request_hash: str, stale_after_s: float) -> Claim:
+    async def _begin_once(
+        self,
+        key: str,
+        request_hash: str,
+        stale_after_s: float,
+        not_after: float | None,
+        timeout_s: float | None,
+    ) -> Claim:
         _check_key(key)
         if not request_hash or not isinstance(request_hash, str):
             raise ValueError("request_hash must be a non-empty string")
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be positive, not {stale_after_s!r}")
+        # Without a deadline, one that never passes: the statements stay the same.
+        in_time = "clock_timestamp() < coalesce(to_timestamp(%s), 'infinity')"
+        limit = None if not_after is None else float(not_after)
         # The row can vanish between the insert and the select (abandoned or purged meanwhile):
         # then claim again. Three rounds are plenty; a fourth would mean a pathological loop.
         for _ in range(3):
             # Autocommit: every statement below is atomic on its own, and one round trip each
             # matters here (this sits on every forwarded write's path).
-            async with self._connection() as conn:
+            async with self._connection(timeout_s) as conn:
                 cur = await conn.execute(
-                    f"insert into {TABLE} (key, request_hash, state) values (%s, %s, 'running') "
+                    f"insert into {TABLE} (key, request_hash, state) "
+                    f"select %s, %s, 'running' where {in_time} "
                     "on conflict (key) do nothing returning created_at",
-                    (key, request_hash),
+                    (key, request_hash, limit),
                 )
                 inserted = await cur.fetchone()
                 if inserted:
                     return Claim(Outcome.NEW, key, started_at=inserted[0])
                 cur = await conn.execute(
-                    f"select request_hash, state, status, headers, body, created_at from {TABLE} "
-                    "where key = %s",
-                    (key,),
+                    f"select request_hash, state, status, headers, body, created_at, "
+                    f"pg_current_wal_lsn()::text, {in_time} from {TABLE} where key = %s",
+                    (limit, key),
                 )
                 row = await cur.fetchone()
                 if row is None:
+                    if limit is not None and not await self._in_time(conn, limit):
+                        raise ClaimTooLate(
+                            f"idempotency key {key!r}: the claim reached the database after "
+                            "its deadline; nothing was claimed"
+                        )
                     continue
-                stored_hash, state, status, headers, body, created_at = row
+                stored_hash, state, status, headers, body, created_at, position, ok = row
                 if stored_hash != request_hash:
                     return Claim(Outcome.MISMATCH, key)
                 if state == "completed":
@@ -268,18 +397,51 @@ class IdempotencyStore:
                         status=status,
                         headers=[(n, v) for n, v in headers or []],
                         body=bytes(body or b""),
+                        position=position,
                     )
+                if not ok:
+                    raise ClaimTooLate(
+                        f"idempotency key {key!r}: the claim reached the database after its "
+                        "deadline; nothing was claimed"
+                    )
+                # A stale run that never committed is taken over; one that did (its answer
+                # lost) is settled as such, never run again. The update waits for a run still
+                # inside a transaction, then sees whether it committed.
                 cur = await conn.execute(
                     f"update {TABLE} set created_at = now() where key = %s and state = 'running' "
                     "and request_hash = %s and created_at < now() - make_interval(secs => %s) "
-                    "returning created_at",
-                    (key, request_hash, float(stale_after_s)),
+                    f"and not applied and {in_time} returning created_at",
+                    (key, request_hash, float(stale_after_s), limit),
                 )
                 taken = await cur.fetchone()
                 if taken:
                     return Claim(Outcome.NEW, key, started_at=taken[0], taken_over=True)
+                if await self._settle_lost_answer(
+                    conn,
+                    "key = %s and request_hash = %s and created_at < now() - "
+                    "make_interval(secs => %s)",
+                    (key, request_hash, float(stale_after_s)),
+                ):
+                    continue  # now completed: the next round replays it
                 return Claim(Outcome.IN_PROGRESS, key, started_at=created_at)
         raise IdempotencyError(f"idempotency key {key!r}: could not claim it (row keeps vanishing)")
+
+    @staticmethod
+    async def _settle_lost_answer(conn: psycopg.AsyncConnection, where: str, args: tuple) -> bool:
+        """Complete the running, applied claim matching ``where`` with the lost-answer outcome."""
+        cur = await conn.execute(
+            f"update {TABLE} set state = 'completed', status = %s, headers = %s, body = %s, "
+            f"completed_at = now() where state = 'running' and applied and {where} "
+            "returning key",
+            (LOST_ANSWER_STATUS, Jsonb(_headers_json(LOST_ANSWER_HEADERS)), LOST_ANSWER_BODY)
+            + tuple(args),
+        )
+        return await cur.fetchone() is not None
+
+    @staticmethod
+    async def _in_time(conn: psycopg.AsyncConnection, limit: float) -> bool:
+        cur = await conn.execute("select clock_timestamp() < to_timestamp(%s)", (limit,))
+        return (await cur.fetchone())[0]
 
     async def complete(
         self,
@@ -303,6 +465,7 @@ class IdempotencyStore:
         body: bytes,
         *,
         claim: Claim | None = None,
+        timeout_s: float | None = None,
     ) -> tuple[bool, str | None]:
         """:meth:`complete`, also returning the database's WAL position (``pg_current_wal_lsn``)
         read in the same round trip: after the request's own commits, so a replica that has
@@ -314,10 +477,12 @@ class IdempotencyStore:
         )
         params: list[Any] = [int(status), Jsonb(_headers_json(headers)), bytes(body), key]
         query, params = _with_claim(query, params, claim)
-        return await self._retrying(lambda: self._complete_at(query, params))
+        return await self._retrying(lambda: self._complete_at(query, params, timeout_s))
 
-    async def _complete_at(self, query: str, params: list[Any]) -> tuple[bool, str | None]:
-        async with self._connection() as conn:
+    async def _complete_at(
+        self, query: str, params: list[Any], timeout_s: float | None
+    ) -> tuple[bool, str | None]:
+        async with self._connection(timeout_s) as conn:
             cur = await conn.execute(
                 f"with done as ({query} returning key) "
                 "select (select count(*) from done), pg_current_wal_lsn()::text",
@@ -326,16 +491,31 @@ class IdempotencyStore:
             stored, position = await cur.fetchone()
             return stored > 0, position
 
-    async def abandon(self, key: str, *, claim: Claim | None = None) -> bool:
+    async def abandon(
+        self, key: str, *, claim: Claim | None = None, timeout_s: float | None = None
+    ) -> bool:
         """Delete a running row (the app failed before any effect) so a retry may run it.
         Returns ``False`` if there was no such running row (or, with ``claim``, not that run)."""
         _check_key(key)
         query, params = _with_claim(
-            f"delete from {TABLE} where key = %s and state = 'running'", [key], claim
+            f"delete from {TABLE} where key = %s and state = 'running' and not applied",
+            [key],
+            claim,
         )
-        async with self._connection() as conn:
-            cur = await conn.execute(query + " returning key", params)
-            return await cur.fetchone() is not None
+
+        async def once() -> bool:
+            async with self._connection(timeout_s) as conn:
+                # Waits for the run's transaction, if one is still open, to end.
+                cur = await conn.execute(query + " returning key", params)
+                if await cur.fetchone() is not None:
+                    return True
+                # Not deleted: gone, or the run committed something before it failed.
+                where, args = _with_claim("key = %s", [key], claim)
+                await self._settle_lost_answer(conn, where, tuple(args))
+                return False
+
+        # Releasing matters most right after a link broke every pooled connection.
+        return await self._retrying(once)
 
     async def purge(self, older_than_s: float) -> int:
         """Delete every row claimed more than ``older_than_s`` seconds ago; return how many."""
@@ -348,13 +528,43 @@ class IdempotencyStore:
             )
             return cur.rowcount
 
+    async def purge_periodically(
+        self,
+        retention_s: float = DEFAULT_RETENTION_S,
+        every_s: float = DEFAULT_PURGE_EVERY_S,
+        on_error=None,
+    ) -> None:
+        """Run :meth:`purge` (rows older than ``retention_s``) now and then every ``every_s``,
+        until cancelled. A failed purge (the database is away) is reported to ``on_error`` and
+        tried again at the next turn: outcomes must not grow without bound, but a purge is
+        never urgent."""
+        if retention_s <= 0 or every_s <= 0:
+            raise ValueError(
+                f"retention_s and every_s must be positive, not {retention_s!r} / {every_s!r}"
+            )
+        while True:
+            try:
+                await self.purge(retention_s)
+            except (IdempotencyError, psycopg.Error) as exc:
+                if on_error is not None:
+                    on_error(exc)
+            await asyncio.sleep(every_s)
+
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
-        """A pooled autocommit connection; database failures become `IdempotencyUnavailable`."""
+    async def _connection(
+        self, timeout_s: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A pooled autocommit connection; database failures become `IdempotencyUnavailable`
+        (``sent`` False when no connection was had, so nothing was sent)."""
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection(timeout=timeout_s) as conn:
                 yield conn
-        except (PoolTimeout, psycopg.OperationalError) as exc:
+        except PoolTimeout as exc:  # raised only while waiting for a connection
+            raise IdempotencyUnavailable(
+                f"idempotency store: primary database unavailable ({type(exc).__name__}: {exc})",
+                sent=False,
+            ) from exc
+        except psycopg.OperationalError as exc:
             raise IdempotencyUnavailable(
                 f"idempotency store: primary database unavailable ({type(exc).__name__}: {exc})"
             ) from exc
@@ -370,6 +580,16 @@ class IdempotencyStore:
             raise IdempotencyUnavailable(
                 f"idempotency store: primary database unavailable ({type(exc).__name__}: {exc})"
             ) from exc
+
+
+async def _alive_locally(conn: psycopg.AsyncConnection) -> None:
+    """Raise if the connection is known dead without asking the server: the socket already
+    holds a reset or end of stream (a broken link's resets arrive before our next query)."""
+    if conn.closed or conn.pgconn.status != pq.ConnStatus.OK:
+        raise psycopg.OperationalError("the connection is closed")
+    conn.pgconn.consume_input()  # raises on a reset or closed socket; reads nothing else
+    if conn.pgconn.status != pq.ConnStatus.OK:
+        raise psycopg.OperationalError("the connection was closed by the server")
 
 
 def _with_claim(query: str, params: list[Any], claim: Claim | None) -> tuple[str, list[Any]]:

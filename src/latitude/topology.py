@@ -85,6 +85,8 @@ TABLE_KEYS: dict[str, set[str]] = {
         "body_timeout_s",
         "header_timeout_s",
         "max_pending_headers",
+        "idempotency_retention_s",
+        "idempotency_purge_every_s",
     },
     "mirror": {"root", "indexes", "retention_s", "max_lag_s", "poll_timeout_s", "paths"},
     "routing": {

@@ -39,6 +39,10 @@ class GatewayConfig:
     max_pending_headers: int = 256
     local_routes: tuple[str, ...] = ()
     always_forward_routes: tuple[str, ...] = ()
+    # Stored outcomes of forwarded writes are kept this long (a retry later than that runs
+    # anew), purged by the primary's gateway every `idempotency_purge_every_s`.
+    idempotency_retention_s: float = 24 * 3600.0
+    idempotency_purge_every_s: float = 3600.0
     overrides: Mapping[str, object] = field(default_factory=dict)
 
     @property
@@ -122,6 +126,12 @@ class GatewayConfig:
             ),
             local_routes=topology.routes.local,
             always_forward_routes=topology.routes.always_forward,
+            idempotency_retention_s=_positive(
+                get("idempotency_retention_s", 24 * 3600.0), "idempotency_retention_s"
+            ),
+            idempotency_purge_every_s=_positive(
+                get("idempotency_purge_every_s", 3600.0), "idempotency_purge_every_s"
+            ),
         )
 
     @classmethod

@@ -19,7 +19,7 @@ from latitude import consistency
 from latitude.forwarding import AnswerTooLarge, ForwardingClient, NoAnswer, NotSent
 from latitude.gateway.classify import FORWARDED_FROM_HEADER, SAFE_METHODS, Decision, classify
 from latitude.gateway.config import GatewayConfig
-from latitude.gateway.deadlines import bounded
+from latitude.gateway.deadlines import bounded, in_background
 from latitude.gateway.intake import check_request, check_target
 from latitude.gateway.messages import (
     BodyStalled,
@@ -44,7 +44,7 @@ from latitude.gateway.messages import (
 from latitude.gateway.observe import note
 from latitude.gateway.positions import PositionTracker, request_route
 from latitude.http_headers import HOP_BY_HOP
-from latitude.idempotency import IdempotencyStore, IdempotencyUnavailable, Outcome
+from latitude.idempotency import ClaimTooLate, IdempotencyStore, IdempotencyUnavailable, Outcome
 from latitude.promotion.follow import EPOCH_HEADER, EpochFollower
 from latitude.sessions import (
     InvalidSessionId,
@@ -79,8 +79,12 @@ SESSION_STATE = "latitude-session"
 POSITION = "latitude-position"
 IDEMPOTENCY = "latitude-idempotency"
 FALLBACK_TIMEOUT_S = 30.0
+FENCE_IDLE_S = 10.0
 PATH_CHECK_AFTER_S = 0.5
 PRIMARY_SESSION_COPY_TTL_S = 60
+STALE = b"latitude-stale"
+# A position no replica reaches: a write whose position is unknown sends its writer's reads on.
+UNKNOWN_POSITION = consistency.ReplicationPosition.parse("FFFFFFFF/FFFFFFFF")
 # What a forwarded request's signature covers (when present), and must cover to be accepted.
 SIGNED_REQUEST_HEADERS = (
     "content-digest",
@@ -158,7 +162,9 @@ class RegionGateway:
         self._started = False
         self._start_lock = asyncio.Lock()
         self._fallback_store: IdempotencyStore | None = None
+        self._fallback_store_lock = asyncio.Lock()
         self._stats_task: asyncio.Task | None = None
+        self._purge_task: asyncio.Task | None = None
         self._primary_db_seen_at = float("-inf")  # when a fallback last reached the primary DB
         # The primary epoch: which region is primary now (latitude.promotion); it may swap
         # `config`, and the route that runs requests here as the primary.
@@ -186,6 +192,13 @@ class RegionGateway:
                 if self.idempotency is None:
                     self.idempotency = await IdempotencyStore.open(region.database_url)
                     await self.idempotency.ensure_schema()
+                self._purge_task = asyncio.create_task(
+                    self.idempotency.purge_periodically(
+                        cfg.idempotency_retention_s,
+                        cfg.idempotency_purge_every_s,
+                        on_error=lambda exc: log.warning("idempotency purge failed: %s", exc),
+                    )
+                )
             elif self.forwarding is None:
                 self.forwarding = ForwardingClient(
                     cfg.primary_url,
@@ -196,6 +209,10 @@ class RegionGateway:
                     max_response_bytes=cfg.max_answer_bytes,
                 )
                 await self.forwarding.warm()
+            if not cfg.is_primary and region.primary_database_url:
+                # The fallback's pool connects now, in the background: a first fallback write
+                # then has no connection to set up over the ocean within its deadline.
+                await self._primary_idempotency()
             await self.positions.start()
             client = getattr(self.session_store, "client", None)
             if client is not None:
@@ -223,11 +240,12 @@ class RegionGateway:
                 log.debug("could not publish gateway stats: %s", exc)
 
     async def shutdown(self) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._stats_task
-            self._stats_task = None
+        for task in (self._stats_task, self._purge_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self._stats_task = self._purge_task = None
         for closer in (
             getattr(self.forwarding, "close", None),
             getattr(self.idempotency, "close", None),
@@ -390,7 +408,8 @@ class RegionGateway:
         cfg = self.config
         headers = scope["headers"]
         # A client retrying after a 504 sends back the key it was given.
-        key = header(headers, b"idempotency-key") or str(uuid.uuid4())
+        client_key = header(headers, b"idempotency-key")
+        key = client_key or str(uuid.uuid4())
         try:
             body = await SpooledBody.read(receive, idle_timeout_s=cfg.body_timeout_s)
         except BodyTooLarge as exc:
@@ -459,7 +478,9 @@ class RegionGateway:
                     if scope["method"] in SAFE_METHODS:
                         self.counters["read_served_stale"] += 1
                         await self._run_here(
-                            scope, *body.replay(body.size, send), consistency.REPLICA
+                            scope,
+                            *body.replay(body.size, marked_stale(send)),
+                            consistency.REPLICA,
                         )
                         return
                     break
@@ -490,7 +511,12 @@ class RegionGateway:
                         exc,
                     )
                     fingerprint = request_fingerprint(scope, body_digest, sid)
-                    await self._fallback(scope, body, send, key, fingerprint, deadline)
+                    # A request that brings its key may have run before (a retry after a 504):
+                    # only one that does not can be told that nothing was changed.
+                    maybe_sent = (
+                        attempt > 0 or getattr(exc, "maybe_delivered", False) or bool(client_key)
+                    )
+                    await self._fallback(scope, body, send, key, fingerprint, deadline, maybe_sent)
                     return
                 except AnswerTooLarge as exc:
                     self.counters["answer_too_large"] += 1
@@ -592,9 +618,11 @@ class RegionGateway:
                     return attempt.result()
                 if not await self.forwarding.can_connect():
                     self.counters["path_down"] += 1
-                    raise NotSent(
+                    exc = NotSent(
                         "the primary stopped accepting connections while an attempt was pending"
                     )
+                    exc.maybe_delivered = True  # the pending attempt may yet arrive
+                    raise exc
         finally:
             if not attempt.done():
                 attempt.cancel()
@@ -670,36 +698,42 @@ class RegionGateway:
         key: str,
         fingerprint: str,
         deadline: float,
+        maybe_sent: bool = False,
     ) -> None:
         """The primary's gateway is unreachable: run here, writing over the ocean to its database.
 
         An earlier attempt may still reach the primary (a stalled connection), so the key is
         claimed in the primary database first, exactly as the primary's gateway claims it:
-        whichever runs first, the request runs once. Every step is bounded by the deadline:
-        a stalled database connection must not hang the request.
+        whichever runs first, the request runs once. The client hears by the deadline; what is
+        still under way then (a claim or the app's SQL held by a stalled link) finishes in the
+        background and settles the key, so a retry with it gets the outcome. `maybe_sent`: a
+        forwarded attempt may have reached the primary, so nothing can be promised unchanged.
         """
 
         def left() -> float:
-            return max(0.05, deadline - time.monotonic())
+            return max(0.0, deadline - time.monotonic())
 
         if scope["method"] in SAFE_METHODS:
-            await self._fallback_read(scope, body, send, left())
+            await self._fallback_read(scope, body, send, deadline)
             return
 
         try:
-            store = await bounded(self._primary_idempotency(left()), left())
-            while True:
-                claim = await bounded(store.begin(key, fingerprint), left())
-                if claim.outcome is not Outcome.IN_PROGRESS or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-        except Exception as exc:  # unreachable, stalled or failing: the same answer
+            store = await self._primary_idempotency()
+            claim = await self._fallback_claim(store, key, fingerprint, deadline)
+        except Exception as exc:  # unreachable, stalled or failing
             log.warning(
                 "fallback for %s %s: primary database: %r", scope["method"], scope["path"], exc
             )
-            await self._read_only(
-                scope, send, key, "neither the primary region nor its database answers"
+            never_reached = isinstance(exc, ClaimTooLate) or (
+                isinstance(exc, IdempotencyUnavailable) and not exc.sent
             )
+            if never_reached and not maybe_sent:
+                await self._read_only(
+                    scope, send, key, "neither the primary region nor its database answers"
+                )
+            else:
+                # The claim (or the forwarded attempt) may yet land: only the key can tell.
+                await self._send_deadline(scope, send, key)
             return
         if claim.outcome is Outcome.REPLAY:
             self.counters["replayed"] += 1
@@ -709,7 +743,7 @@ class RegionGateway:
                 for k, v in claim.headers
                 if k.lower() not in INTERNAL_RESPONSE_HEADERS
             ]
-            headers += await self._fallback_position(scope, store, left())
+            headers += self.positions.cookie_headers(scope, claim.position)
             await send_response(send, claim.status, headers, claim.body[: len(claim.body) - n])
             return
         if claim.outcome is Outcome.IN_PROGRESS:
@@ -726,92 +760,196 @@ class RegionGateway:
             return
         self.counters["fallback"] += 1
         note(scope, outcome="fallback")
+        claimed_at = time.monotonic()
+        # The run may outlive this request (which closes its spooled body): it gets a copy.
+        data = b"".join([chunk async for chunk in body.chunks()])
+        run = asyncio.ensure_future(self._fallback_app(scope, data, claim))
+        await asyncio.wait({run}, timeout=left())
+        if not run.done():
+            # The app's SQL may or may not commit: the run settles the key when it ends.
+            log.warning(
+                "fallback for %s %s (key %s) still running at the deadline (%.2f s after the "
+                "claim); answering 504",
+                scope["method"],
+                scope["path"],
+                key,
+                time.monotonic() - claimed_at,
+            )
+            in_background(self._settle(store, claim, run))
+            await self._send_deadline(scope, send, key)
+            return
+        if run.exception() is not None:
+            log.warning(
+                "fallback for %s %s (key %s) failed: %r",
+                scope["method"],
+                scope["path"],
+                key,
+                run.exception(),
+            )
+            self.counters["fallback_failed"] += 1
+            in_background(store.abandon(key, claim=claim, timeout_s=FALLBACK_TIMEOUT_S))
+            await self._send_deadline(scope, send, key)
+            return
+        captured = run.result()
+        storing = asyncio.ensure_future(self._store_fallback_outcome(store, claim, captured))
+        await asyncio.wait({storing}, timeout=left())
+        if storing.done() and storing.exception() is None:
+            position = storing.result()
+        else:
+            if not storing.done():
+                in_background(storing)
+            log.warning("could not store the outcome of %s (key %s) in time", scope["path"], key)
+            # The write's position is unknown: the writer's reads go to the primary until the
+            # cookie expires, rather than risk a replica that has not replayed it.
+            position = str(UNKNOWN_POSITION)
+        await send_response(
+            send,
+            captured.status,
+            [*captured.headers, *self.positions.cookie_headers(scope, position)],
+            bytes(captured.body),
+        )
+
+    async def _fallback_claim(self, store: IdempotencyStore, key, fingerprint, deadline):
+        """Claim the key in the primary database by the deadline. A claim that lands later is
+        refused by the database (`not_after`); one whose answer comes late is released."""
+        not_after = time.time() + max(0.0, deadline - time.monotonic())
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            attempt = asyncio.ensure_future(
+                store.begin(key, fingerprint, not_after=not_after, timeout_s=max(0.01, left - 0.1))
+            )
+            await asyncio.wait({attempt}, timeout=left)
+            if not attempt.done():
+                in_background(attempt, then=lambda c: self._release_late_claim(store, c))
+                raise TimeoutError(
+                    f"the primary database did not answer the claim within {left:.2f} s"
+                )
+            claim = attempt.result()
+            if claim.outcome is not Outcome.IN_PROGRESS or deadline - time.monotonic() < 0.1:
+                return claim
+            await asyncio.sleep(0.05)
+
+    def _release_late_claim(self, store: IdempotencyStore, claim) -> None:
+        if claim.outcome is Outcome.NEW:
+            self.counters["fallback_late_claims_released"] += 1
+            in_background(store.abandon(claim.key, claim=claim, timeout_s=FALLBACK_TIMEOUT_S))
+
+    async def _fallback_app(self, scope: Scope, data: bytes, claim) -> CapturedResponse:
+        """Run the app here with its SQL routed to the primary database, each of its
+        transactions fenced by the claim (committed with it, or not at all)."""
         captured = CapturedResponse()
+        given, finished = False, asyncio.Event()
+
+        async def receive() -> dict:
+            nonlocal given
+            if given:  # as a server does: "disconnected" only once the answer is complete
+                await finished.wait()
+                return {"type": "http.disconnect"}
+            given = True
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        async def send(message: dict) -> None:
+            await captured.send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                finished.set()
+
         route = request_route(
             consistency.PRIMARY, scope["method"], scope["path"], self.config.region.name
         )
-        try:
-            with route:
-                run = self.app(self._edge_scope(scope), *body.replay(body.size, captured.send))
-                # SQL over the ocean is slow but completes; the bound only stops a stalled link
-                # from hanging the request forever.
-                await bounded(run, FALLBACK_TIMEOUT_S)
-        except TimeoutError:
-            # The app's SQL may or may not have committed: keep the claim, let the key decide.
-            await self._send_deadline(scope, send, key)
-            return
-        except Exception:
-            with contextlib.suppress(Exception):
-                await bounded(store.abandon(key), 2)
-            raise
+        # A transaction whose next statement is held by a stalled link is aborted by the
+        # database well before the fallback's bound, so a late commit cannot land.
+        fence = consistency.claimed(claim.key, claim.started_at, idle_timeout_s=FENCE_IDLE_S)
+        with route, fence:
+            # SQL over the ocean is slow but completes; the bound only stops a stalled link
+            # from holding the run (and its claim) forever.
+            await bounded(self.app(self._edge_scope(scope), receive, send), FALLBACK_TIMEOUT_S)
+        return captured
+
+    async def _store_fallback_outcome(self, store: IdempotencyStore, claim, captured) -> str:
         out = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in captured.headers
             if k.decode("latin-1").lower() not in INTERNAL_RESPONSE_HEADERS
         ]
-        position: list[tuple[bytes, bytes]] = []
-        try:
-            _, lsn = await bounded(
-                store.complete_at_position(
-                    key, captured.status, [*out, (SESSION_LENGTH, "0")], bytes(captured.body)
-                ),
-                max(left(), 1.0),
-            )
-            # The writer's next read here waits for this write like any other.
-            position = self.positions.cookie_headers(scope, lsn)
-        except Exception as exc:
-            log.warning("could not store the outcome of %s (key %s): %r", scope["path"], key, exc)
-        await send_response(
-            send, captured.status, [*captured.headers, *position], bytes(captured.body)
+        _, lsn = await store.complete_at_position(
+            claim.key,
+            captured.status,
+            [*out, (SESSION_LENGTH, "0")],
+            bytes(captured.body),
+            claim=claim,
+            timeout_s=FALLBACK_TIMEOUT_S,
         )
+        return lsn
+
+    async def _settle(self, store: IdempotencyStore, claim, run: asyncio.Future) -> None:
+        """After the client was answered 504: store the run's outcome when it ends, or release
+        the claim if the app failed. A run that never ends (stalled past the fallback bound)
+        keeps the claim: its SQL may still commit, so the key waits out the takeover time."""
+        try:
+            captured = await run
+        except TimeoutError:
+            log.warning("fallback run for key %s stalled; its claim is kept", claim.key)
+            return
+        except Exception:
+            self.counters["fallback_failed"] += 1
+            await store.abandon(claim.key, claim=claim, timeout_s=FALLBACK_TIMEOUT_S)
+            return
+        await self._store_fallback_outcome(store, claim, captured)
 
     async def _fallback_read(
-        self, scope: Scope, body: SpooledBody, send: Send, timeout_s: float
+        self, scope: Scope, body: SpooledBody, send: Send, deadline: float
     ) -> None:
         """A read meant for the primary (the replica is behind) that cannot be forwarded: read
         the primary database over the ocean; if that is out of reach too, the local replica's
-        answer, stale as it may be, is better than none."""
-        route = consistency.REPLICA
+        answer, marked stale (`Latitude-Stale`), is better than none."""
+        # The SQL of a read needs a round trip or two: give it a moment even late in the budget.
+        budget = max(deadline - time.monotonic(), self.config.read_wait_s, 1.0)
+        started = time.monotonic()
+        captured = CapturedResponse()
         try:
             # One ocean round trip at most once a second, not one more per read.
             if time.monotonic() - self._primary_db_seen_at > 1.0:
-                store = await bounded(self._primary_idempotency(timeout_s), timeout_s)
-                await bounded(store.ping(), timeout_s)
+                store = await self._primary_idempotency()
+                await bounded(store.ping(timeout_s=budget), budget)
                 self._primary_db_seen_at = time.monotonic()
-            route = consistency.PRIMARY
+            left = budget - (time.monotonic() - started)
+            route = request_route(
+                consistency.PRIMARY, scope["method"], scope["path"], self.config.region.name
+            )
+            with route:
+                run = self.app(self._edge_scope(scope), *body.replay(body.size, captured.send))
+                await bounded(run, max(left, 0.05))
         except Exception as exc:
             log.warning(
                 "read %s: the primary database is out of reach too (%r); serving it stale",
                 scope["path"],
                 exc,
             )
+            self._primary_db_seen_at = float("-inf")
             self.counters["read_served_stale"] += 1
-        await self._run_here(scope, *body.replay(body.size, send), route)
+            await self._run_here(
+                scope, *body.replay(body.size, marked_stale(send)), consistency.REPLICA
+            )
+            return
+        await send_response(send, captured.status, captured.headers, bytes(captured.body))
 
-    async def _fallback_position(self, scope: Scope, store: IdempotencyStore, timeout_s: float):
-        """The position cookie for a write made here: the primary's WAL position, read over the
-        fallback's own pool, so the writer's next read waits for it like any other."""
-
-        async def read() -> str:
-            async with store.pool.connection() as conn:
-                return str(await consistency.primary_position_async(conn))
-
-        try:
-            return self.positions.cookie_headers(scope, await bounded(read(), timeout_s))
-        except Exception as exc:
-            log.warning("no position for a write handled here: %r", exc)
-            return []
-
-    async def _primary_idempotency(self, timeout_s: float) -> IdempotencyStore:
-        """The primary database's idempotency table over the ocean (raises if unreachable)."""
-        if self._fallback_store is not None:
-            return self._fallback_store
-        url = self.config.region.primary_database_url
-        if not url:
-            raise RuntimeError(f"region {self.config.region.name} has no primary_database_url")
-        self._fallback_store = await IdempotencyStore.open(
-            url, min_size=1, max_size=4, timeout_s=min(timeout_s, self.config.connect_timeout_s + 1)
-        )
+    async def _primary_idempotency(self) -> IdempotencyStore:
+        """The primary database's idempotency table over the ocean: one pool, made once and
+        kept, that connects in the background; each call bounds its own wait."""
+        async with self._fallback_store_lock:
+            if self._fallback_store is None:
+                url = self.config.region.primary_database_url
+                if not url:
+                    raise RuntimeError(
+                        f"region {self.config.region.name} has no primary_database_url"
+                    )
+                self._fallback_store = await IdempotencyStore.open(
+                    url,
+                    min_size=1,
+                    max_size=4,
+                    wait=False,
+                    connect_timeout_s=self.config.connect_timeout_s,
+                )
         return self._fallback_store
 
     async def _read_only(self, scope: Scope, send: Send, key: str, why: str) -> None:
@@ -899,25 +1037,33 @@ class RegionGateway:
             return
         sid = session_id(headers, cfg.session_cookie)
         request_hash = request_fingerprint(scope, body.prefix_digest(body.size - n), sid)
+        # A read changes nothing, so it has no outcome to keep: it simply runs again.
+        claim = None
         try:
-            claim = await self.idempotency.begin(key, request_hash)
+            if scope["method"] not in SAFE_METHODS:
+                claim = await self.idempotency.begin(key, request_hash)
         except IdempotencyUnavailable as exc:
             await self._signed_answer(
-                send, headers, 503, [(b"retry-after", b"1")], str(exc).encode()
-            )
-            return
-        note(scope, idempotency=claim.outcome.value)
-        if claim.outcome is Outcome.REPLAY:
-            self.counters["replayed"] += 1
-            await self._send_signed(
                 send,
                 headers,
-                claim.status,
-                [(k.encode("latin-1"), v.encode("latin-1")) for k, v in claim.headers],
-                claim.body,
+                503,
+                [(b"retry-after", b"1"), (b"idempotency-key", key.encode("latin-1"))],
+                str(exc).encode(),
             )
             return
-        if claim.outcome is Outcome.IN_PROGRESS:
+        if claim is not None:
+            note(scope, idempotency=claim.outcome.value)
+        if claim is None:
+            pass
+        elif claim.outcome is Outcome.REPLAY:
+            self.counters["replayed"] += 1
+            replayed = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in claim.headers]
+            if claim.position:
+                # The writer's next read must wait for the write, as after the first answer.
+                replayed.append((POSITION.encode(), claim.position.encode()))
+            await self._send_signed(send, headers, claim.status, replayed, claim.body)
+            return
+        elif claim.outcome is Outcome.IN_PROGRESS:
             await self._signed_answer(
                 send,
                 headers,
@@ -926,7 +1072,7 @@ class RegionGateway:
                 b"a request with this Idempotency-Key is running",
             )
             return
-        if claim.outcome is Outcome.MISMATCH:
+        elif claim.outcome is Outcome.MISMATCH:
             await self._signed_answer(
                 send,
                 headers,
@@ -943,13 +1089,13 @@ class RegionGateway:
                 else:
                     await self.session_store.delete(sid)
         except SessionStoreUnavailable as exc:
-            await self.idempotency.abandon(key)
+            await self._abandon(claim)
             await self._signed_answer(
                 send, headers, 503, [(b"retry-after", b"2")], str(exc).encode()
             )
             return
         except SessionError as exc:
-            await self.idempotency.abandon(key)
+            await self._abandon(claim)
             await self._signed_answer(
                 send, headers, 413, [(b"content-type", b"text/plain")], str(exc).encode()
             )
@@ -974,19 +1120,20 @@ class RegionGateway:
         }
         captured = CapturedResponse()
         try:
-            with request_route(
-                self._primary_route, scope["method"], scope["path"], cfg.region.name
+            with (
+                request_route(self._primary_route, scope["method"], scope["path"], cfg.region.name),
+                _fenced(claim),
             ):
                 await self.app(app_scope, *body.replay(body.size - n, captured.send))
         except SessionStoreUnavailable as exc:
-            await self.idempotency.abandon(key)
+            await self._abandon(claim)
             await self._signed_answer(
                 send, headers, 503, [(b"retry-after", b"2")], str(exc).encode()
             )
             return
         except Exception:
             log.exception("the app failed on a forwarded %s %s", scope["method"], scope["path"])
-            await self.idempotency.abandon(key)
+            await self._abandon(claim)
             await self._signed_answer(
                 send, headers, 500, [(b"content-type", b"text/plain")], b"internal error"
             )
@@ -1005,7 +1152,7 @@ class RegionGateway:
             try:
                 blob = self.codec.pack(session_after) if session_after else b""
             except SessionTooLarge as exc:
-                await self.idempotency.abandon(key)
+                await self._abandon(claim)
                 await self._signed_answer(
                     send, headers, 500, [(b"content-type", b"text/plain")], str(exc).encode()
                 )
@@ -1019,16 +1166,26 @@ class RegionGateway:
         out_headers.append((SESSION_LENGTH.encode(), str(len(blob)).encode()))
         out_headers.append((SESSION_STATE.encode(), b"updated" if blob else b"deleted"))
         # One round trip stores the outcome and reads the WAL position the replica must reach.
-        _, position = await self.idempotency.complete_at_position(
-            key,
-            captured.status,
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in out_headers],
-            envelope,
-        )
+        if claim is None:
+            position = await self.idempotency.position()
+        else:
+            _, position = await self.idempotency.complete_at_position(
+                key,
+                captured.status,
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in out_headers],
+                envelope,
+                claim=claim,
+            )
         if position:
             out_headers.append((POSITION.encode(), position.encode()))
         self.counters["executed_forwarded"] += 1
         await self._send_signed(send, headers, captured.status, out_headers, envelope)
+
+    async def _abandon(self, claim) -> None:
+        """Release this run's claim (the app failed before any effect). With the claim, a run
+        whose claim was taken over meanwhile deletes nothing of its successor's."""
+        if claim is not None:
+            await self.idempotency.abandon(claim.key, claim=claim)
 
     async def _signed_answer(self, send, request_headers, status, headers, body: bytes) -> None:
         """A signed answer of the gateway's own (a refusal or an error): it leaves the session
@@ -1071,6 +1228,25 @@ def session_id(headers: list[tuple[bytes, bytes]], cookie_name: str) -> str | No
         return check_session_id(sid.strip().strip('"')) if sid else None
     except InvalidSessionId:
         return None
+
+
+def _fenced(claim) -> contextlib.AbstractContextManager:
+    if claim is None:
+        return contextlib.nullcontext()
+    return consistency.claimed(claim.key, claim.started_at)
+
+
+def marked_stale(send: Send) -> Send:
+    """`send`, adding `Latitude-Stale` to the answer: it comes from this region's replica,
+    which may not have replayed the client's latest write (the primary is out of reach)."""
+
+    async def marked(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", []), (STALE, b"replica")]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return marked
 
 
 def _announced_body_length(headers) -> int | None:

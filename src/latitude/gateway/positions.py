@@ -78,8 +78,7 @@ class PositionTracker:
                 self.counters["reads_forwarded"] += 1
                 return False
         else:
-            raw = cookie_value(scope["headers"], POSITION_COOKIE)
-            target = self.cookie.read(raw) if raw else None
+            target = self.cookie_position(scope)
             if target is None:
                 self.counters["reads_local"] += 1
                 return True
@@ -96,6 +95,20 @@ class PositionTracker:
             self.counters["reads_local"] += 1
         return ok
 
+    def cookie_position(self, scope: Scope) -> consistency.ReplicationPosition | None:
+        """The position in the request's cookie, if it is genuine and was issued here.
+
+        A cookie is bound to the region that issued it. Each region answers on its own host, so
+        a browser never sends one region's cookie to another; one that arrives anyway was
+        carried over by hand (or by a cookie domain shared across regions), and is not this
+        region's promise to keep: honouring it would let one cookie make every region wait
+        and cross the ocean for its reads. Read-your-writes holds within the writer's region."""
+        raw = cookie_value(scope["headers"], POSITION_COOKIE)
+        claim = self.cookie.read_claim(raw) if raw else None
+        if claim is None or claim.region != self.config.region.name:
+            return None
+        return claim.position
+
     def cookie_headers(self, scope: Scope, position: str | None) -> list[tuple[bytes, bytes]]:
         if not position or self.config.is_primary:
             return []
@@ -104,7 +117,7 @@ class PositionTracker:
         except ValueError:
             return []
         # Answers to one user's concurrent requests may arrive out of order: never go back.
-        old = self.cookie.read(cookie_value(scope["headers"], POSITION_COOKIE))
+        old = self.cookie_position(scope)
         if old is not None and new < old:
             new = old
         value = self.cookie.issue(new, self.config.region.name)

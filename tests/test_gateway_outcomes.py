@@ -1,0 +1,165 @@
+"""The primary's gateway keeps its idempotency bookkeeping: old outcomes are purged on a
+schedule, and a run whose claim was taken over cannot store its outcome over its successor's.
+
+An in-process `RegionGateway` for the lab's primary region (its real Postgres and Valkey), fed
+forwarded requests signed exactly as a replica's gateway signs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from latitude.gateway import GatewayConfig, RegionGateway
+from latitude.gateway.config import GatewayConfigError
+from latitude.gateway.middleware import SIGNED_REQUEST_HEADERS
+from latitude.idempotency import TABLE, IdempotencyStore, Outcome
+from latitude.signing import content_digest, sign_request
+from latitude.topology import load_topology
+
+PRIMARY, EU = "us-west", "eu-west"
+HOST = "primary.internal"
+
+
+def primary_config(world, **overrides) -> GatewayConfig:
+    env = world.region_env(PRIMARY)
+    topology = load_topology(env["LATITUDE_TOPOLOGY"], environ=env)
+    return GatewayConfig.from_topology(topology, PRIMARY, environ=env, **overrides)
+
+
+def primary_dsn(world) -> str:
+    return next(r["database_url"] for r in world.status()["regions"] if r["name"] == PRIMARY)
+
+
+async def call(gateway, config, key: str, body: bytes) -> tuple[int, bytes]:
+    """One forwarded POST /things, signed as eu-west's gateway signs it."""
+    headers = [
+        ("content-type", "application/json"),
+        ("forwarded", f"for=127.0.0.1;proto=http;host={HOST}"),
+        ("idempotency-key", key),
+        ("content-digest", content_digest(body)),
+        ("latitude-session-length", "0"),
+        ("latitude-forwarded-from", EU),
+    ]
+    signature = sign_request(
+        config.keyring,
+        method="POST",
+        url=f"http://{HOST}/things",
+        headers=headers,
+        covered=SIGNED_REQUEST_HEADERS,
+    )
+    headers += [(k.lower(), v) for k, v in signature.items()]
+    headers += [("host", HOST), ("content-length", str(len(body)))]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/things",
+        "raw_path": b"/things",
+        "query_string": b"",
+        "scheme": "http",
+        "client": ("127.0.0.1", 40000),
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+    }
+    sent = [{"type": "http.request", "body": body, "more_body": False}]
+    answer: dict = {"status": None, "body": b""}
+
+    async def receive():
+        return sent.pop() if sent else {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            answer["body"] += message.get("body", b"")
+
+    await gateway(scope, receive, send)
+    return answer["status"], answer["body"]
+
+
+async def test_outcomes_older_than_the_retention_are_purged_on_a_schedule(world):
+    config = primary_config(world, idempotency_retention_s=3600, idempotency_purge_every_s=0.2)
+    prefix = f"purge-{uuid.uuid4()}-"
+    async with await IdempotencyStore.open(primary_dsn(world), max_size=1) as store:
+        await store.ensure_schema()
+    async with await psycopg.AsyncConnection.connect(primary_dsn(world), autocommit=True) as db:
+        for name, age_s in (("old", 7200), ("recent", 60)):
+            await db.execute(
+                f"insert into {TABLE} (key, request_hash, state, created_at) "
+                "values (%s, 'h', 'completed', now() - make_interval(secs => %s))",
+                (prefix + name, age_s),
+            )
+
+        async def keys() -> set[str]:
+            cur = await db.execute(f"select key from {TABLE} where key like %s", (prefix + "%",))
+            return {row[0].removeprefix(prefix) for row in await cur.fetchall()}
+
+        gateway = RegionGateway(lambda *a: None, config)
+        await gateway.startup()
+        try:
+            deadline = time.monotonic() + 10
+            while "old" in await keys():
+                assert time.monotonic() < deadline, "the old outcome was never purged"
+                await asyncio.sleep(0.1)
+            assert await keys() == {"recent"}
+        finally:
+            await gateway.shutdown()
+            await db.execute(f"delete from {TABLE} where key like %s", (prefix + "%",))
+
+
+def test_the_retention_is_configurable_and_checked(world):
+    config = primary_config(world)
+    assert config.idempotency_retention_s == 24 * 3600  # the default: a day
+    assert primary_config(world, idempotency_retention_s=600).idempotency_retention_s == 600
+    for bad in (0, -5, "soon"):
+        with pytest.raises(GatewayConfigError, match="idempotency_retention_s"):
+            primary_config(world, idempotency_retention_s=bad)
+
+
+async def test_a_run_whose_claim_was_taken_over_does_not_store_its_outcome(world):
+    """While the app runs, its claim goes stale and another runner takes the key over: the
+    first run's answer still reaches its caller, but the row stays the successor's."""
+    config = primary_config(world)
+    key = f"takeover-{uuid.uuid4()}"
+    dsn = primary_dsn(world)
+    successor = {}
+
+    async def app(scope, receive, send):
+        await receive()
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
+            # The claim looks abandoned (older than the takeover time)...
+            await db.execute(
+                f"update {TABLE} set created_at = now() - interval '10 minutes' where key = %s",
+                (key,),
+            )
+            cur = await db.execute(f"select request_hash from {TABLE} where key = %s", (key,))
+            (request_hash,) = await cur.fetchone()
+        # ...and a retry takes it over.
+        async with await IdempotencyStore.open(dsn, max_size=1) as other:
+            successor["claim"] = await other.begin(key, request_hash)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 201,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": json.dumps({"run": 1}).encode()})
+
+    gateway = RegionGateway(app, config)
+    await gateway.startup()
+    try:
+        status, body = await call(gateway, config, key, b'{"thing": 1}')
+    finally:
+        await gateway.shutdown()
+    assert status == 201 and body.startswith(b'{"run": 1}'), (status, body)
+    claim = successor["claim"]
+    assert claim.outcome is Outcome.NEW and claim.taken_over
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
+        cur = await db.execute(f"select state, created_at from {TABLE} where key = %s", (key,))
+        state, created_at = await cur.fetchone()
+        await db.execute(f"delete from {TABLE} where key = %s", (key,))
+    assert (state, created_at) == ("running", claim.started_at)
