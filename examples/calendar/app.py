@@ -418,6 +418,8 @@ async def lifespan(app):
         # its connections to the primary database over the ocean are made now, not then.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(engines.warm(2), 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(tasks.warm(engines.primary), 5)
     yield
     await engines.dispose()
     await sessions.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import procrastinate
 import psycopg
 
-from latitude.workers import enqueue
+from latitude.workers import enqueue, open_queue
 
 tasks = procrastinate.Blueprint()
 
@@ -34,3 +34,8 @@ async def remind(context, event_id: int, title: str) -> None:
 async def remind_later(engine, event_id: int, title: str) -> None:
     """Called by the app after it created an event (a write: it runs at the primary)."""
     await enqueue(engine, "remind", event_id=event_id, title=title)
+
+
+async def warm(engine) -> None:
+    """Open the queue to the primary database before the first write needs it."""
+    await open_queue(engine)

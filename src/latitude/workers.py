@@ -80,6 +80,12 @@ async def _queue(url: str) -> procrastinate.App:
         return app
 
 
+async def open_queue(url_or_engine: Any) -> None:
+    """Open the queue's pool now (e.g. at an app's start-up in a replica region), so that the
+    first enqueue of a fallback write over the ocean does not pay its connections."""
+    await _queue(libpq_url(url_or_engine))
+
+
 async def enqueue(url_or_engine: Any, task: str, **kwargs: Any) -> int:
     """Put a job on the queue in the database at `url_or_engine`; returns the job id."""
     url = libpq_url(url_or_engine)
