@@ -2,8 +2,8 @@
 
 Model, per (vantage point, region, service):
 
-* one probe every `check_interval_s`, each an HTTP GET of the endpoint that must answer `200`
-  within `check_timeout_s`; while the verdict is in doubt (a failure among the recent results,
+* one probe every `check_interval_s`, each an HTTP GET of the endpoint that must connect
+  within `check_timeout_s` and then answer `200` within `check_timeout_s`; while the verdict is in doubt (a failure among the recent results,
   or the pair is down) every `suspect_interval_s` instead, so a death is confirmed, and a
   recovery noticed, in a fraction of the steady interval;
 * healthy -> down after `check_threshold` failures among the last `window` results (one lost
@@ -477,22 +477,27 @@ class HealthChecker:
 async def probe(
     session: aiohttp.ClientSession, url: str, timeout_s: float
 ) -> tuple[bool, float | None, str | None]:
-    """GET `url`: (healthy, latency of the successful request in ms, error)."""
+    """GET `url`: (healthy, latency of the successful request in ms, error).
+
+    Like Route 53's checks, the timeout applies to connecting and, separately, to the answer
+    once the request is sent: a probe that follows a timed-out one (its connection closed)
+    pays a new connection's round trip without that alone failing it across a far link."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+    deadline = loop.time() + 2 * timeout_s
+    per_step = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
     attempts = 2  # a kept-alive connection the server closed meanwhile gets one fresh retry
     while True:
         attempts -= 1
         started = loop.time()
         try:
             async with asyncio.timeout_at(deadline):
-                async with session.get(url, allow_redirects=False) as resp:
+                async with session.get(url, allow_redirects=False, timeout=per_step) as resp:
                     await resp.content.read(65536)
                     latency = (loop.time() - started) * 1000
                     if resp.status == 200:
                         return True, latency, None
                     return False, None, f"HTTP {resp.status}"
-        except TimeoutError:
+        except TimeoutError:  # aiohttp's connect and read timeouts are TimeoutErrors too
             return False, None, f"no answer within {timeout_s:g} s"
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if attempts > 0 and loop.time() < deadline:
