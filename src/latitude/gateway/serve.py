@@ -100,7 +100,8 @@ def run(
         lifespan="on",
         log_level=log_level,
         timeout_keep_alive=300,  # forwarded requests ride long-lived pooled connections
-        http="httptools",  # with uvloop: ~0.7x h11 + asyncio's CPU per request (benchmarks/)
+        # uvloop: less CPU per request (benchmarks/README.md). httptools measured faster still,
+        # but the header read timeout and pending-header cap live in the h11 protocol below.
         loop="uvloop",
         ssl_certfile=tls_cert or config.topology.gateway.get("tls_cert"),
         ssl_keyfile=tls_key or config.topology.gateway.get("tls_key"),
