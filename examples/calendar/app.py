@@ -335,6 +335,7 @@ async def lifespan(app):
             await db.execute(text("select pg_advisory_xact_lock(4242)"))
             for statement in filter(str.strip, SCHEMA.split(";")):
                 await db.execute(text(statement))
+        await tasks.prepare(engines.primary)  # the job queue's tables, before any request
     yield
     await engines.dispose()
     await sessions.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import procrastinate
 import psycopg
 
-from latitude.workers import enqueue
+from latitude.workers import enqueue, prepare_queue
 
 tasks = procrastinate.Blueprint()
 
@@ -34,3 +34,8 @@ async def remind(context, event_id: int, title: str) -> None:
 async def remind_later(engine, event_id: int, title: str) -> None:
     """Called by the app after it created an event (a write: it runs at the primary)."""
     await enqueue(engine, "remind", event_id=event_id, title=title)
+
+
+async def prepare(engine) -> None:
+    """At start-up in the primary region: the queue's tables exist before the first request."""
+    await prepare_queue(engine)
