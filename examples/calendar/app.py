@@ -413,6 +413,7 @@ async def lifespan(app):
             await db.execute(text("select pg_advisory_xact_lock(4242)"))
             for statement in filter(str.strip, SCHEMA.split(";")):
                 await db.execute(text(statement))
+        await tasks.prepare(engines.primary)  # the job queue's tables, before any request
     else:
         # A fallback write (the primary's gateway unreachable) must fit the gateway's deadline:
         # its connections to the primary database over the ocean are made now, not then.

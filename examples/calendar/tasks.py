@@ -9,7 +9,7 @@ from __future__ import annotations
 import procrastinate
 import psycopg
 
-from latitude.workers import enqueue, open_queue
+from latitude.workers import enqueue, open_queue, prepare_queue
 
 tasks = procrastinate.Blueprint()
 
@@ -39,3 +39,8 @@ async def remind_later(engine, event_id: int, title: str) -> None:
 async def warm(engine) -> None:
     """Open the queue to the primary database before the first write needs it."""
     await open_queue(engine)
+
+
+async def prepare(engine) -> None:
+    """At start-up in the primary region: the queue's tables exist before the first request."""
+    await prepare_queue(engine)

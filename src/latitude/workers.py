@@ -86,6 +86,15 @@ async def open_queue(url_or_engine: Any) -> None:
     await _queue(libpq_url(url_or_engine))
 
 
+async def prepare_queue(url_or_engine: Any) -> None:
+    """Open the queue on this database and create Procrastinate's tables if missing (once, at
+    start-up, so that no request pays for it)."""
+    url = libpq_url(url_or_engine)
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+    async with app.open_async():
+        await ensure_schema(app, url)
+
+
 async def enqueue(url_or_engine: Any, task: str, **kwargs: Any) -> int:
     """Put a job on the queue in the database at `url_or_engine`; returns the job id."""
     url = libpq_url(url_or_engine)
