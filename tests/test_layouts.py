@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 
 import aiohttp
 
@@ -49,12 +51,20 @@ def test_a_far_user_reads_locally_and_writes_in_one_ocean_round_trip(calendar, t
     assert single["read_p50_ms"] >= 0.9 * where["rtt_ms"]["us-west"]
     assert latitude["read_p50_ms"] < 0.5 * single["read_p50_ms"], (latitude, single)
     # Writes: one ocean round trip either way.
-    assert latitude["write_p50_ms"] <= WRITE_TOLERANCE * single["write_p50_ms"], (latitude, single)
+    # The gateway's CPU work on both sides (a few ms on a quiet machine) stretches with the run
+    # queue: on a shared machine allow 10 ms per runnable process per core beyond the first.
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    allowance_ms = 10 * max(0.0, load - 1)
+    limit = WRITE_TOLERANCE * single["write_p50_ms"] + allowance_ms
+    assert latitude["write_p50_ms"] <= limit, (latitude, single, f"load/core {load:.1f}")
     # The other two layouts are slower at writing, for the reasons the talk gives.
     unpooled = layouts["forwarding-unpooled"][PLACE]
     sql = layouts["sql-over-the-ocean"][PLACE]
     rtt = calendar.topology().rtt_ms("eu-west", "us-west")
-    assert unpooled["write_p50_ms"] >= latitude["write_p50_ms"] + 0.7 * rtt  # the handshake
+    # A new connection's handshakes cross the ocean: TCP's, and TLS 1.3's when openssl could
+    # make the lab a certificate.
+    handshakes = 2 if shutil.which("openssl") else 1
+    assert unpooled["write_p50_ms"] >= latitude["write_p50_ms"] + (handshakes - 0.3) * rtt
     assert sql["write_p50_ms"] >= 4 * rtt  # a connection and every statement cross the ocean
     assert sql["read_p50_ms"] < 0.5 * single["read_p50_ms"]  # but its reads are local
 

@@ -22,6 +22,7 @@ from importlib import resources
 import aiohttp
 
 from latitude import metrics
+from latitude.forwarding import ssl_context
 from latitude.gateway.classify import SAFE_METHODS
 from latitude.gateway.config import GatewayConfig
 
@@ -253,7 +254,11 @@ class Observe:
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
-                connector=aiohttp.TCPConnector(limit=16, keepalive_timeout=60),
+                # The forwarding's own trust (ca_file): a probe that failed TLS would open a
+                # new connection every second.
+                connector=aiohttp.TCPConnector(
+                    limit=16, keepalive_timeout=60, ssl=ssl_context(self.config.ca_file)
+                ),
             )
         return self._http
 

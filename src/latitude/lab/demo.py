@@ -8,7 +8,10 @@ import asyncio
 import contextlib
 import math
 import os
+import shutil
+import ssl
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -23,7 +26,11 @@ CALENDAR_APP = "examples.calendar.app:app"
 
 
 def calendar_argv(
-    world: LabWorld, region: str, workers: int = 1, extra: list[str] | None = None
+    world: LabWorld,
+    region: str,
+    workers: int = 1,
+    extra: list[str] | None = None,
+    topology_file: str | None = None,
 ) -> list[str]:
     state = world.state()
     if not (REPO / "examples" / "calendar" / "app.py").exists():
@@ -39,7 +46,7 @@ def calendar_argv(
         "--region",
         region,
         "--topology",
-        state["regions"][region]["topology_file"],
+        topology_file or state["regions"][region]["topology_file"],
         "--app-dir",
         str(REPO),
         "--workers",
@@ -146,7 +153,7 @@ LAYOUT_HELP = {
     "sql-over-the-ocean": "app and replica near the user; every write's SQL sent to the far "
     "primary on a new connection (the talk's first attempt)",
     "forwarding-unpooled": "app and replica near the user; writes forwarded whole to the "
-    "primary, on a new connection each time",
+    "primary, on a new TLS connection each time",
     "latitude": "app and replica near the user; writes forwarded on a pooled, kept-alive "
     "connection; reads local",
 }
@@ -160,15 +167,83 @@ def _pct(samples: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 1)
 
 
+def _self_signed(folder: Path) -> tuple[Path, Path] | None:
+    """A certificate for 127.0.0.1 (its own CA), made with the openssl command; None without it."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    if cert.exists() and key.exists():
+        return cert, key
+    if not shutil.which("openssl"):
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "2", "-subj", "/CN=latitude-lab", "-addext",
+            "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    return (cert, key) if done.returncode == 0 else None
+
+
+def _with_gateway_keys(text: str, keys: dict[str, str]) -> str:
+    lines = "".join(f'{k} = "{v}"\n' for k, v in keys.items())
+    if "\n[gateway]\n" in text:
+        return text.replace("\n[gateway]\n", f"\n[gateway]\n{lines}", 1)
+    return f"{text}\n[gateway]\n{lines}"
+
+
+def _tls_primary(world: LabWorld, progress) -> tuple[int, Path] | None:
+    """The primary's calendar behind a TLS gateway (slot `layout-tls`), for the unpooled layout:
+    a new connection then pays the TLS handshake's round trip on top of TCP's, as in the talk."""
+    from latitude.lab.world import _free_ports
+
+    state = world.state()
+    primary = state["primary"]
+    made = _self_signed(world.state_dir / "layouts-tls")
+    if made is None:
+        progress(
+            "no openssl command: the unpooled layout forwards over plain TCP (no TLS handshake)"
+        )
+        return None
+    cert, key = made
+    (port,) = _free_ports(1)
+    text = Path(state["regions"][primary]["topology_file"]).read_text()
+    topology = world.state_dir / "layouts-tls" / f"{primary}.toml"
+    topology.write_text(_with_gateway_keys(text, {"tls_cert": str(cert), "tls_key": str(key)}))
+    progress(
+        f"{primary}: start the calendar behind a TLS gateway on {port} (for forwarding-unpooled)"
+    )
+    world.set_service(
+        primary,
+        "layout-tls",
+        calendar_argv(world, primary, 1, ["--port", str(port)], str(topology)),
+    )
+    context = ssl.create_default_context(cafile=str(cert))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(
+                f"https://127.0.0.1:{port}/_latitude/health", timeout=2, context=context
+            ):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"{primary}: the TLS gateway did not answer on {port}; see "
+                    f"{world.service_log(primary, 'layout-tls')}"
+                ) from None
+            time.sleep(0.1)
+    return port, cert
+
+
 def start_layouts(world: LabWorld, regions: list[str], progress=None) -> dict[str, dict]:
-    """In each replica region near a user: the naive app (`app-sql`) and an unpooled gateway
-    (`app-unpooled`) beside the normal one. Returns the port of each layout per region."""
+    """In each replica region near a user: the naive app (`layout-sql`) and an unpooled gateway
+    (`layout-unpooled`, forwarding over TLS when openssl can make a certificate) beside the
+    normal one. Returns the port of each layout per region."""
     from latitude.lab.world import _free_ports
 
     progress = progress or (lambda _m: None)
     state = world.state()
     primary = state["primary"]
     ports: dict[str, dict] = {}
+    tls = _tls_primary(world, progress) if set(regions) - {primary} else None
     for region in regions:
         app_port = state["regions"][region]["app_port"]
         if region == primary:
@@ -181,7 +256,7 @@ def start_layouts(world: LabWorld, regions: list[str], progress=None) -> dict[st
         )
         world.set_service(
             region,
-            "app-sql",
+            "layout-sql",
             [
                 sys.executable,
                 "-m",
@@ -198,10 +273,22 @@ def start_layouts(world: LabWorld, regions: list[str], progress=None) -> dict[st
             ],
             env={"CALENDAR_PRIMARY_POOL": "none", "PYTHONPATH": str(REPO)},
         )
+        topology_file = None
+        if tls is not None:
+            tls_port, ca_file = tls
+            relay = world.add_relay(region, primary, tls_port)
+            text = Path(state["regions"][region]["topology_file"]).read_text()
+            plain = f'"http://127.0.0.1:{state["regions"][primary]["relays"][region]["app"]}"'
+            text = text.replace(plain, f'"https://127.0.0.1:{relay}"')
+            path = world.state_dir / "layouts-tls" / f"{region}.toml"
+            path.write_text(_with_gateway_keys(text, {"ca_file": str(ca_file)}))
+            topology_file = str(path)
         world.set_service(
             region,
-            "app-unpooled",
-            calendar_argv(world, region, 1, ["--no-pool", "--port", str(unpooled_port)]),
+            "layout-unpooled",
+            calendar_argv(
+                world, region, 1, ["--no-pool", "--port", str(unpooled_port)], topology_file
+            ),
         )
         ports[region] = {
             "single-region": state["regions"][primary]["app_port"],
@@ -224,7 +311,7 @@ def _wait_port(world: LabWorld, region: str, layout: str, port: int, timeout: fl
                     return
         except OSError:
             time.sleep(0.1)
-    service = {"sql-over-the-ocean": "app-sql", "forwarding-unpooled": "app-unpooled"}
+    service = {"sql-over-the-ocean": "layout-sql", "forwarding-unpooled": "layout-unpooled"}
     log = world.service_log(region, service.get(layout, "app"))
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
     raise LabError(f"{region}: the {layout} layout did not answer on {port}; its log ends:\n{tail}")
