@@ -559,4 +559,73 @@ paths = ["/simple/", "/packages/"]
     assert r.returncode == 0, r.stderr
     assert "serial 1" in r.stdout and (tmp_path / "us/simple/f/index.html").read_text() == "hi"
     r = run("sync", "--region", "us")
-    assert r.returncode == 1 and "primary" in r.stderr
+    assert r.returncode == 2 and "primary" in r.stderr
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    topo = tmp_path / "latitude.toml"
+    topo.write_text("""
+[lab]
+[[regions]]
+name = "us"
+primary = true
+location = [45.6, -121.2]
+mirror_url = "http://127.0.0.1:9"
+[[regions]]
+name = "eu"
+location = [53.3, -6.3]
+mirror_url = "http://127.0.0.1:9"
+""")
+    (tmp_path / "f.json").write_text("{}")
+    bad = [
+        (["sync", "--region", "mars"], "no region named 'mars'"),
+        (["sync", "--region", "eu"], 'set root = "/srv/mirror" in the [mirror] table'),
+        (["sync", "--region", "eu", "--root", "r", "--pool-size", "-3"], "--pool-size -3"),
+        (["sync", "--region", "eu", "--root", "r", "--poll-interval", "-1"], "--poll-interval"),
+        (["sync", "--region", "eu", "--root", "r", "--inline", "-5"], "--inline -5"),
+        (["sync", "--region", "eu", "--root", "r", "--files-url", "nope"], "--files-url"),
+        (["serve", "--region", "eu", "--root", "r", "--port", "99999"], "--port 99999"),
+        (["serve", "--region", "eu", "--root", "r", "--max-lag", "-5"], "--max-lag -5"),
+        (["serve", "--region", "eu", "--root", "r", "--path", "simple"], "--path 'simple'"),
+        (["nginx-config", "--region", "eu", "--root", "r", "--listen", "80; evil"], "--listen"),
+        (["nginx-config", "--region", "eu", "--root", "r", "--user", "a b"], "--user 'a b'"),
+        (["nginx-config", "--region", "eu", "--root", "r b"], "content root"),
+        (["publish", "--root", "r", "nothing-to-assign"], "write PATH=FILE"),
+        (["publish", "--root", "r", "a=missing.bin"], "missing.bin: no such file"),
+        (["publish", "--root", "r", "../x=f.json"], "'..' segment"),
+    ]
+    for args, expected in bad:
+        r = subprocess.run(
+            [sys.executable, "-m", "latitude.cli", "mirror", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+            env={**os.environ, "LATITUDE_TOPOLOGY": str(topo)},
+        )
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, r.stderr)
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("x"))
+    # The world in the way (not the input): exit 1, one line.
+    r = subprocess.run(
+        [sys.executable, "-m", "latitude.cli", "mirror", "serve", "--region", "eu"]
+        + ["--root", "r", "--host", "192.0.2.1", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={**os.environ, "LATITUDE_TOPOLOGY": str(topo)},
+    )
+    assert r.returncode == 1 and "cannot listen on 192.0.2.1:0" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    out = tmp_path / "missing-dir" / "x.conf"
+    r = subprocess.run(
+        [sys.executable, "-m", "latitude.cli", "mirror", "nginx-config", "--region", "eu"]
+        + ["--root", "r", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={**os.environ, "LATITUDE_TOPOLOGY": str(topo)},
+    )
+    assert r.returncode == 1 and f"cannot write {out}" in r.stderr, r.stderr
