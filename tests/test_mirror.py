@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -629,3 +630,29 @@ mirror_url = "http://127.0.0.1:9"
         env={**os.environ, "LATITUDE_TOPOLOGY": str(topo)},
     )
     assert r.returncode == 1 and f"cannot write {out}" in r.stderr, r.stderr
+
+
+async def test_bundle_answers_a_large_file_413_without_reading_it(net):
+    """The bundle endpoint is unsigned (like a GET of the file): a request naming a large file
+    thousands of times must not make the primary read it into memory each time."""
+    from latitude.mirror.feed import BUNDLE, BUNDLE_FILE_MAX
+
+    await net.primary()
+    net.pub.publish("big.bin", b"x" * (BUNDLE_FILE_MAX + 1))
+    net.pub.publish("small.json", b'{"a": 1}')
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            net.primary_url + BUNDLE, json={"paths": ["big.bin"] * 3000 + ["small.json"]}
+        ) as r:
+            assert r.status == 200
+            frames = []
+            while line := await r.content.readline():
+                h = json.loads(line)
+                frames.append((h, await r.content.readexactly(h["size"])))
+    assert len(frames) == 3001
+    assert all(h["status"] == 413 and h["size"] == 0 and h["serial"] == 1 for h, _ in frames[:-1])
+    assert frames[-1][0]["status"] == 200 and frames[-1][1] == b'{"a": 1}'
+    # A sync still fetches the large file, by GET.
+    _, daemon = await net.mirror("eu")
+    await until(lambda: ContentRoot(net.tmp / "eu").cursor() == 2, what="sync")
+    assert (net.tmp / "eu" / "big.bin").stat().st_size == BUNDLE_FILE_MAX + 1
