@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -559,4 +560,99 @@ paths = ["/simple/", "/packages/"]
     assert r.returncode == 0, r.stderr
     assert "serial 1" in r.stdout and (tmp_path / "us/simple/f/index.html").read_text() == "hi"
     r = run("sync", "--region", "us")
-    assert r.returncode == 1 and "primary" in r.stderr
+    assert r.returncode == 2 and "primary" in r.stderr
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    topo = tmp_path / "latitude.toml"
+    topo.write_text("""
+[lab]
+[[regions]]
+name = "us"
+primary = true
+location = [45.6, -121.2]
+mirror_url = "http://127.0.0.1:9"
+[[regions]]
+name = "eu"
+location = [53.3, -6.3]
+mirror_url = "http://127.0.0.1:9"
+""")
+    (tmp_path / "f.json").write_text("{}")
+    bad = [
+        (["sync", "--region", "mars"], "no region named 'mars'"),
+        (["sync", "--region", "eu"], 'set root = "/srv/mirror" in the [mirror] table'),
+        (["sync", "--region", "eu", "--root", "r", "--pool-size", "-3"], "--pool-size -3"),
+        (["sync", "--region", "eu", "--root", "r", "--poll-interval", "-1"], "--poll-interval"),
+        (["sync", "--region", "eu", "--root", "r", "--inline", "-5"], "--inline -5"),
+        (["sync", "--region", "eu", "--root", "r", "--files-url", "nope"], "--files-url"),
+        (["serve", "--region", "eu", "--root", "r", "--port", "99999"], "--port 99999"),
+        (["serve", "--region", "eu", "--root", "r", "--max-lag", "-5"], "--max-lag -5"),
+        (["serve", "--region", "eu", "--root", "r", "--path", "simple"], "--path 'simple'"),
+        (["nginx-config", "--region", "eu", "--root", "r", "--listen", "80; evil"], "--listen"),
+        (["nginx-config", "--region", "eu", "--root", "r", "--user", "a b"], "--user 'a b'"),
+        (["nginx-config", "--region", "eu", "--root", "r b"], "content root"),
+        (["publish", "--root", "r", "nothing-to-assign"], "write PATH=FILE"),
+        (["publish", "--root", "r", "a=missing.bin"], "missing.bin: no such file"),
+        (["publish", "--root", "r", "../x=f.json"], "'..' segment"),
+    ]
+    for args, expected in bad:
+        r = subprocess.run(
+            [sys.executable, "-m", "latitude.cli", "mirror", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+            env={**os.environ, "LATITUDE_TOPOLOGY": str(topo)},
+        )
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, r.stderr)
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("x"))
+    # The world in the way (not the input): exit 1, one line.
+    r = subprocess.run(
+        [sys.executable, "-m", "latitude.cli", "mirror", "serve", "--region", "eu"]
+        + ["--root", "r", "--host", "192.0.2.1", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={**os.environ, "LATITUDE_TOPOLOGY": str(topo)},
+    )
+    assert r.returncode == 1 and "cannot listen on 192.0.2.1:0" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    out = tmp_path / "missing-dir" / "x.conf"
+    r = subprocess.run(
+        [sys.executable, "-m", "latitude.cli", "mirror", "nginx-config", "--region", "eu"]
+        + ["--root", "r", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={**os.environ, "LATITUDE_TOPOLOGY": str(topo)},
+    )
+    assert r.returncode == 1 and f"cannot write {out}" in r.stderr, r.stderr
+
+
+async def test_bundle_answers_a_large_file_413_without_reading_it(net):
+    """The bundle endpoint is unsigned (like a GET of the file): a request naming a large file
+    thousands of times must not make the primary read it into memory each time."""
+    from latitude.mirror.feed import BUNDLE, BUNDLE_FILE_MAX
+
+    await net.primary()
+    net.pub.publish("big.bin", b"x" * (BUNDLE_FILE_MAX + 1))
+    net.pub.publish("small.json", b'{"a": 1}')
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            net.primary_url + BUNDLE, json={"paths": ["big.bin"] * 3000 + ["small.json"]}
+        ) as r:
+            assert r.status == 200
+            frames = []
+            while line := await r.content.readline():
+                h = json.loads(line)
+                frames.append((h, await r.content.readexactly(h["size"])))
+    assert len(frames) == 3001
+    assert all(h["status"] == 413 and h["size"] == 0 and h["serial"] == 1 for h, _ in frames[:-1])
+    assert frames[-1][0]["status"] == 200 and frames[-1][1] == b'{"a": 1}'
+    # A sync still fetches the large file, by GET.
+    _, daemon = await net.mirror("eu")
+    await until(lambda: ContentRoot(net.tmp / "eu").cursor() == 2, what="sync")
+    assert (net.tmp / "eu" / "big.bin").stat().st_size == BUNDLE_FILE_MAX + 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from latitude.mirror.config import MirrorConfig, MirrorConfigError
 from latitude.topology import load_topology
@@ -41,11 +44,32 @@ RootOpt = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+def _fail(message: str, code: int = 2) -> None:
+    """One line and exit: 2 for bad input (the default), 1 when the world is in the way."""
+    # escape: messages quote TOML ("[mirror]") and paths, which rich would take for markup.
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     # SystemExit, not typer.Exit: `latitude.cli.main` runs click with standalone_mode=False,
     # which turns typer.Exit into a return value that it then drops (exit status 0).
-    raise SystemExit(1)
+    raise SystemExit(code)
+
+
+def _check(option: str, value: float | None, minimum: float, strict: bool = True) -> None:
+    if value is not None and (value <= minimum if strict else value < minimum):
+        _fail(f"{option} {value:g}: must be {'above' if strict else 'at least'} {minimum:g}")
+
+
+def _check_url(option: str, value: str | None) -> None:
+    if value is not None and not re.match(r"https?://[^\s/]+", value):
+        _fail(f"{option} {value!r}: must be an http:// or https:// URL")
+
+
+# nginx reads these words raw: a ';', brace, quote or space would end or add a directive.
+_NGINX_UNSAFE = re.compile(r"[\s;{}'\"#\\$]")
+
+
+def _nginx_word(option: str, value: str | None) -> None:
+    if value is not None and (not value or _NGINX_UNSAFE.search(value)):
+        _fail(f"{option} {value!r}: not a single nginx word (no spaces, ;, braces, quotes, # or $)")
 
 
 def _config(
@@ -130,7 +154,7 @@ def publish(
         batch.append(Item(dest, sys.stdin.buffer.read() if src == "-" else Path(src)))
     if not (batch or delete or scan or prune):
         _fail("nothing to do: give PATH=FILE items, --delete PATH, --scan or --prune")
-    from latitude.mirror.store import BadPath
+    from latitude.mirror.store import BadPath, UnsafePath
 
     with Publisher(root, retention_s=retention, precompress=gzip_) as pub:
         try:
@@ -138,7 +162,7 @@ def publish(
             changes += pub.delete_many(delete) if delete else []
             changes += pub.publish_tree() if scan else []
         except BadPath as exc:  # a symlink, '..', a reserved name: nothing was recorded
-            _fail(str(exc))
+            _fail(str(exc), 1 if isinstance(exc, UnsafePath) else 2)
         for c in changes:
             detail = f"sha256 {c.sha256[:16]}… {c.size} bytes" if c.op == "put" else ""
             out.print(f"serial {c.serial}  {c.op:6} {c.path}  {detail}", highlight=False)
@@ -179,6 +203,11 @@ def sync(
     """Keep this region's copy in step with the primary (runs until stopped)."""
     from latitude.mirror.sync import SyncDaemon
 
+    _check("--poll-interval", poll_interval, 0)
+    _check("--poll-timeout", poll_timeout, 0)
+    _check("--pool-size", pool_size, 0)
+    _check("--inline", inline, 0, strict=False)
+    _check_url("--files-url", files_url)
     cfg = _config(topology, region, root, poll_timeout_s=poll_timeout)
     if cfg.is_primary:
         _fail(f"{cfg.region} is the primary: it publishes, it does not sync")
@@ -209,7 +238,7 @@ def sync(
         try:
             await task
         except RuntimeError as exc:  # another daemon holds this root's sync lock
-            _fail(str(exc))
+            _fail(str(exc), 1)
 
     logging.info("sync %s from %s into %s", cfg.region, cfg.primary_url, cfg.root)
     _run_until_signal(main)
@@ -240,6 +269,13 @@ def serve(
     """Serve this region's copy (and, at the primary, the change feed)."""
     from latitude.mirror.server import MirrorServer, serve_forever
 
+    _check("--max-lag", max_lag, 0, strict=False)
+    _check("--poll-timeout", poll_timeout, 0)
+    if port is not None and not 0 <= port <= 65535:
+        _fail(f"--port {port}: a TCP port is 0 to 65535")
+    for p in paths or ():
+        if not p.startswith("/"):
+            _fail(f"--path {p!r}: a URL prefix starts with '/', e.g. /simple/")
     cfg = _config(
         topology,
         region,
@@ -261,7 +297,10 @@ def serve(
         host,
         port,
     )
-    _run_until_signal(lambda stop: serve_forever(server, host, port, stop))
+    try:
+        _run_until_signal(lambda stop: serve_forever(server, host, port, stop))
+    except OSError as exc:  # the address is taken, not this machine's, not allowed
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
 
 
 @mirror_app.command("nginx-config")
@@ -298,7 +337,13 @@ def nginx_config_cmd(
     """Print an nginx config that serves like `latitude mirror serve` (try_files, then the primary)."""
     from latitude.mirror.nginx import default_listen, nginx_config
 
+    _nginx_word("--user", user)
+    if listen is not None and (not listen.strip() or re.search(r"[;{}'\"#$\n\r]", listen)):
+        _fail(f"--listen {listen!r}: give nginx's listen value, e.g. 8080 or 127.0.0.1:8080")
     cfg = _config(topology, region, root)
+    _nginx_word("the content root", str(cfg.root))
+    if standalone is not None:
+        _nginx_word("--standalone", str(standalone.absolute()))
     listen = listen or default_listen(cfg.listen_port)
     if listen.rpartition(":")[2] == str(cfg.listen_port) and cfg.listen_host in (
         listen.rpartition(":")[0] or cfg.listen_host,
@@ -321,8 +366,14 @@ def nginx_config_cmd(
         user=user,
     )
     if output:
-        output.write_text(text)
-        err.print(f"wrote {output}")
+        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, output)  # nginx -s reload never reads half a file
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            _fail(f"cannot write {output}: {exc.strerror or exc}", 1)
+        err.print(f"wrote {escape(str(output))}")
     else:
         print(text, end="")
 
@@ -347,11 +398,14 @@ def demo(
         if not world.is_running():
             _fail(
                 f"no lab world is running from {world.state_dir}; start one with "
-                "`latitude lab up` (or pass --state-dir DIR)"
+                "`latitude lab up` (or pass --state-dir DIR)",
+                1,
             )
         primary = world.state()["primary"]
         serial, seen = propagation(world, path)
-    except (RuntimeError, LabError, BadPath) as exc:
+    except (RuntimeError, LabError) as exc:
+        _fail(str(exc), 1)
+    except BadPath as exc:
         _fail(str(exc))
     out.print(f"published /{path} at {primary} as serial {serial}", highlight=False)
     topo = world.topology()
@@ -362,3 +416,13 @@ def demo(
             f"  {name:14} had it after {when}   (link RTT to {primary}: {rtt:.0f} ms)",
             highlight=False,
         )
+
+
+def __getattr__(name: str):
+    # `propagation` moved to latitude.lab.mirrors; older imports (tests/test_metrics.py) still
+    # ask for it here, and `./scripts/test -x` stopped on the ImportError.
+    if name == "propagation":
+        from latitude.lab.mirrors import propagation
+
+        return propagation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -77,6 +77,9 @@ FALLBACK_POLL_S = 0.5
 MAX_PAGE = 5000
 INLINE_FILE_MAX = 64 * 1024  # files up to this size may travel inside the feed's answer
 INLINE_PAGE_MAX = 1024 * 1024
+# Files up to this size travel in bundles; a larger one is answered 413 without being read (the
+# endpoint is unsigned, like a GET: 5000 paths of a huge file must not be read into memory).
+BUNDLE_FILE_MAX = 256 * 1024
 
 
 class FeedError(Exception):
@@ -318,8 +321,13 @@ class FeedServer:
         for path in paths:
             try:
                 with self.root.open(path) as f:  # never through a symlink
-                    data = f.read()
-                    mtime = os.fstat(f.fileno()).st_mtime
+                    st = os.fstat(f.fileno())
+                    if st.st_size > BUNDLE_FILE_MAX:
+                        big = {"path": path, "status": 413, "size": 0, "serial": serials.get(path)}
+                        out += json.dumps(big).encode() + b"\n"
+                        continue
+                    data = f.read(BUNDLE_FILE_MAX + 1)
+                    mtime = st.st_mtime
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError, BadPath):
                 out += json.dumps({"path": path, "status": 404, "size": 0}).encode() + b"\n"
                 continue

@@ -41,6 +41,7 @@ from latitude import signing
 from latitude.mirror.changelog import Change, Page
 from latitude.mirror.feed import (
     BUNDLE,
+    BUNDLE_FILE_MAX,
     FILE_SERIAL_HEADER,
     HEALTH,
     INLINE_FILE_MAX,
@@ -55,7 +56,6 @@ from latitude.mirror.store import AtomicFile, BadPath, ContentRoot, fsync_dir, p
 log = logging.getLogger(__name__)
 
 DEFAULT_INDEXES = ("*index.html", "*index.html.gz", "simple/*", "*.json", "*.json.gz")
-BUNDLE_FILE_MAX = 256 * 1024  # files up to this size travel in bundles
 BUNDLE_FILES = 256
 BUNDLE_BYTES = 4 * 1024 * 1024
 RETRIES = 6
