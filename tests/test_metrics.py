@@ -135,7 +135,7 @@ def test_dashboard_json_names_every_region(calendar):
 
 
 def test_mirror_serve_exposes_its_serial(calendar):
-    from latitude.mirror.cli import propagation
+    from latitude.lab.mirrors import propagation
 
     serial, seen = propagation(calendar, "metrics/probe.json")
     assert all(ms is not None for ms in seen.values()), seen
