@@ -224,7 +224,9 @@ class MirrorServer:
             after = max(self._head, self.serial())
             self._head_contact = time.time() if self._head_error is None else self._head_contact
             try:
-                head = await feed.head(after, self.poll_timeout_s)
+                # After a failure, ask without parking: contact regained shows at once, not
+                # when a long poll ends (up to poll_timeout_s later, with no change published).
+                head = await feed.head(after, 0 if failures else self.poll_timeout_s)
             except FeedError as exc:
                 if ": HTTP 404:" in str(exc):  # a primary from before /head: the daemon's word
                     log.warning("the primary has no %s; health relies on the sync daemon", HEAD)
