@@ -234,9 +234,14 @@ class Observe:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
+            from latitude.forwarding import ssl_context
+
+            # The CA the gateway trusts for the primary: without it a probe of a TLS peer fails
+            # its handshake (shown down) and opens a new connection every sample.
+            tls = ssl_context(self.config.ca_file) if self.config.ca_file else True
             self._http = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
-                connector=aiohttp.TCPConnector(limit=16, keepalive_timeout=60),
+                connector=aiohttp.TCPConnector(limit=16, keepalive_timeout=60, ssl=tls),
             )
         return self._http
 
