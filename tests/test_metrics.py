@@ -135,7 +135,7 @@ def test_dashboard_json_names_every_region(calendar):
 
 
 def test_mirror_serve_exposes_its_serial(calendar):
-    from latitude.mirror.cli import start_lab_mirrors, wait_lab_mirrors_ready
+    from latitude.lab.mirrors import start_lab_mirrors, wait_lab_mirrors_ready
     from latitude.mirror.publisher import Publisher
 
     roots = start_lab_mirrors(calendar)

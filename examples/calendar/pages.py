@@ -113,7 +113,9 @@ def last_write_line(request: Request, region: str, topology) -> str | None:
         )
     if not rtt:
         return f"your write ran here in {ran_in}: {ms:.0f} ms, no ocean crossed"
-    trips = max(1, round((ms - at_primary) / rtt))
+    # Each trip costs at least the RTT (less a little jitter); what is left over is this
+    # region's own work (a busy host's), not part of another trip.
+    trips = max(1, int((ms - at_primary) / (0.9 * rtt)))
     work = f" ({at_primary:.0f} ms of it at the primary)" if at_primary >= 1 else ""
     return f"your write went to {ran_in}: {ms:.0f} ms, {_trips(trips)}{work}"
 
