@@ -93,6 +93,19 @@ class Writer(threading.Thread):
         except OSError:
             return 0, {}
 
+    def get(self, path: str, accept: str = "application/json") -> int:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", headers={"accept": accept}
+        )
+        try:
+            with self.opener.open(req, timeout=20) as r:
+                r.read()
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
     def login(self) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -242,6 +255,21 @@ def test_switchover_while_writes_flow_loses_nothing(promo: LabWorld):
         "eu-west": "primary",
         "ap-southeast": "replica",
     }
+    # The old primary now serves reads as a replica: a signed-in user whose writes went to the
+    # new primary (position cookie) reads there, page and JSON, never a 500.
+    old = next(w for w in ws if w.region == "us-west")
+    assert old.post("/events", {"title": "after-switchover"})[0] == 201
+    for accept in ("application/json", "text/html"):
+        assert old.get("/events", accept) == 200, accept
+    # Every region's dashboard shows the world as it is now.
+    for region in REGIONS:
+        port = promo.state()["regions"][region]["app_port"]
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/_latitude/dashboard.json", timeout=10
+        ) as r:
+            summary = json.loads(r.read())
+        assert summary["primary"] == "eu-west", (region, summary["primary"])
+        assert summary["role"] == ("primary" if region == "eu-west" else "replica"), region
 
 
 def test_promote_back(promo: LabWorld):

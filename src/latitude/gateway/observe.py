@@ -59,7 +59,7 @@ def note(scope, **fields) -> None:
 class Observe:
     def __init__(self, app, config: GatewayConfig):
         self.app = app
-        self.config = config
+        self._config = config
         self.region = config.region.name
         self.snapshot = metrics.Snapshot(self.region, config.region.role)
         self._sampler: asyncio.Task | None = None
@@ -71,6 +71,13 @@ class Observe:
         self._world_lock = asyncio.Lock()
         self._world_at = float("-inf")
         self._world: dict = {}
+
+    @property
+    def config(self) -> GatewayConfig:
+        """The gateway's live config: a promotion swaps it (a new primary, this region's role),
+        and the dashboard must show the world as it is now, not as it was at start-up."""
+        live = getattr(self.app, "config", None)
+        return live if isinstance(live, GatewayConfig) else self._config
 
     # ---- ASGI ----------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class PositionTracker:
         self.policy = consistency.ConsistencyPolicy.from_config(config.consistency)
         self.watcher: consistency.ReplayWatcher | None = None
         self.strong: consistency.StrongPositionSource | None = None
+        self._watcher_tried_at = float("-inf")
         self.counters = {
             "reads_local": 0,
             "reads_waited": 0,
@@ -51,12 +52,26 @@ class PositionTracker:
         if self.config.is_primary:
             return  # at the primary every read is current
         elif region.database_url:
-            self.watcher = consistency.ReplayWatcher(region.database_url)
-            await self.watcher.start()
+            watcher = consistency.ReplayWatcher(region.database_url)
+            # Kept only once started: a region demoted by a promotion starts it while its
+            # database restarts as a replica, and a half-started watcher must not be used.
+            await watcher.start()
+            self.watcher = watcher
             if region.primary_database_url and _uses_strong(self.policy):
                 self.strong = consistency.StrongPositionSource(region.primary_database_url)
                 with contextlib.suppress(Exception):
                     await self.strong.open(wait=False)
+
+    async def _start_watcher(self) -> bool:
+        """Start the watcher late (at most once a second): after a demotion the first tries
+        meet a database that is still restarting."""
+        now = time.monotonic()
+        if now - self._watcher_tried_at < 1.0:
+            return False
+        self._watcher_tried_at = now
+        with contextlib.suppress(Exception):
+            await bounded(self.start(), self.config.read_wait_s)
+        return self.watcher is not None
 
     async def close(self) -> None:
         for thing in (self.watcher, self.strong):
@@ -67,9 +82,16 @@ class PositionTracker:
     async def replica_is_current(self, scope: Scope) -> bool:
         """True to serve this read from the local replica; False to forward it."""
         mode = self.policy.mode_for(scope["path"])
-        if mode is consistency.ConsistencyMode.EVENTUAL or self.watcher is None:
+        if mode is consistency.ConsistencyMode.EVENTUAL:
             self.counters["reads_local"] += 1
             return True
+        if self.watcher is None:
+            if self.config.is_primary or not await self._start_watcher():
+                # No watcher yet (a region demoted moments ago, its database restarting): a read
+                # with a pending position goes to the primary rather than risk a stale answer.
+                pending = self.cookie_position(scope) is not None
+                self.counters["reads_forwarded" if pending else "reads_local"] += 1
+                return not pending
         started = time.monotonic()
         if mode is consistency.ConsistencyMode.STRONG and self.strong is not None:
             try:
@@ -84,7 +106,10 @@ class PositionTracker:
                 return True
         # One bound for the whole check, strong mode's round trip included.
         remaining = max(0.0, self.config.read_wait_s - (time.monotonic() - started))
-        ok = await self.watcher.wait_for(target, remaining)
+        try:
+            ok = await self.watcher.wait_for(target, remaining)
+        except RuntimeError:  # closed under us (a promotion swapped it): ask the primary
+            ok = False
         waited = (time.monotonic() - started) * 1000
         if waited > 0.05:
             self.counters["reads_waited"] += 1
