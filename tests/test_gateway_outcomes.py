@@ -163,3 +163,57 @@ async def test_a_run_whose_claim_was_taken_over_does_not_store_its_outcome(world
         state, created_at = await cur.fetchone()
         await db.execute(f"delete from {TABLE} where key = %s", (key,))
     assert (state, created_at) == ("running", claim.started_at)
+
+
+async def test_the_apps_transactions_are_fenced_by_the_claim(world):
+    """Inside a claimed request each transaction on the primary marks the claim applied, with
+    its writes; a run whose claim was taken over cannot commit, and an applied run is settled,
+    not run again."""
+    from sqlalchemy import text
+
+    from latitude import consistency
+    from latitude.consistency import ClaimLost
+    from latitude.db import AsyncRoutedEngines
+
+    dsn = primary_dsn(world)
+    engines = AsyncRoutedEngines(dsn, dsn)
+    key = f"fence-{uuid.uuid4()}"
+    async with await IdempotencyStore.open(dsn, max_size=2) as store:
+        await store.ensure_schema()
+        claim = await store.begin(key, "h")
+        try:
+            with consistency.route_to_primary(), consistency.claimed(key, claim.started_at):
+                async with engines.engine().begin() as db:
+                    await db.execute(text("create temp table fence_probe (x int)"))
+            # Rolled back: the mark with it; the claim may be released (a retry may run it).
+            with consistency.route_to_primary(), consistency.claimed(key, claim.started_at):
+                async with engines.engine().connect() as db:
+                    await db.execute(text("select 1"))
+                    await db.rollback()
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                cur = await conn.execute(f"select applied from {TABLE} where key = %s", (key,))
+                assert (await cur.fetchone())[0] is True  # the committed one marked it
+            # Applied: abandoning does not free the key for a second run; it is settled.
+            assert not await store.abandon(key, claim=claim)
+            replay = await store.begin(key, "h")
+            assert replay.outcome is Outcome.REPLAY and replay.status == 409
+            assert b"answer was lost" in replay.body
+
+            # A run whose claim was taken over (another started_at) cannot commit anything.
+            other = f"fence-{uuid.uuid4()}"
+            mine = await store.begin(other, "h")
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                await conn.execute(
+                    f"update {TABLE} set created_at = now() - interval '2 minutes' where key = %s",
+                    (other,),
+                )
+            successor = await store.begin(other, "h")
+            assert successor.taken_over
+            with pytest.raises(ClaimLost, match="taken over"):
+                with consistency.route_to_primary(), consistency.claimed(other, mine.started_at):
+                    async with engines.engine().begin() as db:
+                        await db.execute(text("select 1"))
+        finally:
+            await engines.dispose()
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                await conn.execute(f"delete from {TABLE} where key like 'fence-%%'")

@@ -20,9 +20,18 @@ by every gateway process::
     latitude_idempotency (key text primary key, request_hash text not null,
                           state text not null,            -- 'running' | 'completed'
                           status int, headers jsonb, body bytea,
-                          created_at timestamptz default now(), completed_at timestamptz)
+                          created_at timestamptz default now(), completed_at timestamptz,
+                          applied boolean default false)
 
 ``created_at`` is when the current run claimed the key.
+
+**Fencing.** ``applied`` is set by :func:`fence_statement`, which :mod:`latitude.db` runs as the
+first statement of each of the app's transactions while a claimed request runs: it commits with
+the app's writes or not at all, and row-locks the claim meanwhile. A claim is taken over, or
+released by :meth:`IdempotencyStore.abandon`, only while no transaction of its run committed; a
+stale or failed run that did commit is completed with the "answer lost" outcome
+(``LOST_ANSWER_STATUS``) instead, so it is never run twice. A run whose claim was taken over
+fails its next transaction's mark (``ClaimLost``) before writing anything.
 
 **Claims that arrive late.** A claim sent over a link that then stalls may reach the database
 long after its sender gave up (a cut link holds the bytes and delivers them on heal). Nothing
@@ -494,8 +503,9 @@ class IdempotencyStore:
     async def abandon(
         self, key: str, *, claim: Claim | None = None, timeout_s: float | None = None
     ) -> bool:
-        """Delete a running row (the app failed before any effect) so a retry may run it.
-        Returns ``False`` if there was no such running row (or, with ``claim``, not that run)."""
+        """Delete a running row (the app failed) so a retry may run it. Returns ``False`` if
+        there was no such running row (or, with ``claim``, not that run), or if the run had
+        committed a transaction (see Fencing): that row is completed as "answer lost" instead."""
         _check_key(key)
         query, params = _with_claim(
             f"delete from {TABLE} where key = %s and state = 'running' and not applied",
