@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from latitude.gateway.config import GatewayConfigError
@@ -688,7 +689,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         # Without standalone mode click returns an Exit's code instead of exiting with it.
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="latitude")
         sys.exit(code if isinstance(code, int) else 0)
     except TopologyError as exc:
         for problem in exc.problems:
@@ -703,12 +704,24 @@ def main() -> None:
         err.print("aborted")
         sys.exit(130)
     except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        import click
+        if not isinstance(exc, _click_errors()):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        err.print(
+            f"[red]error:[/red] {escape(exc.format_message())}{hint}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(exc.exit_code)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    # typer 0.2x raises its bundled click's exceptions (TyperException subclasses); older typer
+    # raises the installed click's.
+    import click
+
+    return (typer.TyperException, click.ClickException)
 
 
 if __name__ == "__main__":
