@@ -47,3 +47,14 @@ def test_usage_errors_are_one_line_and_exit_2(args, names):
     line = one_error_line(latitude(*args), 2)
     assert line.startswith("error: ") and names in line, line
     assert "--help" in line, line
+
+
+def lab_topology() -> str:
+    from latitude.topology import default_lab_topology_path
+
+    return str(default_lab_topology_path())
+
+
+def test_failover_watch_names_an_unknown_region():
+    line = one_error_line(latitude("failover", "watch", "--region", "mars", "-t", lab_topology()), 2)
+    assert "mars" in line and "us-west" in line and "--region" in line, line

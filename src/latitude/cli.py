@@ -50,7 +50,9 @@ StateDirOption = Annotated[
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    # Messages quote TOML tables like [[regions]], which rich would read as markup; a wrapped
+    # error line breaks scripts that grep for it.
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -278,6 +280,7 @@ def failover_watch(region: RegionOption, topology: ServeTopologyOption = Path("l
     """Watch the primary from REGION; promote REGION when a majority agrees the primary is down."""
     from latitude.promotion.automatic import run
 
+    check_region(load_topology(topology), region)
     _promotion_call(run, str(topology), region)
 
 
