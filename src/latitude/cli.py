@@ -573,7 +573,10 @@ def demo(
         progress("start a mirror in every region and publish a file at the primary")
         from latitude.lab.mirrors import propagation
 
-        serial, seen = propagation(world, "demo/hello.json")
+        try:
+            serial, seen = propagation(world, "demo/hello.json")
+        except RuntimeError as exc:  # the mirrors did not become ready; `finally` downs the world
+            fail(str(exc), 1)
         for name, ms in seen.items():
             figures[name]["mirror_propagation_ms"] = None if ms is None else round(ms, 1)
             when = f"{ms:.1f} ms" if ms is not None else "not within 10 s"
