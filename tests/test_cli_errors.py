@@ -56,5 +56,17 @@ def lab_topology() -> str:
 
 
 def test_failover_watch_names_an_unknown_region():
-    line = one_error_line(latitude("failover", "watch", "--region", "mars", "-t", lab_topology()), 2)
+    line = one_error_line(
+        latitude("failover", "watch", "--region", "mars", "-t", lab_topology()), 2
+    )
     assert "mars" in line and "us-west" in line and "--region" in line, line
+
+
+def test_topology_problems_keep_their_brackets(tmp_path):
+    (tmp_path / "empty.toml").write_text("")
+    result = latitude("check", "empty.toml", cwd=tmp_path)
+    assert "Traceback" not in result.stderr and result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("empty.toml: regions:") and "[[regions]]" in line for line in lines)
+    assert any("[[signing.keys]]" in line for line in lines), result.stderr
+    assert "[]" not in result.stderr, result.stderr

@@ -699,10 +699,10 @@ def main() -> None:
         sys.exit(code if isinstance(code, int) else 0)
     except TopologyError as exc:
         for problem in exc.problems:
-            err.print(f"{exc.source}: {problem}", highlight=False, soft_wrap=True)
+            err.print(escape(f"{exc.source}: {problem}"), highlight=False, soft_wrap=True)
         sys.exit(2)
     except (LabError, GatewayConfigError) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
