@@ -5,6 +5,7 @@ lab is itself the input where a lab is asked about)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,45 @@ def test_topology_problems_keep_their_brackets(tmp_path):
     assert any(line.startswith("empty.toml: regions:") and "[[regions]]" in line for line in lines)
     assert any("[[signing.keys]]" in line for line in lines), result.stderr
     assert "[]" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["lab", "link", "explode", "us-west", "eu-west"], "unknown link action 'explode'"),
+        (["lab", "link", "set", "us-west", "eu-west", "--rtt", "-5"], "--rtt must be >= 0"),
+        (["lab", "link", "set", "us-west", "eu-west", "--jitter", "-1"], "--jitter must be >= 0"),
+        (["lab", "link", "set", "us-west", "eu-west"], "needs --rtt"),
+    ],
+)
+def test_bad_link_requests_exit_2_before_asking_the_lab(tmp_path, args, says):
+    line = one_error_line(latitude(*args, "--state-dir", str(tmp_path / "none")), 2)
+    assert says in line, line
+
+
+def test_a_missing_lab_is_a_world_problem_exit_1(tmp_path):
+    line = one_error_line(latitude("lab", "kill", "us-west", "db", "--state-dir", str(tmp_path)), 1)
+    assert "no lab world" in line and "latitude lab up" in line, line
+
+
+def lab_state(tmp_path: Path) -> Path:
+    # The lab's own state file, as `lab up` writes it, for a world that has no processes left:
+    # naming a region or part it lacks is refused before any process is touched.
+    regions = {name: {"role": "replica", "services": {}} for name in ("us-west", "eu-west")}
+    (tmp_path / "state.json").write_text(json.dumps({"primary": "us-west", "regions": regions}))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "region, part, says",
+    [
+        ("mars", "db", "no region 'mars' in the lab (regions: us-west, eu-west)"),
+        ("eu-west", "brain", "unknown part 'brain' of eu-west; use one of db, sessions"),
+    ],
+)
+@pytest.mark.parametrize("verb", ["kill", "revive"])
+def test_kill_and_revive_of_no_such_part_exit_2(tmp_path, verb, region, part, says):
+    line = one_error_line(
+        latitude("lab", verb, region, part, "--state-dir", str(lab_state(tmp_path))), 2
+    )
+    assert says in line, line
