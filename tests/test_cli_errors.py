@@ -113,3 +113,18 @@ def test_kill_and_revive_of_no_such_part_exit_2(tmp_path, verb, region, part, sa
         latitude("lab", verb, region, part, "--state-dir", str(lab_state(tmp_path))), 2
     )
     assert says in line, line
+
+
+def test_lab_place_error_is_one_unwrapped_line(tmp_path):
+    result = latitude("lab", "place", "Atlantis", "--state-dir", str(tmp_path))
+    line = one_error_line(result, 2)
+    # Longer than the 120 columns piped output gets, and still whole: the last place is on it.
+    assert "'Atlantis'" in line and "known places:" in line and len(line) > 120, line
+    assert line.rstrip().endswith("New York"), line
+
+
+@pytest.mark.parametrize("args", [[], ["missing.toml"]])
+def test_check_without_a_file_says_how_check_takes_one(tmp_path, args):
+    line = one_error_line(latitude("check", *args, cwd=tmp_path), 2)
+    assert "file not found" in line and "latitude check PATH" in line, line
+    assert "--topology" not in line, line

@@ -72,6 +72,8 @@ def check(
 ) -> None:
     """Validate a topology file and print its regions."""
     path = file or Path("latitude.toml")
+    if not path.exists():  # load_topology's hint names --topology, which check does not take
+        fail(f"{path}: file not found; create it or name one: `latitude check PATH`", 2)
     topology = load_topology(path)
     table = Table(title=f"{path}: {len(topology.regions)} regions, primary {topology.primary.name}")
     for col in ("region", "role", "location", "public URL", "database", "session store"):
