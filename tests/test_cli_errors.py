@@ -93,10 +93,21 @@ def test_a_missing_lab_is_a_world_problem_exit_1(tmp_path):
 
 
 def lab_state(tmp_path: Path) -> Path:
-    # The lab's own state file, as `lab up` writes it, for a world that has no processes left:
+    # The lab's own files, as `lab up` writes them, for a world that has no processes left:
     # naming a region or part it lacks is refused before any process is touched.
-    regions = {name: {"role": "replica", "services": {}} for name in ("us-west", "eu-west")}
-    (tmp_path / "state.json").write_text(json.dumps({"primary": "us-west", "regions": regions}))
+    import shutil
+
+    shutil.copy(lab_topology(), tmp_path / "topology.toml")
+    regions = {}
+    for name in ("us-west", "eu-west"):
+        (tmp_path / "regions" / name).mkdir(parents=True)
+        regions[name] = {
+            "role": "replica",
+            "services": {},
+            "topology_file": str(tmp_path / "regions" / name / "topology.toml"),
+        }
+    state = {"primary": "us-west", "regions": regions, "secret": "s" * 32}
+    (tmp_path / "state.json").write_text(json.dumps(state))
     return tmp_path
 
 
@@ -130,3 +141,13 @@ def test_check_without_a_file_says_how_check_takes_one(tmp_path, args):
     line = one_error_line(latitude("check", *args, cwd=tmp_path), 2)
     assert "file not found" in line and "latitude check PATH" in line, line
     assert "--topology" not in line, line
+
+
+def test_rejoin_of_the_primary_says_it_is_the_primary(tmp_path):
+    line = one_error_line(latitude("rejoin", "us-west", "--state-dir", str(lab_state(tmp_path))), 2)
+    assert "us-west is the primary" in line and "latitude lab revive us-west db" in line, line
+
+
+def test_rejoin_of_no_such_region_exits_2(tmp_path):
+    line = one_error_line(latitude("rejoin", "mars", "--state-dir", str(lab_state(tmp_path))), 2)
+    assert "no region 'mars'" in line, line
