@@ -151,3 +151,22 @@ def test_rejoin_of_the_primary_says_it_is_the_primary(tmp_path):
 def test_rejoin_of_no_such_region_exits_2(tmp_path):
     line = one_error_line(latitude("rejoin", "mars", "--state-dir", str(lab_state(tmp_path))), 2)
     assert "no region 'mars'" in line, line
+
+
+# ---- in the shared world: what only a running lab can answer ----------------------------
+
+
+def test_lab_status_cuts_no_header_or_figure_at_120_columns(world):
+    result = latitude("lab", "status", "--state-dir", str(world.state_dir))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "…" not in result.stdout, result.stdout
+    assert all(len(line) <= 120 for line in result.stdout.splitlines()), result.stdout
+    for region in ("us-west", "eu-west", "ap-southeast"):
+        assert region in result.stdout, result.stdout
+
+
+def test_cutting_a_link_to_no_such_region_exits_2(world):
+    line = one_error_line(
+        latitude("lab", "link", "cut", "us-west", "mars", "--state-dir", str(world.state_dir)), 2
+    )
+    assert "mars" in line, line

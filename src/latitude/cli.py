@@ -374,15 +374,16 @@ def print_status(status: dict) -> None:
         "pg",
         "valkey",
         "app",
-        "replication",
+        "replica state",
         "lag bytes",
         "lag ms",
-        "reads waited (avg ms)",
+        "waited (avg ms)",
         "forwarded (reads)",
     ):
-        # Region names are never cut short, however narrow the terminal.
+        # Region names are never cut short, however narrow the terminal; other headers and
+        # cells fold onto the next line rather than end in "…" (a cut figure misleads).
         width = max(len(r["name"]) for r in status["regions"]) if col == "region" else None
-        table.add_column(col, no_wrap=col == "region", min_width=width)
+        table.add_column(col, no_wrap=col == "region", min_width=width, overflow="fold")
     for r in status["regions"]:
         ports = r["ports"]
         lag_ms = "" if r["lag_ms"] is None else f"{r['lag_ms']:.1f}"
