@@ -42,6 +42,7 @@ def one_error_line(result, code: int) -> str:
         (["check", "a", "b"], "(b)"),
         (["lab", "status", "--json", "extra"], "(extra)"),
         (["mirror", "serve", "--bogus"], "--bogus"),
+        (["bogus"], "No such command 'bogus'; see `latitude --help`"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(args, names):

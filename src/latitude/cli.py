@@ -718,7 +718,7 @@ def main() -> None:
         ctx = getattr(exc, "ctx", None)
         hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
         err.print(
-            f"[red]error:[/red] {escape(exc.format_message())}{hint}",
+            f"[red]error:[/red] {escape(exc.format_message().rstrip('.'))}{hint}",
             highlight=False,
             soft_wrap=True,
         )
