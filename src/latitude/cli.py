@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from latitude.gateway.config import GatewayConfigError
@@ -49,7 +50,9 @@ StateDirOption = Annotated[
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    # Messages quote TOML tables like [[regions]], which rich would read as markup; a wrapped
+    # error line breaks scripts that grep for it.
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -69,6 +72,8 @@ def check(
 ) -> None:
     """Validate a topology file and print its regions."""
     path = file or Path("latitude.toml")
+    if not path.exists():  # load_topology's hint names --topology, which check does not take
+        fail(f"{path}: file not found; create it or name one: `latitude check PATH`", 2)
     topology = load_topology(path)
     table = Table(title=f"{path}: {len(topology.regions)} regions, primary {topology.primary.name}")
     for col in ("region", "role", "location", "public URL", "database", "session store"):
@@ -277,6 +282,7 @@ def failover_watch(region: RegionOption, topology: ServeTopologyOption = Path("l
     """Watch the primary from REGION; promote REGION when a majority agrees the primary is down."""
     from latitude.promotion.automatic import run
 
+    check_region(load_topology(topology), region)
     _promotion_call(run, str(topology), region)
 
 
@@ -368,15 +374,16 @@ def print_status(status: dict) -> None:
         "pg",
         "valkey",
         "app",
-        "replication",
+        "replica state",
         "lag bytes",
         "lag ms",
-        "reads waited (avg ms)",
+        "waited (avg ms)",
         "forwarded (reads)",
     ):
-        # Region names are never cut short, however narrow the terminal.
+        # Region names are never cut short, however narrow the terminal; other headers and
+        # cells fold onto the next line rather than end in "…" (a cut figure misleads).
         width = max(len(r["name"]) for r in status["regions"]) if col == "region" else None
-        table.add_column(col, no_wrap=col == "region", min_width=width)
+        table.add_column(col, no_wrap=col == "region", min_width=width, overflow="fold")
     for r in status["regions"]:
         ports = r["ports"]
         lag_ms = "" if r["lag_ms"] is None else f"{r['lag_ms']:.1f}"
@@ -569,7 +576,10 @@ def demo(
         progress("start a mirror in every region and publish a file at the primary")
         from latitude.lab.mirrors import propagation
 
-        serial, seen = propagation(world, "demo/hello.json")
+        try:
+            serial, seen = propagation(world, "demo/hello.json")
+        except RuntimeError as exc:  # the mirrors did not become ready; `finally` downs the world
+            fail(str(exc), 1)
         for name, ms in seen.items():
             figures[name]["mirror_propagation_ms"] = None if ms is None else round(ms, 1)
             when = f"{ms:.1f} ms" if ms is not None else "not within 10 s"
@@ -688,27 +698,39 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         # Without standalone mode click returns an Exit's code instead of exiting with it.
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="latitude")
         sys.exit(code if isinstance(code, int) else 0)
     except TopologyError as exc:
         for problem in exc.problems:
-            err.print(f"{exc.source}: {problem}", highlight=False, soft_wrap=True)
+            err.print(escape(f"{exc.source}: {problem}"), highlight=False, soft_wrap=True)
         sys.exit(2)
     except (LabError, GatewayConfigError) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", 1))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         sys.exit(130)
     except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        import click
+        if not isinstance(exc, _click_errors()):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        err.print(
+            f"[red]error:[/red] {escape(exc.format_message().rstrip('.'))}{hint}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(exc.exit_code)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    # typer 0.2x raises its bundled click's exceptions (TyperException subclasses); older typer
+    # raises the installed click's.
+    import click
+
+    return (typer.TyperException, click.ClickException)
 
 
 if __name__ == "__main__":

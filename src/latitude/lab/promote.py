@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 
 from latitude.lab.postgres import SUPERUSER, PostgresError, database_url
-from latitude.lab.world import LabError, LabWorld
+from latitude.lab.world import BadLabInput, LabError, LabWorld
 from latitude.promotion.epoch import Epoch, EpochFile, initial_epoch
 from latitude.promotion.journal import Journal, PromotionError
 from latitude.promotion.postgres import PgServer, PgUnavailable, parse_lsn, slot_name
@@ -218,9 +218,17 @@ def revive_region(world: LabWorld, region: str, *, services: bool = True) -> lis
     a region that is not the primary any more rejoins as a replica of the new timeline."""
     state = world.state()
     if region not in state["regions"]:
-        raise LabError(f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})")
+        raise BadLabInput(
+            f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})"
+        )
     cluster = LabCluster(world)
     primary = cluster.epoch().primary
+    if region == primary and not services:
+        others = ", ".join(r for r in state["regions"] if r != primary)
+        raise BadLabInput(
+            f"{region} is the primary, so it has nothing to rejoin; `latitude rejoin` brings back "
+            f"an old primary ({others}); `latitude lab revive {region} db` restarts a stopped one"
+        )
     lines = []
     if region == primary:
         lines.append(world.revive(region, "db"))

@@ -43,6 +43,14 @@ Progress = Callable[[str], None]
 class LabError(Exception):
     """The lab cannot do what was asked; the message says why and what to do."""
 
+    exit_code = 1  # a problem with the running world
+
+
+class BadLabInput(LabError):
+    """The request names no such region, part, link or action, or a bad value."""
+
+    exit_code = 2
+
 
 class LabAlreadyRunning(LabError):
     pass
@@ -124,7 +132,8 @@ class LinkControl:
                 message = json.loads(exc.read()).get("error", str(exc))
             except ValueError:
                 message = str(exc)
-            raise LabError(message) from None
+            # The supervisor answers 4xx for a link or action it does not know: bad input.
+            raise (BadLabInput if exc.code < 500 else LabError)(message) from None
         except OSError as exc:
             raise LabError(
                 f"the lab's link supervisor does not answer ({exc}); run `latitude lab down` and `latitude lab up`"
@@ -660,16 +669,18 @@ class LabWorld:
         jitter_ms: float | None = None,
     ) -> dict:
         if action not in ("cut", "heal", "reset", "set"):
-            raise LabError(f"unknown link action {action!r}; use cut, heal, reset or set")
+            raise BadLabInput(f"unknown link action {action!r}; use cut, heal, reset or set")
         body: dict = {"a": a, "b": b}
         if action == "set":
             if rtt_ms is None and jitter_ms is None:
-                raise LabError("`link set` needs --rtt MS (and/or --jitter MS)")
+                raise BadLabInput("`link set` needs --rtt MS (and/or --jitter MS)")
             if rtt_ms is not None:
                 if rtt_ms < 0:
-                    raise LabError(f"--rtt must be >= 0, got {rtt_ms}")
+                    raise BadLabInput(f"--rtt must be >= 0, got {rtt_ms}")
                 body["rtt_ms"] = rtt_ms
             if jitter_ms is not None:
+                if jitter_ms < 0:
+                    raise BadLabInput(f"--jitter must be >= 0, got {jitter_ms}")
                 body["jitter_ms"] = jitter_ms
         return self.control().call("POST", f"/links/{action}", body)
 
@@ -741,13 +752,13 @@ class LabWorld:
     def _check_part(self, region: str, part: str) -> dict:
         state = self.state()
         if region not in state["regions"]:
-            raise LabError(
+            raise BadLabInput(
                 f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})"
             )
         services = state["regions"][region].get("services", {})
         if part not in ("db", "sessions", *services):
             names = ", ".join(("db", "sessions", *services))
-            raise LabError(f"unknown part {part!r} of {region}; use one of {names}")
+            raise BadLabInput(f"unknown part {part!r} of {region}; use one of {names}")
         return state
 
     def kill(self, region: str, part: str) -> str:
