@@ -275,7 +275,7 @@ async def create_event(request: Request) -> Response:
         await db.execute(
             text("update teams set last_activity = now() where id = :t"), {"t": user["team_id"]}
         )
-    await tasks.remind_later(engines.engine(), event_id, title)  # a job, at the primary
+        await tasks.remind_in(db, event_id, title)  # a job, committed with the event
     request.session["flash"] = f"Created {title!r}" + (
         " (clashes with another event)" if clashes else ""
     )

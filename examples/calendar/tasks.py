@@ -9,7 +9,7 @@ from __future__ import annotations
 import procrastinate
 import psycopg
 
-from latitude.workers import enqueue, open_queue, prepare_queue
+from latitude.workers import enqueue, enqueue_in, open_queue, prepare_queue
 
 tasks = procrastinate.Blueprint()
 
@@ -32,8 +32,14 @@ async def remind(context, event_id: int, title: str) -> None:
 
 
 async def remind_later(engine, event_id: int, title: str) -> None:
-    """Called by the app after it created an event (a write: it runs at the primary)."""
+    """A reminder job on its own connection to the primary database (for code outside a
+    transaction; the calendar uses `remind_in`)."""
     await enqueue(engine, "remind", event_id=event_id, title=title)
+
+
+async def remind_in(db, event_id: int, title: str) -> None:
+    """A reminder job in the event's own transaction (it commits with the event)."""
+    await enqueue_in(db, "remind", event_id=event_id, title=title)
 
 
 async def warm(engine) -> None:

@@ -95,6 +95,25 @@ async def prepare_queue(url_or_engine: Any) -> None:
         await ensure_schema(app, url)
 
 
+# Defers through a connection the caller passes: it needs no pool of its own.
+_in_transaction = procrastinate.App(connector=procrastinate.PsycopgConnector())
+
+
+async def enqueue_in(connection: Any, task: str, **kwargs: Any) -> int:
+    """Put a job on the queue inside the caller's own transaction (an SQLAlchemy async
+    connection or a psycopg one): the job commits with the app's writes or not at all, so a
+    retried or fenced request never leaves a job without its write, or two jobs for one write,
+    and no second connection crosses the ocean. Returns the job id."""
+    raw = connection
+    if hasattr(connection, "get_raw_connection"):  # SQLAlchemy AsyncConnection
+        raw = (await connection.get_raw_connection()).driver_connection
+    deferrer = _in_transaction.configure_task(f"{NAMESPACE}:{task}")
+    job = await deferrer.job_manager.defer_job_async(
+        deferrer.make_new_job(**kwargs), connection=raw
+    )
+    return job.id
+
+
 async def enqueue(url_or_engine: Any, task: str, **kwargs: Any) -> int:
     """Put a job on the queue in the database at `url_or_engine`; returns the job id."""
     url = libpq_url(url_or_engine)
