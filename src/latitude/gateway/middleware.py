@@ -163,6 +163,7 @@ class RegionGateway:
         self._start_lock = asyncio.Lock()
         self._fallback_store: IdempotencyStore | None = None
         self._fallback_store_lock = asyncio.Lock()
+        self._fallback_renewed_at = float("-inf")
         self._stats_task: asyncio.Task | None = None
         self._purge_task: asyncio.Task | None = None
         self._primary_db_seen_at = float("-inf")  # when a fallback last reached the primary DB
@@ -727,6 +728,8 @@ class RegionGateway:
             never_reached = isinstance(exc, ClaimTooLate) or (
                 isinstance(exc, IdempotencyUnavailable) and not exc.sent
             )
+            if isinstance(exc, IdempotencyUnavailable) and not exc.sent:
+                self._renew_fallback_store()
             if never_reached and not maybe_sent:
                 await self._read_only(
                     scope, send, key, "neither the primary region nor its database answers"
@@ -932,6 +935,19 @@ class RegionGateway:
             )
             return
         await send_response(send, captured.status, captured.headers, bytes(captured.body))
+
+    def _renew_fallback_store(self) -> None:
+        """No connection could be had from the fallback pool: start a fresh pool for the next
+        request (at most every 2 s). After a run of cuts and resets psycopg_pool backs off its
+        reconnects for longer than a deadline, and its connections may be held by attempts
+        stalled on the old link; a new pool connects at once."""
+        now = time.monotonic()
+        if self._fallback_store is None or now - self._fallback_renewed_at < 2.0:
+            return
+        self._fallback_renewed_at = now
+        old, self._fallback_store = self._fallback_store, None
+        self.counters["fallback_pool_renewed"] += 1
+        in_background(old.close())
 
     async def _primary_idempotency(self) -> IdempotencyStore:
         """The primary database's idempotency table over the ocean: one pool, made once and
