@@ -96,6 +96,19 @@ async def retry_until_done(c, title: str, key: str, within_s: float):
         await asyncio.sleep(0.3)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_replica_app_after(calendar):
+    """After the faults, eu-west's calendar is restarted for the tests that follow. Known
+    defect, not fixed: its fallback pool to the primary database can take longer than a
+    deadline to recover from a run of cuts and resets (psycopg_pool's reconnect back-off); the
+    gateway renews a pool that hands out nothing, but only for the request after."""
+    yield
+    from tests.conftest import start_calendar
+
+    start_calendar(calendar, EU)
+    wait_healthy(calendar, EU)
+
+
 @pytest.fixture
 def primary_app_down(calendar):
     """us-west's app (and with it its gateway) killed: eu-west's writes fall back."""
