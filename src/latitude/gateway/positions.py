@@ -9,9 +9,10 @@ import logging
 import time
 
 from latitude import consistency
+from latitude.cookies import cookie_value
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.deadlines import bounded
-from latitude.gateway.messages import Scope, cookie_value
+from latitude.gateway.messages import Scope
 
 log = logging.getLogger("latitude.gateway")
 
