@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 import yarl
@@ -64,6 +65,36 @@ class ForwardedResponse:
             name = name.encode("latin-1")
         name = name.lower()
         return next((v.decode("latin-1") for k, v in self.headers if k == name), None)
+
+
+class Forwarding(Protocol):
+    """What a replica region's gateway needs of its way to the primary: `ForwardingClient`
+    over the network, or an in-process fake in the unit tests. Headers are bytes pairs."""
+
+    base_url: str
+
+    async def send(
+        self,
+        method: str,
+        path_and_query: str,
+        headers: list[tuple[bytes, bytes]],
+        body: AsyncIterator[bytes] | bytes | None,
+        *,
+        timeout_s: float,
+        fresh_connection: bool = False,
+    ) -> ForwardedResponse:
+        """One attempt: an answer of any status, or `NotSent` / `NoAnswer` / `AnswerTooLarge`."""
+        ...
+
+    async def can_connect(self, timeout_s: float | None = None) -> bool:
+        """Whether the primary accepts a new connection now."""
+        ...
+
+    async def warm(self) -> int: ...
+
+    def pool_info(self) -> dict[str, int | bool]: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass

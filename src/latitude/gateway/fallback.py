@@ -34,6 +34,7 @@ from latitude.idempotency import (
     IdempotencyStore,
     IdempotencyUnavailable,
     Outcome,
+    OutcomeStore,
 )
 
 log = logging.getLogger("latitude.gateway")
@@ -65,14 +66,14 @@ def marked_stale(send: Send) -> Send:
 class Fallback:
     """One region's fallback: its pool to the primary database, made once and kept."""
 
-    def __init__(self, gateway) -> None:
+    def __init__(self, gateway, store: OutcomeStore | None = None) -> None:
         self.gateway = gateway
-        self._store: IdempotencyStore | None = None
+        self._store = store
         self._store_lock = asyncio.Lock()
         self._renewed_at = float("-inf")
         self._primary_db_seen_at = float("-inf")  # when a read last reached the primary DB
 
-    async def open(self) -> IdempotencyStore:
+    async def open(self) -> OutcomeStore:
         """The primary database's idempotency table over the ocean: one pool that connects in
         the background; each call bounds its own wait."""
         async with self._store_lock:
@@ -86,7 +87,7 @@ class Fallback:
                 )
         return self._store
 
-    async def detach(self) -> IdempotencyStore | None:
+    async def detach(self) -> OutcomeStore | None:
         """Give up the pool (the primary moved): the next use makes a new one to the new
         primary; the caller closes the old one once requests in flight are done with it."""
         async with self._store_lock:
@@ -217,7 +218,7 @@ class Fallback:
             bytes(captured.body),
         )
 
-    async def _claim(self, store: IdempotencyStore, key, fingerprint, deadline) -> Claim:
+    async def _claim(self, store: OutcomeStore, key, fingerprint, deadline) -> Claim:
         """Claim the key in the primary database by the deadline. A claim that lands later is
         refused by the database (`not_after`); one whose answer comes late is released."""
         not_after = time.time() + max(0.0, deadline - time.monotonic())
@@ -237,7 +238,7 @@ class Fallback:
                 return claim
             await asyncio.sleep(0.05)
 
-    def _release_late_claim(self, store: IdempotencyStore, claim: Claim) -> None:
+    def _release_late_claim(self, store: OutcomeStore, claim: Claim) -> None:
         if claim.outcome is Outcome.NEW:
             self.gateway.counters["fallback_late_claims_released"] += 1
             in_background(store.abandon(claim.key, claim=claim, timeout_s=FALLBACK_TIMEOUT_S))
@@ -271,7 +272,7 @@ class Fallback:
         return captured
 
     async def _store_outcome(
-        self, store: IdempotencyStore, claim: Claim, captured: CapturedResponse
+        self, store: OutcomeStore, claim: Claim, captured: CapturedResponse
     ) -> str:
         _, lsn = await store.complete_at_position(
             claim.key,
@@ -283,7 +284,7 @@ class Fallback:
         )
         return lsn
 
-    async def _settle(self, store: IdempotencyStore, claim: Claim, run: asyncio.Future) -> None:
+    async def _settle(self, store: OutcomeStore, claim: Claim, run: asyncio.Future) -> None:
         """After the client was answered 504: store the run's outcome when it ends, or release
         the claim if the app failed. A run that never ends (stalled past the fallback bound)
         keeps the claim: its SQL may still commit, so the key waits out the takeover time."""

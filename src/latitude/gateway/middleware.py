@@ -19,7 +19,7 @@ import time
 from collections import Counter
 
 from latitude import consistency
-from latitude.forwarding import ForwardingClient
+from latitude.forwarding import Forwarding, ForwardingClient
 from latitude.gateway.answers import DeadlinePassed, refuse
 from latitude.gateway.classify import SAFE_METHODS, Decision, classify
 from latitude.gateway.config import GatewayConfig
@@ -41,7 +41,7 @@ from latitude.gateway.observe import note
 from latitude.gateway.positions import PositionTracker, request_route
 from latitude.gateway.primary import PrimarySide, nonce_cache_for
 from latitude.gateway.replica import ReplicaSide
-from latitude.idempotency import IdempotencyStore
+from latitude.idempotency import IdempotencyStore, OutcomeStore
 from latitude.promotion.follow import EpochFollower
 from latitude.sessions import (
     SessionCodec,
@@ -62,9 +62,16 @@ class RegionGateway:
         *,
         session_store: SessionStore | None = None,
         nonce_cache: NonceCache | None = None,
-        forwarding: ForwardingClient | None = None,
-        idempotency: IdempotencyStore | None = None,
+        forwarding: Forwarding | None = None,
+        idempotency: OutcomeStore | None = None,
+        fallback_store: OutcomeStore | None = None,
+        replay_watcher=None,
     ):
+        """The parts are made from `config` at start-up unless given (the unit tests give
+        in-memory ones): `forwarding` carries a replica's writes to the primary; `idempotency`
+        is the primary's outcome table; `fallback_store` is that same table as a replica region
+        reaches it over the ocean when the primary's gateway does not answer; `replay_watcher`
+        tells how far the region's replica has replayed."""
         self.app = app
         self.config = config
         self.codec = SessionCodec(limit_bytes=config.session_limit_bytes)
@@ -72,7 +79,7 @@ class RegionGateway:
         self.nonce_cache = nonce_cache
         self.forwarding = forwarding
         self.idempotency = idempotency
-        self.positions = PositionTracker(config)
+        self.positions = PositionTracker(config, watcher=replay_watcher)
         self.counters: Counter[str] = Counter()
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -85,7 +92,7 @@ class RegionGateway:
         self.primary_route = consistency.PRIMARY
         self.replica = ReplicaSide(self)
         self.primary = PrimarySide(self)
-        self.fallback = Fallback(self)
+        self.fallback = Fallback(self, store=fallback_store)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
