@@ -113,6 +113,7 @@ def test_an_answer_with_a_session_unpacks_to_body_session_and_tail():
         [(b"content-type", b"text/plain"), (b"set-cookie", f"session={SID}; Path=/".encode())],
         b"hello",
         b"SESSION",
+        SessionTail.UPDATED,
     )
     headers.append((POSITION, b"0/16B3D28"))
     answer = unpack_answer(201, headers, envelope, "session", None)
@@ -122,10 +123,16 @@ def test_an_answer_with_a_session_unpacks_to_body_session_and_tail():
 
 
 def test_an_answer_without_a_session_says_deleted():
-    headers, envelope = pack_answer([], b"bye", b"")
+    headers, envelope = pack_answer([], b"bye", b"", SessionTail.DELETED)
     answer = unpack_answer(200, headers, envelope, "session", SID)
     assert answer.tail is SessionTail.DELETED and answer.session == b""
     assert answer.session_id == SID  # no new cookie: the client's own
+
+
+def test_a_session_the_app_left_as_it_came_does_not_ride_back():
+    headers, envelope = pack_answer([], b"ok", b"ignored", SessionTail.UNCHANGED)
+    answer = unpack_answer(200, headers, envelope, "session", SID)
+    assert answer.tail is SessionTail.UNCHANGED and (answer.body, answer.session) == (b"ok", b"")
 
 
 def test_a_refusal_says_unchanged():

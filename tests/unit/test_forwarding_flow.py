@@ -164,3 +164,27 @@ async def test_a_session_the_app_grows_past_the_limit_is_refused_not_cut(regions
     answer = await regions.request("POST", "/grow")
     assert answer.status == 500
     assert json.loads((await regions.request("GET", "/me")).body) == {"user": "ada"}
+
+
+def count_calls(store):
+    """Count a session store's calls (wrapping its methods in place)."""
+    calls = {"n": 0}
+    for name in ("get", "set", "delete"):
+        inner = getattr(store, name)
+
+        async def counted(*args, _inner=inner, **kwargs):
+            calls["n"] += 1
+            return await _inner(*args, **kwargs)
+
+        setattr(store, name, counted)
+    return calls
+
+
+async def test_a_write_that_leaves_the_session_costs_the_replica_one_store_call(regions):
+    await regions.request("POST", "/login", {"name": "ada"})
+    replica_calls = count_calls(regions.sessions["eu-west"])
+    answer = await regions.request("POST", "/events", {"title": "no session change"})
+    assert answer.status == 201 and json.loads(answer.body)["by"] == "ada"
+    assert replica_calls["n"] == 1  # the read of the session to carry; nothing written back
+    me = await regions.request("GET", "/me", keep_cookies=True)
+    assert me.status == 200

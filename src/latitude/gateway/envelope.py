@@ -217,11 +217,15 @@ def unpack_request(scope: Scope, body_size: int) -> ForwardedRequest:
 # ---- answer, primary side ------------------------------------------------------------------
 
 
-def pack_answer(headers: Headers, body: bytes, session: bytes) -> tuple[Headers, bytes]:
-    """The app's answer and the session after the run, as one envelope: `(headers, body)`."""
+def pack_answer(
+    headers: Headers, body: bytes, session: bytes, tail: SessionTail
+) -> tuple[Headers, bytes]:
+    """The app's answer and the session after the run (with `SessionTail.UPDATED`), as one
+    envelope: `(headers, body)`."""
+    if tail is not SessionTail.UPDATED:
+        session = b""
     out = client_headers(headers)
     out.append((SESSION_LENGTH, str(len(session)).encode()))
-    tail = SessionTail.UPDATED if session else SessionTail.DELETED
     out.append((SESSION_STATE, tail.value.encode()))
     return out, body + session
 

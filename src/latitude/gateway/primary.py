@@ -38,6 +38,7 @@ from latitude.gateway.envelope import (
     BadEnvelope,
     ForwardedRequest,
     Headers,
+    SessionTail,
     announced_body_length,
     pack_answer,
     refusal_tail,
@@ -153,10 +154,12 @@ class PrimarySide:
                 await self._send_signed(send, headers, claim.status, replayed, claim.body)
                 return
         try:
-            await self._bring_session(sid, body.read_tail(request.session_length))
+            brought = await self._bring_session(sid, body.read_tail(request.session_length))
             captured = await self._run_app(scope, request, body, claim)
             out_headers, envelope = pack_answer(
-                captured.headers, bytes(captured.body), await self._session_after(captured, sid)
+                captured.headers,
+                bytes(captured.body),
+                *await self._session_after(captured, sid, brought),
             )
         except BaseException:
             await self._abandon(claim)
@@ -183,16 +186,18 @@ class PrimarySide:
             raise KeyReused("this Idempotency-Key was used for a different request")
         return claim
 
-    async def _bring_session(self, sid: str | None, blob: bytes) -> None:
-        """Put the replica region's session in place for the app (the envelope brought it)."""
+    async def _bring_session(self, sid: str | None, blob: bytes) -> bytes | None:
+        """Put the replica region's session in place for the app (the envelope brought it),
+        as a copy that expires soon: the session's home is its own region. Returns it."""
         if not sid:
-            return
+            return None
         store = self.gateway.session_store
         session = self.gateway.codec.unpack(blob) if blob else None
         if session:
-            await store.set(sid, session)
+            await store.set(sid, session, ttl_s=PRIMARY_SESSION_COPY_TTL_S)
         else:
             await store.delete(sid)
+        return session
 
     async def _run_app(
         self, scope: Scope, request: ForwardedRequest, body: SpooledBody, claim: Claim | None
@@ -218,20 +223,25 @@ class PrimarySide:
             raise AppFailed("internal error") from exc
         return captured
 
-    async def _session_after(self, captured: CapturedResponse, sid: str | None) -> bytes:
-        """The session after the run, packed to ride back (b"" when there is none)."""
+    async def _session_after(
+        self, captured: CapturedResponse, sid: str | None, brought: bytes | None
+    ) -> tuple[bytes, SessionTail]:
+        """The session after the run, packed to ride back, and what it does to the replica's
+        copy: one read of the store, and no write back when the app left it as it came."""
         gw = self.gateway
         new_sid = set_cookie_value(captured.headers, gw.config.session_cookie) or sid
         if not new_sid:
-            return b""
+            return b"", SessionTail.UNCHANGED if sid is None else SessionTail.DELETED
         session = await gw.session_store.get(new_sid)
+        if new_sid == sid and session == brought:
+            return b"", SessionTail.UNCHANGED
         if not session:
-            return b""
-        # The primary's copy is not deleted (another request of the same session may be
-        # running on it) but expires soon; each forwarded request brings the region's anyway.
+            return b"", SessionTail.DELETED
+        # The app wrote it with its own expiry: the primary's copy must expire soon all the
+        # same (another request of the same session may still be running on it).
         await gw.session_store.set(new_sid, session, ttl_s=PRIMARY_SESSION_COPY_TTL_S)
         try:
-            return gw.codec.pack(session)
+            return gw.codec.pack(session), SessionTail.UPDATED
         except SessionError as exc:  # the app's session outgrew what can be carried back
             raise AppFailed(str(exc)) from exc
 
