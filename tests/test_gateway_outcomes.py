@@ -16,7 +16,7 @@ import pytest
 
 from latitude.gateway import GatewayConfig, RegionGateway
 from latitude.gateway.config import GatewayConfigError
-from latitude.gateway.middleware import SIGNED_REQUEST_HEADERS
+from latitude.gateway.envelope import SIGNED_REQUEST_HEADERS
 from latitude.idempotency import TABLE, IdempotencyStore, Outcome
 from latitude.signing import content_digest, sign_request
 from latitude.topology import load_topology

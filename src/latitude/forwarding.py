@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 import yarl
@@ -56,12 +57,44 @@ def raw_url(base_url: str, path_and_query: str) -> yarl.URL:
 @dataclass
 class ForwardedResponse:
     status: int
-    headers: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes]]  # names lowercased, as ASGI carries them
     body: bytes
 
-    def header(self, name: str) -> str | None:
+    def header(self, name: bytes | str) -> str | None:
+        if isinstance(name, str):
+            name = name.encode("latin-1")
         name = name.lower()
-        return next((v for k, v in self.headers if k.lower() == name), None)
+        return next((v.decode("latin-1") for k, v in self.headers if k == name), None)
+
+
+class Forwarding(Protocol):
+    """What a replica region's gateway needs of its way to the primary: `ForwardingClient`
+    over the network, or an in-process fake in the unit tests. Headers are bytes pairs."""
+
+    base_url: str
+
+    async def send(
+        self,
+        method: str,
+        path_and_query: str,
+        headers: list[tuple[bytes, bytes]],
+        body: AsyncIterator[bytes] | bytes | None,
+        *,
+        timeout_s: float,
+        fresh_connection: bool = False,
+    ) -> ForwardedResponse:
+        """One attempt: an answer of any status, or `NotSent` / `NoAnswer` / `AnswerTooLarge`."""
+        ...
+
+    async def can_connect(self, timeout_s: float | None = None) -> bool:
+        """Whether the primary accepts a new connection now."""
+        ...
+
+    async def warm(self) -> int: ...
+
+    def pool_info(self) -> dict[str, int | bool]: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -196,7 +229,7 @@ class ForwardingClient:
         self,
         method: str,
         path_and_query: str,
-        headers: Mapping[str, str] | list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: AsyncIterator[bytes] | bytes | None,
         *,
         timeout_s: float,
@@ -213,15 +246,16 @@ class ForwardingClient:
             async with session.request(
                 method,
                 raw_url(self.base_url, path_and_query),
-                headers=headers,
+                # aiohttp takes str headers; the edge let through only ASCII or UTF-8 values.
+                headers=[(k.decode("latin-1"), v.decode()) for k, v in headers],
                 data=body,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.connect_timeout_s),
             ) as resp:
                 data = await self._read_whole(resp)
-                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
+                answer = [(k.lower(), v) for k, v in resp.raw_headers]
                 self._alive_at = time.monotonic()
-                return ForwardedResponse(resp.status, headers, data)
+                return ForwardedResponse(resp.status, answer, data)
         except aiohttp.ClientConnectorError as exc:
             self.stats.not_sent += 1
             raise NotSent(f"cannot connect to the primary at {self.base_url}: {exc}") from exc

@@ -64,7 +64,7 @@ import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import pq
@@ -193,6 +193,48 @@ class Claim:
 
     def asgi_headers(self) -> list[tuple[bytes, bytes]]:
         return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in self.headers]
+
+
+class OutcomeStore(Protocol):
+    """What the gateway needs of the table of idempotency keys and stored outcomes:
+    `IdempotencyStore` in the primary database, or an in-memory fake in the unit tests."""
+
+    async def begin(
+        self,
+        key: str,
+        request_hash: str,
+        stale_after_s: float = ...,
+        *,
+        not_after: float | None = None,
+        timeout_s: float | None = None,
+    ) -> Claim: ...
+
+    async def complete_at_position(
+        self,
+        key: str,
+        status: int,
+        headers: Iterable[Sequence[str | bytes]],
+        body: bytes,
+        *,
+        claim: Claim | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[bool, str | None]: ...
+
+    async def abandon(
+        self, key: str, *, claim: Claim | None = None, timeout_s: float | None = None
+    ) -> bool: ...
+
+    async def position(self, timeout_s: float | None = None) -> str: ...
+
+    async def ping(self, timeout_s: float | None = None) -> None: ...
+
+    async def ensure_schema(self) -> None: ...
+
+    async def purge_periodically(
+        self, retention_s: float = ..., every_s: float = ..., on_error=None
+    ) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 def _check_key(key: str) -> str:

@@ -43,6 +43,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+from latitude.cookies import cookie_value
+
 __all__ = [
     "DEFAULT_KEY_TEMPLATE",
     "DEFAULT_LIMIT_BYTES",
@@ -171,6 +173,24 @@ def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
     return bytes(data)
 
 
+def valkey_client(url: str) -> Any:
+    """A client of the region's Valkey (sessions, nonces, figures), as every part uses it: a
+    pooled connection to a Valkey that restarted fails once and is retried on a new one; a
+    store that is down or cut fails within the timeouts, not forever."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return aioredis.Redis.from_url(
+        _redis_url(url),
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+        socket_connect_timeout=STORE_TIMEOUT_S,
+        socket_timeout=STORE_TIMEOUT_S,
+    )
+
+
 class ValkeySessionStore:
     """Sessions in Valkey or Redis: ``SET <key> <bytes> EX <ttl>``.
 
@@ -189,24 +209,10 @@ class ValkeySessionStore:
         key_template: str = DEFAULT_KEY_TEMPLATE,
         default_ttl_s: int | None = DEFAULT_TTL_S,
     ) -> None:
-        import redis.asyncio as aioredis
-
         self.key_template = check_key_template(key_template)
         self.default_ttl_s = _ttl(None, default_ttl_s)
         if isinstance(url_or_client, str):
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-            from redis.exceptions import ConnectionError as RedisConnectionError
-
-            self._client = aioredis.Redis.from_url(
-                _redis_url(url_or_client),
-                # A pooled connection to a Valkey that restarted fails once: retry it on a new
-                # one. A store that is down or cut fails within the timeouts, not forever.
-                retry=Retry(NoBackoff(), 1),
-                retry_on_error=[RedisConnectionError],
-                socket_connect_timeout=STORE_TIMEOUT_S,
-                socket_timeout=STORE_TIMEOUT_S,
-            )
+            self._client = valkey_client(url_or_client)
             self._owns_client = True
         else:
             kwargs = getattr(
@@ -492,18 +498,11 @@ class SessionMiddleware:
                 log.warning("session changed after the response started; no id to save it under")
 
     def _sid_from_cookie(self, scope: Scope) -> str | None:
-        for name, value in scope.get("headers", []):
-            if name != b"cookie":
-                continue
-            for part in value.decode("latin-1").split(";"):
-                key, sep, val = part.strip().partition("=")
-                if sep and key == self.cookie_name:
-                    val = val.strip().strip('"')
-                    try:
-                        return check_session_id(val)
-                    except InvalidSessionId:
-                        return None  # a hostile or stale cookie: start a fresh session
-        return None
+        value = cookie_value(scope.get("headers", []), self.cookie_name)
+        try:
+            return check_session_id(value) if value is not None else None
+        except InvalidSessionId:
+            return None  # a hostile or stale cookie: start a fresh session
 
     async def _load(self, sid: str | None) -> tuple[str | None, dict]:
         """The cookie's id and its session; an id the store does not hold is dropped, so a

@@ -154,7 +154,6 @@ class SpooledBody:
     async def read(
         cls,
         receive: Receive,
-        limit: int | None = None,
         prefix_length: int | None = None,
         idle_timeout_s: float | None = None,
     ) -> SpooledBody:
@@ -173,8 +172,6 @@ class SpooledBody:
             chunk = message.get("body", b"")
             if chunk:
                 body.append(chunk)
-                if limit is not None and body.size > limit:
-                    raise BodyTooLarge(body.size, limit)
             if not message.get("more_body", False):
                 return body
 
@@ -266,11 +263,6 @@ class BodyStalled(Exception):
         )
 
 
-class BodyTooLarge(Exception):
-    def __init__(self, size: int, limit: int):
-        super().__init__(f"request body of {size} bytes exceeds the limit of {limit} bytes")
-
-
 @dataclass
 class CapturedResponse:
     """An app's response, collected instead of sent, so it can be signed and carried back."""
@@ -340,30 +332,3 @@ async def send_json(
         [(b"content-type", b"application/json"), (b"cache-control", b"no-store"), *(headers or [])],
         json.dumps(data).encode(),
     )
-
-
-def cookie_value(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
-    for k, v in headers:
-        if k != b"cookie":
-            continue
-        for part in v.decode("latin-1").split(";"):
-            key, _, value = part.strip().partition("=")
-            if key == name:
-                return value
-    return None
-
-
-def set_cookie_value(
-    headers: list[tuple[bytes, bytes]] | list[tuple[str, str]], name: str
-) -> str | None:
-    """The value a response's `Set-Cookie` gives cookie `name` (None if it sets none)."""
-    for k, v in headers:
-        key = k.decode("latin-1") if isinstance(k, bytes) else k
-        if key.lower() != "set-cookie":
-            continue
-        value = v.decode("latin-1") if isinstance(v, bytes) else v
-        first = value.split(";", 1)[0]
-        cname, _, cvalue = first.partition("=")
-        if cname.strip() == name:
-            return cvalue.strip()
-    return None

@@ -9,9 +9,10 @@ import logging
 import time
 
 from latitude import consistency
+from latitude.cookies import cookie_value
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.deadlines import bounded
-from latitude.gateway.messages import Scope, cookie_value
+from latitude.gateway.messages import Scope
 
 log = logging.getLogger("latitude.gateway")
 
@@ -31,8 +32,11 @@ def request_route(route: str, method: str, path: str, region: str):
 
 
 class PositionTracker:
-    def __init__(self, config: GatewayConfig):
+    def __init__(self, config: GatewayConfig, watcher=None):
+        """`watcher`: what tells how far the local replica has replayed (made from the region's
+        `database_url` at start-up unless given: the unit tests give an in-memory one)."""
         self.config = config
+        self._given_watcher = watcher
         self.cookie = consistency.PositionCookie(
             config.keyring.signing_key.secret, name=POSITION_COOKIE
         )
@@ -51,6 +55,9 @@ class PositionTracker:
         region = self.config.region
         if self.config.is_primary:
             return  # at the primary every read is current
+        elif self._given_watcher is not None:
+            await self._given_watcher.start()
+            self.watcher = self._given_watcher
         elif region.database_url:
             watcher = consistency.ReplayWatcher(region.database_url)
             # Kept only once started: a region demoted by a promotion starts it while its

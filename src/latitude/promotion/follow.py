@@ -311,42 +311,14 @@ class EpochFollower:
 
 async def _reconfigure(gateway, topology, base) -> None:
     """Swap the gateway's config for `topology`'s view, and its resources for the new role."""
-    from latitude.forwarding import ForwardingClient
-    from latitude.idempotency import IdempotencyStore
-
     old = gateway.config
     gateway.config = replace(old, topology=topology, region=topology.region(old.region.name))
     cfg = gateway.config
     # The app's engines were built from the start-up topology: its "replica" engine is the local
     # database, which is what a region promoted since must write to.
     started_primary = base.region(cfg.region.name).primary
-    gateway._primary_route = consistency.PRIMARY if started_primary else consistency.REPLICA
-    closers = []
-    if cfg.is_primary:
-        closers.append(gateway.forwarding)
-        gateway.forwarding = None
-        if gateway.nonce_cache is None:
-            from latitude.gateway.middleware import _nonce_cache_for
-
-            gateway.nonce_cache = await _nonce_cache_for(cfg.region.session_store_url)
-        if gateway.idempotency is None:
-            gateway.idempotency = await IdempotencyStore.open(cfg.region.database_url)
-            with contextlib.suppress(Exception):
-                await gateway.idempotency.ensure_schema()
-    else:
-        closers += [gateway.forwarding, gateway.idempotency, gateway._fallback_store]
-        gateway.idempotency = None
-        gateway._fallback_store = None
-        gateway._primary_db_seen_at = float("-inf")
-        gateway.forwarding = ForwardingClient(
-            cfg.primary_url,
-            pool_size=cfg.pool_size,
-            pooling=cfg.pooling,
-            connect_timeout_s=cfg.connect_timeout_s,
-            ca_file=cfg.ca_file,
-        )
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(gateway.forwarding.warm(), 2.0)
+    gateway.primary_route = consistency.PRIMARY if started_primary else consistency.REPLICA
+    closers = await gateway.take_role(moved=True)
     gateway.positions.config = cfg
     if gateway._started and not cfg.is_primary and gateway.positions.watcher is None:
         with contextlib.suppress(Exception):

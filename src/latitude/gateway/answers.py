@@ -1,0 +1,185 @@
+"""Every answer the gateway gives of its own: one table from what went wrong to the status,
+title and `Retry-After` the client gets, so one failure is answered alike wherever it is met.
+
+Two kinds of failure reach the table: errors of the parts the gateway uses (the session store,
+the signatures, the idempotency store, the forwarding client), and the gateway's own decisions
+(`Refused` and its subclasses below), raised where they are made. Client-facing answers go out
+in the client's language (`send_error`: JSON or HTML); the primary's answers to a forwarded
+request are signed and plain text (`primary.py`), with the same statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from latitude.forwarding import AnswerTooLarge
+from latitude.gateway.envelope import IDEMPOTENCY_KEY, BadEnvelope
+from latitude.gateway.messages import BodyStalled, Scope, Send, send_error
+from latitude.idempotency import IdempotencyUnavailable
+from latitude.sessions import SessionError, SessionStoreUnavailable, SessionTooLarge
+from latitude.signing import DigestMismatch, NonceCacheError, SignatureError
+
+
+class Refused(Exception):
+    """A refusal the gateway decides on itself. `key` is the request's idempotency key when a
+    retry with it is the way on (the answer then carries it)."""
+
+    def __init__(self, detail: str = "", *, key: str | None = None) -> None:
+        super().__init__(detail)
+        self.key = key
+
+
+class DeadlinePassed(Refused):
+    """The primary did not answer within the deadline; the request may yet run (once)."""
+
+
+class ReadOnly(Refused):
+    """Neither the primary region nor its database can be reached: nothing was changed."""
+
+
+class KeyReused(Refused):
+    """An idempotency key already used for a different request."""
+
+
+class KeyInProgress(Refused):
+    """A request with this idempotency key is running now."""
+
+
+class BadAnswerSignature(Refused):
+    """The primary's answer was not correctly signed."""
+
+
+class NotPrimary(Refused):
+    """A forwarded request reached a region that is not the primary."""
+
+
+class Demoted(NotPrimary):
+    """A forwarded request reached a region that a newer primary epoch has demoted."""
+
+
+class AppFailed(Refused):
+    """The app raised, or left a session no store can keep, while running a forwarded request."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    title: str
+    retry_after_s: int | None = None
+    detail: Callable[[BaseException], str] = str
+
+
+def _deadline(exc: BaseException) -> str:
+    return (
+        f"The request was sent but {exc}. Retry with the header "
+        f"Idempotency-Key: {exc.key}; it will not be applied twice."
+    )
+
+
+def _read_only(exc: BaseException) -> str:
+    return (
+        f"This region can serve reads but cannot make changes at the moment: {exc}. "
+        f"Nothing was changed here. Retry shortly with the header Idempotency-Key: {exc.key}."
+    )
+
+
+def _stalled(exc: BaseException) -> str:
+    return f"{exc} ([gateway] body_timeout_s)"
+
+
+def _too_big(exc: BaseException) -> str:
+    return (
+        f"The primary region handled the request, but {exc} ([gateway] max_answer_bytes), so "
+        "it was not relayed. Its outcome is stored: a retry with the header Idempotency-Key: "
+        f"{getattr(exc, 'key', '')} gets the same answer, not a second run."
+    )
+
+
+def _no_nonces(exc: BaseException) -> str:
+    return f"Cannot verify forwarded requests: {exc}"
+
+
+def _store_down(exc: BaseException) -> str:
+    detail = f"This region's session store does not answer ({exc}). Retry in a few seconds."
+    key = getattr(exc, "key", None)
+    if key:
+        return detail + (
+            " The request itself was carried out; retry with the header Idempotency-Key: "
+            f"{key} to get its answer without running it again."
+        )
+    if getattr(exc, "nothing_done", False):
+        return detail + " Nothing was changed."
+    return detail
+
+
+# First match wins (an exception's class or a base of it): subclasses before their bases.
+TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
+    (BodyStalled, Refusal(408, "Request body stalled", None, _stalled)),
+    (SessionTooLarge, Refusal(413, "Session too large to forward")),
+    (SessionStoreUnavailable, Refusal(503, "Session store unavailable", 2, _store_down)),
+    (SessionError, Refusal(413, "Session rejected")),
+    (AnswerTooLarge, Refusal(502, "The primary region's answer is too large", None, _too_big)),
+    (BadAnswerSignature, Refusal(502, "Bad answer from the primary region")),
+    (DeadlinePassed, Refusal(504, "The primary region did not answer in time", 1, _deadline)),
+    (ReadOnly, Refusal(503, "Read-only for now", 5, _read_only)),
+    (KeyReused, Refusal(422, "Idempotency-Key reused")),
+    (KeyInProgress, Refusal(409, "Idempotency-Key in use")),
+    (Demoted, Refusal(503, "Misdirected request", 1)),
+    (NotPrimary, Refusal(421, "Misdirected request", 1)),
+    (DigestMismatch, Refusal(401, "Forwarded request rejected")),
+    (SignatureError, Refusal(401, "Forwarded request rejected")),
+    (NonceCacheError, Refusal(503, "Cannot verify forwarded requests", 2, _no_nonces)),
+    (IdempotencyUnavailable, Refusal(503, "Idempotency store unavailable", 1)),
+    (BadEnvelope, Refusal(400, "Bad forwarding envelope")),
+    (AppFailed, Refusal(500, "Internal error")),
+)
+
+
+def refusal_for(exc: BaseException) -> Refusal:
+    for kind, refusal in TABLE:
+        if isinstance(exc, kind):
+            return refusal
+    raise LookupError(f"no answer is defined for {type(exc).__name__}") from exc
+
+
+def answer_headers(exc: BaseException, refusal: Refusal) -> list[tuple[bytes, bytes]]:
+    headers = []
+    key = getattr(exc, "key", None)
+    if key:
+        headers.append((IDEMPOTENCY_KEY, key.encode("latin-1")))
+    if refusal.retry_after_s is not None:
+        headers.append((b"retry-after", str(refusal.retry_after_s).encode()))
+    return headers
+
+
+async def refuse(
+    scope: Scope, send: Send, exc: BaseException, extra: list[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answer the client for `exc`, as the table says, in its language."""
+    refusal = refusal_for(exc)
+    data = {}
+    key = getattr(exc, "key", None)
+    if key:
+        data["idempotency_key"] = key
+    if isinstance(exc, ReadOnly):
+        data["read_only"] = True
+    if isinstance(exc, AnswerTooLarge):
+        data["max_answer_bytes"] = exc.limit
+    await send_error(
+        scope,
+        send,
+        refusal.status,
+        refusal.title,
+        refusal.detail(exc),
+        extra_headers=[*answer_headers(exc, refusal), *extra],
+        data=data or None,
+    )
+
+
+def with_key(exc: BaseException, key: str | None, *, nothing_done: bool = False) -> BaseException:
+    """`exc`, marked with the request's key (a retry with it gets the outcome) or as having
+    changed nothing, for its answer."""
+    exc.key = key
+    exc.nothing_done = nothing_done
+    return exc

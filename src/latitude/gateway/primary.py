@@ -1,0 +1,299 @@
+"""The primary region's side of forwarding: verify, claim, run, store, sign.
+
+A forwarded request is run once per idempotency key: its signature and nonce are checked, the
+key is claimed in the primary database, the replica's session is put in place, the app runs
+with each of its transactions fenced by the claim, and the answer (with the session after the
+run and the WAL position that holds the write) is stored under the key and signed back. Every
+refusal on the way is signed too (`answers.TABLE` gives its status), so the replica relays it
+and leaves its session unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+
+from latitude import consistency
+from latitude.cookies import set_cookie_value
+from latitude.gateway.answers import (
+    AppFailed,
+    Demoted,
+    KeyInProgress,
+    KeyReused,
+    NotPrimary,
+    Refused,
+    answer_headers,
+    refusal_for,
+    refuse,
+    with_key,
+)
+from latitude.gateway.classify import SAFE_METHODS
+from latitude.gateway.envelope import (
+    IDEMPOTENCY,
+    IDEMPOTENCY_KEY,
+    POSITION,
+    SIGNED_REQUEST_HEADERS,
+    SIGNED_RESPONSE_HEADERS,
+    BadEnvelope,
+    ForwardedRequest,
+    Headers,
+    SessionTail,
+    announced_body_length,
+    pack_answer,
+    refusal_tail,
+    request_fingerprint,
+    session_id,
+    target,
+    unpack_request,
+)
+from latitude.gateway.messages import (
+    CapturedResponse,
+    Receive,
+    Scope,
+    Send,
+    SpooledBody,
+    header,
+    send_response,
+)
+from latitude.gateway.observe import note
+from latitude.gateway.positions import request_route
+from latitude.idempotency import Claim, IdempotencyUnavailable, Outcome
+from latitude.sessions import SessionError, SessionStoreUnavailable
+from latitude.signing import (
+    DigestMismatch,
+    MemoryNonceCache,
+    NonceCache,
+    NonceCacheError,
+    SignatureError,
+    content_digest,
+    sign_response,
+    verify_content_digest,
+    verify_request,
+)
+
+log = logging.getLogger("latitude.gateway")
+
+# The primary's copy of a replica region's session lives only as long as a request may run on
+# it: the session's home is its own region.
+PRIMARY_SESSION_COPY_TTL_S = 60
+# What a signed refusal can be (anything else is a bug, and propagates).
+_SIGNED_REFUSALS = (Refused, SessionError, IdempotencyUnavailable, BadEnvelope, NonceCacheError)
+
+
+class PrimarySide:
+    """Runs the requests other regions forward here. Holds no request state of its own: the
+    gateway's parts (`config`, `session_store`, `idempotency`, `nonce_cache`, `epochs`) are read
+    from it at each request, as a promotion may replace them."""
+
+    def __init__(self, gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw = self.gateway
+        cfg = gw.config
+        if not cfg.is_primary:
+            kind = NotPrimary if gw.epochs.token is None else Demoted
+            why = f"{cfg.region.name} is not the primary region; forward to {cfg.primary.name}"
+            await refuse(scope, send, kind(why), extra=gw.epochs.headers())
+            return
+        headers = scope["headers"]
+        url = f"{scope.get('scheme', 'http')}://{header(headers, b'host') or ''}{target(scope)}"
+        try:
+            await verify_request(
+                cfg.keyring,
+                method=scope["method"],
+                url=url,
+                headers=headers,
+                nonce_cache=gw.nonce_cache,
+                must_cover=SIGNED_REQUEST_HEADERS,
+            )
+        except SignatureError as exc:
+            gw.counters["rejected"] += 1
+            note(scope, idempotency="rejected")
+            await refuse(scope, send, exc)  # not signed: it may not come from a gateway at all
+            return
+        except NonceCacheError as exc:
+            # The signature is good; only its nonce cannot be checked (the session store is
+            # down). Signed, so the replica relays the 503 instead of calling it a bad answer.
+            await self._refuse_signed(send, headers, exc)
+            return
+        body = await SpooledBody.read(receive, prefix_length=announced_body_length(headers))
+        try:
+            verify_content_digest(header(headers, b"content-digest"), body.digest)
+        except DigestMismatch as exc:
+            gw.counters["rejected"] += 1
+            await refuse(scope, send, exc)
+            return
+        try:
+            await self._execute(scope, send, body)
+        except _SIGNED_REFUSALS as exc:
+            if isinstance(exc, IdempotencyUnavailable):  # a retry with the key is the way on
+                with_key(exc, header(headers, IDEMPOTENCY_KEY))
+            await self._refuse_signed(send, headers, exc)
+        finally:
+            body.close()
+
+    async def _execute(self, scope: Scope, send: Send, body: SpooledBody) -> None:
+        gw = self.gateway
+        headers = scope["headers"]
+        request = unpack_request(scope, body.size)
+        sid = session_id(headers, gw.config.session_cookie)
+        claim = None
+        if scope["method"] not in SAFE_METHODS:  # a read changes nothing: it simply runs again
+            fingerprint = request_fingerprint(
+                scope, body.prefix_digest(body.size - request.session_length), sid
+            )
+            claim = await self._claim(scope, request.key, fingerprint)
+            if claim.outcome is Outcome.REPLAY:
+                gw.counters["replayed"] += 1
+                replayed = claim.asgi_headers()
+                if claim.position:
+                    # The writer's next read must wait for the write, as after the first answer.
+                    replayed.append((POSITION, claim.position.encode()))
+                await self._send_signed(send, headers, claim.status, replayed, claim.body)
+                return
+        try:
+            brought = await self._bring_session(sid, body.read_tail(request.session_length))
+            captured = await self._run_app(scope, request, body, claim)
+            out_headers, envelope = pack_answer(
+                captured.headers,
+                bytes(captured.body),
+                *await self._session_after(captured, sid, brought),
+            )
+        except BaseException:
+            await self._abandon(claim)
+            raise
+        # One round trip stores the outcome and reads the WAL position the replica must reach.
+        if claim is None:
+            position = await gw.idempotency.position()
+        else:
+            _, position = await gw.idempotency.complete_at_position(
+                request.key, captured.status, out_headers, envelope, claim=claim
+            )
+        if position:
+            out_headers.append((POSITION, position.encode()))
+        gw.counters["executed_forwarded"] += 1
+        await self._send_signed(send, headers, captured.status, out_headers, envelope)
+
+    async def _claim(self, scope: Scope, key: str, fingerprint: str) -> Claim:
+        """The key's claim: new (run it), or a stored answer to replay; refused otherwise."""
+        claim = await self.gateway.idempotency.begin(key, fingerprint)
+        note(scope, idempotency=claim.outcome.value)
+        if claim.outcome is Outcome.IN_PROGRESS:
+            raise KeyInProgress("a request with this Idempotency-Key is running")
+        if claim.outcome is Outcome.MISMATCH:
+            raise KeyReused("this Idempotency-Key was used for a different request")
+        return claim
+
+    async def _bring_session(self, sid: str | None, blob: bytes) -> bytes | None:
+        """Put the replica region's session in place for the app (the envelope brought it),
+        as a copy that expires soon: the session's home is its own region. Returns it."""
+        if not sid:
+            return None
+        store = self.gateway.session_store
+        session = self.gateway.codec.unpack(blob) if blob else None
+        if session:
+            await store.set(sid, session, ttl_s=PRIMARY_SESSION_COPY_TTL_S)
+        else:
+            await store.delete(sid)
+        return session
+
+    async def _run_app(
+        self, scope: Scope, request: ForwardedRequest, body: SpooledBody, claim: Claim | None
+    ) -> CapturedResponse:
+        gw = self.gateway
+        captured = CapturedResponse()
+        route = request_route(
+            gw.primary_route, scope["method"], scope["path"], gw.config.region.name
+        )
+        fence = (
+            consistency.claimed(claim.key, claim.started_at)
+            if claim is not None
+            else contextlib.nullcontext()
+        )
+        try:
+            with route, fence:
+                replay = body.replay(body.size - request.session_length, captured.send)
+                await gw.app(request.scope, *replay)
+        except SessionStoreUnavailable:
+            raise
+        except Exception as exc:
+            log.exception("the app failed on a forwarded %s %s", scope["method"], scope["path"])
+            raise AppFailed("internal error") from exc
+        return captured
+
+    async def _session_after(
+        self, captured: CapturedResponse, sid: str | None, brought: bytes | None
+    ) -> tuple[bytes, SessionTail]:
+        """The session after the run, packed to ride back, and what it does to the replica's
+        copy: one read of the store, and no write back when the app left it as it came."""
+        gw = self.gateway
+        new_sid = set_cookie_value(captured.headers, gw.config.session_cookie) or sid
+        if not new_sid:
+            return b"", SessionTail.UNCHANGED if sid is None else SessionTail.DELETED
+        session = await gw.session_store.get(new_sid)
+        if new_sid == sid and session == brought:
+            return b"", SessionTail.UNCHANGED
+        if not session:
+            return b"", SessionTail.DELETED
+        # The app wrote it with its own expiry: the primary's copy must expire soon all the
+        # same (another request of the same session may still be running on it).
+        await gw.session_store.set(new_sid, session, ttl_s=PRIMARY_SESSION_COPY_TTL_S)
+        try:
+            return gw.codec.pack(session), SessionTail.UPDATED
+        except SessionError as exc:  # the app's session outgrew what can be carried back
+            raise AppFailed(str(exc)) from exc
+
+    async def _abandon(self, claim: Claim | None) -> None:
+        """Release this run's claim (the app failed before any effect). With the claim, a run
+        whose claim was taken over meanwhile deletes nothing of its successor's."""
+        if claim is not None:
+            await self.gateway.idempotency.abandon(claim.key, claim=claim)
+
+    async def _refuse_signed(self, send: Send, request_headers: Headers, exc: Exception) -> None:
+        """A signed refusal, with the status `answers.TABLE` gives: it leaves the session as
+        it is."""
+        refusal = refusal_for(exc)
+        headers = [
+            (b"content-type", b"application/json"),
+            *answer_headers(exc, refusal),
+            *refusal_tail(),
+        ]
+        if isinstance(exc, KeyInProgress):
+            headers.append((IDEMPOTENCY, b"in-progress"))
+        elif isinstance(exc, KeyReused):
+            headers.append((IDEMPOTENCY, b"mismatch"))
+        body = json.dumps({"error": refusal.title, "detail": refusal.detail(exc)}).encode()
+        await self._send_signed(send, request_headers, refusal.status, headers, body)
+
+    async def _send_signed(
+        self, send: Send, request_headers: Headers, status: int, headers: Headers, envelope: bytes
+    ) -> None:
+        headers = [
+            (k, v)
+            for k, v in headers
+            if k.lower() not in (b"content-digest", b"signature", b"signature-input")
+        ]
+        headers.append((b"content-digest", content_digest(envelope).encode()))
+        headers += self.gateway.epochs.headers()
+        signature = sign_response(
+            self.gateway.config.keyring,
+            status=status,
+            headers=headers,
+            request_headers=request_headers,
+            covered=SIGNED_RESPONSE_HEADERS,
+        )
+        headers += [(k.lower().encode(), v.encode()) for k, v in signature.items()]
+        await send_response(send, status, headers, envelope)
+
+
+async def nonce_cache_for(url: str | None) -> NonceCache:
+    """The replay cache of forwarded requests' nonces: the region's Valkey (shared by all its
+    gateway processes), or in memory for a `memory:` store."""
+    if not url or url.startswith("memory:"):
+        return MemoryNonceCache()
+    from latitude.sessions import valkey_client
+    from latitude.signing import ValkeyNonceCache
+
+    return ValkeyNonceCache(valkey_client(url))

@@ -1,0 +1,270 @@
+"""A replica region's side of forwarding: sign, send, retry, relay the answer.
+
+The request is read whole (so it can be sent again), the region's session is packed after its
+body, and the envelope is signed and sent over the warm pool. A connection that gives no answer
+is retried with the same idempotency key on a fresh one until the deadline; one that cannot be
+opened sends the request to the `Fallback`. The answer is verified, the session it brings back
+is stored (or deleted, or left: `SessionTail`), and the rest is relayed to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+
+from latitude.forwarding import AnswerTooLarge, ForwardedResponse, NoAnswer, NotSent
+from latitude.gateway.answers import BadAnswerSignature, refuse, with_key
+from latitude.gateway.classify import SAFE_METHODS
+from latitude.gateway.envelope import (
+    IDEMPOTENCY,
+    IDEMPOTENCY_KEY,
+    SIGNED_REQUEST_HEADERS,
+    SIGNED_RESPONSE_HEADERS,
+    Headers,
+    SessionTail,
+    pack_request,
+    request_fingerprint,
+    session_id,
+    target,
+    unpack_answer,
+)
+from latitude.gateway.messages import (
+    BodyStalled,
+    Receive,
+    Scope,
+    Send,
+    SpooledBody,
+    header,
+    send_response,
+)
+from latitude.gateway.observe import note
+from latitude.promotion.follow import EPOCH_HEADER
+from latitude.sessions import SessionStoreUnavailable, SessionTooLarge
+from latitude.signing import SignatureError, sign_request, verify_response
+
+log = logging.getLogger("latitude.gateway")
+
+# While an answer is this late, check that the primary still accepts connections.
+PATH_CHECK_AFTER_S = 0.5
+
+
+class ReplicaSide:
+    """Carries one region's writes to the primary. Holds no request state: the gateway's parts
+    (`config`, `forwarding`, `session_store`) are read from it at each request, as a promotion
+    may replace them."""
+
+    def __init__(self, gateway) -> None:
+        self.gateway = gateway
+
+    async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw = self.gateway
+        cfg = gw.config
+        headers = scope["headers"]
+        # A client retrying after a 504 sends back the key it was given.
+        client_key = header(headers, IDEMPOTENCY_KEY)
+        key = client_key or str(uuid.uuid4())
+        try:
+            body = await SpooledBody.read(receive, idle_timeout_s=cfg.body_timeout_s)
+        except BodyStalled as exc:
+            gw.counters["body_stalled"] += 1
+            await refuse(scope, send, exc)
+            return
+        try:
+            await self._forward(scope, send, body, key, client_key)
+        finally:
+            body.close()
+
+    async def _forward(
+        self, scope: Scope, send: Send, body: SpooledBody, key: str, client_key: str | None
+    ) -> None:
+        gw = self.gateway
+        cfg = gw.config
+        # The deadline is the primary's budget: a slow upload must not spend it.
+        deadline = time.monotonic() + cfg.deadline_s
+        sid = session_id(scope["headers"], cfg.session_cookie)
+        try:
+            session = await gw.session_store.get(sid) if sid else None
+            blob = gw.codec.pack(session) if session else b""
+        except SessionTooLarge as exc:
+            gw.counters["session_too_large"] += 1
+            await refuse(scope, send, exc)
+            return
+        except SessionStoreUnavailable as exc:
+            gw.counters["session_store_down"] += 1
+            await refuse(scope, send, with_key(exc, None, nothing_done=True))
+            return
+        # The idempotency fingerprint covers the request, not the session that rides along.
+        body_digest = body.digest.header_value()
+        body.digest.update(blob)
+        outgoing = pack_request(
+            scope,
+            key=key,
+            content_digest=body.digest.header_value(),
+            session_length=len(blob),
+            body_length=body.size,
+            region=cfg.region.name,
+        )
+        path_qs = target(scope)
+        url = f"{gw.forwarding.base_url}{path_qs}"
+        length = body.size + len(blob)
+
+        async def envelope():
+            async for chunk in body.chunks():
+                yield chunk
+            if blob:
+                yield blob
+
+        attempt = 0
+        while (remaining := deadline - time.monotonic()) > 0:
+            signature = sign_request(
+                cfg.keyring,
+                method=scope["method"],
+                url=url,
+                headers=outgoing,
+                covered=SIGNED_REQUEST_HEADERS,
+            )
+            signed = outgoing + [(k.lower().encode(), v.encode()) for k, v in signature.items()]
+            try:
+                resp = await self._watched_send(
+                    scope["method"],
+                    path_qs,
+                    signed,
+                    envelope() if length else None,
+                    timeout_s=remaining,
+                    fresh_connection=attempt > 0,
+                )
+            except NotSent as exc:
+                gw.counters["not_sent"] += 1
+                log.warning(
+                    "forwarding %s %s: %s; handling it here", scope["method"], scope["path"], exc
+                )
+                # A request that brings its key may have run before (a retry after a 504): only
+                # one that does not can be told that nothing was changed.
+                maybe_sent = attempt > 0 or getattr(exc, "maybe_delivered", False) or client_key
+                if scope["method"] in SAFE_METHODS:
+                    await gw.fallback.read(scope, body, send, deadline)
+                else:
+                    fingerprint = request_fingerprint(scope, body_digest, sid)
+                    await gw.fallback.write(
+                        scope, body, send, key, fingerprint, deadline, bool(maybe_sent)
+                    )
+                return
+            except AnswerTooLarge as exc:
+                gw.counters["answer_too_large"] += 1
+                await refuse(scope, send, with_key(exc, key))
+                return
+            except NoAnswer as exc:
+                attempt += 1
+                gw.counters["retries"] += 1
+                log.warning(
+                    "forwarding %s %s (key %s): %s; retrying",
+                    scope["method"],
+                    scope["path"],
+                    key,
+                    exc,
+                )
+                continue
+            if resp.status == 409 and resp.header(IDEMPOTENCY) == "in-progress":
+                attempt += 1
+                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                continue
+            await self._relay(scope, send, resp, signed, sid, key, had_session=bool(session))
+            return
+        if scope["method"] in SAFE_METHODS:
+            await gw.fallback.stale_read(scope, body, send)
+            return
+        await gw.deadline_passed(scope, send, key)
+
+    async def _watched_send(
+        self, method, path_qs, headers, body, *, timeout_s: float, fresh_connection: bool
+    ) -> ForwardedResponse:
+        """Send one attempt, and while its answer is late, check the path is still there.
+
+        A pooled connection over a cut link stalls without an error; a fresh connection that is
+        refused proves the primary is unreachable now. The attempt may have been delivered, so
+        it is reported as `NotSent` all the same: the fallback claims the key in the primary
+        database before anything runs here, so it is never a blind local re-run.
+        """
+        forwarding = self.gateway.forwarding
+        attempt = asyncio.ensure_future(
+            forwarding.send(
+                method,
+                path_qs,
+                headers,
+                body,
+                timeout_s=timeout_s,
+                fresh_connection=fresh_connection,
+            )
+        )
+        try:
+            while True:
+                done, _ = await asyncio.wait({attempt}, timeout=PATH_CHECK_AFTER_S)
+                if attempt in done:
+                    return attempt.result()
+                if not await forwarding.can_connect():
+                    self.gateway.counters["path_down"] += 1
+                    exc = NotSent(
+                        "the primary stopped accepting connections while an attempt was pending"
+                    )
+                    exc.maybe_delivered = True  # the pending attempt may yet arrive
+                    raise exc
+        finally:
+            if not attempt.done():
+                attempt.cancel()
+                with contextlib.suppress(BaseException):
+                    await attempt
+
+    async def _relay(
+        self,
+        scope: Scope,
+        send: Send,
+        resp: ForwardedResponse,
+        signed_request: Headers,
+        sid: str | None,
+        key: str,
+        had_session: bool,
+    ) -> None:
+        gw = self.gateway
+        cfg = gw.config
+        gw.epochs.heard(resp.header(EPOCH_HEADER))
+        try:
+            verify_response(
+                cfg.keyring,
+                status=resp.status,
+                headers=resp.headers,
+                request_headers=signed_request,
+                body=resp.body,
+                must_cover=SIGNED_RESPONSE_HEADERS,
+            )
+        except SignatureError as exc:
+            gw.counters["bad_answer_signature"] += 1
+            note(scope, outcome="bad_signature")
+            # An unsigned answer is usually the primary refusing the request: say why.
+            log.error(
+                "the primary's answer (%s, %r) failed verification: %s",
+                resp.status,
+                resp.body[:300],
+                exc,
+            )
+            why = "The primary's answer was not correctly signed; it was discarded."
+            await refuse(scope, send, BadAnswerSignature(why))
+            return
+        answer = unpack_answer(resp.status, resp.headers, resp.body, cfg.session_cookie, sid)
+        try:
+            if answer.session_id and answer.tail is SessionTail.UPDATED and answer.session:
+                await gw.session_store.set(answer.session_id, gw.codec.unpack(answer.session))
+            elif answer.session_id and answer.tail is SessionTail.DELETED and had_session:
+                await gw.session_store.delete(answer.session_id)
+        except SessionStoreUnavailable as exc:
+            # The request ran; its answer is stored. A retry with the key fetches it again
+            # and writes the session then.
+            gw.counters["session_store_down"] += 1
+            await refuse(scope, send, with_key(exc, key))
+            return
+        headers = answer.headers + gw.positions.cookie_headers(scope, answer.position)
+        gw.counters["forwarded"] += 1
+        note(scope, outcome="forwarded")
+        await send_response(send, answer.status, headers, answer.body)
