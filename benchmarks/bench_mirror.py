@@ -186,31 +186,50 @@ def propagation(world: LabWorld, pub: Publisher, samples: int, burst: int) -> di
     medium = os.urandom(200 * 1024)
     keys: dict[tuple[str, str], list[tuple]] = {}
 
-    def expect(kind: str, i: int, path: str, t0: float) -> list[tuple]:
+    def expect(mode: str, kind: str, i: int, path: str, t0: float) -> list[tuple]:
         fast = []
-        for mode, mroots in mode_roots.items():
-            for r in REPLICAS:
-                key = (mode, kind, r, i)
-                watcher.expect(key, mroots[r] / path, t0, None if mode == "poll5" else (mode, r))
-                keys.setdefault((mode, kind), []).append(key)
-                if mode != "poll5":
-                    fast.append(key)
+        for r in REPLICAS:
+            key = (mode, kind, r, i)
+            watcher.expect(key, mode_roots[mode][r] / path, t0, (mode, r))
+            keys.setdefault((mode, kind), []).append(key)
+            fast.append(key)
+            if mode == "longpoll":  # the 5 s pollers run through both loops; count one
+                pkey = ("poll5", kind, r, i)
+                watcher.expect(pkey, mode_roots["poll5"][r] / path, t0)
+                keys.setdefault(("poll5", kind), []).append(pkey)
         return fast
 
-    say(f"propagation: {samples} single publishes, each awaited on {len(REPLICAS)} mirrors x 3")
-    for i in range(samples):
-        kind = "inline" if i % 2 == 0 else "download"
-        path = f"bench/prop/{i}.{'json' if kind == 'inline' else 'bin'}"
-        pub.publish(path, small if kind == "inline" else medium)
-        t0 = time.perf_counter()  # committed: the clock starts
-        if not watcher.wait(expect(kind, i, path, t0), 10):
-            raise SystemExit(f"sample {i} did not reach every mirror within 10 s")
-        # Let every long-polling mirror park its next poll (one one-way trip after it heard)
-        # before the next publish: isolated publishes, the long poll's best case.
-        time.sleep(RTT_MS / 2000 + random.uniform(0.02, 0.06))
-    # The burst, once per mode, the other fast mode's daemons stopped meanwhile: on 2 cores
-    # six mirrors applying 100 changes at once would measure each other's CPU.
+    # Each fast mode alone, the other's daemons stopped meanwhile (as for the burst): on 2
+    # cores four mirrors waking at once for every publish measure each other's CPU.
     slots = {"stream": "mirror-sync", "longpoll": "mirror-longpoll"}
+    for mode, other in (("stream", "longpoll"), ("longpoll", "stream")):
+        for r in REPLICAS:
+            world.kill(r, slots[other])
+        say(
+            f"propagation: {samples} single publishes, each awaited on {len(REPLICAS)} {mode} mirrors"
+        )
+        for i in range(samples):
+            kind = "inline" if i % 2 == 0 else "download"
+            path = f"bench/prop-{mode}/{i}.{'json' if kind == 'inline' else 'bin'}"
+            pub.publish(path, small if kind == "inline" else medium)
+            t0 = time.perf_counter()  # committed: the clock starts
+            if not watcher.wait(expect(mode, kind, i, path, t0), 10):
+                raise SystemExit(f"sample {i} did not reach every {mode} mirror within 10 s")
+            # Let every long-polling mirror park its next poll (one one-way trip after it
+            # heard) before the next publish: isolated publishes, the long poll's best case.
+            time.sleep(RTT_MS / 2000 + random.uniform(0.02, 0.06))
+        for r in REPLICAS:
+            world.revive(r, slots[other])
+        head = pub.serial
+        wait_until(
+            lambda other=other, head=head: all(
+                ContentRoot(mode_roots[other][r]).cursor() >= head for r in REPLICAS
+            ),
+            30,
+            f"the {other} mirrors to catch up",
+        )
+        time.sleep(RTT_MS / 1000 + 0.2)  # and park their next poll or stream
+    # The burst, once per mode, the other fast mode's daemons stopped meanwhile.
     for mode, other in (("stream", "longpoll"), ("longpoll", "stream")):
         for r in REPLICAS:
             world.kill(r, slots[other])
@@ -377,7 +396,7 @@ def load(url: str, seconds: float) -> tuple[float, str]:
 def serving(world: LabWorld, pub: Publisher, seconds: float, tmp: Path) -> dict:
     region = REPLICAS[0]
     root = lab_mirror_root(world, region)
-    path = "bench/prop/0.json"  # 1 KiB, synced there in (a)
+    path = "bench/prop-stream/0.json"  # 1 KiB, synced there in (a)
     state = world.state()
     mirror_url = f"http://127.0.0.1:{state['regions'][region]['mirror_port']}/{path}"
     out: dict = {"file_bytes": (root / path).stat().st_size}
