@@ -71,6 +71,8 @@ TABLE_KEYS: dict[str, set[str]] = {
         "session_limit_bytes",
         "pooling",
         "pool_size",
+        "max_connections",
+        "queue_size",
         "session_cookie",
         "session_key_template",
         "consistency",

@@ -177,3 +177,26 @@ async def test_a_refusal_speaks_the_clients_language(regions, accept, kind):
         kind.decode(),
         "application/json",
     )
+
+
+async def test_past_the_forwarding_slots_and_their_queue_a_write_is_503_busy(make_regions):
+    """One slot, one place in the queue: with the link stalled, the first write holds the slot
+    till its deadline (504), the second waits in the queue, the third is refused at once."""
+    regions = make_regions(max_connections=1, queue_size=1, deadline_s=0.3)
+    await regions.start()
+    try:
+        regions.link.script = ["stalled"]
+        first = asyncio.ensure_future(regions.request("POST", "/events", {"title": "1"}))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(regions.request("POST", "/events", {"title": "2"}))
+        await asyncio.sleep(0.05)
+        third = await regions.request("POST", "/events", {"title": "3"})
+        body = json.loads(third.body)
+        assert third.status == 503 and body["error"] == "Busy"
+        assert "max_connections" in body["detail"] and "Nothing was sent" in body["detail"]
+        assert third.header(b"retry-after") == "1"
+        assert (await first).status == 504
+        assert (await second).status in (201, 503)  # the slot freed at the first's deadline
+    finally:
+        await regions.stop()
+    assert regions.replica.counters["busy"] >= 1

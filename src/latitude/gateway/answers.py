@@ -58,6 +58,11 @@ class Demoted(NotPrimary):
     """A forwarded request reached a region that a newer primary epoch has demoted."""
 
 
+class Busy(Refused):
+    """Every forwarding slot is taken and the queue for one is full (or outlasted the
+    deadline) before anything was sent: nothing was changed."""
+
+
 class AppFailed(Refused):
     """The app raised, or left a session no store can keep, while running a forwarded request."""
 
@@ -82,6 +87,10 @@ def _read_only(exc: BaseException) -> str:
         f"This region can serve reads but cannot make changes at the moment: {exc}. "
         f"Nothing was changed here. Retry shortly with the header Idempotency-Key: {exc.key}."
     )
+
+
+def _busy(exc: BaseException) -> str:
+    return f"{exc}. Nothing was sent to the primary region; retry in a moment."
 
 
 def _stalled(exc: BaseException) -> str:
@@ -123,6 +132,7 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (BadAnswerSignature, Refusal(502, "Bad answer from the primary region")),
     (DeadlinePassed, Refusal(504, "The primary region did not answer in time", 1, _deadline)),
     (ReadOnly, Refusal(503, "Read-only for now", 5, _read_only)),
+    (Busy, Refusal(503, "Busy", 1, _busy)),
     (KeyReused, Refusal(422, "Idempotency-Key reused")),
     (KeyInProgress, Refusal(409, "Idempotency-Key in use")),
     (Demoted, Refusal(503, "Misdirected request", 1)),

@@ -25,6 +25,10 @@ class GatewayConfig:
     session_limit_bytes: int = 1024 * 1024
     pooling: bool = True
     pool_size: int = 8
+    # Forwarded requests in flight at once per worker process (one pooled connection each),
+    # and how many more may wait for one before the gateway answers 503 (never a storm).
+    max_connections: int = 64
+    queue_size: int = 256
     session_cookie: str = "session"
     session_key_template: str = "latitude:session:{sid}"
     consistency: object = "session"
@@ -107,6 +111,8 @@ class GatewayConfig:
             session_limit_bytes=get("session_limit_bytes", 1024 * 1024, int),
             pooling=get("pooling", True, bool),
             pool_size=get("pool_size", 8, int),
+            max_connections=_positive(get("max_connections", 64, int), "max_connections"),
+            queue_size=_positive(get("queue_size", 256, int), "queue_size"),
             session_cookie=get("session_cookie", "session", str),
             session_key_template=get("session_key_template", "latitude:session:{sid}", str),
             consistency=g.get("consistency", "session"),

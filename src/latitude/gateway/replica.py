@@ -16,7 +16,7 @@ import time
 import uuid
 
 from latitude.forwarding import AnswerTooLarge, ForwardedResponse, NoAnswer, NotSent
-from latitude.gateway.answers import BadAnswerSignature, refuse, with_key
+from latitude.gateway.answers import BadAnswerSignature, Busy, refuse, with_key
 from latitude.gateway.classify import SAFE_METHODS
 from latitude.gateway.envelope import (
     IDEMPOTENCY,
@@ -51,6 +51,36 @@ log = logging.getLogger("latitude.gateway")
 PATH_CHECK_AFTER_S = 0.5
 
 
+class ForwardingSlots:
+    """At most `slots` forwarded requests in flight (one pooled connection each, so steady load
+    opens no new connection), and at most `queue` more waiting for a slot: past that a
+    request is refused at once (`Busy`) rather than queued into a storm or a 504."""
+
+    def __init__(self, slots: int, queue: int) -> None:
+        self.slots, self.queue = slots, queue
+        self._free = asyncio.Semaphore(slots)
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, timeout_s: float):
+        if self._free.locked() and self.waiting >= self.queue:
+            raise Busy(
+                f"{self.slots} forwarded requests are in flight and {self.waiting} wait "
+                "([gateway] max_connections, queue_size)"
+            )
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._free.acquire(), timeout_s)
+        except TimeoutError:
+            raise Busy(f"no forwarding slot came free within {timeout_s:.2f} s") from None
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
 class ReplicaSide:
     """Carries one region's writes to the primary. Holds no request state: the gateway's parts
     (`config`, `forwarding`, `session_store`) are read from it at each request, as a promotion
@@ -58,6 +88,8 @@ class ReplicaSide:
 
     def __init__(self, gateway) -> None:
         self.gateway = gateway
+        cfg = gateway.config
+        self.slots = ForwardingSlots(cfg.max_connections, cfg.queue_size)
 
     async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
@@ -128,14 +160,22 @@ class ReplicaSide:
             )
             signed = outgoing + [(k.lower().encode(), v.encode()) for k, v in signature.items()]
             try:
-                resp = await self._watched_send(
-                    scope["method"],
-                    path_qs,
-                    signed,
-                    envelope() if length else None,
-                    timeout_s=remaining,
-                    fresh_connection=attempt > 0,
-                )
+                async with self.slots.slot(remaining):
+                    resp = await self._watched_send(
+                        scope["method"],
+                        path_qs,
+                        signed,
+                        envelope() if length else None,
+                        timeout_s=max(0.01, deadline - time.monotonic()),
+                        fresh_connection=attempt > 0,
+                    )
+            except Busy as exc:
+                gw.counters["busy"] += 1
+                # An earlier attempt (or run) may have landed; a read is better served stale.
+                if attempt or client_key or scope["method"] in SAFE_METHODS:
+                    break
+                await refuse(scope, send, with_key(exc, key))
+                return
             except NotSent as exc:
                 gw.counters["not_sent"] += 1
                 log.warning(
