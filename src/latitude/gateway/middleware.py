@@ -175,7 +175,9 @@ class RegionGateway:
         sent: Counter[str] = Counter()
         while True:
             await asyncio.sleep(interval_s)
-            now = Counter({**self.counters, **{k: v for k, v in self.positions.counters.items()}})
+            now = Counter({**self.counters, **self.positions.counters})
+            if self.forwarding is not None:  # new connections the path checks opened
+                now["forwarding_probes"] = self.forwarding.pool_info().get("probes", 0)
             delta = {k: v - sent.get(k, 0) for k, v in now.items() if v != sent.get(k, 0)}
             if not delta:
                 continue
