@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from latitude import consistency
+from latitude import db
 from latitude.promotion.epoch import (
     Epoch,
     EpochError,
@@ -320,7 +320,7 @@ async def _reconfigure(gateway, topology, base) -> None:
     # The app's engines were built from the start-up topology: its "replica" engine is the local
     # database, which is what a region promoted since must write to.
     started_primary = base.region(cfg.region.name).primary
-    gateway._primary_route = consistency.PRIMARY if started_primary else consistency.REPLICA
+    gateway._primary_route = db.PRIMARY if started_primary else db.REPLICA
     closers = []
     if cfg.is_primary:
         closers.append(gateway.forwarding)
