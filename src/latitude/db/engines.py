@@ -59,7 +59,7 @@ def _translate_read_only(ctx: Any) -> None:
 
 def _fence_claim(conn: Any) -> None:
     """``begin`` listener on the primary engine: inside a claimed request (the gateway sets
-    :data:`~latitude.consistency.current_claim`), mark the claim applied as the transaction's
+    :data:`~latitude.db.route.current_claim`), mark the claim applied as the transaction's
     first statement, so the mark commits with the app's writes or not at all. Run on the DBAPI
     connection: the driver opens the transaction with it, and SQLAlchemy's own begin is not
     re-entered."""
@@ -134,7 +134,7 @@ class _Routed:
 
 class RoutedEngines(_Routed):
     """Sync SQLAlchemy engines for a region: ``engine()`` / ``session()`` follow
-    :data:`~latitude.consistency.current_route`.
+    :data:`~latitude.db.route.current_route`.
 
     ``engine_kwargs`` go to both ``create_engine`` calls; ``primary_engine_kwargs`` /
     ``replica_engine_kwargs`` to one only. The primary's pool uses ``pool_pre_ping=True``.
