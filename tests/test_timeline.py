@@ -104,17 +104,23 @@ def test_reach(target, replayed, known, verdict):
 
 
 class FakeReplica:
-    """Answers the watcher's query with whatever `row` is: (replay LSN text, timeline)."""
+    """Answers the watcher's queries with whatever `row` is: (replay LSN text, timeline); the
+    timeline only to the query that asks for it."""
 
     def __init__(self, lsn: str, timeline: int | None):
         self.row = (lsn, timeline)
 
+    queries = timeline_queries = 0
+
     async def execute(self, sql: str) -> FakeReplica:
-        assert "pg_last_wal_replay_lsn" in sql and "received_tli" in sql
+        assert "pg_last_wal_replay_lsn" in sql
+        self.timeline_asked = "received_tli" in sql
+        self.queries += 1
+        self.timeline_queries += self.timeline_asked
         return self
 
     async def fetchone(self) -> tuple:
-        return self.row
+        return self.row if self.timeline_asked else self.row[:1]
 
     async def close(self) -> None:
         pass
@@ -182,6 +188,17 @@ async def test_the_replay_position_and_timeline_never_go_back():
         replica.row = ("0/2100", 1)  # the WAL receiver restarted: only the checkpoint's is seen
         await asyncio.sleep(0.1)
         assert watcher.replayed == on(2, "0/2100")
+
+
+async def test_the_fast_polls_of_a_waiting_read_do_not_read_the_timeline():
+    # pg_control_checkpoint() reads the control file: not at every 2 ms poll.
+    replica = FakeReplica("0/2000", 2)
+    async with Watcher(replica, poll_interval_s=0.002, idle_interval_s=3600) as watcher:
+        started = asyncio.get_running_loop().time()
+        assert not await watcher.wait_for(on(2, "FF/0"), timeout_s=0.3)
+        elapsed = asyncio.get_running_loop().time() - started
+    assert replica.queries > 10
+    assert replica.timeline_queries <= elapsed / 0.1 + 2, (replica.timeline_queries, elapsed)
 
 
 # ---- the one read decision -------------------------------------------------------------------

@@ -27,14 +27,21 @@ log = logging.getLogger("latitude.consistency")
 # behind. Either is only used to tell that a position is from an *older* timeline, and then
 # only to decide at once (reached if its LSN was replayed, else ask the primary), which is safe
 # with a timeline read ahead of replay; greatest() ignores the NULL an unprivileged role sees.
+# pg_control_checkpoint() reads the control file: the timeline is read at most every
+# TIMELINE_EVERY_S, not at each 2 ms poll of a waiting read (it changes only at a promotion, and
+# the gateway learns the primary's at once from the positions it relays).
 _REPLAY_SQL = (
     "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-    " ELSE pg_current_wal_lsn() END::text,"
+    " ELSE pg_current_wal_lsn() END::text"
+)
+_REPLAY_TIMELINE_SQL = (
+    _REPLAY_SQL + ","
     " CASE WHEN pg_is_in_recovery() THEN greatest("
     "(SELECT received_tli FROM pg_stat_wal_receiver),"
     " (SELECT timeline_id FROM pg_control_checkpoint()))"
     " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END"
 )
+TIMELINE_EVERY_S = 0.1
 
 # Upper bounds (ms) of the wait-time histogram buckets; the last bucket is "more".
 WAIT_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
@@ -75,6 +82,7 @@ class ReplayWatcher:
         self.connect_timeout_s = connect_timeout_s
         self.replayed: ReplicationPosition | None = None
         self._timeline_hint: int | None = None
+        self._timeline_read_at = float("-inf")
         self.replayed_at: float | None = None  # monotonic time of the last successful poll
         self.healthy = False
         self.last_error: str | None = None
@@ -162,9 +170,13 @@ class ReplayWatcher:
 
     async def _poll(self) -> None:
         self.queries += 1
-        cur = await self._conn.execute(_REPLAY_SQL)
+        now = time.monotonic()
+        with_timeline = now - self._timeline_read_at >= TIMELINE_EVERY_S
+        cur = await self._conn.execute(_REPLAY_TIMELINE_SQL if with_timeline else _REPLAY_SQL)
         row = await cur.fetchone()
-        position = _position_or_none(*(row if row else (None, None)))
+        if with_timeline:
+            self._timeline_read_at = now
+        position = _position_or_none(row[0], row[1] if with_timeline else None) if row else None
         self.replayed_at = time.monotonic()
         self.healthy = True
         self.last_error = None
