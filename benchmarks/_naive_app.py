@@ -7,7 +7,7 @@ forwarding: what a replica region costs without Latitude.
 """
 
 from examples.calendar.app import app as calendar
-from latitude.consistency import route_to_primary
+from latitude.db import route_to_primary
 
 
 async def app(scope, receive, send):

@@ -15,7 +15,7 @@ import os
 
 import psycopg
 
-from latitude import consistency
+from latitude.db import current_route
 from latitude.topology import load_topology
 
 
@@ -48,7 +48,7 @@ async def app(scope, receive, send):
         if not message.get("more_body"):
             break
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-    route = headers.get("latitude-database") or consistency.current_route.get()
+    route = headers.get("latitude-database") or current_route.get()
     if "x-record" in headers:
         async with await psycopg.AsyncConnection.connect(_databases()[route]) as db:
             await db.execute(

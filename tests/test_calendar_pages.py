@@ -9,7 +9,7 @@ import pytest
 from starlette.requests import Request
 
 from examples.calendar import pages
-from latitude import consistency
+from latitude import db
 from latitude.gateway import observe
 from latitude.topology import default_lab_topology_path, load_topology
 
@@ -60,7 +60,7 @@ def test_a_bad_cookie_shows_nothing(cookie):
 
 def test_served_line_for_a_local_read():
     note = {"started": time.perf_counter() - 0.003, "replica_lag_s": 0.04, "read_wait_s": 0.0}
-    with consistency.route_to_replica():
+    with db.route_to_replica():
         line = pages.served_line(request(note=note), "eu-west")
     assert line.startswith("read in eu-west from its replica, ")
     assert line.endswith(" ms (replica 40 ms behind)")
@@ -70,13 +70,13 @@ def test_served_line_for_a_local_read():
 
 def test_served_line_names_a_wait_for_the_replica():
     note = {"started": time.perf_counter() - 0.05, "replica_lag_s": 0.0, "read_wait_s": 0.045}
-    with consistency.route_to_replica():
+    with db.route_to_replica():
         line = pages.served_line(request(note=note), "eu-west")
     assert "45 ms of it waiting for the replica to replay your last write" in line
 
 
 def test_served_line_at_the_primary_and_without_a_gateway():
-    with consistency.route_to_primary():
+    with db.route_to_primary():
         line = pages.served_line(
             request(note={"started": time.perf_counter(), "primary": "us-west"}), "us-west"
         )

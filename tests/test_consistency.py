@@ -19,14 +19,16 @@ from latitude.consistency import (
     PositionCookie,
     ReplayWatcher,
     ReplicationPosition,
-    RequestInfo,
     StrongPositionSource,
+    primary_position,
+    primary_position_async,
+    read_locally,
+)
+from latitude.db import (
+    RequestInfo,
     WriteOnReplicaError,
     current_request,
     current_route,
-    ensure_read_consistency,
-    primary_position,
-    primary_position_async,
     request_context,
     route_to_primary,
     route_to_replica,
@@ -390,23 +392,19 @@ async def test_strong_reads_wait_for_the_primary_position_at_request_start(world
         positions = await asyncio.gather(*(strong.current(timeout_s=10) for _ in range(10)))
         assert all(p >= before for p in positions)
         assert strong.queries == 1 and strong.requests == 10  # one flight for the burst
-        assert await ensure_read_consistency(
-            ConsistencyMode.STRONG, watcher, strong=strong, timeout_s=10
-        )
+        assert await read_locally(ConsistencyMode.STRONG, watcher, strong=strong, timeout_s=10)
         async with await psycopg.AsyncConnection.connect(urls["eu-west"]) as c:
             cur = await c.execute(f"select 1 from {TABLE} where note = %s", (note,))
             assert await cur.fetchone() is not None
         # EVENTUAL never waits, SESSION without a cookie neither: no read is counted as waiting.
         waited = watcher.stats()["reads_waited"] + watcher.stats()["reads_immediate"]
         fresh = await write(urls["us-west"], "eventual")
-        assert await ensure_read_consistency(
-            ConsistencyMode.EVENTUAL, watcher, cookie_position=fresh
-        )
-        assert await ensure_read_consistency(ConsistencyMode.SESSION, watcher)
+        assert await read_locally(ConsistencyMode.EVENTUAL, watcher, cookie_position=fresh)
+        assert await read_locally(ConsistencyMode.SESSION, watcher)
         stats = watcher.stats()
         assert stats["reads_waited"] + stats["reads_immediate"] == waited
         # SESSION with the cookie of that fresh write waits for it.
-        assert await ensure_read_consistency(
+        assert await read_locally(
             ConsistencyMode.SESSION, watcher, cookie_position=fresh, timeout_s=10
         )
         assert watcher.replayed >= fresh

@@ -14,23 +14,23 @@ from sqlalchemy import text
 from latitude.consistency import (
     ReplayWatcher,
     ReplicationPosition,
-    WriteOnReplicaError,
-    current_route,
     primary_position,
     primary_position_async,
-    request_context,
-    route_to_primary,
-    route_to_replica,
 )
 from latitude.db import (
     AsyncRoutedEngines,
     LatitudeRouter,
     RoutedEngines,
     StrictLatitudeRouter,
+    WriteOnReplicaError,
+    current_route,
     database_urls,
     django_database,
     django_databases,
     is_read_only_error,
+    request_context,
+    route_to_primary,
+    route_to_replica,
     sqlalchemy_url,
 )
 from latitude.topology import load_topology, parse_topology

@@ -171,9 +171,7 @@ async def test_the_apps_transactions_are_fenced_by_the_claim(world):
     not run again."""
     from sqlalchemy import text
 
-    from latitude import consistency
-    from latitude.consistency import ClaimLost
-    from latitude.db import AsyncRoutedEngines
+    from latitude.db import AsyncRoutedEngines, ClaimLost, claimed, route_to_primary
 
     dsn = primary_dsn(world)
     engines = AsyncRoutedEngines(dsn, dsn)
@@ -182,11 +180,11 @@ async def test_the_apps_transactions_are_fenced_by_the_claim(world):
         await store.ensure_schema()
         claim = await store.begin(key, "h")
         try:
-            with consistency.route_to_primary(), consistency.claimed(key, claim.started_at):
+            with route_to_primary(), claimed(key, claim.started_at):
                 async with engines.engine().begin() as db:
                     await db.execute(text("create temp table fence_probe (x int)"))
             # Rolled back: the mark with it; the claim may be released (a retry may run it).
-            with consistency.route_to_primary(), consistency.claimed(key, claim.started_at):
+            with route_to_primary(), claimed(key, claim.started_at):
                 async with engines.engine().connect() as db:
                     await db.execute(text("select 1"))
                     await db.rollback()
@@ -210,7 +208,7 @@ async def test_the_apps_transactions_are_fenced_by_the_claim(world):
             successor = await store.begin(other, "h")
             assert successor.taken_over
             with pytest.raises(ClaimLost, match="taken over"):
-                with consistency.route_to_primary(), consistency.claimed(other, mine.started_at):
+                with route_to_primary(), claimed(other, mine.started_at):
                     async with engines.engine().begin() as db:
                         await db.execute(text("select 1"))
         finally:

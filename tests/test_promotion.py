@@ -21,6 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from latitude.consistency import PositionCookie, ReplicationPosition, primary_position
 from latitude.lab import LabWorld
 from latitude.lab.demo import calendar_argv, wait_healthy
 from latitude.lab.postgres import database_url
@@ -270,6 +271,67 @@ def test_switchover_while_writes_flow_loses_nothing(promo: LabWorld):
             summary = json.loads(r.read())
         assert summary["primary"] == "eu-west", (region, summary["primary"])
         assert summary["role"] == ("primary" if region == "eu-west" else "replica"), region
+
+
+def gateway_status(world: LabWorld, region: str) -> dict:
+    port = world.state()["regions"][region]["app_port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_latitude/status", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def read_with_position(world: LabWorld, region: str, position: ReplicationPosition):
+    """GET /events with a genuine position cookie: (status, the position cookie answered)."""
+    cookie = PositionCookie(world.state()["secret"].encode())
+    port = world.state()["regions"][region]["app_port"]
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/events",
+        headers={
+            "accept": "application/json",
+            "cookie": f"latitude_pos={cookie.issue(position, region)}",
+        },
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            status, headers = r.status, r.headers
+    except urllib.error.HTTPError as exc:
+        status, headers = exc.code, exc.headers
+    answered = None
+    for header in headers.get_all("set-cookie") or []:
+        name, _, rest = header.partition("=")
+        if name.strip() == "latitude_pos":
+            answered = cookie.read(rest.split(";", 1)[0])
+    return status, answered
+
+
+def test_a_position_from_the_old_timeline_never_waits_out_its_bound(promo: LabWorld):
+    """After the switchover eu-west writes timeline 2. At ap-southeast, a cookie from timeline 1
+    whose LSN the replica has not replayed (a write lost in a forced failover looks like this)
+    is sent to the primary at once, and comes back on the new timeline; the same LSN on the
+    current timeline still waits out the bound, as any unreached position does."""
+    with pg(promo, "eu-west") as c:
+        timeline = primary_position(c).timeline
+    assert timeline >= 2  # a promotion started a timeline
+    region = "ap-southeast"
+    wait_for(
+        lambda: gateway_status(promo, region)["consistency"]["watcher"]["timeline"] == timeline,
+        20,
+        "ap-southeast's watcher follows the new timeline",
+    )
+    far = ReplicationPosition.parse("FFFFFFF/0")
+    before = gateway_status(promo, region)["consistency"]["watcher"]
+    status, answered = read_with_position(promo, region, far.on_timeline(timeline - 1))
+    after = gateway_status(promo, region)["consistency"]["watcher"]
+    assert status in (200, 401), status
+    assert answered is not None and answered.timeline == timeline  # forwarded: a new position
+    assert after["reads_older_timeline"] == before["reads_older_timeline"] + 1
+    assert after["reads_timed_out"] == before["reads_timed_out"]  # no wait for the bound
+    # Control: the same LSN on the current timeline is waited for, then forwarded.
+    status, answered = read_with_position(promo, region, far.on_timeline(timeline))
+    control = gateway_status(promo, region)["consistency"]["watcher"]
+    assert status in (200, 401), status
+    assert answered is not None
+    assert control["reads_timed_out"] == after["reads_timed_out"] + 1
+    assert control["reads_older_timeline"] == after["reads_older_timeline"]
 
 
 def test_promote_back(promo: LabWorld):

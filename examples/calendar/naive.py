@@ -8,7 +8,7 @@ connection each time (run with CALENDAR_PRIMARY_POOL=none). No gateway, no forwa
 """
 
 from examples.calendar.app import app as calendar
-from latitude.consistency import route_to_primary, route_to_replica
+from latitude.db import route_to_primary, route_to_replica
 
 SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
 

@@ -2,7 +2,7 @@
 markup), a CSRF token per session for forms, and the line every page ends with saying where it
 was served and what it cost, from what Latitude's gateway tells the app:
 
-* `latitude.consistency.current_route`: "replica" (a local read) or "primary";
+* `latitude.db.current_route`: "replica" (a local read) or "primary";
 * the request's note (`scope["latitude.note"]`, from `latitude.gateway.observe`): when the
   request arrived, which region is primary and whether it answers, the replica's lag;
 * the `latitude_last_write` cookie the gateway sets on a browser's write: where it ran and how
@@ -20,7 +20,7 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from latitude import consistency
+from latitude import db
 
 NOTE = "latitude.note"
 LAST_WRITE_COOKIE = "latitude_last_write"
@@ -69,11 +69,11 @@ def served_line(request: Request, region: str) -> str:
     note = request.scope.get(NOTE) or {}
     ms = _ms_since_arrival(note)
     took = f"{ms:.0f} ms" if ms is not None else "time unknown (no Latitude gateway in front)"
-    route = consistency.current_route.get()
+    route = db.current_route.get()
     primary = note.get("primary")
     if request.method not in ("GET", "HEAD"):
         return f"answered in {region} (on its {route} database), {took}"
-    if route == consistency.REPLICA:
+    if route == db.REPLICA:
         lag = note.get("replica_lag_s")
         behind = (
             "replica lag not yet sampled" if lag is None else f"replica {lag * 1000:.0f} ms behind"

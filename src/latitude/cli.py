@@ -18,6 +18,7 @@ from rich.table import Table
 from latitude.gateway.config import GatewayConfigError
 from latitude.lab import LabError, LabWorld
 from latitude.mirror.cli import mirror_app
+from latitude.redact import redact_url
 from latitude.routing.cli import dns_command, health_command, routing_app
 from latitude.topology import TopologyError, load_topology
 
@@ -84,7 +85,7 @@ def check(
             r.role,
             f"{r.latitude:.2f}, {r.longitude:.2f}",
             r.public_url or ("(lab)" if topology.is_lab else "-"),
-            _redact(r.database_url) or ("(lab)" if topology.is_lab else "-"),
+            redact_url(r.database_url) or ("(lab)" if topology.is_lab else "-"),
             r.session_store_url or ("(lab)" if topology.is_lab else "-"),
         )
     out.print(table)
@@ -93,15 +94,6 @@ def check(
         out.print(f"links: {links}")
     keys = ", ".join(k.id for k in topology.signing_keys) or "none"
     out.print(f"signing keys: {keys} (signing with {topology.sign_with or '-'})")
-
-
-def _redact(url: str | None) -> str | None:
-    if not url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}{':***' if ':' in creds else ''}@{host}"
 
 
 @lab_app.command("up")

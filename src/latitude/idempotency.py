@@ -71,6 +71,8 @@ from psycopg import pq
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from latitude.consistency.position import POSITION_SQL
+
 __all__ = [
     "DEFAULT_PURGE_EVERY_S",
     "DEFAULT_RETENTION_S",
@@ -363,11 +365,11 @@ class IdempotencyStore:
         await self._retrying(once)
 
     async def position(self, timeout_s: float | None = None) -> str:
-        """The database's current WAL position (``pg_current_wal_lsn``), as text."""
+        """The database's current WAL position (``pg_current_wal_lsn``) and timeline, as text."""
 
         async def once() -> str:
             async with self._connection(timeout_s) as conn:
-                cur = await conn.execute("select pg_current_wal_lsn()::text")
+                cur = await conn.execute(f"select {POSITION_SQL}")
                 return (await cur.fetchone())[0]
 
         return await self._retrying(once)
@@ -427,7 +429,7 @@ class IdempotencyStore:
                     return Claim(Outcome.NEW, key, started_at=inserted[0])
                 cur = await conn.execute(
                     f"select request_hash, state, status, headers, body, created_at, "
-                    f"pg_current_wal_lsn()::text, {in_time} from {TABLE} where key = %s",
+                    f"{POSITION_SQL}, {in_time} from {TABLE} where key = %s",
                     (limit, key),
                 )
                 row = await cur.fetchone()
@@ -536,7 +538,7 @@ class IdempotencyStore:
         async with self._connection(timeout_s) as conn:
             cur = await conn.execute(
                 f"with done as ({query} returning key) "
-                "select (select count(*) from done), pg_current_wal_lsn()::text",
+                f"select (select count(*) from done), {POSITION_SQL}",
                 params,
             )
             stored, position = await cur.fetchone()

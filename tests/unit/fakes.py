@@ -119,6 +119,11 @@ class MemoryReplayWatcher:
         self.replayed = self._parse(replayed)
         self._moved = asyncio.Event()
 
+    timeline = None
+
+    def note_timeline(self, timeline: int | None) -> None:
+        self.timeline = timeline
+
     def replay_to(self, position: str) -> None:
         self.replayed = self._parse(position)
         self._moved.set()

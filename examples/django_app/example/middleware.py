@@ -5,7 +5,7 @@ Behind the gateway, the gateway has already decided the route of each request (a
 does at a replica region: safe methods read the local replica, everything else the primary.
 """
 
-from latitude.consistency import (
+from latitude.db import (
     current_request,
     request_context,
     route_to_primary,

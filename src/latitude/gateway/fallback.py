@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 
-from latitude import consistency
+from latitude import db
 from latitude.gateway.answers import KeyReused, ReadOnly, refuse
 from latitude.gateway.deadlines import bounded, in_background
 from latitude.gateway.envelope import SESSION_LENGTH, STALE, client_headers
@@ -264,9 +264,9 @@ class Fallback:
                 finished.set()
 
         route = request_route(
-            consistency.PRIMARY, scope["method"], scope["path"], gw.config.region.name
+            db.PRIMARY, scope["method"], scope["path"], gw.config.region.name
         )
-        fence = consistency.claimed(claim.key, claim.started_at, idle_timeout_s=FENCE_IDLE_S)
+        fence = db.claimed(claim.key, claim.started_at, idle_timeout_s=FENCE_IDLE_S)
         with route, fence:
             await bounded(gw.app(gw.edge_scope(scope), receive, send), FALLBACK_TIMEOUT_S)
         return captured
@@ -318,7 +318,7 @@ class Fallback:
                 self._primary_db_seen_at = time.monotonic()
             left = budget - (time.monotonic() - started)
             route = request_route(
-                consistency.PRIMARY, scope["method"], scope["path"], gw.config.region.name
+                db.PRIMARY, scope["method"], scope["path"], gw.config.region.name
             )
             with route:
                 run = gw.app(gw.edge_scope(scope), *body.replay(body.size, captured.send))
@@ -337,4 +337,4 @@ class Fallback:
     async def stale_read(self, scope: Scope, body: SpooledBody, send: Send) -> None:
         gw = self.gateway
         gw.counters["read_served_stale"] += 1
-        await gw.run_here(scope, *body.replay(body.size, marked_stale(send)), consistency.REPLICA)
+        await gw.run_here(scope, *body.replay(body.size, marked_stale(send)), db.REPLICA)

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import Counter
 
-from latitude import consistency
+from latitude import db
 from latitude.forwarding import Forwarding, ForwardingClient
 from latitude.gateway.answers import DeadlinePassed, refuse
 from latitude.gateway.classify import SAFE_METHODS, Decision, classify
@@ -89,7 +89,7 @@ class RegionGateway:
         # The primary epoch: which region is primary now (latitude.promotion); it may swap
         # `config`, and the route that runs requests here as the primary.
         self.epochs = EpochFollower(config)
-        self.primary_route = consistency.PRIMARY
+        self.primary_route = db.PRIMARY
         self.replica = ReplicaSide(self)
         self.primary = PrimarySide(self)
         self.fallback = Fallback(self, store=fallback_store)
@@ -287,7 +287,7 @@ class RegionGateway:
                 await self.run_here(scope, receive, send, self.primary_route)
             elif decision is Decision.LOCAL and scope["method"] not in SAFE_METHODS:
                 # Listed `local`: a POST that only reads runs here, never forwarded.
-                await self.run_here(scope, receive, send, consistency.REPLICA)
+                await self.run_here(scope, receive, send, db.REPLICA)
             elif decision is Decision.LOCAL:
                 await self._serve_read(scope, receive, send)
             else:
@@ -348,7 +348,7 @@ class RegionGateway:
         note(scope, read_wait_s=time.monotonic() - checked)
         if current:
             note(scope, kind="local_read")
-            await self.run_here(scope, receive, send, consistency.REPLICA)
+            await self.run_here(scope, receive, send, db.REPLICA)
         else:
             note(scope, kind="read_forwarded")
             self.counters["read_forwarded"] += 1

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 
-from latitude import consistency
+from latitude import consistency, db
 from latitude.cookies import cookie_value
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.deadlines import bounded
@@ -22,12 +22,8 @@ POSITION_COOKIE = "latitude_pos"
 @contextlib.contextmanager
 def request_route(route: str, method: str, path: str, region: str):
     """Tell the app (through `latitude.db`) which database this request must use."""
-    switch = (
-        consistency.route_to_primary
-        if route == consistency.PRIMARY
-        else consistency.route_to_replica
-    )
-    with switch(), consistency.request_context(method, path, region):
+    switch = db.route_to_primary if route == db.PRIMARY else db.route_to_replica
+    with switch(), db.request_context(method, path, region):
         yield
 
 
@@ -89,42 +85,25 @@ class PositionTracker:
     async def replica_is_current(self, scope: Scope) -> bool:
         """True to serve this read from the local replica; False to forward it."""
         mode = self.policy.mode_for(scope["path"])
-        if mode is consistency.ConsistencyMode.EVENTUAL:
+        if mode is consistency.ConsistencyMode.EVENTUAL or self.config.is_primary:
             self.counters["reads_local"] += 1
             return True
         if self.watcher is None:
-            if self.config.is_primary or not await self._start_watcher():
-                # No watcher yet (a region demoted moments ago, its database restarting): a read
-                # with a pending position goes to the primary rather than risk a stale answer.
-                pending = self.cookie_position(scope) is not None
-                self.counters["reads_forwarded" if pending else "reads_local"] += 1
-                return not pending
+            # A region demoted moments ago, its database restarting: one more try to start.
+            await self._start_watcher()
         started = time.monotonic()
-        if mode is consistency.ConsistencyMode.STRONG and self.strong is not None:
-            try:
-                target = await bounded(self.strong.current(), self.config.read_wait_s)
-            except Exception:
-                self.counters["reads_forwarded"] += 1
-                return False
-        else:
-            target = self.cookie_position(scope)
-            if target is None:
-                self.counters["reads_local"] += 1
-                return True
-        # One bound for the whole check, strong mode's round trip included.
-        remaining = max(0.0, self.config.read_wait_s - (time.monotonic() - started))
-        try:
-            ok = await self.watcher.wait_for(target, remaining)
-        except RuntimeError:  # closed under us (a promotion swapped it): ask the primary
-            ok = False
+        ok = await consistency.read_locally(
+            mode,
+            self.watcher,
+            cookie_position=self.cookie_position(scope),
+            strong=self.strong,
+            timeout_s=self.config.read_wait_s,
+        )
         waited = (time.monotonic() - started) * 1000
         if waited > 0.05:
             self.counters["reads_waited"] += 1
             self.counters["wait_ms_total"] += waited
-        if not ok:
-            self.counters["reads_forwarded"] += 1
-        else:
-            self.counters["reads_local"] += 1
+        self.counters["reads_local" if ok else "reads_forwarded"] += 1
         return ok
 
     def cookie_position(self, scope: Scope) -> consistency.ReplicationPosition | None:
@@ -148,6 +127,9 @@ class PositionTracker:
             new = consistency.ReplicationPosition.parse(position)
         except ValueError:
             return []
+        if self.watcher is not None:
+            # The primary's timeline: a standby may not show its own (see ReplayWatcher).
+            self.watcher.note_timeline(new.timeline)
         # Answers to one user's concurrent requests may arrive out of order: never go back.
         old = self.cookie_position(scope)
         if old is not None and new < old:

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 
-from latitude import consistency
+from latitude import db
 from latitude.cookies import set_cookie_value
 from latitude.gateway.answers import (
     AppFailed,
@@ -208,7 +208,7 @@ class PrimarySide:
             gw.primary_route, scope["method"], scope["path"], gw.config.region.name
         )
         fence = (
-            consistency.claimed(claim.key, claim.started_at)
+            db.claimed(claim.key, claim.started_at)
             if claim is not None
             else contextlib.nullcontext()
         )

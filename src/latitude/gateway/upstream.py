@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from latitude import consistency
+from latitude import db
 from latitude.forwarding import SKIP_AUTO_HEADERS, raw_url
 from latitude.gateway.messages import (
     Receive,
@@ -69,7 +69,7 @@ class HttpUpstream:
             ),
             ("x-forwarded-for", client_ip),
             ("x-forwarded-proto", scope.get("scheme", "http")),
-            ("latitude-database", consistency.current_route.get()),
+            ("latitude-database", db.current_route.get()),
         ]
         host = header(scope["headers"], b"host")
         if host:

@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from latitude import consistency
+from latitude import db
 from latitude.promotion.epoch import (
     Epoch,
     EpochError,
@@ -317,7 +317,7 @@ async def _reconfigure(gateway, topology, base) -> None:
     # The app's engines were built from the start-up topology: its "replica" engine is the local
     # database, which is what a region promoted since must write to.
     started_primary = base.region(cfg.region.name).primary
-    gateway.primary_route = consistency.PRIMARY if started_primary else consistency.REPLICA
+    gateway.primary_route = db.PRIMARY if started_primary else db.REPLICA
     closers = await gateway.take_role(moved=True)
     gateway.positions.config = cfg
     if gateway._started and not cfg.is_primary and gateway.positions.watcher is None:
