@@ -29,7 +29,7 @@ own RTT is 0 here. Every figure and ratio below is measured in the same run.
     when we are root) and is stopped with SIGQUIT.
 (2) The same with pooling off (eu-west restarted with `--no-pool`: one new connection per
     forwarded request). The lab's WAN relay charges a new connection the TCP handshake's round
-    trip, as a real ocean does (see `latitude.wan`), so the delta is that handshake; TLS would
+    trip, as a real ocean does (see `latitude.lab.relay`), so the delta is that handshake; TLS would
     add one or two more round trips, the ~+200 ms per POST the original deployment measured.
 (3) The naive layout: the calendar served in eu-west by plain uvicorn, every request handled
     there and every SQL statement sent to the primary database over the link

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from latitude.wan import LinkRelay
+from latitude.lab.relay import LinkRelay
 
 MESSAGE = b"x" * 64
 # (configured RTT in ms, round trips): fewer at long RTTs to stay bounded in time.

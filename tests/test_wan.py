@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from latitude.wan import LinkRelay, UnknownLinkError, WanEmulator
+from latitude.lab.links import UnknownLinkError, WanEmulator
+from latitude.lab.relay import LinkRelay
 
 
 class EchoServer:
@@ -355,4 +356,3 @@ def test_invalid_settings_are_refused(echo):
         LinkRelay("127.0.0.1", echo.port, rtt_ms=-1)
     with pytest.raises(ValueError):
         WanEmulator().add_link("us-west", "us-west", rtt_ms=10)
-

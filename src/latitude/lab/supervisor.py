@@ -16,10 +16,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from latitude.lab.links import TOKEN_HEADER, UnknownLinkError, WanEmulator
 from latitude.topology import load_topology
-from latitude.wan import UnknownLinkError, WanEmulator
-
-TOKEN_HEADER = "X-Latitude-Lab-Token"
 
 
 def build_app(wan: WanEmulator, token: str, stop: asyncio.Event) -> web.Application:

@@ -23,13 +23,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
 from latitude.lab import process
 from latitude.lab.binaries import RunAs, postgres_bin_dir, reachable_by_others, valkey_server_binary
+from latitude.lab.errors import BadLabInput, LabAlreadyRunning, LabError, LabNotRunning
+from latitude.lab.links import LinkControl
 from latitude.lab.postgres import PostgresError, PostgresNode, database_url
 from latitude.topology import Topology, default_lab_topology_path, load_topology
 
@@ -38,26 +39,6 @@ LAB_KEY_ENV = "LATITUDE_LAB_KEY"
 REMOTE_SERVICES = ("pg", "app", "mirror")
 
 Progress = Callable[[str], None]
-
-
-class LabError(Exception):
-    """The lab cannot do what was asked; the message says why and what to do."""
-
-    exit_code = 1  # a problem with the running world
-
-
-class BadLabInput(LabError):
-    """The request names no such region, part, link or action, or a bad value."""
-
-    exit_code = 2
-
-
-class LabAlreadyRunning(LabError):
-    pass
-
-
-class LabNotRunning(LabError):
-    pass
 
 
 def default_state_dir() -> Path:
@@ -102,42 +83,6 @@ def _results(futures: list[Future]) -> list:
     for f in futures:
         f.exception()  # waits
     return [f.result() for f in futures]
-
-
-@dataclass
-class LinkControl:
-    """A client for the supervisor's loopback control API."""
-
-    port: int
-    token: str
-
-    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> dict:
-        import urllib.error
-        import urllib.request
-
-        from latitude.lab.supervisor import TOKEN_HEADER
-
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            data=data,
-            method=method,
-            headers={TOKEN_HEADER: self.token, "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", str(exc))
-            except ValueError:
-                message = str(exc)
-            # The supervisor answers 4xx for a link or action it does not know: bad input.
-            raise (BadLabInput if exc.code < 500 else LabError)(message) from None
-        except OSError as exc:
-            raise LabError(
-                f"the lab's link supervisor does not answer ({exc}); run `latitude lab down` and `latitude lab up`"
-            ) from None
 
 
 class LabWorld:
