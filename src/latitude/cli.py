@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from latitude import atomic
 from latitude.gateway.config import GatewayConfigError
 from latitude.lab import LabError, LabWorld
 from latitude.mirror.cli import mirror_app
@@ -593,9 +594,7 @@ def demo(
                     "regions": figures,
                     "places": layouts["places"],
                 }
-            tmp = json_file.with_name(json_file.name + ".tmp")
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-            os.replace(tmp, json_file)
+            atomic.write_json(json_file, data, indent=2, ensure_ascii=False)
             out.print(f"figures written to {json_file}", highlight=False)
             if layouts:
                 chart = lab_demo.write_chart(layouts, json_file.with_suffix(".svg"))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
+from latitude import atomic
 from latitude.lab.world import LabError, LabWorld
 
 REPO = Path(__file__).resolve().parents[3]
@@ -463,7 +464,5 @@ def write_chart(figures: dict, path: Path) -> Path:
                 for kind in ("read", "write")
             ],
         )
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(chart.render())
-    os.replace(tmp, path)
+    atomic.write_bytes(path, chart.render())
     return path

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psycopg
 
+from latitude import atomic
 from latitude.lab.binaries import RunAs
 
 DATABASE = "app"
@@ -279,10 +280,7 @@ class PostgresNode:
         path = self.data_dir / "postgresql.auto.conf"
         text = path.read_text(encoding="utf-8") if path.exists() else ""
         text += "\n# latitude promotion\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        self.run_as.own(tmp)
-        os.replace(tmp, path)
+        atomic.write_text(path, text, before_replace=self.run_as.own)
 
     def make_standby(self, upstream_port: int, slot: str) -> None:
         """Make this (stopped) server a streaming standby of the server behind `upstream_port`."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import signal
 import sys
@@ -15,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from latitude import atomic
 from latitude.mirror.config import MirrorConfig, MirrorConfigError
 from latitude.topology import load_topology
 
@@ -366,12 +366,9 @@ def nginx_config_cmd(
         user=user,
     )
     if output:
-        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(text)
-            os.replace(tmp, output)  # nginx -s reload never reads half a file
+            atomic.write_text(output, text)  # nginx -s reload never reads half a file
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             _fail(f"cannot write {output}: {exc.strerror or exc}", 1)
         err.print(f"wrote {escape(str(output))}")
     else:
