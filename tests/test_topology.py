@@ -75,17 +75,46 @@ def test_default_lab_topology():
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (lambda s: s.replace('name = "eu-west"', 'name = "eu-west"\ncolour = "blue"'), "regions[2].colour: unknown key"),
+        (
+            lambda s: s.replace('name = "eu-west"', 'name = "eu-west"\ncolour = "blue"'),
+            "regions[2].colour: unknown key",
+        ),
         (lambda s: s.replace("primary = true\n", ""), "no primary region"),
-        (lambda s: s.replace('location = [53.3', 'primary = true\nlocation = [53.3'), "2 primary regions"),
+        (
+            lambda s: s.replace("location = [53.3", "primary = true\nlocation = [53.3"),
+            "2 primary regions",
+        ),
         (lambda s: s.replace('name = "eu-west"', 'name = "us-west"'), "duplicate region 'us-west'"),
-        (lambda s: s.replace("https://eu-west.example.com", "htps://eu-west"), "public_url: 'htps://eu-west' must use http:// or https://"),
-        (lambda s: s.replace("postgresql://app@db.eu-west", "mysql://app@db.eu-west"), "database_url: 'mysql://"),
-        (lambda s: s.replace("https://eu-west.internal:8443", "https://eu-west.internal:99999"), "internal_url: 'https://eu-west.internal:99999' is not a valid URL"),
-        (lambda s: s.replace("rtt_ms = 125", 'rtt_ms = "fast"'), "links.rtt[1].rtt_ms: must be a number"),
-        (lambda s: s.replace('between = ["us-west", "eu-west"]', 'between = ["us-west", "mars"]'), "unknown region 'mars'"),
-        (lambda s: s.replace("[routes]", "[routez]"), "routez: unknown key; did you mean 'routes'?"),
-        (lambda s: s.replace("location = [53.3, -6.3]", "location = [153.3, -6.3]"), "latitude 153.3 is outside -90..90"),
+        (
+            lambda s: s.replace("https://eu-west.example.com", "htps://eu-west"),
+            "public_url: 'htps://eu-west' must use http:// or https://",
+        ),
+        (
+            lambda s: s.replace("postgresql://app@db.eu-west", "mysql://app@db.eu-west"),
+            "database_url: 'mysql://",
+        ),
+        (
+            lambda s: s.replace("https://eu-west.internal:8443", "https://eu-west.internal:99999"),
+            "internal_url: 'https://eu-west.internal:99999' is not a valid URL",
+        ),
+        (
+            lambda s: s.replace("rtt_ms = 125", 'rtt_ms = "fast"'),
+            "links.rtt[1].rtt_ms: must be a number",
+        ),
+        (
+            lambda s: s.replace(
+                'between = ["us-west", "eu-west"]', 'between = ["us-west", "mars"]'
+            ),
+            "unknown region 'mars'",
+        ),
+        (
+            lambda s: s.replace("[routes]", "[routez]"),
+            "routez: unknown key; did you mean 'routes'?",
+        ),
+        (
+            lambda s: s.replace("location = [53.3, -6.3]", "location = [153.3, -6.3]"),
+            "latitude 153.3 is outside -90..90",
+        ),
     ],
 )
 def test_each_bad_input_names_key_and_fix(change, expected):
@@ -94,7 +123,10 @@ def test_each_bad_input_names_key_and_fix(change, expected):
 
 
 def test_missing_and_short_secret():
-    assert any("secret missing: environment variable LAT_TEST_KEY is not set" in p for p in problems(GOOD, env={}))
+    assert any(
+        "secret missing: environment variable LAT_TEST_KEY is not set" in p
+        for p in problems(GOOD, env={})
+    )
     short = problems(GOOD, env={"LAT_TEST_KEY": "short"})
     assert any("secret in LAT_TEST_KEY is 5 bytes; it must be at least 32" in p for p in short)
 
@@ -115,7 +147,10 @@ def run_check(path, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "LAT_TEST_KEY"}
     env.update(env_extra or {})
     return subprocess.run(
-        [sys.executable, "-m", "latitude.cli", "check", str(path)], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "latitude.cli", "check", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
 
 
