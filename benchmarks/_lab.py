@@ -141,7 +141,7 @@ def latitude_serve_argv(
         "--region",
         region,
         "--topology",
-        world.state()["regions"][region]["topology_file"],
+        world.state().regions[region].topology_file,
         "--app-dir",
         str(REPO),
         "--workers",

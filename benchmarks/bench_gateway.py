@@ -108,7 +108,7 @@ TOPOLOGY = two_region_topology("bench-gateway", RTT_MS, PRIMARY, REPLICA)
 
 
 def port_of(world: LabWorld, region: str) -> int:
-    return world.state()["regions"][region]["app_port"]
+    return world.state().regions[region].app_port
 
 
 def log_of(world: LabWorld, region: str, service: str = "app") -> Path:

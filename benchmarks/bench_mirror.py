@@ -379,7 +379,7 @@ def serving(world: LabWorld, pub: Publisher, seconds: float, tmp: Path) -> dict:
     root = lab_mirror_root(world, region)
     path = "bench/prop/0.json"  # 1 KiB, synced there in (a)
     state = world.state()
-    mirror_url = f"http://127.0.0.1:{state['regions'][region]['mirror_port']}/{path}"
+    mirror_url = f"http://127.0.0.1:{state.regions[region].mirror_port}/{path}"
     out: dict = {"file_bytes": (root / path).stat().st_size}
     rps, how = load(mirror_url, seconds)
     out["mirror_serve_rps"], out["load_generator"] = round(rps), how
@@ -394,7 +394,7 @@ def serving(world: LabWorld, pub: Publisher, seconds: float, tmp: Path) -> dict:
     for sub in ("", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (conf_dir / sub).mkdir(parents=True, exist_ok=True)
     port = free_port()
-    primary_port = state["regions"][PRIMARY]["mirror_port"]
+    primary_port = state.regions[PRIMARY].mirror_port
     (conf_dir / "nginx.conf").write_text(
         nginx_config(
             region=region,

@@ -46,7 +46,7 @@ REGIONS = ("us-west", "eu-west", "ap-southeast")
 class Writer(threading.Thread):
     def __init__(self, world: LabWorld, region: str):
         super().__init__(daemon=True)
-        self.port = world.state()["regions"][region]["app_port"]
+        self.port = world.state().regions[region].app_port
         self.region = region
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
         self.acked: list[tuple[float, str]] = []
@@ -107,13 +107,13 @@ def latitude(world: LabWorld, *args: str) -> tuple[float, dict]:
 
 
 def titles(world: LabWorld, region: str) -> set[str]:
-    port = world.state()["regions"][region]["pg_port"]
+    port = world.state().regions[region].pg_port
     with psycopg.connect(database_url(port), autocommit=True) as c:
         return {r[0] for r in c.execute("select title from events").fetchall()}
 
 
 def commit_latency(world: LabWorld, region: str, n: int) -> dict:
-    port = world.state()["regions"][region]["pg_port"]
+    port = world.state().regions[region].pg_port
     ms = []
     with psycopg.connect(database_url(port), autocommit=True) as c:
         c.execute("create table if not exists bench_commits (id serial primary key, at float8)")
@@ -162,7 +162,7 @@ def forced_failover(world: LabWorld) -> dict:
     done = threading.Event()
 
     def direct() -> None:
-        port = world.state()["regions"][primary]["pg_port"]
+        port = world.state().regions[primary].pg_port
         with psycopg.connect(database_url(port), autocommit=True) as c:
             c.execute("create table if not exists bench_acked (id int primary key)")
             i = 0
@@ -195,7 +195,7 @@ def forced_failover(world: LabWorld) -> dict:
         w.stop.set()
     for w in ws:
         w.join(30)
-    port = world.state()["regions"][report["to"]]["pg_port"]
+    port = world.state().regions[report["to"]].pg_port
     with psycopg.connect(database_url(port), autocommit=True) as c:
         have = {r[0] for r in c.execute("select id from bench_acked").fetchall()}
     lost = len(set(commits) - have)
@@ -216,7 +216,7 @@ def automatic_failover(world: LabWorld) -> dict:
     latitude(world, "lab", "revive", "us-west")  # rejoins as a replica of the new timeline
     wait_healthy(world, "us-west", 60)
     state = world.state()
-    primary = state["primary"]
+    primary = state.primary
     for region in REGIONS:
         world.set_service(
             region,
@@ -230,7 +230,7 @@ def automatic_failover(world: LabWorld) -> dict:
                 "--region",
                 region,
                 "--topology",
-                state["regions"][region]["topology_file"],
+                state.regions[region].topology_file,
             ],
         )
     others = [r for r in REGIONS if r != primary]
@@ -272,7 +272,7 @@ def main() -> None:
                 wait_healthy(world, region, 60)
         for region in REGIONS:
             wait_healthy(world, region, 60)
-        pg = PgServer("us-west", database_url(world.state()["regions"]["us-west"]["pg_port"]))
+        pg = PgServer("us-west", database_url(world.state().regions["us-west"].pg_port))
         sync_commit = commit_latency(world, "us-west", args.commits)
         pg.set_synchronous(0, [])
         async_commit = commit_latency(world, "us-west", args.commits)

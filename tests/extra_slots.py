@@ -34,12 +34,4 @@ def wait_up(url: str, timeout: float = 20, ca_file: Path | None = None) -> None:
 def topology_with_primary_at(world, region: str, primary_url: str, extra: str = "") -> str:
     """`region`'s lab topology, with the primary's gateway replaced by `primary_url` (as this
     region reaches it) and `extra` TOML appended."""
-    state = world.state()
-    text = Path(state["regions"][region]["topology_file"]).read_text()
-    regions = state["regions"]
-    old = (
-        regions[PRIMARY]["app_port"]
-        if region == PRIMARY
-        else regions[PRIMARY]["relays"][region]["app"]
-    )
-    return text.replace(f'"http://127.0.0.1:{old}"', f'"{primary_url}"') + extra
+    return world.region_topology(region).with_primary_at(primary_url).to_toml() + extra

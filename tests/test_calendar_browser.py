@@ -102,7 +102,7 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "the page"):
 def test_a_person_uses_the_calendar_in_eu_west(calendar, browser, shots):
     from selenium.webdriver.common.by import By
 
-    url = f"http://127.0.0.1:{calendar.state()['regions'][EU]['app_port']}"
+    url = f"http://127.0.0.1:{calendar.state().regions[EU].app_port}"
     rtt = calendar.topology().rtt_ms(EU, PRIMARY)
     browser.get(url + "/")
     assert browser.find_element(By.ID, "sign-in")
@@ -163,7 +163,7 @@ def test_a_person_uses_the_calendar_in_eu_west(calendar, browser, shots):
 def test_the_dashboard_shows_every_region_with_charts(calendar, browser, shots):
     from selenium.webdriver.common.by import By
 
-    url = f"http://127.0.0.1:{calendar.state()['regions'][EU]['app_port']}"
+    url = f"http://127.0.0.1:{calendar.state().regions[EU].app_port}"
     browser.get(url + "/_latitude/dashboard")
     wait_for(
         lambda: (
@@ -190,7 +190,7 @@ def test_the_read_only_banner_while_the_primary_is_cut_off(healed, calendar, bro
     from selenium.webdriver.common.by import By
 
     world = healed
-    url = f"http://127.0.0.1:{world.state()['regions'][EU]['app_port']}"
+    url = f"http://127.0.0.1:{world.state().regions[EU].app_port}"
     browser.get(url + "/")
     assert not browser.find_elements(By.ID, "read-only")
     world.link("cut", PRIMARY, EU)
@@ -213,7 +213,7 @@ def test_a_slower_writes_notice_while_only_the_primary_gateway_is_down(calendar,
 
     from tests.conftest import wait_healthy
 
-    url = f"http://127.0.0.1:{calendar.state()['regions'][EU]['app_port']}"
+    url = f"http://127.0.0.1:{calendar.state().regions[EU].app_port}"
     calendar.kill(PRIMARY, "app")
     try:
 

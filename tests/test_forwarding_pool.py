@@ -24,7 +24,7 @@ LINK_RTT_MS = 700  # every answer later than the gateway's 0.5 s path check
 
 def app_relay_connections(world) -> int:
     """Connections accepted so far by the relays carrying eu-west's traffic to the primary's app."""
-    target = f"127.0.0.1:{world.state()['regions'][PRIMARY]['app_port']}"
+    target = f"127.0.0.1:{world.state().regions[PRIMARY].app_port}"
     for link in world.control().call("GET", "/status")["links"]:
         if {link["a"], link["b"]} == {PRIMARY, EU}:
             relays = [r for r in link["relays"] if r["target"] == target]

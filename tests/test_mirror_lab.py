@@ -53,7 +53,7 @@ def pub(mirrors):
 
 
 def url(world, region: str, path: str) -> str:
-    return f"http://127.0.0.1:{world.state()['regions'][region]['mirror_port']}{path}"
+    return f"http://127.0.0.1:{world.state().regions[region].mirror_port}{path}"
 
 
 def get(u: str, headers: dict | None = None) -> tuple[int, dict, bytes]:

@@ -62,7 +62,7 @@ def latitude(world: LabWorld, *args: str, timeout: float = 120) -> subprocess.Co
 
 
 def pg(world: LabWorld, region: str) -> psycopg.Connection:
-    port = world.state()["regions"][region]["pg_port"]
+    port = world.state().regions[region].pg_port
     return psycopg.connect(database_url(port), autocommit=True, connect_timeout=5)
 
 
@@ -71,7 +71,7 @@ class Writer(threading.Thread):
 
     def __init__(self, world: LabWorld, region: str):
         super().__init__(daemon=True)
-        self.port = world.state()["regions"][region]["app_port"]
+        self.port = world.state().regions[region].app_port
         self.region = region
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
         self.acked: list[tuple[float, str, str]] = []  # (time, title, region that ran it)
@@ -263,7 +263,7 @@ def test_switchover_while_writes_flow_loses_nothing(promo: LabWorld):
         assert old.get("/events", accept) == 200, accept
     # Every region's dashboard shows the world as it is now.
     for region in REGIONS:
-        port = promo.state()["regions"][region]["app_port"]
+        port = promo.state().regions[region].app_port
         with urllib.request.urlopen(
             f"http://127.0.0.1:{port}/_latitude/dashboard.json", timeout=10
         ) as r:
@@ -311,7 +311,7 @@ def test_workers_run_jobs_only_at_the_primary_and_follow_it(promo: LabWorld):
             "--region",
             region,
             "--topology",
-            state["regions"][region]["topology_file"],
+            state.regions[region].topology_file,
             "--app-dir",
             str(Path(__file__).resolve().parent.parent),
         ]
@@ -419,12 +419,12 @@ def test_promote_with_a_topology_talks_to_the_databases_and_gateways(promo: LabW
             "promote",
             target,
             "--topology",
-            state["regions"][old]["topology_file"],
+            state.regions[old].topology_file,
         ],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "LATITUDE_LAB_KEY": state["secret"]},
+        env={**os.environ, "LATITUDE_LAB_KEY": state.secret},
     )
     assert result.returncode == 0, result.stderr
     assert f"{target} told" in result.stderr  # POST /_latitude/epoch reached the gateways
@@ -558,7 +558,7 @@ def auto_world(tmp_path_factory):
                 "--region",
                 region,
                 "--topology",
-                state["regions"][region]["topology_file"],
+                state.regions[region].topology_file,
             ]
             world.set_service(region, "watcher", argv)
         yield world

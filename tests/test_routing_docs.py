@@ -86,9 +86,9 @@ def test_the_documented_lab_commands_answer_dig_with_the_nearest_healthy_region(
             proc.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # `latitude dns &`, if the script stopped early
-        for region in world.state()["regions"]:
+        for region in world.state().regions:
             world.kill(region, "mirror")
-            if region != world.state()["primary"]:
+            if region != world.state().primary:
                 world.kill(region, "mirror-sync")
     assert proc.returncode == 0, out + err
     assert "Traceback" not in err and "LATITUDE_LAB_KEY" not in err, err

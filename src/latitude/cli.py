@@ -309,12 +309,12 @@ def lab_dashboard(
     """Print (or open) the URL of a region's live dashboard: every region, updated each second."""
     world = LabWorld(state_dir)
     state = world.state()
-    name = region or state["primary"]
-    if name not in state["regions"]:
-        fail(f"no region {name!r} in the lab (regions: {', '.join(state['regions'])})", 2)
-    if "app" not in state["regions"][name].get("services", {}):
+    name = region or state.primary
+    if name not in state.regions:
+        fail(f"no region {name!r} in the lab (regions: {', '.join(state.regions)})", 2)
+    if "app" not in state.regions[name].services:
         fail(f"{name} runs no app yet, so no dashboard; `latitude demo` starts one in every region")
-    url = f"http://127.0.0.1:{state['regions'][name]['app_port']}/_latitude/dashboard"
+    url = f"http://127.0.0.1:{state.regions[name].app_port}/_latitude/dashboard"
     out.print(f"{name}'s dashboard: {url}", highlight=False)
     if open_it:
         import webbrowser

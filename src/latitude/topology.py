@@ -203,6 +203,13 @@ class Topology:
         names = [r.name for r in self.regions]
         return [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
 
+    def with_primary_at(self, url: str) -> Topology:
+        """The same topology with the primary's gateway (public and internal URL) at `url`."""
+        regions = tuple(
+            replace(r, public_url=url, internal_url=url) if r.primary else r for r in self.regions
+        )
+        return replace(self, regions=regions)
+
     def to_toml(self) -> str:
         """This topology as `latitude.toml` text: `parse_topology(t.to_toml()) == t` (with the
         same environment, since secrets stay in it and only their variables are named)."""

@@ -25,11 +25,11 @@ def start_lab_mirrors(
     """Run `latitude mirror serve` in every region of a running lab, and `sync` in the replicas."""
     roots = {}
     py = [sys.executable, "-m", "latitude.cli", "mirror"]
-    for name, r in world.state()["regions"].items():
+    for name, r in world.state().regions.items():
         roots[name] = root = lab_mirror_root(world, name)
         root.mkdir(parents=True, exist_ok=True)
         world.set_service(name, "mirror", [*py, "serve", "--root", str(root), *extra])
-        if r["role"] != "primary":
+        if r.role != "primary":
             world.set_service(name, "mirror-sync", [*py, "sync", "--root", str(root), *sync_extra])
     return roots
 
@@ -38,10 +38,10 @@ def wait_lab_mirrors_ready(world: LabWorld, timeout: float = 30.0) -> bool:
     """Wait until every region's mirror answers and every replica is current and healthy."""
     state = world.state()
     deadline = time.monotonic() + timeout
-    pending = set(state["regions"])
+    pending = set(state.regions)
     while pending and time.monotonic() < deadline:
         for name in list(pending):
-            port = state["regions"][name]["mirror_port"]
+            port = state.regions[name].mirror_port
             try:
                 with urllib.request.urlopen(
                     f"http://127.0.0.1:{port}/_latitude/mirror/health", timeout=2
@@ -64,7 +64,7 @@ def propagation(
     return its serial and how many ms after the commit each region's copy had it."""
     from latitude.mirror.publisher import Publisher
 
-    primary = world.state()["primary"]
+    primary = world.state().primary
     roots = start_lab_mirrors(world)
     if not wait_lab_mirrors_ready(world, timeout=30):
         raise RuntimeError(

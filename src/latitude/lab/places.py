@@ -200,7 +200,7 @@ def join(world, p: Place) -> Vantage:
     urls = {}
     for region, rtt in rtts.items():
         world.add_link(p.link_name, region, rtt)
-        port = world.add_relay(p.link_name, region, state["regions"][region]["app_port"])
+        port = world.add_relay(p.link_name, region, state.regions[region].app_port)
         urls[region] = f"http://127.0.0.1:{port}"
     return Vantage(p, topology.primary.name, nearest_region(p, topology), rtts, urls)
 

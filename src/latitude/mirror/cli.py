@@ -398,7 +398,7 @@ def demo(
                 "`latitude lab up` (or pass --state-dir DIR)",
                 1,
             )
-        primary = world.state()["primary"]
+        primary = world.state().primary
         serial, seen = propagation(world, path)
     except (RuntimeError, LabError) as exc:
         _fail(str(exc), 1)
