@@ -6,6 +6,7 @@ primary is cut off. Screenshots go to the test's tmp folder (and $LATITUDE_ARTIF
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from latitude.lab.harness import wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -89,14 +92,7 @@ def submit(driver, form_id: str, **fields) -> None:
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = "the page"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(wait_until, step=0.1)  # each poll reads the whole page
 
 
 def test_a_person_uses_the_calendar_in_eu_west(calendar, browser, shots):

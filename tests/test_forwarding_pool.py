@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.request
 import uuid
@@ -14,6 +13,7 @@ import uuid
 import aiohttp
 
 from latitude.lab.demo import calendar_argv
+from latitude.lab.harness import free_port
 
 PRIMARY, EU = "us-west", "eu-west"
 SERVICE = "pooltest"
@@ -31,12 +31,6 @@ def app_relay_connections(world) -> int:
             assert relays, (target, link["relays"])  # "host:port" strings
             return sum(r["connections_total"] for r in relays)
     raise AssertionError("no us-west<->eu-west link")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status(port: int) -> dict:

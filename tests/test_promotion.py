@@ -7,6 +7,7 @@ whose tests assume us-west is primary), and take it down afterwards.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -14,15 +15,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
-from http.cookiejar import CookieJar
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from latitude.lab import LabWorld
-from latitude.lab.demo import calendar_argv, wait_healthy
+from latitude.lab.demo import start_calendar, wait_healthy
+from latitude.lab.harness import Writer, wait_until
 from latitude.lab.postgres import database_url
 from latitude.promotion.journal import Journal
 
@@ -31,13 +31,8 @@ pytestmark = [pytest.mark.promotion, pytest.mark.slow, pytest.mark.timeout(300)]
 REGIONS = ("us-west", "eu-west", "ap-southeast")
 
 
-def start_apps(world: LabWorld, order=REGIONS) -> None:
-    for i, region in enumerate(order):
-        world.set_app(region, calendar_argv(world, region, 1))
-        if i == 0:
-            wait_healthy(world, region, 60)
-    for region in order:
-        wait_healthy(world, region, 60)
+def start_apps(world: LabWorld) -> None:
+    start_calendar(world, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -64,82 +59,6 @@ def latitude(world: LabWorld, *args: str, timeout: float = 120) -> subprocess.Co
 def pg(world: LabWorld, region: str) -> psycopg.Connection:
     port = world.state().regions[region].pg_port
     return psycopg.connect(database_url(port), autocommit=True, connect_timeout=5)
-
-
-class Writer(threading.Thread):
-    """A user next to one region, creating events as fast as answers come back."""
-
-    def __init__(self, world: LabWorld, region: str):
-        super().__init__(daemon=True)
-        self.port = world.state().regions[region].app_port
-        self.region = region
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        self.acked: list[tuple[float, str, str]] = []  # (time, title, region that ran it)
-        self.refused: list[tuple[float, int]] = []
-        self.stop = threading.Event()
-
-    def post(self, path: str, data: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            data=json.dumps(data).encode(),
-            headers={"content-type": "application/json", "accept": "application/json"},
-            method="POST",
-        )
-        try:
-            with self.opener.open(req, timeout=20) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            return exc.code, {}
-        except OSError:
-            return 0, {}
-
-    def get(self, path: str, accept: str = "application/json") -> int:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", headers={"accept": accept}
-        )
-        try:
-            with self.opener.open(req, timeout=20) as r:
-                r.read()
-                return r.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return 0
-
-    def login(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.post("/login", {"name": f"writer-{self.region}"})[0] == 200:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"cannot sign in at {self.region}")
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            title = f"{self.region}-{uuid.uuid4().hex[:12]}"
-            status, body = self.post("/events", {"title": title})
-            if status == 201:
-                self.acked.append((time.monotonic(), title, body.get("region")))
-            else:
-                if status == 401:
-                    self.login()
-                self.refused.append((time.monotonic(), status))
-                time.sleep(0.05)
-
-    def longest_refusal(self) -> float:
-        """The longest stretch from a refused write to the next acknowledged one."""
-        longest, first_bad = 0.0, None
-        events = sorted(
-            [(t, True) for t, _, _ in self.acked] + [(t, False) for t, _ in self.refused]
-        )
-        for t, ok in events:
-            if not ok and first_bad is None:
-                first_bad = t
-            elif ok and first_bad is not None:
-                longest, first_bad = max(longest, t - first_bad), None
-        if first_bad is not None:
-            longest = max(longest, events[-1][0] - first_bad)
-        return longest
 
 
 def writers(world: LabWorld, regions) -> list[Writer]:
@@ -177,14 +96,7 @@ def streams_from(world: LabWorld, primary: str) -> set[str]:
         }
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+wait_for = functools.partial(wait_until, step=0.1)  # each poll opens a connection
 
 
 def one_error_line(result: subprocess.CompletedProcess, *words: str) -> None:

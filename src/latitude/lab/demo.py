@@ -77,7 +77,12 @@ def wait_healthy(world: LabWorld, region: str, timeout: float = 30.0) -> None:
     )
 
 
-def start_calendar(world: LabWorld, workers: dict[str, int] | None = None, progress=None) -> None:
+def start_calendar(
+    world: LabWorld,
+    workers: dict[str, int] | None = None,
+    progress=None,
+    timeout: float = 30.0,
+) -> None:
     """The calendar behind the gateway in every region; the primary first (it makes the schema)."""
     progress = progress or (lambda _m: None)
     topology = world.topology()
@@ -86,9 +91,9 @@ def start_calendar(world: LabWorld, workers: dict[str, int] | None = None, progr
         progress(f"{region}: start the calendar app behind the gateway")
         world.set_app(region, calendar_argv(world, region, (workers or {}).get(region, 1)))
         if i == 0:
-            wait_healthy(world, region)
+            wait_healthy(world, region, timeout)
     for region in order:
-        wait_healthy(world, region)
+        wait_healthy(world, region, timeout)
 
 
 def _p50(samples: list[float]) -> float:

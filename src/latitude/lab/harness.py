@@ -59,7 +59,9 @@ class TimedOut(AssertionError):
     """What was waited for did not happen in time (a test failure, not an error)."""
 
 
-def wait_until(cond: Callable[[], T], timeout: float, what: str = "the condition", step=0.02) -> T:
+def wait_until(
+    cond: Callable[[], T], timeout: float = 15.0, what: str = "the condition", step: float = 0.02
+) -> T:
     """`cond()`'s first truthy value, polled every `step` s; `TimedOut` after `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

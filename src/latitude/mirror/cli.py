@@ -7,6 +7,7 @@ import logging
 import re
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from latitude import atomic
-from latitude.mirror.config import MirrorConfig, MirrorConfigError
+from latitude.mirror.config import MirrorConfig, MirrorConfigError, mirror_keyring
 from latitude.topology import load_topology
 
 mirror_app = typer.Typer(
@@ -73,8 +74,16 @@ def _nginx_word(option: str, value: str | None) -> None:
 
 
 def _config(
-    topology: Path | None, region: str | None, root: Path | None, **overrides
+    topology: Path | None,
+    region: str | None,
+    root: Path | None,
+    *,
+    signed: bool = False,
+    syncs: bool = False,
+    **overrides,
 ) -> MirrorConfig:
+    """The node's settings; `signed`: with the keyring (its secret must be set: fail closed);
+    `syncs`: refused at the primary, which publishes and does not sync."""
     topo = load_topology(topology or Path("latitude.toml"))
     if region is None:
         region = topo.primary.name if overrides.pop("default_primary", False) else None
@@ -82,13 +91,15 @@ def _config(
     if region is None:
         _fail("which region is this node in? pass --region NAME (or set LATITUDE_REGION)")
     try:
-        cfg = MirrorConfig.from_topology(topo, region, root)
+        cfg = MirrorConfig.from_topology(topo, region, root, signed=False)
+        if syncs and cfg.is_primary:
+            _fail(f"{cfg.region} is the primary: it publishes, it does not sync")
+        if signed:
+            cfg = replace(cfg, keyring=mirror_keyring(topo))
     except (MirrorConfigError, KeyError) as exc:
         _fail(str(exc).strip('"'))
     changes = {k: v for k, v in overrides.items() if v is not None}
     if changes:
-        from dataclasses import replace
-
         cfg = replace(cfg, **changes)
     return cfg
 
@@ -208,9 +219,7 @@ def sync(
     _check("--pool-size", pool_size, 0)
     _check("--inline", inline, 0, strict=False)
     _check_url("--files-url", files_url)
-    cfg = _config(topology, region, root, poll_timeout_s=poll_timeout)
-    if cfg.is_primary:
-        _fail(f"{cfg.region} is the primary: it publishes, it does not sync")
+    cfg = _config(topology, region, root, signed=True, syncs=True, poll_timeout_s=poll_timeout)
     _logging()
     daemon = SyncDaemon(
         cfg.root,
@@ -226,8 +235,6 @@ def sync(
         region=cfg.region,
         stream=stream,
     )
-    if cfg.keyring is None:
-        logging.warning("no signing key has its secret set: the feed is read unsigned")
 
     async def main(stop: asyncio.Event) -> None:
         task = asyncio.create_task(daemon.run())
@@ -280,13 +287,12 @@ def serve(
         topology,
         region,
         root,
+        signed=True,
         paths=tuple(paths) if paths else None,
         max_lag_s=max_lag,
         poll_timeout_s=poll_timeout,
     )
     _logging()
-    if cfg.is_primary and cfg.keyring is None:
-        logging.warning("no signing key has its secret set: the feed is served unsigned")
     server = MirrorServer.from_config(cfg)
     host, port = host or cfg.listen_host, port if port is not None else cfg.listen_port
     logging.info(
@@ -413,13 +419,3 @@ def demo(
             f"  {name:14} had it after {when}   (link RTT to {primary}: {rtt:.0f} ms)",
             highlight=False,
         )
-
-
-def __getattr__(name: str):
-    # `propagation` moved to latitude.lab.mirrors; older imports (tests/test_metrics.py) still
-    # ask for it here, and `./scripts/test -x` stopped on the ImportError.
-    if name == "propagation":
-        from latitude.lab.mirrors import propagation
-
-        return propagation
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
