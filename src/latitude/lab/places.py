@@ -162,15 +162,6 @@ def client_rtts(p: Place, topology: Topology) -> dict[str, float]:
     return out
 
 
-def reference_errors() -> dict[tuple[str, str], float]:
-    """Model / published - 1 for every published pair (negative: the model is faster)."""
-    out = {}
-    for (a, b), published in PUBLISHED_RTT_MS.items():
-        km = great_circle_km(*REFERENCE_SITES[a], *REFERENCE_SITES[b])
-        out[(a, b)] = round(model_rtt_ms(km) / published - 1, 3)
-    return out
-
-
 @dataclass(frozen=True)
 class Vantage:
     """A far user's view of the lab: a place, its RTT to every region, and URLs through them."""

@@ -9,7 +9,6 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,20 +244,6 @@ class PostgresNode:
 
     def is_running(self) -> bool:
         return self.pid() is not None
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                with psycopg.connect(self.url, connect_timeout=2):
-                    return
-            except psycopg.Error as exc:
-                last = exc
-                time.sleep(0.1)
-        raise PostgresError(
-            f"{self.name}: Postgres on port {self.port} not ready after {timeout:.0f} s: {last}"
-        )
 
     # ---- promotion (latitude.promotion): demotion token, standby, rewind ----------------------
 
