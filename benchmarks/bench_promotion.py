@@ -170,22 +170,7 @@ def automatic_failover(world: LabWorld) -> dict:
     wait_healthy(world, "us-west", 60)
     state = world.state()
     primary = state.primary
-    for region in REGIONS:
-        world.set_service(
-            region,
-            "watcher",
-            [
-                sys.executable,
-                "-m",
-                "latitude.cli",
-                "failover",
-                "watch",
-                "--region",
-                region,
-                "--topology",
-                state.regions[region].topology_file,
-            ],
-        )
+    harness.start_failover_watchers(world, REGIONS)
     others = [r for r in REGIONS if r != primary]
     ws = [Writer(world, r) for r in others]
     for w in ws:

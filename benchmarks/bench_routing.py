@@ -30,7 +30,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -125,13 +124,7 @@ def start_dns(
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    harness.stop_process(proc)
 
 
 # ---- (a) detection to reroute -------------------------------------------------------------

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from latitude.mirror import MirrorConfig
 from latitude.routing.config import routing_config
 from latitude.topology import TopologyError, parse_topology
+from tests.test_mirror import mirror_topology
 
 SECRET = "s" * 48
 
@@ -90,23 +92,6 @@ def test_latitude_check_accepts_a_mirror_only_topology(tmp_path):
 
 # ---- the keyring fails closed: no secret, no mirror (never an unsigned feed) -----------------
 
-LAB_MIRRORS = """
-[lab]
-
-[[regions]]
-name = "us"
-primary = true
-location = [45.6, -121.2]
-mirror_url = "http://127.0.0.1:9"
-
-[[regions]]
-name = "eu"
-location = [53.3, -6.3]
-mirror_url = "http://127.0.0.1:9"
-
-[mirror]
-root = "{root}/{{region}}"
-"""
 KEYS = '\n[signing]\nkeys = [{ id = "k1", env = "LAT_TEST_MIRROR_KEY" }]\n'
 
 
@@ -121,10 +106,18 @@ def mirror_cli(path, *args: str, env: dict[str, str] | None = None):
     )
 
 
-def test_a_mirror_without_a_secret_refuses_to_configure_naming_the_variable():
+def lab_mirrors(tmp_path, keys: str = "") -> Path:
+    """Two mirror regions, us (the primary) and eu, in a lab topology: no secret is checked."""
+    path = mirror_topology(tmp_path, 9, 9, 9, ["/"])
+    path.write_text(path.read_text() + keys)
+    return path
+
+
+def test_a_mirror_without_a_secret_refuses_to_configure_naming_the_variable(tmp_path):
     from latitude.mirror import MirrorConfigError
 
-    topo = parse_topology(LAB_MIRRORS.format(root="/srv") + KEYS, environ={})
+    text = lab_mirrors(tmp_path, KEYS).read_text()
+    topo = parse_topology(text, environ={})
     with pytest.raises(MirrorConfigError) as e:
         MirrorConfig.from_topology(topo, "eu")
     message = str(e.value)
@@ -133,17 +126,15 @@ def test_a_mirror_without_a_secret_refuses_to_configure_naming_the_variable():
     # A tool that signs nothing still configures, without a keyring.
     assert MirrorConfig.from_topology(topo, "eu", signed=False).keyring is None
     # With the secret set, the keyring is the topology's.
-    with_secret = parse_topology(
-        LAB_MIRRORS.format(root="/srv") + KEYS, environ={"LAT_TEST_MIRROR_KEY": SECRET}
-    )
+    with_secret = parse_topology(text, environ={"LAT_TEST_MIRROR_KEY": SECRET})
     keyring = MirrorConfig.from_topology(with_secret, "eu").keyring
     assert keyring is not None and keyring.key_ids == ("k1",)
 
 
-def test_a_topology_with_no_signing_table_is_refused_naming_it():
+def test_a_topology_with_no_signing_table_is_refused_naming_it(tmp_path):
     from latitude.mirror import MirrorConfigError
 
-    topo = parse_topology(LAB_MIRRORS.format(root="/srv"), environ={})
+    topo = parse_topology(lab_mirrors(tmp_path).read_text(), environ={})
     with pytest.raises(MirrorConfigError, match=r"no signing key .*\[signing\] table"):
         MirrorConfig.from_topology(topo, "us")
 
@@ -158,9 +149,7 @@ def test_a_topology_with_no_signing_table_is_refused_naming_it():
 )
 @pytest.mark.parametrize("keys", ["", KEYS], ids=["no [signing]", "secret unset"])
 def test_serve_and_sync_without_a_secret_exit_2_with_the_fix(tmp_path, args, keys):
-    path = tmp_path / "latitude.toml"
-    path.write_text(LAB_MIRRORS.format(root=tmp_path) + keys)
-    r = mirror_cli(path, *args)
+    r = mirror_cli(lab_mirrors(tmp_path, keys), *args)
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
@@ -170,8 +159,6 @@ def test_serve_and_sync_without_a_secret_exit_2_with_the_fix(tmp_path, args, key
 
 
 def test_tools_that_sign_nothing_need_no_secret(tmp_path):
-    path = tmp_path / "latitude.toml"
-    path.write_text(LAB_MIRRORS.format(root=tmp_path) + KEYS)
-    r = mirror_cli(path, "nginx-config", "--region", "eu")
+    r = mirror_cli(lab_mirrors(tmp_path, KEYS), "nginx-config", "--region", "eu")
     assert r.returncode == 0, r.stderr
     assert f"root {tmp_path}/eu;" in r.stdout

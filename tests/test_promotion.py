@@ -22,7 +22,7 @@ import pytest
 
 from latitude.lab import LabWorld
 from latitude.lab.demo import start_calendar, wait_healthy
-from latitude.lab.harness import Writer, wait_until
+from latitude.lab.harness import Writer, start_failover_watchers, wait_until
 from latitude.lab.postgres import database_url
 from latitude.promotion.journal import Journal
 
@@ -459,20 +459,7 @@ def auto_world(tmp_path_factory):
     world.up()
     try:
         start_apps(world)
-        state = world.state()
-        for region in REGIONS:
-            argv = [
-                sys.executable,
-                "-m",
-                "latitude.cli",
-                "failover",
-                "watch",
-                "--region",
-                region,
-                "--topology",
-                state.regions[region].topology_file,
-            ]
-            world.set_service(region, "watcher", argv)
+        start_failover_watchers(world, REGIONS)
         yield world
     finally:
         world.down()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import socket
 import struct
 import subprocess
@@ -180,12 +179,7 @@ def routed(world, tmp_path_factory):
         yield r
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            harness.stop_process(proc)
         for n in names:
             world.kill(n, SLOT)
 

@@ -42,6 +42,8 @@ __all__ = [
     "http_ok",
     "nginx_running",
     "start_calendar",
+    "start_failover_watchers",
+    "stop_process",
     "stop_nginx",
     "throwaway_world",
     "wait_http",
@@ -164,6 +166,35 @@ def start_calendar(
     world.set_app(region, calendar_argv(world, region, workers, extra))
     if wait is not None:
         wait_healthy(world, region, wait)
+
+
+def start_failover_watchers(world: LabWorld, regions) -> None:
+    """`latitude failover watch` in each region (lab slot `watcher`), with its own topology."""
+    import sys
+
+    state = world.state()
+    for region in regions:
+        topology = state.region(region).topology_file
+        argv = [sys.executable, "-m", "latitude.cli", "failover", "watch", "--region", region]
+        world.set_service(region, "watcher", [*argv, "--topology", str(topology)])
+
+
+def stop_process(
+    proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10, group: bool = False
+) -> None:
+    """Ask with `sig`, then insist: SIGKILL (to its process group with `group`) after `timeout`."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+        proc.wait()
 
 
 # ------------------------------------------------------------------------ small servers to run
@@ -401,11 +432,4 @@ def nginx_running(nginx: str, conf: Path, prefix: Path, **popen) -> Iterator[sub
 
 def stop_nginx(proc: subprocess.Popen) -> None:
     # SIGQUIT: the master lets its workers finish and exits; its process group only if not.
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGQUIT)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_process(proc, signal.SIGQUIT, group=True)
