@@ -582,6 +582,8 @@ mirror_url = "http://127.0.0.1:9"
 name = "eu"
 location = [53.3, -6.3]
 mirror_url = "http://127.0.0.1:9"
+[signing]
+keys = [{ id = "k1", env = "LAT_TEST_MIRROR_KEY" }]
 """)
     (tmp_path / "f.json").write_text("{}")
     bad = [
@@ -621,7 +623,8 @@ mirror_url = "http://127.0.0.1:9"
         text=True,
         timeout=30,
         cwd=tmp_path,
-        env={**os.environ, "LATITUDE_TOPOLOGY": str(topo)},
+        # The secret is set: the mirror never serves without it (test_mirror_topology.py).
+        env={**os.environ, "LATITUDE_TOPOLOGY": str(topo), "LAT_TEST_MIRROR_KEY": "k" * 40},
     )
     assert r.returncode == 1 and "cannot listen on 192.0.2.1:0" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
