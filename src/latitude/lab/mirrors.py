@@ -83,3 +83,27 @@ def propagation(
                 seen[name] = (time.perf_counter() - t0) * 1000
         time.sleep(0.001)
     return change.serial, {name: seen.get(name) for name in roots}
+
+
+def demo(world: LabWorld, path: str = "demo/hello.json") -> list[str]:
+    """`latitude mirror demo`: mirrors in every region, one file published at the primary; a
+    line per region saying when its copy had it. `LabError` when no world runs."""
+    from latitude.lab.errors import LabError
+
+    if not world.is_running():
+        raise LabError(
+            f"no lab world is running from {world.state_dir}; start one with "
+            "`latitude lab up` (or pass --state-dir DIR)"
+        )
+    primary = world.state().primary
+    try:
+        serial, seen = propagation(world, path)
+    except RuntimeError as exc:
+        raise LabError(str(exc)) from None
+    lines = [f"published /{path} at {primary} as serial {serial}"]
+    topology = world.topology()
+    for name, ms in seen.items():
+        rtt = topology.rtt_ms(name, primary)
+        when = f"{ms:7.1f} ms" if ms is not None else "not within 10 s"
+        lines.append(f"  {name:14} had it after {when}   (link RTT to {primary}: {rtt:.0f} ms)")
+    return lines

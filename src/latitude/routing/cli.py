@@ -391,7 +391,7 @@ def export_command(
         )
         raise SystemExit(2)
     if output:
-        output.write_text(text)
+        atomic.write_text(output, text)
         err.print(f"wrote {output}", highlight=False)
     else:
         sys.stdout.write(text)
