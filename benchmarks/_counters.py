@@ -48,11 +48,11 @@ class Census:
 
     def __init__(self, world: LabWorld, cpu_pids: dict[str, int]):
         state = world.state()
-        self.regions = list(state["regions"])
-        self.valkey = {r: state["regions"][r]["valkey_port"] for r in self.regions}
-        self.pg = {r: state["regions"][r]["pg_port"] for r in self.regions}
+        self.regions = list(state.regions)
+        self.valkey = {r: state.regions[r].valkey_port for r in self.regions}
+        self.pg = {r: state.regions[r].pg_port for r in self.regions}
         self.pg_log = {
-            r: Path(state["regions"][r]["pg_data"]).parent / "postgres.log" for r in self.regions
+            r: Path(state.regions[r].pg_data).parent / "postgres.log" for r in self.regions
         }
         self.cpu_pids = cpu_pids
 

@@ -1,8 +1,7 @@
 """What the lab benchmarks share: a throwaway world, processes started in it, figures, and a
 lean HTTP/1.1 load generator.
 
-* :func:`throwaway_world` brings a `LabWorld` up in a temporary folder and always takes it down
-  (also on Ctrl-C and SIGTERM), with every service it was given.
+* :func:`throwaway_world`: the harness's (`latitude.lab.harness`), saying what it does.
 * :func:`tree_cpu_seconds` reads a process tree's CPU time from /proc, to put a server's own
   cost per request beside its throughput.
 * :class:`RawConnection` / :func:`run_load`: a keep-alive HTTP/1.1 client over asyncio streams.
@@ -18,18 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import socket
 import statistics
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from latitude.lab import LabWorld
+from latitude.lab import LabWorld, harness
+from latitude.lab.harness import free_port as free_port
+from latitude.lab.harness import wait_http as wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -81,73 +77,12 @@ def summary(ms: list[float], digits: int = 2) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------- world
 
 
-@contextlib.contextmanager
-def throwaway_world(prefix: str, topology_text: str) -> Iterator[LabWorld]:
-    """A lab world in a temporary folder: up on entry, down (with every service) on exit.
-
-    SIGTERM is turned into KeyboardInterrupt for the duration, so `kill` tears down too.
-    """
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-            tmp = Path(tmp)
-            (tmp / "topology.toml").write_text(topology_text)
-            world = LabWorld(tmp / "lab", tmp / "topology.toml", progress=say)
-            world.up()  # cleans up after itself if it fails half-way
-            try:
-                yield world
-            finally:
-                say("taking the world down")
-                # A second Ctrl-C must not leave the world half-stopped.
-                with _signals_ignored():
-                    world.down()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
-def latitude_serve_argv(
-    world: LabWorld, region: str, app: str, *, workers: int = 1, pooling: bool = True
-) -> list[str]:
-    """`latitude serve` for `app` in `region`, as the lab's tests start the calendar."""
-    argv = [
-        sys.executable,
-        "-m",
-        "latitude.cli",
-        "serve",
-        app,
-        "--region",
-        region,
-        "--topology",
-        world.state()["regions"][region]["topology_file"],
-        "--app-dir",
-        str(REPO),
-        "--workers",
-        str(workers),
-    ]
-    return argv if pooling else [*argv, "--no-pool"]
+def throwaway_world(prefix: str, topology_text: str):
+    """A lab world in a temporary folder, up on entry and down on exit (see the harness)."""
+    return harness.throwaway_world(prefix, topology_text, progress=say)
 
 
 def uvicorn_argv(app: str, port: int) -> list[str]:
@@ -171,23 +106,6 @@ def uvicorn_argv(app: str, port: int) -> list[str]:
         "--timeout-keep-alive",
         "300",
     ]
-
-
-def wait_http(url: str, timeout: float, what: str, log: Path | None = None, ok=(200,)) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status in ok:
-                    return
-        except urllib.error.HTTPError as exc:
-            if exc.code in ok:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f} s\n{tail}")
 
 
 def service_pid(world: LabWorld, region: str, service: str) -> int:

@@ -22,6 +22,9 @@ from pathlib import Path
 
 from _lab import HOST, free_port, say, wait_http
 
+from latitude.lab import harness
+from latitude.lab.harness import stop_nginx
+
 CONF = """\
 worker_processes {workers};
 daemon off;
@@ -55,9 +58,7 @@ http {{
 
 def find_nginx(install: bool) -> tuple[str | None, str]:
     """nginx's path, or None and why not; with `install`, apt-get installs nginx-light."""
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-    )
+    found = harness.find_nginx()
     if found:
         return found, ""
     if not install:
@@ -129,18 +130,6 @@ def running_nginx(
             wait_http(f"http://{HOST}:{port}{health}", 15, "nginx", prefix / "error.log")
             yield Nginx(port, proc.pid, workers, keepalive, upstream)
         finally:
-            _stop(proc)
+            stop_nginx(proc)
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    # SIGQUIT: the master lets its workers finish and exits, removing its pid file.
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGQUIT)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()

@@ -144,7 +144,7 @@ async def settled_stats(world: LabWorld, before: dict, reads: int, timeout: floa
 
 async def measure(world: LabWorld, rounds: int, warmup: int, started: float) -> dict:
     state = world.state()
-    local_url = f"http://127.0.0.1:{state['regions'][REPLICA]['app_port']}"
+    local_url = f"http://127.0.0.1:{state.regions[REPLICA].app_port}"
     primary_url = f"http://127.0.0.1:{world.relay_port(REPLICA, PRIMARY, 'app')}"
     run = uuid.uuid4().hex[:6]
     plain = User(local_url, f"plain-{run}")

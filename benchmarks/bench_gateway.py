@@ -29,7 +29,7 @@ own RTT is 0 here. Every figure and ratio below is measured in the same run.
     when we are root) and is stopped with SIGQUIT.
 (2) The same with pooling off (eu-west restarted with `--no-pool`: one new connection per
     forwarded request). The lab's WAN relay charges a new connection the TCP handshake's round
-    trip, as a real ocean does (see `latitude.wan`), so the delta is that handshake; TLS would
+    trip, as a real ocean does (see `latitude.lab.relay`), so the delta is that handshake; TLS would
     add one or two more round trips, the ~+200 ms per POST the original deployment measured.
 (3) The naive layout: the calendar served in eu-west by plain uvicorn, every request handled
     there and every SQL statement sent to the primary database over the link
@@ -77,7 +77,6 @@ from _lab import (
     RawConnection,
     build_request,
     free_port,
-    latitude_serve_argv,
     pct,
     run_load,
     say,
@@ -90,7 +89,7 @@ from _lab import (
 )
 from _nginx import find_nginx, nginx_version, running_nginx
 
-from latitude.lab import LabWorld
+from latitude.lab import LabWorld, harness
 
 RTT_MS = 100.0
 CLIENT_RTT_MS = 0.0
@@ -108,7 +107,7 @@ TOPOLOGY = two_region_topology("bench-gateway", RTT_MS, PRIMARY, REPLICA)
 
 
 def port_of(world: LabWorld, region: str) -> int:
-    return world.state()["regions"][region]["app_port"]
+    return world.state().regions[region].app_port
 
 
 def log_of(world: LabWorld, region: str, service: str = "app") -> Path:
@@ -118,15 +117,7 @@ def log_of(world: LabWorld, region: str, service: str = "app") -> Path:
 def start_calendar(world: LabWorld, region: str, *, pooling: bool = True) -> None:
     """The calendar behind the gateway, as the tests start it; waits until it is healthy."""
     workers = PRIMARY_WORKERS if region == PRIMARY else 1
-    world.set_app(
-        region, latitude_serve_argv(world, region, CALENDAR, workers=workers, pooling=pooling)
-    )
-    wait_http(
-        f"http://{HOST}:{port_of(world, region)}/_latitude/health",
-        60,
-        f"the calendar in {region}",
-        log_of(world, region),
-    )
+    harness.start_calendar(world, region, workers, pooling=pooling, wait=60)
 
 
 def start_uvicorn(world: LabWorld, service: str, app: str) -> int:

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from latitude.lab import LabWorld
 from latitude.lab.binaries import RunAs, postgres_bin_dir
+from latitude.lab.ports import free_ports
 from latitude.lab.postgres import PostgresNode
-from latitude.lab.world import _free_ports
 
 
 def one_postgres(folder: Path) -> float:
     run_as = RunAs.for_postgres()
     node = PostgresNode(
-        "baseline", folder / "pg" / "data", _free_ports(1)[0], postgres_bin_dir(run_as), run_as
+        "baseline", folder / "pg" / "data", free_ports(1)[0], postgres_bin_dir(run_as), run_as
     )
     started = time.perf_counter()
     node.init_primary(template=False)  # a real initdb: the baseline stays what it was

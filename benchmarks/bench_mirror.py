@@ -29,14 +29,13 @@ Everything runs on 127.0.0.1; about two minutes on a quiet machine (four at most
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import random
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,8 @@ from pathlib import Path
 
 from _lab import pct, say
 
-from latitude.lab import LabWorld
+from latitude.lab import LabWorld, harness
+from latitude.lab.harness import free_port
 from latitude.lab.mirrors import lab_mirror_root, start_lab_mirrors, wait_lab_mirrors_ready
 from latitude.mirror import ContentRoot, Item, Publisher
 from latitude.mirror.nginx import nginx_config
@@ -144,13 +144,7 @@ def status(root: Path) -> dict:
     return ContentRoot(root).status()
 
 
-def wait_until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+wait_until = functools.partial(harness.wait_until, step=0.01)  # timings are read off it
 
 
 # ------------------------------------------------------------------------------- (a) propagation
@@ -335,12 +329,6 @@ def throughput(world: LabWorld, pub: Publisher, files: int) -> dict:
 # ---------------------------------------------------------------------------------- (c) serving
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def find(tool: str) -> str | None:
     env = os.environ.get(tool.upper())
     if env and os.access(env, os.X_OK):
@@ -398,12 +386,12 @@ def serving(world: LabWorld, pub: Publisher, seconds: float, tmp: Path) -> dict:
     root = lab_mirror_root(world, region)
     path = "bench/prop-stream/0.json"  # 1 KiB, synced there in (a)
     state = world.state()
-    mirror_url = f"http://127.0.0.1:{state['regions'][region]['mirror_port']}/{path}"
+    mirror_url = f"http://127.0.0.1:{state.regions[region].mirror_port}/{path}"
     out: dict = {"file_bytes": (root / path).stat().st_size}
     rps, how = load(mirror_url, seconds)
     out["mirror_serve_rps"], out["load_generator"] = round(rps), how
     say(f"serving: mirror serve {rps:.0f} req/s ({how})")
-    nginx = find("nginx")
+    nginx = harness.find_nginx()
     if nginx is None:
         out["nginx"] = (
             "skipped: nginx is not installed (apt-get install nginx, or NGINX=/path/to/nginx)"
@@ -413,7 +401,7 @@ def serving(world: LabWorld, pub: Publisher, seconds: float, tmp: Path) -> dict:
     for sub in ("", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (conf_dir / sub).mkdir(parents=True, exist_ok=True)
     port = free_port()
-    primary_port = state["regions"][PRIMARY]["mirror_port"]
+    primary_port = state.regions[PRIMARY].mirror_port
     (conf_dir / "nginx.conf").write_text(
         nginx_config(
             region=region,
@@ -425,14 +413,9 @@ def serving(world: LabWorld, pub: Publisher, seconds: float, tmp: Path) -> dict:
             user="root" if os.geteuid() == 0 else None,
         )
     )
-    proc = subprocess.Popen(
-        [nginx, "-c", str(conf_dir / "nginx.conf"), "-p", str(conf_dir)],
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
+    with harness.nginx_running(nginx, conf_dir / "nginx.conf", conf_dir):
         url = f"http://127.0.0.1:{port}/{path}"
-        wait_until(lambda: _ok(url), 10, "nginx")
+        wait_until(lambda: harness.http_ok(url, timeout=1), 10, "nginx")
         with urllib.request.urlopen(url) as a, urllib.request.urlopen(mirror_url) as b:
             assert a.read() == b.read(), "nginx and mirror serve disagree"
         rps_nginx, _ = load(url, seconds)
@@ -440,22 +423,7 @@ def serving(world: LabWorld, pub: Publisher, seconds: float, tmp: Path) -> dict:
         out["nginx_workers"] = os.cpu_count()
         out["ratio_mirror_serve_vs_nginx"] = round(rps / rps_nginx, 2)
         say(f"serving: nginx {rps_nginx:.0f} req/s")
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     return out
-
-
-def _ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------- main

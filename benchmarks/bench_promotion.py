@@ -21,74 +21,27 @@ latency is taken with quorum commit on.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
-from http.cookiejar import CookieJar
 from pathlib import Path
 
 import psycopg
 from _lab import REPO, say, summary, throwaway_world
 
-from latitude.lab import LabWorld
-from latitude.lab.demo import calendar_argv, wait_healthy
+from latitude.lab import LabWorld, harness
+from latitude.lab.demo import start_calendar, wait_healthy
 from latitude.lab.postgres import database_url
 from latitude.promotion.postgres import PgServer
 
 REGIONS = ("us-west", "eu-west", "ap-southeast")
 
 
-class Writer(threading.Thread):
-    def __init__(self, world: LabWorld, region: str):
-        super().__init__(daemon=True)
-        self.port = world.state()["regions"][region]["app_port"]
-        self.region = region
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        self.acked: list[tuple[float, str]] = []
-        self.stop = threading.Event()
-
-    def post(self, path: str, data: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            data=json.dumps(data).encode(),
-            headers={"content-type": "application/json", "accept": "application/json"},
-            method="POST",
-        )
-        try:
-            with self.opener.open(req, timeout=20) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            return exc.code, {}
-        except OSError:
-            return 0, {}
-
-    def login(self) -> None:
-        for _ in range(100):
-            if self.post("/login", {"name": f"bench-{self.region}"})[0] == 200:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"cannot sign in at {self.region}")
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            title = f"{self.region}-{uuid.uuid4().hex[:12]}"
-            status, _ = self.post("/events", {"title": title})
-            if status == 201:
-                self.acked.append((time.monotonic(), title))
-            else:
-                if status == 401:
-                    self.login()
-                time.sleep(0.05)
-
-    def gap_around(self, t0: float, t1: float) -> float:
-        """The longest wait between two acknowledged writes in [t0 - 1 s, t1 + 5 s]."""
-        times = [t for t, _ in self.acked if t0 - 1 <= t <= t1 + 5]
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=float("nan"))
+# A user next to one region, writing events as fast as answers come back (see the harness).
+Writer = functools.partial(harness.Writer, name="bench")
 
 
 def latitude(world: LabWorld, *args: str) -> tuple[float, dict]:
@@ -107,13 +60,13 @@ def latitude(world: LabWorld, *args: str) -> tuple[float, dict]:
 
 
 def titles(world: LabWorld, region: str) -> set[str]:
-    port = world.state()["regions"][region]["pg_port"]
+    port = world.state().regions[region].pg_port
     with psycopg.connect(database_url(port), autocommit=True) as c:
         return {r[0] for r in c.execute("select title from events").fetchall()}
 
 
 def commit_latency(world: LabWorld, region: str, n: int) -> dict:
-    port = world.state()["regions"][region]["pg_port"]
+    port = world.state().regions[region].pg_port
     ms = []
     with psycopg.connect(database_url(port), autocommit=True) as c:
         c.execute("create table if not exists bench_commits (id serial primary key, at float8)")
@@ -138,7 +91,7 @@ def switchover(world: LabWorld, target: str) -> dict:
         w.stop.set()
     for w in ws:
         w.join(30)
-    acked = {title for w in ws for _, title in w.acked}
+    acked = {title for w in ws for _, title, _ in w.acked}
     gaps = {w.region: round(w.gap_around(t0, t1), 2) for w in ws}
     lost = len(acked - titles(world, target))
     say(f"switchover to {target}: {seconds:.2f} s, longest write gap {gaps}, lost {lost}")
@@ -162,7 +115,7 @@ def forced_failover(world: LabWorld) -> dict:
     done = threading.Event()
 
     def direct() -> None:
-        port = world.state()["regions"][primary]["pg_port"]
+        port = world.state().regions[primary].pg_port
         with psycopg.connect(database_url(port), autocommit=True) as c:
             c.execute("create table if not exists bench_acked (id int primary key)")
             i = 0
@@ -189,13 +142,13 @@ def forced_failover(world: LabWorld) -> dict:
     deadline = time.monotonic() + 30
     first = None
     while first is None and time.monotonic() < deadline:
-        first = min((t for w in ws for t, _ in w.acked if t > started), default=None)
+        first = min((t for w in ws for t, _, _ in w.acked if t > started), default=None)
         time.sleep(0.05)
     for w in ws:
         w.stop.set()
     for w in ws:
         w.join(30)
-    port = world.state()["regions"][report["to"]]["pg_port"]
+    port = world.state().regions[report["to"]].pg_port
     with psycopg.connect(database_url(port), autocommit=True) as c:
         have = {r[0] for r in c.execute("select id from bench_acked").fetchall()}
     lost = len(set(commits) - have)
@@ -216,23 +169,8 @@ def automatic_failover(world: LabWorld) -> dict:
     latitude(world, "lab", "revive", "us-west")  # rejoins as a replica of the new timeline
     wait_healthy(world, "us-west", 60)
     state = world.state()
-    primary = state["primary"]
-    for region in REGIONS:
-        world.set_service(
-            region,
-            "watcher",
-            [
-                sys.executable,
-                "-m",
-                "latitude.cli",
-                "failover",
-                "watch",
-                "--region",
-                region,
-                "--topology",
-                state["regions"][region]["topology_file"],
-            ],
-        )
+    primary = state.primary
+    harness.start_failover_watchers(world, REGIONS)
     others = [r for r in REGIONS if r != primary]
     ws = [Writer(world, r) for r in others]
     for w in ws:
@@ -247,7 +185,7 @@ def automatic_failover(world: LabWorld) -> dict:
     first = None
     deadline = time.monotonic() + 60
     while first is None and time.monotonic() < deadline:
-        first = min((t for w in ws for t, _ in w.acked if t > died + 0.5), default=None)
+        first = min((t for w in ws for t, _, _ in w.acked if t > died + 0.5), default=None)
         time.sleep(0.05)
     for w in ws:
         w.stop.set()
@@ -266,13 +204,8 @@ def main() -> None:
     topology = (REPO / "src/latitude/data/lab.toml").read_text()
     topology += "\n[replication]\nsynchronous = 1\n\n[failover]\nautomatic = true\n"
     with throwaway_world("latitude-bench-promotion-", topology) as world:
-        for i, region in enumerate(REGIONS):
-            world.set_app(region, calendar_argv(world, region, 1))
-            if i == 0:
-                wait_healthy(world, region, 60)
-        for region in REGIONS:
-            wait_healthy(world, region, 60)
-        pg = PgServer("us-west", database_url(world.state()["regions"]["us-west"]["pg_port"]))
+        start_calendar(world, timeout=60)
+        pg = PgServer("us-west", database_url(world.state().regions["us-west"].pg_port))
         sync_commit = commit_latency(world, "us-west", args.commits)
         pg.set_synchronous(0, [])
         async_commit = commit_latency(world, "us-west", args.commits)

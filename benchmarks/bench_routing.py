@@ -24,12 +24,12 @@ Everything runs on 127.0.0.1 and is bounded (about a minute and a half; at most 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import random
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -45,6 +44,11 @@ import dns.edns
 import dns.message
 import dns.query
 
+from latitude.lab import harness
+from latitude.lab.harness import (
+    HEALTH_SERVER,  # a mode file per region: see there
+    free_ports,
+)
 from latitude.routing.config import DEFAULT_INTERVAL_S, DEFAULT_THRESHOLD, DEFAULT_TTL_S
 from latitude.routing.export import (
     ROUTE53_DEFAULT_INTERVAL_S,
@@ -59,33 +63,11 @@ SLOT = "routing-health"
 NAME = "calendar.lab.test."
 ADDRESSES = {"us-west": "192.0.2.1", "eu-west": "192.0.2.2", "ap-southeast": "192.0.2.3"}
 LONDON = ("203.0.113.0", 24)
-HEALTH_SERVER = """
-import sys
-from aiohttp import web
-
-async def health(request):
-    return web.Response(text="ok")
-
-app = web.Application()
-app.router.add_get("/_latitude/health", health)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
-"""
 DEADLINE_S = 170.0
 # The model before issue 15: a probe every 2 s, 3 failures in a row, 3 successes in a row.
 PREVIOUS = {"interval": 2.0, "threshold": 3, "window": 3, "rise": 3, "suspect": 2.0}
 # PowerDNS `ifurlup` defaults: lua-health-checks-interval 5 s, timeout 2 s, minimumFailures 1.
 POWERDNS_INTERVAL_S, POWERDNS_TIMEOUT_S = 5.0, 2.0
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def topology_text(regions, ports: dict[str, int], routing: str = "") -> str:
@@ -115,22 +97,12 @@ def routing_table(interval: float, threshold: int, ttl: int, timeout: float, **e
     )
 
 
-def wait_for(cond, timeout: float, what: str, step: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 def http_ok(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_latitude/health", timeout=0.5) as r:
-            return r.status == 200
-    except OSError:
-        return False
+    return harness.http_ok(f"http://127.0.0.1:{port}/_latitude/health")
+
+
+# Polled every 10 ms: the reroute time is measured by it.
+wait_for = functools.partial(harness.wait_until, step=0.01)
 
 
 def start_dns(
@@ -152,13 +124,7 @@ def start_dns(
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    harness.stop_process(proc)
 
 
 # ---- (a) detection to reroute -------------------------------------------------------------

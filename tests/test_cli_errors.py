@@ -5,7 +5,6 @@ lab is itself the input where a lab is asked about)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -98,17 +97,33 @@ def lab_state(tmp_path: Path) -> Path:
     # naming a region or part it lacks is refused before any process is touched.
     import shutil
 
+    from latitude.lab.state import LabState, RegionState
+
     shutil.copy(lab_topology(), tmp_path / "topology.toml")
     regions = {}
-    for name in ("us-west", "eu-west"):
+    for i, name in enumerate(("us-west", "eu-west")):
         (tmp_path / "regions" / name).mkdir(parents=True)
-        regions[name] = {
-            "role": "replica",
-            "services": {},
-            "topology_file": str(tmp_path / "regions" / name / "topology.toml"),
-        }
-    state = {"primary": "us-west", "regions": regions, "secret": "s" * 32}
-    (tmp_path / "state.json").write_text(json.dumps(state))
+        regions[name] = RegionState(
+            role="replica",
+            pg_port=1 + i,
+            pg_data=str(tmp_path / "regions" / name / "pg" / "data"),
+            valkey_port=3 + i,
+            app_port=5 + i,
+            mirror_port=7 + i,
+            topology_file=str(tmp_path / "regions" / name / "topology.toml"),
+        )
+    LabState(
+        started_at=0.0,
+        source_topology=str(lab_topology()),
+        secret="s" * 32,
+        data_root=str(tmp_path / "regions"),
+        pg_bin=str(tmp_path / "no-bin"),
+        valkey_bin=str(tmp_path / "no-valkey"),
+        run_as="nobody",
+        supervisor_pid_file=str(tmp_path / "supervisor.pid"),
+        primary="us-west",
+        regions=regions,
+    ).save(tmp_path / "state.json")
     return tmp_path
 
 

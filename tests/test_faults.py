@@ -31,7 +31,7 @@ DEADLINE_S = 3.0  # the gateway's default [gateway] deadline_s
 
 
 def url(world, region: str) -> str:
-    return f"http://127.0.0.1:{world.state()['regions'][region]['app_port']}"
+    return f"http://127.0.0.1:{world.state().regions[region].app_port}"
 
 
 def db_url(world, region: str) -> str:
@@ -141,7 +141,7 @@ async def test_a_replayed_write_sets_the_position_cookie(calendar):
 
 async def test_forwarded_reads_store_no_outcome(calendar):
     world = calendar
-    lab = PositionCookie(world.state()["secret"].encode())
+    lab = PositionCookie(world.state().secret.encode())
     async with aiohttp.ClientSession(url(world, EU), cookie_jar=aiohttp.DummyCookieJar()) as c:
         key = str(uuid.uuid4())
         # A position the replica will not reach: the read is forwarded to the primary.
@@ -155,7 +155,7 @@ async def test_forwarded_reads_store_no_outcome(calendar):
 async def test_a_position_cookie_from_another_region_is_ignored(calendar):
     """eu-west's cookie names eu-west: ap-southeast serves the read at once, locally."""
     world = calendar
-    lab = PositionCookie(world.state()["secret"].encode())
+    lab = PositionCookie(world.state().secret.encode())
     async with aiohttp.ClientSession(url(world, AP), cookie_jar=aiohttp.DummyCookieJar()) as c:
         for region, honoured in ((EU, False), (AP, True)):
             cookie = lab.issue(FAR_FUTURE, region)
@@ -292,7 +292,7 @@ async def test_a_read_that_can_only_be_stale_says_so(healed, calendar):
     """The replica is behind the client's last write and the primary is out of reach: the
     replica's answer is served, marked stale; a current read is not marked."""
     world = calendar
-    lab = PositionCookie(world.state()["secret"].encode())
+    lab = PositionCookie(world.state().secret.encode())
     async with aiohttp.ClientSession(url(world, EU), cookie_jar=aiohttp.DummyCookieJar()) as c:
         async with c.get("/events") as r:
             assert r.status == 401

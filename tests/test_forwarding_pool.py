@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.request
 import uuid
@@ -14,6 +13,7 @@ import uuid
 import aiohttp
 
 from latitude.lab.demo import calendar_argv
+from latitude.lab.harness import free_port
 
 PRIMARY, EU = "us-west", "eu-west"
 SERVICE = "pooltest"
@@ -24,19 +24,13 @@ LINK_RTT_MS = 700  # every answer later than the gateway's 0.5 s path check
 
 def app_relay_connections(world) -> int:
     """Connections accepted so far by the relays carrying eu-west's traffic to the primary's app."""
-    target = f"127.0.0.1:{world.state()['regions'][PRIMARY]['app_port']}"
+    target = f"127.0.0.1:{world.state().regions[PRIMARY].app_port}"
     for link in world.control().call("GET", "/status")["links"]:
         if {link["a"], link["b"]} == {PRIMARY, EU}:
             relays = [r for r in link["relays"] if r["target"] == target]
             assert relays, (target, link["relays"])  # "host:port" strings
             return sum(r["connections_total"] for r in relays)
     raise AssertionError("no us-west<->eu-west link")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status(port: int) -> dict:

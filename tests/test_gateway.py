@@ -21,7 +21,7 @@ PRIMARY, EU, AP = "us-west", "eu-west", "ap-southeast"
 
 
 def url(world, region: str) -> str:
-    return f"http://127.0.0.1:{world.state()['regions'][region]['app_port']}"
+    return f"http://127.0.0.1:{world.state().regions[region].app_port}"
 
 
 def db(world, region: str) -> str:
@@ -29,7 +29,7 @@ def db(world, region: str) -> str:
 
 
 def valkey(world, region: str) -> redis.Redis:
-    return redis.Redis(port=world.state()["regions"][region]["valkey_port"])
+    return redis.Redis(port=world.state().regions[region].valkey_port)
 
 
 def client(world, region: str) -> aiohttp.ClientSession:
@@ -110,7 +110,7 @@ async def test_primary_sees_real_client_ip_not_client_headers(calendar):
 
 
 def lab_keyring(world) -> Keyring:
-    return Keyring([SigningKey("lab-1", world.state()["secret"].encode())], "lab-1")
+    return Keyring([SigningKey("lab-1", world.state().secret.encode())], "lab-1")
 
 
 def forged_request(world, title: str, *, keyring=None, now=None, tamper=None):
@@ -289,7 +289,7 @@ async def test_answer_lost_after_commit_retry_returns_stored_response(healed, ca
 
 
 def app_relay_connections(world) -> int:
-    target = world.state()["regions"][PRIMARY]["app_port"]
+    target = world.state().regions[PRIMARY].app_port
     for link in world.control().call("GET", "/status")["links"]:
         if {link["a"], link["b"]} == {PRIMARY, EU}:
             # The relay names its target "host:port".

@@ -34,7 +34,7 @@ async def _warm(port: int, writes: int = 8) -> None:
 
 
 def test_a_far_user_reads_locally_and_writes_in_one_ocean_round_trip(calendar, tmp_path):
-    asyncio.run(_warm(calendar.state()["regions"]["eu-west"]["app_port"]))
+    asyncio.run(_warm(calendar.state().regions["eu-west"].app_port))
     result = demo.measure_layouts(calendar, (PLACE,), reads=12, writes=8)
     layouts = result["layouts"]
     assert set(layouts) == set(demo.LAYOUTS)

@@ -73,7 +73,7 @@ def test_every_region_exposes_parseable_metrics_that_move_with_traffic(calendar)
     import asyncio
 
     state = calendar.state()
-    ports = {name: r["app_port"] for name, r in state["regions"].items()}
+    ports = {name: r.app_port for name, r in state.regions.items()}
     before = {name: scrape(port) for name, port in ports.items()}
 
     writes, reads = 4, 20
@@ -121,7 +121,7 @@ def test_every_region_exposes_parseable_metrics_that_move_with_traffic(calendar)
 
 
 def test_dashboard_json_names_every_region(calendar):
-    port = calendar.state()["regions"]["ap-southeast"]["app_port"]
+    port = calendar.state().regions["ap-southeast"].app_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/_latitude/world.json", timeout=10) as r:
         world = json.loads(r.read())
     assert world["seen_from"] == "ap-southeast"
@@ -144,8 +144,8 @@ def test_mirror_serve_exposes_its_serial(calendar):
     with Publisher(roots["us-west"]) as pub:
         serial = pub.publish("metrics/probe.json", b'{"probe": true}\n').serial
     state = calendar.state()
-    for name, r in state["regions"].items():
-        port = r["mirror_port"]
+    for name, r in state.regions.items():
+        port = r.mirror_port
         deadline = time.monotonic() + 30
         while True:
             samples = scrape(port)

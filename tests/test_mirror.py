@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -517,30 +516,32 @@ async def test_fallback_checks_the_primarys_bytes(net):
 # -------------------------------------------------------------------------------------- nginx
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_cli_nginx_config_and_publish(tmp_path):
-    topo = tmp_path / "latitude.toml"
+def mirror_topology(
+    tmp: Path, primary_port: int, eu_port: int, site_port: int, paths: list[str]
+) -> Path:
+    """A lab topology of two mirror regions, `us` (the primary, beside the website) and `eu`."""
+    topo = tmp / "latitude.toml"
     topo.write_text(f"""
 [lab]
 [[regions]]
 name = "us"
 primary = true
 location = [45.6, -121.2]
-mirror_url = "http://127.0.0.1:9001"
-internal_url = "http://127.0.0.1:9000"
+mirror_url = "http://127.0.0.1:{primary_port}"
+internal_url = "http://127.0.0.1:{site_port}"
 [[regions]]
 name = "eu"
 location = [53.3, -6.3]
-mirror_url = "http://127.0.0.1:9002"
+mirror_url = "http://127.0.0.1:{eu_port}"
 [mirror]
-root = "{tmp_path}/{{region}}"
-paths = ["/simple/", "/packages/"]
+root = "{tmp}/{{region}}"
+paths = {json.dumps(paths)}
 """)
+    return topo
+
+
+def test_cli_nginx_config_and_publish(tmp_path):
+    topo = mirror_topology(tmp_path, 9001, 9002, 9000, ["/simple/", "/packages/"])
     env = {**os.environ, "LATITUDE_TOPOLOGY": str(topo)}
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -581,6 +582,8 @@ mirror_url = "http://127.0.0.1:9"
 name = "eu"
 location = [53.3, -6.3]
 mirror_url = "http://127.0.0.1:9"
+[signing]
+keys = [{ id = "k1", env = "LAT_TEST_MIRROR_KEY" }]
 """)
     (tmp_path / "f.json").write_text("{}")
     bad = [
@@ -620,7 +623,8 @@ mirror_url = "http://127.0.0.1:9"
         text=True,
         timeout=30,
         cwd=tmp_path,
-        env={**os.environ, "LATITUDE_TOPOLOGY": str(topo)},
+        # The secret is set: the mirror never serves without it (test_mirror_topology.py).
+        env={**os.environ, "LATITUDE_TOPOLOGY": str(topo), "LAT_TEST_MIRROR_KEY": "k" * 40},
     )
     assert r.returncode == 1 and "cannot listen on 192.0.2.1:0" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

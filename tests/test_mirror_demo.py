@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_mirror_demo_publishes_and_reports_every_region(world, tmp_path):
-    regions = list(world.state()["regions"])
+    regions = list(world.state().regions)
     try:
         r = subprocess.run(
             [sys.executable, "-m", "latitude.cli", "mirror", "demo"]
@@ -35,7 +35,7 @@ def test_mirror_demo_publishes_and_reports_every_region(world, tmp_path):
     finally:
         for region in regions:
             world.kill(region, "mirror")
-            if region != world.state()["primary"]:
+            if region != world.state().primary:
                 world.kill(region, "mirror-sync")
 
 

@@ -12,13 +12,13 @@ import re
 import secrets
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import zipfile
 
 import pytest
 
+from latitude.lab.harness import wait_until as wait_for
 from latitude.lab.mirrors import start_lab_mirrors, wait_lab_mirrors_ready
 from latitude.mirror import ContentRoot, Item, Publisher
 from latitude.mirror.feed import SERIAL_HEADER
@@ -53,7 +53,7 @@ def pub(mirrors):
 
 
 def url(world, region: str, path: str) -> str:
-    return f"http://127.0.0.1:{world.state()['regions'][region]['mirror_port']}{path}"
+    return f"http://127.0.0.1:{world.state().regions[region].mirror_port}{path}"
 
 
 def get(u: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
@@ -63,16 +63,6 @@ def get(u: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read()
-
-
-def wait_for(cond, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def synced(mirrors, serial: int, regions=REPLICAS) -> bool:

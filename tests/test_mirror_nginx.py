@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,15 +16,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from latitude.lab.harness import find_nginx, free_port, nginx_running
 from latitude.mirror import ContentRoot, Item, Publisher
 from latitude.mirror.feed import SERIAL_HEADER
-from tests.test_mirror import _free_port, keyring, net, until  # noqa: F401 - fixtures
+from tests.test_mirror import keyring, mirror_topology, net, until  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(90)
 
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-)
+NGINX = find_nginx()
+PATHS = ("/p2/", "/dist/", "/simple/", "/packages.json")
 needs_nginx = pytest.mark.skipif(
     NGINX is None,
     reason="nginx is not installed (not on PATH, nor in /usr/sbin): apt-get install nginx",
@@ -34,24 +32,7 @@ needs_nginx = pytest.mark.skipif(
 
 
 def topology(tmp: Path, primary_port: int, eu_port: int, site_port: int) -> Path:
-    topo = tmp / "latitude.toml"
-    topo.write_text(f"""
-[lab]
-[[regions]]
-name = "us"
-primary = true
-location = [45.6, -121.2]
-mirror_url = "http://127.0.0.1:{primary_port}"
-internal_url = "http://127.0.0.1:{site_port}"
-[[regions]]
-name = "eu"
-location = [53.3, -6.3]
-mirror_url = "http://127.0.0.1:{eu_port}"
-[mirror]
-root = "{tmp}/{{region}}"
-paths = ["/p2/", "/dist/", "/simple/", "/packages.json"]
-""")
-    return topo
+    return mirror_topology(tmp, primary_port, eu_port, site_port, list(PATHS))
 
 
 def cli(topo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -120,7 +101,7 @@ async def test_real_nginx_with_the_printed_config(net, tmp_path):  # noqa: F811
     site = web.Application()
     site.router.add_get("/{tail:.*}", website)
     site_url = await net.app(site)
-    paths = ("/p2/", "/dist/", "/simple/", "/packages.json")
+    paths = PATHS
     await net.primary(website_url=site_url, paths=paths)
     pub = Publisher(net.tmp / "primary", precompress=True)  # writes hello.json.gz as well
     try:
@@ -143,7 +124,7 @@ async def test_real_nginx_with_the_printed_config(net, tmp_path):  # noqa: F811
 
         port_of = lambda url: int(url.rsplit(":", 1)[1])  # noqa: E731
         topo = topology(tmp_path, port_of(net.primary_url), server.port, port_of(site_url))
-        port = _free_port()
+        port = free_port()
         conf_dir = tmp_path / "nginx"
         conf_dir.mkdir()
         argv = [
@@ -160,23 +141,11 @@ async def test_real_nginx_with_the_printed_config(net, tmp_path):  # noqa: F811
             argv += ["--user", "root"]  # the test's files are root's own
         r = cli(topo, *argv)
         assert r.returncode == 0, r.stderr
-        proc = subprocess.Popen(
-            [NGINX, "-c", str(conf_dir / "nginx.conf"), "-p", str(conf_dir)],
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        try:
+        with nginx_running(NGINX, conf_dir / "nginx.conf", conf_dir) as proc:
             base = f"http://127.0.0.1:{port}"
             node = f"http://127.0.0.1:{server.port}"
             await _started(proc, f"{base}/packages.json")
             await _check_nginx(net, pub, base, node, eu, daemon)
-        finally:
-            proc.send_signal(signal.SIGQUIT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
     finally:
         pub.close()
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from latitude.mirror import MirrorConfig
 from latitude.routing.config import routing_config
 from latitude.topology import TopologyError, parse_topology
+from tests.test_mirror import mirror_topology
 
 SECRET = "s" * 48
 
@@ -86,3 +88,77 @@ def test_latitude_check_accepts_a_mirror_only_topology(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "server mirror.us-east.example.com:443;" in r.stdout
+
+
+# ---- the keyring fails closed: no secret, no mirror (never an unsigned feed) -----------------
+
+KEYS = '\n[signing]\nkeys = [{ id = "k1", env = "LAT_TEST_MIRROR_KEY" }]\n'
+
+
+def mirror_cli(path, *args: str, env: dict[str, str] | None = None):
+    environ = {k: v for k, v in os.environ.items() if k != "LAT_TEST_MIRROR_KEY"}
+    return subprocess.run(
+        [sys.executable, "-m", "latitude.cli", "mirror", *args, "--topology", str(path)],
+        env={**environ, "COLUMNS": "300", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def lab_mirrors(tmp_path, keys: str = "") -> Path:
+    """Two mirror regions, us (the primary) and eu, in a lab topology: no secret is checked."""
+    path = mirror_topology(tmp_path, 9, 9, 9, ["/"])
+    path.write_text(path.read_text() + keys)
+    return path
+
+
+def test_a_mirror_without_a_secret_refuses_to_configure_naming_the_variable(tmp_path):
+    from latitude.mirror import MirrorConfigError
+
+    text = lab_mirrors(tmp_path, KEYS).read_text()
+    topo = parse_topology(text, environ={})
+    with pytest.raises(MirrorConfigError) as e:
+        MirrorConfig.from_topology(topo, "eu")
+    message = str(e.value)
+    assert "LAT_TEST_MIRROR_KEY" in message and "is not set" in message, message
+    assert "export LAT_TEST_MIRROR_KEY=" in message and "always signed" in message, message
+    # A tool that signs nothing still configures, without a keyring.
+    assert MirrorConfig.from_topology(topo, "eu", signed=False).keyring is None
+    # With the secret set, the keyring is the topology's.
+    with_secret = parse_topology(text, environ={"LAT_TEST_MIRROR_KEY": SECRET})
+    keyring = MirrorConfig.from_topology(with_secret, "eu").keyring
+    assert keyring is not None and keyring.key_ids == ("k1",)
+
+
+def test_a_topology_with_no_signing_table_is_refused_naming_it(tmp_path):
+    from latitude.mirror import MirrorConfigError
+
+    topo = parse_topology(lab_mirrors(tmp_path).read_text(), environ={})
+    with pytest.raises(MirrorConfigError, match=r"no signing key .*\[signing\] table"):
+        MirrorConfig.from_topology(topo, "us")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["serve", "--region", "us", "--port", "0"],
+        ["serve", "--region", "eu", "--port", "0"],
+        ["sync", "--region", "eu"],
+    ],
+)
+@pytest.mark.parametrize("keys", ["", KEYS], ids=["no [signing]", "secret unset"])
+def test_serve_and_sync_without_a_secret_exit_2_with_the_fix(tmp_path, args, keys):
+    r = mirror_cli(lab_mirrors(tmp_path, keys), *args)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    want = "LAT_TEST_MIRROR_KEY" if keys else "[signing]"
+    assert want in lines[0] and "Traceback" not in r.stderr, lines[0]
+    assert not (tmp_path / args[2]).exists()  # refused before the node touched its root
+
+
+def test_tools_that_sign_nothing_need_no_secret(tmp_path):
+    r = mirror_cli(lab_mirrors(tmp_path, KEYS), "nginx-config", "--region", "eu")
+    assert r.returncode == 0, r.stderr
+    assert f"root {tmp_path}/eu;" in r.stdout

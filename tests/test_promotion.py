@@ -7,6 +7,7 @@ whose tests assume us-west is primary), and take it down afterwards.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -14,8 +15,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
-from http.cookiejar import CookieJar
 from pathlib import Path
 
 import psycopg
@@ -23,7 +22,8 @@ import pytest
 
 from latitude.consistency import PositionCookie, ReplicationPosition, primary_position
 from latitude.lab import LabWorld
-from latitude.lab.demo import calendar_argv, wait_healthy
+from latitude.lab.demo import start_calendar, wait_healthy
+from latitude.lab.harness import Writer, start_failover_watchers, wait_until
 from latitude.lab.postgres import database_url
 from latitude.promotion.journal import Journal
 
@@ -32,13 +32,8 @@ pytestmark = [pytest.mark.promotion, pytest.mark.slow, pytest.mark.timeout(300)]
 REGIONS = ("us-west", "eu-west", "ap-southeast")
 
 
-def start_apps(world: LabWorld, order=REGIONS) -> None:
-    for i, region in enumerate(order):
-        world.set_app(region, calendar_argv(world, region, 1))
-        if i == 0:
-            wait_healthy(world, region, 60)
-    for region in order:
-        wait_healthy(world, region, 60)
+def start_apps(world: LabWorld) -> None:
+    start_calendar(world, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -63,84 +58,8 @@ def latitude(world: LabWorld, *args: str, timeout: float = 120) -> subprocess.Co
 
 
 def pg(world: LabWorld, region: str) -> psycopg.Connection:
-    port = world.state()["regions"][region]["pg_port"]
+    port = world.state().regions[region].pg_port
     return psycopg.connect(database_url(port), autocommit=True, connect_timeout=5)
-
-
-class Writer(threading.Thread):
-    """A user next to one region, creating events as fast as answers come back."""
-
-    def __init__(self, world: LabWorld, region: str):
-        super().__init__(daemon=True)
-        self.port = world.state()["regions"][region]["app_port"]
-        self.region = region
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        self.acked: list[tuple[float, str, str]] = []  # (time, title, region that ran it)
-        self.refused: list[tuple[float, int]] = []
-        self.stop = threading.Event()
-
-    def post(self, path: str, data: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            data=json.dumps(data).encode(),
-            headers={"content-type": "application/json", "accept": "application/json"},
-            method="POST",
-        )
-        try:
-            with self.opener.open(req, timeout=20) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            return exc.code, {}
-        except OSError:
-            return 0, {}
-
-    def get(self, path: str, accept: str = "application/json") -> int:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", headers={"accept": accept}
-        )
-        try:
-            with self.opener.open(req, timeout=20) as r:
-                r.read()
-                return r.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return 0
-
-    def login(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.post("/login", {"name": f"writer-{self.region}"})[0] == 200:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"cannot sign in at {self.region}")
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            title = f"{self.region}-{uuid.uuid4().hex[:12]}"
-            status, body = self.post("/events", {"title": title})
-            if status == 201:
-                self.acked.append((time.monotonic(), title, body.get("region")))
-            else:
-                if status == 401:
-                    self.login()
-                self.refused.append((time.monotonic(), status))
-                time.sleep(0.05)
-
-    def longest_refusal(self) -> float:
-        """The longest stretch from a refused write to the next acknowledged one."""
-        longest, first_bad = 0.0, None
-        events = sorted(
-            [(t, True) for t, _, _ in self.acked] + [(t, False) for t, _ in self.refused]
-        )
-        for t, ok in events:
-            if not ok and first_bad is None:
-                first_bad = t
-            elif ok and first_bad is not None:
-                longest, first_bad = max(longest, t - first_bad), None
-        if first_bad is not None:
-            longest = max(longest, events[-1][0] - first_bad)
-        return longest
 
 
 def writers(world: LabWorld, regions) -> list[Writer]:
@@ -178,14 +97,7 @@ def streams_from(world: LabWorld, primary: str) -> set[str]:
         }
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+wait_for = functools.partial(wait_until, step=0.1)  # each poll opens a connection
 
 
 def one_error_line(result: subprocess.CompletedProcess, *words: str) -> None:
@@ -264,7 +176,7 @@ def test_switchover_while_writes_flow_loses_nothing(promo: LabWorld):
         assert old.get("/events", accept) == 200, accept
     # Every region's dashboard shows the world as it is now.
     for region in REGIONS:
-        port = promo.state()["regions"][region]["app_port"]
+        port = promo.state().regions[region].app_port
         with urllib.request.urlopen(
             f"http://127.0.0.1:{port}/_latitude/dashboard.json", timeout=10
         ) as r:
@@ -373,7 +285,7 @@ def test_workers_run_jobs_only_at_the_primary_and_follow_it(promo: LabWorld):
             "--region",
             region,
             "--topology",
-            state["regions"][region]["topology_file"],
+            state.regions[region].topology_file,
             "--app-dir",
             str(Path(__file__).resolve().parent.parent),
         ]
@@ -481,12 +393,12 @@ def test_promote_with_a_topology_talks_to_the_databases_and_gateways(promo: LabW
             "promote",
             target,
             "--topology",
-            state["regions"][old]["topology_file"],
+            state.regions[old].topology_file,
         ],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "LATITUDE_LAB_KEY": state["secret"]},
+        env={**os.environ, "LATITUDE_LAB_KEY": state.secret},
     )
     assert result.returncode == 0, result.stderr
     assert f"{target} told" in result.stderr  # POST /_latitude/epoch reached the gateways
@@ -609,20 +521,7 @@ def auto_world(tmp_path_factory):
     world.up()
     try:
         start_apps(world)
-        state = world.state()
-        for region in REGIONS:
-            argv = [
-                sys.executable,
-                "-m",
-                "latitude.cli",
-                "failover",
-                "watch",
-                "--region",
-                region,
-                "--topology",
-                state["regions"][region]["topology_file"],
-            ]
-            world.set_service(region, "watcher", argv)
+        start_failover_watchers(world, REGIONS)
         yield world
     finally:
         world.down()

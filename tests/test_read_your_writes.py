@@ -35,7 +35,7 @@ FAR_FUTURE = ReplicationPosition.parse("FFFFFFF/0")  # a position the replica wi
 
 
 def url(world, region: str) -> str:
-    return f"http://127.0.0.1:{world.state()['regions'][region]['app_port']}"
+    return f"http://127.0.0.1:{world.state().regions[region].app_port}"
 
 
 def db_url(world, region: str) -> str:
@@ -310,7 +310,7 @@ async def test_forged_tampered_or_expired_position_cookies_are_ignored(calendar)
     position in a genuine cookie is honoured (waits out the bound, then forwarded): the bad
     ones would have been noticed."""
     world = calendar
-    lab = PositionCookie(world.state()["secret"].encode())
+    lab = PositionCookie(world.state().secret.encode())
     async with user(world) as writer, bare(world) as reader:
         await login(writer, f"cookie-{uuid.uuid4().hex[:6]}")
         title = f"cookies {uuid.uuid4()}"

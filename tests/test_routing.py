@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from latitude.lab.harness import wait_until
 from latitude.routing.choice import RegionRouter
 from latitude.routing.config import RoutingConfigError, routing_config
 from latitude.routing.dns import DnsFront
@@ -420,16 +421,6 @@ class HealthServers:
                 f'public_url = "https://{name}.example.test"\ninternal_url = "http://127.0.0.1:{port}"',
             )
         return text
-
-
-def wait_until(predicate, timeout: float, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def test_checker_threshold_and_recovery_over_http():

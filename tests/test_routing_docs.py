@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from latitude.lab.harness import free_port
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -32,21 +32,6 @@ def lab_block() -> str:
     m = re.search(r"```sh\n(.*?)```", section, re.S)
     assert m, "docs/routing.md: no sh block under '## In the lab'"
     return m.group(1)
-
-
-def free_port() -> int:
-    """A port below the ephemeral range: the script binds it only after `latitude mirror demo`,
-    and meanwhile any outgoing connection on the machine may be given an ephemeral one."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.sample(range(low // 2, low), 200):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, socket.socket() as t:
-            try:
-                u.bind(("127.0.0.1", port))
-                t.bind(("127.0.0.1", port))  # free for TCP too: `latitude dns` serves both
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 def test_the_documented_lab_commands_answer_dig_with_the_nearest_healthy_region(world, tmp_path):
@@ -86,9 +71,9 @@ def test_the_documented_lab_commands_answer_dig_with_the_nearest_healthy_region(
             proc.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # `latitude dns &`, if the script stopped early
-        for region in world.state()["regions"]:
+        for region in world.state().regions:
             world.kill(region, "mirror")
-            if region != world.state()["primary"]:
+            if region != world.state().primary:
                 world.kill(region, "mirror-sync")
     assert proc.returncode == 0, out + err
     assert "Traceback" not in err and "LATITUDE_LAB_KEY" not in err, err

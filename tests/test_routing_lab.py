@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import socket
 import struct
 import subprocess
@@ -24,6 +23,12 @@ import dns.query
 import dns.rcode
 import pytest
 
+from latitude.lab import harness
+from latitude.lab.harness import (
+    HEALTH_SERVER,  # a mode file per region: see there
+    free_ports,
+)
+from latitude.lab.harness import wait_until as wait_for
 from latitude.routing.history import UptimeHistory
 
 pytestmark = pytest.mark.timeout(90)
@@ -43,63 +48,9 @@ SUBNETS = {
     "ap-southeast": ("100.64.0.0", 16),
 }
 
-# A region's health endpoint. A test may write a mode into the file named by argv[2], applied
-# per vantage point (the checker names itself in X-Latitude-Vantage), counted from the change:
-#   lose-one      the first probe from each vantage point gets no answer in time, then all do
-#   one-in-three  only every third probe from each vantage point is answered 200, others 503
-# GET /_stats says what was served since the mode last changed.
-HEALTH_SERVER = """
-import asyncio, collections, sys
-from aiohttp import web
 
-mode_file = sys.argv[2]
-state = {"mode": "", "seen": collections.Counter(), "lost": collections.Counter(),
-         "ok": collections.Counter()}
-
-def mode():
-    try:
-        with open(mode_file) as f:
-            current = f.read().strip()
-    except OSError:
-        current = ""
-    if current != state["mode"]:
-        state.update(mode=current, seen=collections.Counter(), lost=collections.Counter(),
-                     ok=collections.Counter())
-    return current.split(":")[0]
-
-async def health(request):
-    m = mode()
-    v = request.headers.get("X-Latitude-Vantage", "?")
-    state["seen"][v] += 1
-    n = state["seen"][v]
-    if m == "lose-one" and n == 1:
-        state["lost"][v] += 1
-        await asyncio.sleep(3)
-    elif m == "one-in-three" and n % 3:
-        return web.Response(status=503, text="flaky")
-    state["ok"][v] += 1
-    return web.Response(text="ok")
-
-async def stats(request):
-    mode()
-    return web.json_response({k: dict(state[k]) for k in ("seen", "lost", "ok")})
-
-app = web.Application()
-app.router.add_get("/_latitude/health", health)
-app.router.add_get("/_stats", stats)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
-"""
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def http_ok(port: int) -> bool:
+    return harness.http_ok(f"http://127.0.0.1:{port}/_latitude/health")
 
 
 def topology_text(world, ports: dict[str, int], routing: bool) -> str:
@@ -127,24 +78,6 @@ def topology_text(world, ports: dict[str, int], routing: bool) -> str:
             "]\n"
         )
     return "\n".join(lines)
-
-
-def http_ok(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_latitude/health", timeout=0.5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def wait_for(cond, timeout: float, what: str, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Routed:
@@ -246,12 +179,7 @@ def routed(world, tmp_path_factory):
         yield r
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            harness.stop_process(proc)
         for n in names:
             world.kill(n, SLOT)
 

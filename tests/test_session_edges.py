@@ -13,7 +13,7 @@ PRIMARY, EU, AP = "us-west", "eu-west", "ap-southeast"
 
 
 def base(world, region: str) -> str:
-    return f"http://127.0.0.1:{world.state()['regions'][region]['app_port']}"
+    return f"http://127.0.0.1:{world.state().regions[region].app_port}"
 
 
 def client(world, region: str) -> aiohttp.ClientSession:

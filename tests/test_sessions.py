@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 import zlib
 
@@ -19,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from latitude.lab.harness import free_port
 from latitude.sessions import (
     PHP_KEY_TEMPLATE,
     CorruptSession,
@@ -36,12 +36,6 @@ from latitude.sessions import (
 )
 
 SID = "abcdefgh12345678"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -66,9 +66,7 @@ def sidecars(world, tmp_path_factory):
 
 
 async def test_sidecar_forwards_writes_and_moves_php_sessions(world, sidecars):
-    valkeys = {
-        r: redis.Redis(port=world.state()["regions"][r]["valkey_port"]) for r in (PRIMARY, EU)
-    }
+    valkeys = {r: redis.Redis(port=world.state().regions[r].valkey_port) for r in (PRIMARY, EU)}
     jar = aiohttp.CookieJar(unsafe=True)
     async with aiohttp.ClientSession(f"http://127.0.0.1:{sidecars[EU]}", cookie_jar=jar) as c:
         async with c.post("/login", data={"name": "alice"}) as r:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import socket
 
 import pytest
 
+from latitude.lab.harness import free_port as _free_port
 from latitude.signing import (
     BadSignature,
     Component,
@@ -668,12 +668,6 @@ async def test_memory_nonce_cache_expires():
     t[0] = 10.0
     assert len(cache) == 0
     assert await cache.add_if_new("a", 10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_valkey_nonce_cache(valkey_port):

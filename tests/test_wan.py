@@ -11,57 +11,9 @@ import time
 
 import pytest
 
-from latitude.wan import LinkRelay, UnknownLinkError, WanEmulator
-
-
-class EchoServer:
-    """Echoes every byte back; on EOF it finishes echoing and closes. One thread per client."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        self._clients: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._acceptor = threading.Thread(target=self._accept, name="echo-accept", daemon=True)
-        self._acceptor.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            thread = threading.Thread(target=self._echo, args=(client,), name="echo", daemon=True)
-            with self._lock:
-                self._clients.append(client)
-                self._threads.append(thread)
-            thread.start()
-
-    @staticmethod
-    def _echo(client: socket.socket) -> None:
-        try:
-            while data := client.recv(256 * 1024):
-                client.sendall(data)
-        except OSError:
-            pass
-        finally:
-            client.close()
-
-    def close(self) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._acceptor.join()
-        with self._lock:
-            for client in self._clients:
-                try:
-                    client.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join()
+from latitude.lab.harness import EchoServer, wait_until
+from latitude.lab.links import UnknownLinkError, WanEmulator
+from latitude.lab.relay import LinkRelay
 
 
 @pytest.fixture
@@ -110,13 +62,6 @@ def round_trips_ms(sock: socket.socket, count: int, message: bytes = b"ping" * 1
         assert recv_exactly(sock, len(message)) == message
         times.append((time.perf_counter() - start) * 1000)
     return times
-
-
-def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def test_ping_pong_pays_the_configured_rtt(echo, make_relay):
@@ -188,7 +133,7 @@ def test_half_close_propagates_after_the_delay(echo, make_relay):
         assert recv_exactly(sock, 10) == b"last words"
         assert sock.recv(10) == b""  # the echo server saw our EOF and closed
         assert (time.perf_counter() - start) * 1000 >= 40.0
-    wait_for(lambda: relay.stats()["connections_open"] == 0)
+    wait_until(lambda: relay.stats()["connections_open"] == 0, 5.0)
 
 
 def test_cut_refuses_connects_and_holds_data_until_heal(echo, make_relay):
@@ -270,7 +215,7 @@ def test_close_leaves_no_thread_and_no_listener(echo):
     busy = connect(port)
     round_trips_ms(busy, 1)
     busy.sendall(b"in flight")
-    wait_for(lambda: relay.stats()["connections_open"] == 2)
+    wait_until(lambda: relay.stats()["connections_open"] == 2, 5.0)
     relay.close()
     leftovers = [t for t in threading.enumerate() if t not in before and t.name != "echo"]
     assert leftovers == []
@@ -289,7 +234,7 @@ def test_close_does_not_hang_on_a_target_that_never_reads():
     sock = connect(relay.port)
     sender = threading.Thread(target=_send_until_error, args=(sock, 64 << 20))
     sender.start()
-    wait_for(lambda: relay.stats()["bytes_to_target"] > 0)
+    wait_until(lambda: relay.stats()["bytes_to_target"] > 0, 5.0)
     time.sleep(0.2)  # the relay's writer is now blocked on a full socket buffer
     start = time.monotonic()
     relay.close()
@@ -355,4 +300,3 @@ def test_invalid_settings_are_refused(echo):
         LinkRelay("127.0.0.1", echo.port, rtt_ms=-1)
     with pytest.raises(ValueError):
         WanEmulator().add_link("us-west", "us-west", rtt_ms=10)
-

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from latitude import atomic
 from latitude.gateway.config import GatewayConfigError
 from latitude.lab import LabError, LabWorld
 from latitude.mirror.cli import mirror_app
@@ -300,12 +301,12 @@ def lab_dashboard(
     """Print (or open) the URL of a region's live dashboard: every region, updated each second."""
     world = LabWorld(state_dir)
     state = world.state()
-    name = region or state["primary"]
-    if name not in state["regions"]:
-        fail(f"no region {name!r} in the lab (regions: {', '.join(state['regions'])})", 2)
-    if "app" not in state["regions"][name].get("services", {}):
+    name = region or state.primary
+    if name not in state.regions:
+        fail(f"no region {name!r} in the lab (regions: {', '.join(state.regions)})", 2)
+    if "app" not in state.regions[name].services:
         fail(f"{name} runs no app yet, so no dashboard; `latitude demo` starts one in every region")
-    url = f"http://127.0.0.1:{state['regions'][name]['app_port']}/_latitude/dashboard"
+    url = f"http://127.0.0.1:{state.regions[name].app_port}/_latitude/dashboard"
     out.print(f"{name}'s dashboard: {url}", highlight=False)
     if open_it:
         import webbrowser
@@ -585,9 +586,7 @@ def demo(
                     "regions": figures,
                     "places": layouts["places"],
                 }
-            tmp = json_file.with_name(json_file.name + ".tmp")
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-            os.replace(tmp, json_file)
+            atomic.write_json(json_file, data, indent=2, ensure_ascii=False)
             out.print(f"figures written to {json_file}", highlight=False)
             if layouts:
                 chart = lab_demo.write_chart(layouts, json_file.with_suffix(".svg"))
@@ -683,6 +682,25 @@ def print_figures(figures: dict, primary: str) -> None:
     out.print(
         "ideal = client RTT (0: the user sits next to its region) + RTT to the primary + the primary's own write time"
     )
+
+
+@mirror_app.command("demo")
+def mirror_demo(
+    state_dir: StateDirOption = None,
+    path: Annotated[
+        str, typer.Option("--path", help="Where to publish the demo file.")
+    ] = "demo/hello.json",
+) -> None:
+    """In a running lab: start a mirror in every region, publish a file, show when each had it."""
+    from latitude.lab.mirrors import demo
+    from latitude.mirror.store import BadPath
+
+    try:
+        lines = demo(LabWorld(state_dir), path)
+    except BadPath as exc:
+        fail(str(exc), 2)
+    for line in lines:
+        out.print(line, highlight=False)
 
 
 def main() -> None:

@@ -99,9 +99,8 @@ class Forwarding(Protocol):
 
 @dataclass
 class ForwardingStats:
-    requests: int = 0
-    not_sent: int = 0
-    no_answer: int = 0
+    """What `pool_info` reports (the gateway's own counters count requests and failures)."""
+
     warmed: int = 0
     probes: int = 0  # new connections opened by can_connect
     probes_spared: int = 0  # can_connect answered by a recent answer or a shared probe
@@ -236,7 +235,6 @@ class ForwardingClient:
         fresh_connection: bool = False,
     ) -> ForwardedResponse:
         """One attempt. Raises `NotSent` or `NoAnswer`; any HTTP status is a response."""
-        self.stats.requests += 1
         session = self.session
         owned: aiohttp.ClientSession | None = None
         if fresh_connection and self.pooling:
@@ -257,16 +255,12 @@ class ForwardingClient:
                 self._alive_at = time.monotonic()
                 return ForwardedResponse(resp.status, answer, data)
         except aiohttp.ClientConnectorError as exc:
-            self.stats.not_sent += 1
             raise NotSent(f"cannot connect to the primary at {self.base_url}: {exc}") from exc
         except aiohttp.ConnectionTimeoutError as exc:
-            self.stats.not_sent += 1
             raise NotSent(f"connecting to {self.base_url} timed out") from exc
         except TimeoutError as exc:
-            self.stats.no_answer += 1
             raise NoAnswer(f"no answer from the primary within {timeout_s:.2f} s") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            self.stats.no_answer += 1
             raise NoAnswer(f"the connection to the primary failed mid-request: {exc!r}") from exc
         finally:
             if owned is not None:

@@ -177,7 +177,8 @@ class Topology:
     failover: Mapping[str, object] = field(default_factory=dict)
     app_name: str = "app"
     is_lab: bool = False
-    source: str = "<memory>"
+    # Where it was read from: not part of what the topology says (a written-out copy is equal).
+    source: str = field(default="<memory>", compare=False)
 
     @property
     def primary(self) -> Region:
@@ -203,6 +204,100 @@ class Topology:
     def region_pairs(self) -> list[tuple[str, str]]:
         names = [r.name for r in self.regions]
         return [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+
+    def with_primary_at(self, url: str) -> Topology:
+        """The same topology with the primary's gateway (public and internal URL) at `url`."""
+        regions = tuple(
+            replace(r, public_url=url, internal_url=url) if r.primary else r for r in self.regions
+        )
+        return replace(self, regions=regions)
+
+    def to_toml(self) -> str:
+        """This topology as `latitude.toml` text: `parse_topology(t.to_toml()) == t` (with the
+        same environment, since secrets stay in it and only their variables are named)."""
+        out = ["[app]", f"name = {_toml(self.app_name)}", ""]
+        if self.is_lab:
+            out += ["[lab]", ""]
+        for r in self.regions:
+            out += ["[[regions]]", f"name = {_toml(r.name)}", f"primary = {_toml(r.primary)}"]
+            out.append(f"location = {_toml([r.latitude, r.longitude])}")
+            for key in (
+                "public_url",
+                "internal_url",
+                "mirror_url",
+                "database_url",
+                "primary_database_url",
+                "session_store_url",
+            ):
+                if (value := getattr(r, key)) is not None:
+                    out.append(f"{key} = {_toml(value)}")
+            # Written only where the file's default would differ, so the file reads as a
+            # person would write it.
+            if r.services != (("app", "mirror") if r.mirror_url is not None else ("app",)):
+                out.append(f"services = {_toml(list(r.services))}")
+            out.append("")
+        if self.signing_keys:
+            keys = [{"id": k.id, "env": k.env} for k in self.signing_keys]
+            out += ["[signing]", f"keys = {_toml(keys)}"]
+            if self.sign_with is not None:
+                out.append(f"sign_with = {_toml(self.sign_with)}")
+            out.append("")
+        out += [
+            "[routes]",
+            f"local = {_toml(list(self.routes.local))}",
+            f"always_forward = {_toml(list(self.routes.always_forward))}",
+            "",
+            "[links]",
+            f"default_rtt_ms = {_toml(self.default_rtt_ms)}",
+            "",
+        ]
+        for link in self.links:
+            out += ["[[links.rtt]]", f"between = {_toml([link.a, link.b])}"]
+            out += [f"rtt_ms = {_toml(link.rtt_ms)}", f"jitter_ms = {_toml(link.jitter_ms)}", ""]
+        for table in ("gateway", "mirror", "routing", "replication", "failover"):
+            if values := getattr(self, table):
+                out.append(f"[{table}]")
+                out += [f"{_toml_key(k)} = {_toml(v)}" for k, v in values.items()]
+                out.append("")
+        return "\n".join(out)
+
+
+# TOML's basic strings: every control character but tab must be escaped, DEL included.
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    chars = []
+    for ch in text:
+        if ch in _TOML_ESCAPES:
+            chars.append(_TOML_ESCAPES[ch])
+        elif (ord(ch) < 0x20 and ch != "\t") or ch == "\x7f":
+            chars.append(f"\\u{ord(ch):04x}")
+        else:
+            chars.append(ch)  # non-ASCII stays as it is: the file is UTF-8
+    return '"' + "".join(chars) + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
+
+
+def _toml(value: object) -> str:
+    """One TOML value, inline (arrays and tables on one line)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        # repr is TOML too (1e-05, inf, nan), and reads back as the same float.
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as a TOML value")
 
 
 def default_lab_topology_path() -> Path:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from latitude.signing import Keyring, SigningKey
+from latitude.signing import Keyring
+from latitude.signing.keys import SigningConfigError, keyring_from_topology
 from latitude.topology import Region, Topology, TopologyError, load_topology
 
 
@@ -47,7 +48,6 @@ class GatewayConfig:
     # anew), purged by the primary's gateway every `idempotency_purge_every_s`.
     idempotency_retention_s: float = 24 * 3600.0
     idempotency_purge_every_s: float = 3600.0
-    overrides: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def primary(self) -> Region:
@@ -77,18 +77,10 @@ class GatewayConfig:
             this = topology.region(region)
         except KeyError as exc:
             raise GatewayConfigError(str(exc.args[0])) from None
-        keys = []
-        for spec in topology.signing_keys:
-            secret = spec.secret or (environ.get(spec.env) or "").encode() or None
-            if secret is None:
-                raise GatewayConfigError(
-                    f"signing key {spec.id}: environment variable {spec.env} is not set; "
-                    "every region's gateway needs the same secret"
-                )
-            keys.append(SigningKey(spec.id, secret))
-        if not keys:
-            raise GatewayConfigError("no signing keys in the topology; add [[signing.keys]]")
-        keyring = Keyring(keys, topology.sign_with or keys[0].key_id)
+        try:
+            keyring = keyring_from_topology(topology, environ)
+        except SigningConfigError as exc:
+            raise GatewayConfigError(str(exc)) from None
         g = dict(topology.gateway)
         g.update(overrides)
 

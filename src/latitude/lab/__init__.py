@@ -1,5 +1,6 @@
 """The local world: regions on one machine, joined by emulated ocean links."""
 
-from latitude.lab.world import BadLabInput, LabAlreadyRunning, LabError, LabNotRunning, LabWorld
+from latitude.lab.errors import BadLabInput, LabAlreadyRunning, LabError, LabNotRunning
+from latitude.lab.world import LabWorld
 
 __all__ = ["BadLabInput", "LabAlreadyRunning", "LabError", "LabNotRunning", "LabWorld"]

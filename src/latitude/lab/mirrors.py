@@ -25,11 +25,11 @@ def start_lab_mirrors(
     """Run `latitude mirror serve` in every region of a running lab, and `sync` in the replicas."""
     roots = {}
     py = [sys.executable, "-m", "latitude.cli", "mirror"]
-    for name, r in world.state()["regions"].items():
+    for name, r in world.state().regions.items():
         roots[name] = root = lab_mirror_root(world, name)
         root.mkdir(parents=True, exist_ok=True)
         world.set_service(name, "mirror", [*py, "serve", "--root", str(root), *extra])
-        if r["role"] != "primary":
+        if r.role != "primary":
             world.set_service(name, "mirror-sync", [*py, "sync", "--root", str(root), *sync_extra])
     return roots
 
@@ -38,10 +38,10 @@ def wait_lab_mirrors_ready(world: LabWorld, timeout: float = 30.0) -> bool:
     """Wait until every region's mirror answers and every replica is current and healthy."""
     state = world.state()
     deadline = time.monotonic() + timeout
-    pending = set(state["regions"])
+    pending = set(state.regions)
     while pending and time.monotonic() < deadline:
         for name in list(pending):
-            port = state["regions"][name]["mirror_port"]
+            port = state.regions[name].mirror_port
             try:
                 with urllib.request.urlopen(
                     f"http://127.0.0.1:{port}/_latitude/mirror/health", timeout=2
@@ -64,7 +64,7 @@ def propagation(
     return its serial and how many ms after the commit each region's copy had it."""
     from latitude.mirror.publisher import Publisher
 
-    primary = world.state()["primary"]
+    primary = world.state().primary
     roots = start_lab_mirrors(world)
     if not wait_lab_mirrors_ready(world, timeout=30):
         raise RuntimeError(
@@ -83,3 +83,27 @@ def propagation(
                 seen[name] = (time.perf_counter() - t0) * 1000
         time.sleep(0.001)
     return change.serial, {name: seen.get(name) for name in roots}
+
+
+def demo(world: LabWorld, path: str = "demo/hello.json") -> list[str]:
+    """`latitude mirror demo`: mirrors in every region, one file published at the primary; a
+    line per region saying when its copy had it. `LabError` when no world runs."""
+    from latitude.lab.errors import LabError
+
+    if not world.is_running():
+        raise LabError(
+            f"no lab world is running from {world.state_dir}; start one with "
+            "`latitude lab up` (or pass --state-dir DIR)"
+        )
+    primary = world.state().primary
+    try:
+        serial, seen = propagation(world, path)
+    except RuntimeError as exc:
+        raise LabError(str(exc)) from None
+    lines = [f"published /{path} at {primary} as serial {serial}"]
+    topology = world.topology()
+    for name, ms in seen.items():
+        rtt = topology.rtt_ms(name, primary)
+        when = f"{ms:7.1f} ms" if ms is not None else "not within 10 s"
+        lines.append(f"  {name:14} had it after {when}   (link RTT to {primary}: {rtt:.0f} ms)")
+    return lines

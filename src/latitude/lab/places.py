@@ -162,15 +162,6 @@ def client_rtts(p: Place, topology: Topology) -> dict[str, float]:
     return out
 
 
-def reference_errors() -> dict[tuple[str, str], float]:
-    """Model / published - 1 for every published pair (negative: the model is faster)."""
-    out = {}
-    for (a, b), published in PUBLISHED_RTT_MS.items():
-        km = great_circle_km(*REFERENCE_SITES[a], *REFERENCE_SITES[b])
-        out[(a, b)] = round(model_rtt_ms(km) / published - 1, 3)
-    return out
-
-
 @dataclass(frozen=True)
 class Vantage:
     """A far user's view of the lab: a place, its RTT to every region, and URLs through them."""
@@ -200,7 +191,7 @@ def join(world, p: Place) -> Vantage:
     urls = {}
     for region, rtt in rtts.items():
         world.add_link(p.link_name, region, rtt)
-        port = world.add_relay(p.link_name, region, state["regions"][region]["app_port"])
+        port = world.add_relay(p.link_name, region, state.regions[region].app_port)
         urls[region] = f"http://127.0.0.1:{port}"
     return Vantage(p, topology.primary.name, nearest_region(p, topology), rtts, urls)
 

@@ -9,12 +9,12 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
+from latitude import atomic
 from latitude.lab.binaries import RunAs
 
 DATABASE = "app"
@@ -245,20 +245,6 @@ class PostgresNode:
     def is_running(self) -> bool:
         return self.pid() is not None
 
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                with psycopg.connect(self.url, connect_timeout=2):
-                    return
-            except psycopg.Error as exc:
-                last = exc
-                time.sleep(0.1)
-        raise PostgresError(
-            f"{self.name}: Postgres on port {self.port} not ready after {timeout:.0f} s: {last}"
-        )
-
     # ---- promotion (latitude.promotion): demotion token, standby, rewind ----------------------
 
     def controldata(self) -> dict[str, str]:
@@ -279,10 +265,7 @@ class PostgresNode:
         path = self.data_dir / "postgresql.auto.conf"
         text = path.read_text(encoding="utf-8") if path.exists() else ""
         text += "\n# latitude promotion\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        self.run_as.own(tmp)
-        os.replace(tmp, path)
+        atomic.write_text(path, text, before_replace=self.run_as.own)
 
     def make_standby(self, upstream_port: int, slot: str) -> None:
         """Make this (stopped) server a streaming standby of the server behind `upstream_port`."""

@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from latitude import atomic
+
 
 def start_detached(
     argv: list[str],
@@ -36,9 +38,7 @@ def start_detached(
 
 
 def write_pid(pid_file: Path, pid: int) -> None:
-    tmp = pid_file.with_suffix(".tmp")
-    tmp.write_text(str(pid))
-    os.replace(tmp, pid_file)
+    atomic.write_text(pid_file, str(pid))
 
 
 def read_pid(pid_file: Path) -> int | None:

@@ -27,8 +27,8 @@ class LabCluster:
     def __init__(self, world: LabWorld):
         self.world = world
         state = world.state()
-        self.regions = list(state["regions"])
-        self.keyring = Keyring([SigningKey("lab-1", state["secret"].encode())], "lab-1")
+        self.regions = list(state.regions)
+        self.keyring = Keyring([SigningKey("lab-1", state.secret.encode())], "lab-1")
         topology = world.topology()
         self.synchronous = int(topology.replication.get("synchronous", 0) or 0)
         self._initial = initial_epoch(topology)
@@ -40,7 +40,7 @@ class LabCluster:
         return EpochFile(folder / "epoch.json", self.keyring)
 
     def _region_dir(self, region: str) -> Path:
-        return Path(self.world.state()["regions"][region]["topology_file"]).parent
+        return Path(self.world.state().regions[region].topology_file).parent
 
     def epoch(self) -> Epoch:
         """The newest epoch the lab or any region has seen (`latitude promote` tells regions)."""
@@ -73,7 +73,7 @@ class LabCluster:
     # ---- databases -------------------------------------------------------------------------
 
     def pg(self, region: str) -> PgServer:
-        port = self.world.state()["regions"][region]["pg_port"]
+        port = self.world.state().regions[region].pg_port
         return PgServer(region, database_url(port), timeout_s=5)
 
     def conninfo(self, replica: str, upstream: str) -> str:
@@ -217,14 +217,11 @@ def revive_region(world: LabWorld, region: str, *, services: bool = True) -> lis
     """`latitude lab revive REGION` / `latitude rejoin REGION`: every part of the region back;
     a region that is not the primary any more rejoins as a replica of the new timeline."""
     state = world.state()
-    if region not in state["regions"]:
-        raise BadLabInput(
-            f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})"
-        )
+    state.region(region)  # BadLabInput, naming the regions there are
     cluster = LabCluster(world)
     primary = cluster.epoch().primary
     if region == primary and not services:
-        others = ", ".join(r for r in state["regions"] if r != primary)
+        others = ", ".join(r for r in state.regions if r != primary)
         raise BadLabInput(
             f"{region} is the primary, so it has nothing to rejoin; `latitude rejoin` brings back "
             f"an old primary ({others}); `latitude lab revive {region} db` restarts a stopped one"
@@ -236,7 +233,7 @@ def revive_region(world: LabWorld, region: str, *, services: bool = True) -> lis
         lines.append(f"{region} db: {cluster.rejoin(region, primary)}")
     if services:
         lines.append(world.revive(region, "sessions"))
-        for service in state["regions"][region].get("services", {}):
+        for service in state.regions[region].services:
             lines.append(world.revive(region, service))
     return lines
 

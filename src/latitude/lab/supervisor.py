@@ -7,7 +7,6 @@ Run as `python -m latitude.lab.supervisor STATE_DIR`; `LabWorld` starts and stop
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import signal
@@ -16,10 +15,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from latitude import atomic
+from latitude.lab.links import TOKEN_HEADER, UnknownLinkError, WanEmulator
 from latitude.topology import load_topology
-from latitude.wan import UnknownLinkError, WanEmulator
-
-TOKEN_HEADER = "X-Latitude-Lab-Token"
 
 
 def build_app(wan: WanEmulator, token: str, stop: asyncio.Event) -> web.Application:
@@ -111,10 +109,7 @@ async def run(state_dir: Path) -> None:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     info = state_dir / "supervisor.json"
-    tmp = info.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "token": token}))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, info)
+    atomic.write_json(info, {"pid": os.getpid(), "port": port, "token": token}, mode=0o600)
     try:
         await stop.wait()
     finally:

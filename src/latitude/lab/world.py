@@ -12,26 +12,33 @@ import contextlib
 import fcntl
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
-import psycopg
-
-from latitude.lab import process
+from latitude import atomic
+from latitude.lab import process, valkey
 from latitude.lab.binaries import RunAs, postgres_bin_dir, reachable_by_others, valkey_server_binary
+from latitude.lab.errors import BadLabInput, LabAlreadyRunning, LabError, LabNotRunning
+from latitude.lab.links import LinkControl
+from latitude.lab.ports import free_ports
 from latitude.lab.postgres import PostgresError, PostgresNode, database_url
-from latitude.topology import Topology, default_lab_topology_path, load_topology
+from latitude.lab.state import LabEpoch, LabState, RegionState, ServiceSpec
+from latitude.lab.status import replication_rows, world_status
+from latitude.topology import (
+    SigningKeySpec,
+    Topology,
+    default_lab_topology_path,
+    load_topology,
+)
 
 LAB_KEY_ENV = "LATITUDE_LAB_KEY"
 # Services a region offers to the other regions, each reached through the link between them.
@@ -40,57 +47,8 @@ REMOTE_SERVICES = ("pg", "app", "mirror")
 Progress = Callable[[str], None]
 
 
-class LabError(Exception):
-    """The lab cannot do what was asked; the message says why and what to do."""
-
-    exit_code = 1  # a problem with the running world
-
-
-class BadLabInput(LabError):
-    """The request names no such region, part, link or action, or a bad value."""
-
-    exit_code = 2
-
-
-class LabAlreadyRunning(LabError):
-    pass
-
-
-class LabNotRunning(LabError):
-    pass
-
-
 def default_state_dir() -> Path:
     return Path(os.environ.get("LATITUDE_LAB_DIR", ".latitude/lab"))
-
-
-# Services get ports below the kernel's ephemeral range, so that no relay (listening on port 0)
-# or outgoing connection can take a port between our choosing it and the service binding it.
-SERVICE_PORTS = range(20000, 32000)
-
-
-def _ephemeral_range() -> range:
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return range(low, high + 1)
-    except (OSError, ValueError):
-        return range(32768, 61000)
-
-
-def _free_ports(n: int) -> list[int]:
-    ephemeral = _ephemeral_range()
-    candidates = [p for p in SERVICE_PORTS if p not in ephemeral] or list(SERVICE_PORTS)
-    chosen: list[int] = []
-    for port in random.sample(candidates, len(candidates)):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        chosen.append(port)
-        if len(chosen) == n:
-            return chosen
-    raise LabError(f"no {n} free ports between {SERVICE_PORTS.start} and {SERVICE_PORTS.stop}")
 
 
 def _slot(region: str) -> str:
@@ -102,42 +60,6 @@ def _results(futures: list[Future]) -> list:
     for f in futures:
         f.exception()  # waits
     return [f.result() for f in futures]
-
-
-@dataclass
-class LinkControl:
-    """A client for the supervisor's loopback control API."""
-
-    port: int
-    token: str
-
-    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> dict:
-        import urllib.error
-        import urllib.request
-
-        from latitude.lab.supervisor import TOKEN_HEADER
-
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            data=data,
-            method=method,
-            headers={TOKEN_HEADER: self.token, "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", str(exc))
-            except ValueError:
-                message = str(exc)
-            # The supervisor answers 4xx for a link or action it does not know: bad input.
-            raise (BadLabInput if exc.code < 500 else LabError)(message) from None
-        except OSError as exc:
-            raise LabError(
-                f"the lab's link supervisor does not answer ({exc}); run `latitude lab down` and `latitude lab up`"
-            ) from None
 
 
 class LabWorld:
@@ -158,23 +80,12 @@ class LabWorld:
     def state_file(self) -> Path:
         return self.state_dir / "state.json"
 
-    def state(self) -> dict:
-        try:
-            return json.loads(self.state_file.read_text())
-        except FileNotFoundError:
-            raise LabNotRunning(
-                f"no lab world in {self.state_dir}; start one with `latitude lab up`"
-            ) from None
-        except ValueError as exc:
-            raise LabError(
-                f"{self.state_file} is damaged ({exc}); run `latitude lab down`"
-            ) from None
+    def state(self) -> LabState:
+        """What runs where (`LabNotRunning` without a world, `LabError` if the file is damaged)."""
+        return LabState.load(self.state_file)
 
-    def _write_state(self, state: dict) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.state_file)
+    def _write_state(self, state: LabState) -> None:
+        state.save(self.state_file)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -193,13 +104,20 @@ class LabWorld:
             state = self.state()
         except LabError:
             return False
-        return process.read_pid(Path(state["supervisor"]["pid_file"])) is not None
+        return process.read_pid(Path(state.supervisor_pid_file)) is not None
 
     def topology(self) -> Topology:
         return load_topology(self.state_dir / "topology.toml")
 
+    def region_topology(self, region: str) -> Topology:
+        """The topology `region`'s processes run with (its secret stays in their environment)."""
+        path = self.state().region(region).topology_file
+        if path is None:
+            raise LabError(f"{region} has no topology file yet; the world is still starting")
+        return load_topology(path, secrets=False)
+
     def control(self) -> LinkControl:
-        state = self.state()
+        self.state()  # no world: LabNotRunning, which says to start one
         info_file = self.state_dir / "supervisor.json"
         try:
             info = json.loads(info_file.read_text())
@@ -207,32 +125,28 @@ class LabWorld:
             raise LabNotRunning(
                 "the lab's link supervisor is not running; run `latitude lab down` then `latitude lab up`"
             ) from None
-        del state
         return LinkControl(info["port"], info["token"])
 
     def region_env(self, region: str) -> dict[str, str]:
         """Environment for a process of `region`: its topology file and the signing secret."""
         state = self.state()
-        if region not in state["regions"]:
-            raise LabError(
-                f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})"
-            )
+        topology_file = state.region(region).topology_file
         return {
             **os.environ,
-            LAB_KEY_ENV: state["secret"],
-            "LATITUDE_TOPOLOGY": state["regions"][region]["topology_file"],
+            LAB_KEY_ENV: state.secret,
+            **({"LATITUDE_TOPOLOGY": topology_file} if topology_file else {}),
             "LATITUDE_REGION": region,
         }
 
     # ---- up ------------------------------------------------------------------------------
 
-    def up(self) -> dict:
+    def up(self) -> LabState:
         with self._lock():
             if self.is_running():
                 state = self.state()
                 raise LabAlreadyRunning(
                     f"a lab world is already running from {self.state_dir} (started "
-                    f"{time.strftime('%H:%M:%S', time.localtime(state['started_at']))}); "
+                    f"{time.strftime('%H:%M:%S', time.localtime(state.started_at))}); "
                     "use `latitude lab status`, or `latitude lab down` before another `up`"
                 )
             if self.state_file.exists():
@@ -246,7 +160,7 @@ class LabWorld:
                     self._down_locked()
                 raise
 
-    def _up_locked(self) -> dict:
+    def _up_locked(self) -> LabState:
         started = time.monotonic()
         source = self._topology_path or default_lab_topology_path()
         topology = load_topology(source)
@@ -259,31 +173,29 @@ class LabWorld:
         data_root = self._data_root(run_as)
 
         names = [r.name for r in topology.regions]
-        ports = iter(_free_ports(4 * len(names)))
-        state: dict = {
-            "version": 1,
-            "started_at": time.time(),
-            "source_topology": str(Path(source).absolute()),
-            "secret": secrets.token_urlsafe(48),
-            "data_root": str(data_root),
-            "pg_bin": str(bin_dir),
-            "valkey_bin": str(valkey_bin),
-            "run_as": run_as.name,
-            "supervisor": {"pid_file": str(self.state_dir / "supervisor.pid")},
-            "primary": topology.primary.name,
-            "regions": {},
-        }
-        for r in topology.regions:
-            state["regions"][r.name] = {
-                "role": r.role,
-                "pg_port": next(ports),
-                "pg_data": str(data_root / r.name / "pg" / "data"),
-                "valkey_port": next(ports),
-                "app_port": next(ports),
-                "mirror_port": next(ports),
-                "relays": {},
-                "services": {},
-            }
+        ports = iter(free_ports(4 * len(names)))
+        state = LabState(
+            started_at=time.time(),
+            source_topology=str(Path(source).absolute()),
+            secret=secrets.token_urlsafe(48),
+            data_root=str(data_root),
+            pg_bin=str(bin_dir),
+            valkey_bin=str(valkey_bin),
+            run_as=run_as.name,
+            supervisor_pid_file=str(self.state_dir / "supervisor.pid"),
+            primary=topology.primary.name,
+            regions={
+                r.name: RegionState(
+                    role=r.role,
+                    pg_port=next(ports),
+                    pg_data=str(data_root / r.name / "pg" / "data"),
+                    valkey_port=next(ports),
+                    app_port=next(ports),
+                    mirror_port=next(ports),
+                )
+                for r in topology.regions
+            },
+        )
         self._write_state(state)
 
         # Steps that do not depend on each other run at once (the world is up in the time of
@@ -322,17 +234,17 @@ class LabWorld:
             self.progress(f"{primary}: every commit waits for {quorum} replica region(s)")
             standbys = [n for n in names if n != primary]
             PgServer(primary, self._pg(state, primary).url).set_synchronous(quorum, standbys)
-        state["up_seconds"] = round(time.monotonic() - started, 2)
+        state.up_seconds = round(time.monotonic() - started, 2)
         self._write_state(state)
-        self.progress(f"world up in {state['up_seconds']:.1f} s")
+        self.progress(f"world up in {state.up_seconds:.1f} s")
         return state
 
-    def _start_links(self, state: dict, topology: Topology) -> None:
+    def _start_links(self, state: LabState, topology: Topology) -> None:
         names = [r.name for r in topology.regions]
         self.progress(f"starting the WAN emulator ({len(topology.region_pairs())} links)")
         self._start_supervisor()
         wanted = [
-            {"a": source, "b": target, "port": state["regions"][target][f"{service}_port"]}
+            {"a": source, "b": target, "port": state.regions[target].port(service)}
             for target in names
             for source in names
             if source != target
@@ -343,9 +255,9 @@ class LabWorld:
             for source in names:
                 if source != target:
                     relays = {service: next(ports) for service in REMOTE_SERVICES}
-                    state["regions"][target]["relays"][source] = relays
+                    state.regions[target].relays[source] = relays
 
-    def _start_primary_db(self, state: dict, primary: str, replicas: list) -> None:
+    def _start_primary_db(self, state: LabState, primary: str, replicas: list) -> None:
         pnode = self._pg(state, primary)
         self.progress(f"{primary}: initdb and start the primary database")
         pnode.init_primary()
@@ -353,18 +265,18 @@ class LabWorld:
         pnode.create_database()
         pnode.create_slots([_slot(r.name) for r in replicas])
 
-    def _start_replica_db(self, state: dict, topology: Topology, region) -> None:
+    def _start_replica_db(self, state: LabState, topology: Topology, region) -> None:
         primary = topology.primary.name
         rtt = topology.rtt_ms(region.name, primary)
         self.progress(
             f"{region.name}: pg_basebackup from {primary} over the emulated link ({rtt:.0f} ms RTT)"
         )
         node = self._pg(state, region.name)
-        upstream = state["regions"][primary]["relays"][region.name]["pg"]
+        upstream = state.relay_port(region.name, primary, "pg")
         node.init_replica(upstream, slot=_slot(region.name), reserved=True)
         node.start()
 
-    def _start_valkey_step(self, state: dict, region: str) -> None:
+    def _start_valkey_step(self, state: LabState, region: str) -> None:
         self.progress(f"{region}: start the Valkey session store")
         self._start_valkey(state, region)
 
@@ -377,13 +289,13 @@ class LabWorld:
         root.mkdir(parents=True, exist_ok=True)
         return root
 
-    def _pg(self, state: dict, region: str) -> PostgresNode:
-        r = state["regions"][region]
+    def _pg(self, state: LabState, region: str) -> PostgresNode:
+        r = state.region(region)
         return PostgresNode(
             name=region,
-            data_dir=Path(r["pg_data"]),
-            port=r["pg_port"],
-            bin_dir=Path(state["pg_bin"]),
+            data_dir=Path(r.pg_data),
+            port=r.pg_port,
+            bin_dir=Path(state.pg_bin),
             run_as=RunAs.for_postgres(),
         )
 
@@ -405,126 +317,55 @@ class LabWorld:
         log = (self.state_dir / "supervisor.log").read_text(errors="replace")[-2000:]
         raise LabError(f"the link supervisor did not start; its log says:\n{log}")
 
-    def _valkey_dir(self, state: dict, region: str) -> Path:
+    def _valkey_dir(self, region: str) -> Path:
         return self.state_dir / "regions" / region / "valkey"
 
-    def _start_valkey(self, state: dict, region: str) -> None:
-        folder = self._valkey_dir(state, region)
-        folder.mkdir(parents=True, exist_ok=True)
-        port = state["regions"][region]["valkey_port"]
-        process.start_detached(
-            [
-                state["valkey_bin"],
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(folder),
-                "--protected-mode",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-            log_file=folder / "valkey.log",
-            pid_file=folder / "valkey.pid",
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", port), 0.5) as s,
-            ):
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return
-            if process.read_pid(folder / "valkey.pid") is None:
-                log = (folder / "valkey.log").read_text(errors="replace")[-500:].strip()
-                raise LabError(
-                    f"{region}: Valkey ({state['valkey_bin']}) exited at start-up: "
-                    f"{log or 'no output'}; see {folder / 'valkey.log'}"
-                )
-            time.sleep(0.02)
-        raise LabError(
-            f"{region}: Valkey did not answer on port {port}; see {folder / 'valkey.log'}"
-        )
+    def _start_valkey(self, state: LabState, region: str) -> None:
+        port = state.region(region).valkey_port
+        valkey.start_detached(state.valkey_bin, port, self._valkey_dir(region), region)
 
-    def _write_region_topology(self, state: dict, topology: Topology, region: str) -> None:
+    def _write_region_topology(self, state: LabState, topology: Topology, region: str) -> None:
         """The topology as region `region` sees it: other regions reached through the links."""
 
         def port_from(target: str, service: str) -> int:
-            t = state["regions"][target]
-            return t[f"{service}_port"] if target == region else t["relays"][region][service]
+            return state.relay_port(region, target, service)
 
-        primary = topology.primary.name
-        lines = [
-            f"# Generated by `latitude lab up`: the world as seen from {region}.",
-            "",
-            "[app]",
-            f'name = "{topology.app_name}"',
-            "",
-        ]
+        primary_db = database_url(port_from(topology.primary.name, "pg"))
+        regions = []
         for r in topology.regions:
-            lines += [
-                "[[regions]]",
-                f'name = "{r.name}"',
-                f"primary = {'true' if r.primary else 'false'}",
-                f"location = [{r.latitude}, {r.longitude}]",
-                f'public_url = "http://127.0.0.1:{port_from(r.name, "app")}"',
-                f'internal_url = "http://127.0.0.1:{port_from(r.name, "app")}"',
-                f'mirror_url = "http://127.0.0.1:{port_from(r.name, "mirror")}"',
-                f'database_url = "{database_url(port_from(r.name, "pg"))}"',
-                f'session_store_url = "redis://127.0.0.1:{state["regions"][r.name]["valkey_port"]}/0"',
-            ]
-            if not r.primary:
-                lines.append(f'primary_database_url = "{database_url(port_from(primary, "pg"))}"')
-            lines.append("")
-        lines += [
-            "[signing]",
-            f'keys = [{{ id = "lab-1", env = "{LAB_KEY_ENV}" }}]',
-            "",
-            "[routes]",
-            f"local = {json.dumps(list(topology.routes.local))}",
-            f"always_forward = {json.dumps(list(topology.routes.always_forward))}",
-            "",
-            "[links]",
-            f"default_rtt_ms = {topology.default_rtt_ms}",
-            "",
-        ]
-        for a, b in topology.region_pairs():
-            link = topology.link(a, b)
-            lines += [
-                "[[links.rtt]]",
-                f'between = ["{a}", "{b}"]',
-                f"rtt_ms = {link.rtt_ms}",
-                f"jitter_ms = {link.jitter_ms}",
-                "",
-            ]
-        for table in ("gateway", "mirror", "routing", "replication", "failover"):
-            values = getattr(topology, table)
-            if values:
-                lines.append(f"[{table}]")
-                lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-                lines.append("")
+            app = f"http://127.0.0.1:{port_from(r.name, 'app')}"
+            regions.append(
+                replace(
+                    r,
+                    public_url=app,
+                    internal_url=app,
+                    mirror_url=f"http://127.0.0.1:{port_from(r.name, 'mirror')}",
+                    database_url=database_url(port_from(r.name, "pg")),
+                    primary_database_url=None if r.primary else primary_db,
+                    session_store_url=f"redis://127.0.0.1:{state.regions[r.name].valkey_port}/0",
+                    # Every lab region has a mirror slot; a source that chose its services keeps them.
+                    services=("app", "mirror") if r.services == ("app",) else r.services,
+                )
+            )
+        seen_from_here = replace(
+            topology,
+            regions=tuple(regions),
+            signing_keys=(SigningKeySpec("lab-1", LAB_KEY_ENV, None),),
+            sign_with=None,
+            is_lab=False,
+        )
         path = self.state_dir / "regions" / region / "latitude.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines))
-        state["regions"][region]["topology_file"] = str(path)
+        header = f"# Generated by `latitude lab up`: the world as seen from {region}.\n\n"
+        atomic.write_text(path, header + seen_from_here.to_toml())
+        state.regions[region].topology_file = str(path)
 
-    def _wait_streaming(self, state: dict, topology: Topology, timeout: float) -> None:
+    def _wait_streaming(self, state: LabState, topology: Topology, timeout: float) -> None:
         replicas = {r.name for r in topology.regions if not r.primary}
         deadline = time.monotonic() + timeout
         seen: set[str] = set()
         while time.monotonic() < deadline:
-            seen = {
-                row["region"]
-                for row in self._replication_rows(state)
-                if row["state"] == "streaming"
-            }
+            seen = {row["region"] for row in replication_rows(state) if row["state"] == "streaming"}
             if replicas <= seen:
                 return
             time.sleep(0.05)
@@ -532,131 +373,11 @@ class LabWorld:
             f"replicas not streaming after {timeout:.0f} s: {', '.join(sorted(replicas - seen))}"
         )
 
-    # ---- status --------------------------------------------------------------------------
-
-    def _replication_rows(self, state: dict) -> list[dict]:
-        primary = state["primary"]
-        url = database_url(state["regions"][primary]["pg_port"])
-        try:
-            with psycopg.connect(url, connect_timeout=2, autocommit=True) as c:
-                rows = c.execute(
-                    "select application_name, state,"
-                    " pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint,"
-                    " extract(epoch from replay_lag) * 1000"
-                    " from pg_stat_replication"
-                ).fetchall()
-        except psycopg.Error:
-            return []
-        return [
-            {
-                "region": r[0],
-                "state": r[1],
-                "lag_bytes": r[2],
-                "lag_ms": float(r[3]) if r[3] is not None else None,
-            }
-            for r in rows
-        ]
+    # ---- status (latitude.lab.status) ---------------------------------------------------
 
     def status(self) -> dict:
-        state = self.state()
-        topology = self.topology()
-        supervisor_up = self.is_running()
-        links: list[dict] = []
-        if supervisor_up:
-            with contextlib.suppress(LabError):
-                links = self.control().call("GET", "/status", timeout=5)["links"]
-        replication = {row["region"]: row for row in self._replication_rows(state)}
-        regions = []
-        down: list[str] = [] if supervisor_up else ["link supervisor"]
-        for name, r in state["regions"].items():
-            pg_up = self._pg(state, name).is_running()
-            valkey_up = process.read_pid(self._valkey_dir(state, name) / "valkey.pid") is not None
-            services = {
-                svc: "up" if process.read_pid(self._service_pid_file(name, svc)) else "down"
-                for svc in r.get("services", {})
-            }
-            app_state = services.get("app", "none")
-            rep = replication.get(name)
-            lag_bytes = lag_ms = None
-            if r["role"] == "replica" and rep:
-                lag_bytes = rep["lag_bytes"]
-                lag_ms = (
-                    rep["lag_ms"]
-                    if rep["lag_ms"] is not None
-                    else (0.0 if lag_bytes == 0 else None)
-                )
-            if not pg_up:
-                down.append(f"{name} db")
-            if not valkey_up:
-                down.append(f"{name} sessions")
-            down += [f"{name} {svc}" for svc, st in services.items() if st == "down"]
-            if r["role"] == "replica" and pg_up and not rep:
-                down.append(f"{name} replication")
-            regions.append(
-                {
-                    "gateway": self._gateway_stats(r["valkey_port"], name) if valkey_up else {},
-                    "name": name,
-                    "role": r["role"],
-                    "database_url": database_url(r["pg_port"]),
-                    "session_store_url": f"redis://127.0.0.1:{r['valkey_port']}/0",
-                    "app_url": f"http://127.0.0.1:{r['app_port']}",
-                    "mirror_url": f"http://127.0.0.1:{r['mirror_port']}",
-                    "topology_file": r.get("topology_file"),
-                    "ports": {
-                        "pg": r["pg_port"],
-                        "valkey": r["valkey_port"],
-                        "app": r["app_port"],
-                        "mirror": r["mirror_port"],
-                    },
-                    "db": "up" if pg_up else "down",
-                    "sessions": "up" if valkey_up else "down",
-                    "app": app_state,
-                    "services": services,
-                    "replication": rep["state"]
-                    if rep
-                    else (None if r["role"] == "primary" else "not streaming"),
-                    "lag_bytes": lag_bytes,
-                    "lag_ms": lag_ms,
-                }
-            )
-        return {
-            "state_dir": str(self.state_dir),
-            "primary": state["primary"],
-            "epoch": state.get("epoch", {"number": 1, "primary": state["primary"]}),
-            "promotion": _read_json(self.state_dir / "promotion.json"),
-            "started_at": state["started_at"],
-            "up_seconds": state.get("up_seconds"),
-            "regions": regions,
-            "links": [
-                {
-                    "a": link["a"],
-                    "b": link["b"],
-                    "rtt_ms": link.get("rtt_ms"),
-                    "jitter_ms": link.get("jitter_ms"),
-                    "state": link.get("state"),
-                    "connections": link.get("connections_open"),
-                }
-                for link in links
-            ]
-            or [
-                {"a": a, "b": b, "rtt_ms": topology.rtt_ms(a, b), "state": "unknown"}
-                for a, b in topology.region_pairs()
-            ],
-            "down": down,
-        }
-
-    @staticmethod
-    def _gateway_stats(valkey_port: int, region: str) -> dict:
-        """What the region's gateway processes have counted (reads waited, forwarded, ...)."""
-        import redis
-
-        try:
-            client = redis.Redis(port=valkey_port, socket_timeout=1, socket_connect_timeout=1)
-            with client:
-                raw = client.hgetall(f"latitude:stats:{region}")
-        except redis.RedisError:
-            return {}
-        return {k.decode(): round(float(v), 1) for k, v in raw.items()}
+        """What runs, what is down, replication lag and links: `latitude lab status`."""
+        return world_status(self)
 
     # ---- links and parts -----------------------------------------------------------------
 
@@ -686,11 +407,7 @@ class LabWorld:
 
     def relay_port(self, from_region: str, to_region: str, service: str) -> int:
         """The port a process in `from_region` dials to reach `to_region`'s service."""
-        state = self.state()
-        target = state["regions"][to_region]
-        if from_region == to_region:
-            return target[f"{service}_port"]
-        return target["relays"][from_region][service]
+        return self.state().relay_port(from_region, to_region, service)
 
     def add_relay(self, from_region: str, to_region: str, port: int) -> int:
         """A new relay across the link, for a service of the caller's own (tests, benchmarks)."""
@@ -715,17 +432,11 @@ class LabWorld:
         """
         with self._lock():
             state = self.state()
-            if region not in state["regions"]:
-                raise LabError(
-                    f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})"
-                )
+            slots = state.region(region).services
             if service in ("db", "sessions"):
                 raise LabError(f"{service!r} is built into the lab; choose another service name")
             process.stop_pid_file(self._service_pid_file(region, service))
-            state["regions"][region].setdefault("services", {})[service] = {
-                "argv": argv,
-                "env": env or {},
-            }
+            slots[service] = ServiceSpec(argv, env or {})
             self._write_state(state)
             self._start_service(state, region, service)
 
@@ -735,27 +446,23 @@ class LabWorld:
     def service_log(self, region: str, service: str) -> Path:
         return self.state_dir / "regions" / region / f"{service}.log"
 
-    def _start_service(self, state: dict, region: str, service: str) -> None:
-        spec = state["regions"][region].get("services", {}).get(service)
+    def _start_service(self, state: LabState, region: str, service: str) -> None:
+        spec = state.region(region).services.get(service)
         if not spec:
             raise LabError(
                 f"{region} has no {service} in this world; `latitude demo` fills the app slot"
             )
-        env = {**self.region_env(region), **spec["env"]}
+        env = {**self.region_env(region), **spec.env}
         process.start_detached(
-            spec["argv"],
+            spec.argv,
             log_file=self.service_log(region, service),
             pid_file=self._service_pid_file(region, service),
             env=env,
         )
 
-    def _check_part(self, region: str, part: str) -> dict:
+    def _check_part(self, region: str, part: str) -> LabState:
         state = self.state()
-        if region not in state["regions"]:
-            raise BadLabInput(
-                f"no region {region!r} in the lab (regions: {', '.join(state['regions'])})"
-            )
-        services = state["regions"][region].get("services", {})
+        services = state.region(region).services
         if part not in ("db", "sessions", *services):
             names = ", ".join(("db", "sessions", *services))
             raise BadLabInput(f"unknown part {part!r} of {region}; use one of {names}")
@@ -771,7 +478,7 @@ class LabWorld:
                 node.stop(mode="immediate")
             elif part == "sessions":
                 if not process.stop_pid_file(
-                    self._valkey_dir(state, region) / "valkey.pid", sig=signal.SIGKILL
+                    self._valkey_dir(region) / "valkey.pid", sig=signal.SIGKILL
                 ):
                     return f"{region} sessions were already down"
             elif not process.stop_pid_file(
@@ -787,14 +494,14 @@ class LabWorld:
                 node = self._pg(state, region)
                 if node.is_running():
                     return f"{region} db is already up"
-                if state["primary"] != region and not node.is_standby():
+                if state.primary != region and not node.is_standby():
                     # An old primary after a failover: fenced, until `latitude rejoin` rewinds it.
                     node.set_settings({"default_transaction_read_only": "on"})
                     node.start()
-                    return f"{region} db revived read-only (fenced: {state['primary']} is primary)"
+                    return f"{region} db revived read-only (fenced: {state.primary} is primary)"
                 node.start()
             elif part == "sessions":
-                if process.read_pid(self._valkey_dir(state, region) / "valkey.pid"):
+                if process.read_pid(self._valkey_dir(region) / "valkey.pid"):
                     return f"{region} sessions are already up"
                 self._start_valkey(state, region)
             else:
@@ -820,16 +527,16 @@ class LabWorld:
 
         state = self.state()
         topology = topology_for_epoch(self.topology(), primary)
-        state["primary"] = primary
+        state.primary = primary
         if number is not None:
-            state["epoch"] = {"number": number, "primary": primary}
-        for name, r in state["regions"].items():
+            state.epoch = LabEpoch(number, primary)
+        for name, r in state.regions.items():
             if only is not None and name not in only:
                 continue
             if name in skip:
-                r["role"] = "fenced"
+                r.role = "fenced"
                 continue
-            r["role"] = "primary" if name == primary else "replica"
+            r.role = "primary" if name == primary else "replica"
             self._write_region_topology(state, topology, name)
         self._write_state(state)
 
@@ -843,16 +550,24 @@ class LabWorld:
 
     def _down_locked(self) -> list[str]:
         try:
-            state = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            state = {"regions": {}}
+            state: LabState | None = self.state()
+        except LabError as exc:
+            # Damaged: stop what the folder itself shows (pid files); the databases need the state.
+            self.progress(f"{exc}; stopping what the pid files name")
+            state = None
         stopped: list[str] = []
-        for name, region in state.get("regions", {}).items():
-            for service in region.get("services", {}):
+        region_dirs = sorted(p for p in (self.state_dir / "regions").glob("*") if p.is_dir())
+        names = list(state.regions) if state else [p.name for p in region_dirs]
+        for name in names:
+            if state is not None:
+                services = list(state.regions[name].services)
+            else:
+                services = sorted(f.stem for f in (self.state_dir / "regions" / name).glob("*.pid"))
+            for service in services:
                 if process.stop_pid_file(self._service_pid_file(name, service)):
                     stopped.append(f"{name} {service}")
-        for name in state.get("regions", {}):
-            try:
+        for name in names:
+            if state is not None:
                 node = self._pg(state, name)
                 if node.is_running():
                     self.progress(f"{name}: stopping Postgres")
@@ -863,22 +578,13 @@ class LabWorld:
                         if pid:
                             process.stop_pid(pid)
                     stopped.append(f"{name} db")
-            except KeyError:
-                pass
-            if process.stop_pid_file(self._valkey_dir(state, name) / "valkey.pid"):
+            if process.stop_pid_file(self._valkey_dir(name) / "valkey.pid"):
                 stopped.append(f"{name} sessions")
         if process.stop_pid_file(self.state_dir / "supervisor.pid"):
             stopped.append("link supervisor")
-        data_root = state.get("data_root")
+        data_root = state.data_root if state else None
         if data_root and not Path(data_root).is_relative_to(self.state_dir):
             shutil.rmtree(data_root, ignore_errors=True)
         self.state_file.unlink(missing_ok=True)
         (self.state_dir / "supervisor.json").unlink(missing_ok=True)
         return stopped
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

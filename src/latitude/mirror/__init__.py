@@ -10,7 +10,7 @@
 """
 
 from latitude.mirror.changelog import Change, ChangeLog, Page
-from latitude.mirror.config import MirrorConfig, MirrorConfigError, keyring_from
+from latitude.mirror.config import MirrorConfig, MirrorConfigError, mirror_keyring
 from latitude.mirror.feed import FeedClient, FeedError, FeedServer
 from latitude.mirror.nginx import nginx_config
 from latitude.mirror.publisher import Item, Publisher
@@ -33,6 +33,6 @@ __all__ = [
     "Page",
     "Publisher",
     "SyncDaemon",
-    "keyring_from",
+    "mirror_keyring",
     "nginx_config",
 ]

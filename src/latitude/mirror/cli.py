@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from latitude.mirror.config import MirrorConfig, MirrorConfigError
+from latitude import atomic
+from latitude.mirror.config import MirrorConfig, MirrorConfigError, mirror_keyring
 from latitude.topology import load_topology
 
 mirror_app = typer.Typer(
@@ -73,8 +74,16 @@ def _nginx_word(option: str, value: str | None) -> None:
 
 
 def _config(
-    topology: Path | None, region: str | None, root: Path | None, **overrides
+    topology: Path | None,
+    region: str | None,
+    root: Path | None,
+    *,
+    signed: bool = False,
+    syncs: bool = False,
+    **overrides,
 ) -> MirrorConfig:
+    """The node's settings; `signed`: with the keyring (its secret must be set: fail closed);
+    `syncs`: refused at the primary, which publishes and does not sync."""
     topo = load_topology(topology or Path("latitude.toml"))
     if region is None:
         region = topo.primary.name if overrides.pop("default_primary", False) else None
@@ -82,13 +91,15 @@ def _config(
     if region is None:
         _fail("which region is this node in? pass --region NAME (or set LATITUDE_REGION)")
     try:
-        cfg = MirrorConfig.from_topology(topo, region, root)
+        cfg = MirrorConfig.from_topology(topo, region, root, signed=False)
+        if syncs and cfg.is_primary:
+            _fail(f"{cfg.region} is the primary: it publishes, it does not sync")
+        if signed:
+            cfg = replace(cfg, keyring=mirror_keyring(topo))
     except (MirrorConfigError, KeyError) as exc:
         _fail(str(exc).strip('"'))
     changes = {k: v for k, v in overrides.items() if v is not None}
     if changes:
-        from dataclasses import replace
-
         cfg = replace(cfg, **changes)
     return cfg
 
@@ -208,9 +219,7 @@ def sync(
     _check("--pool-size", pool_size, 0)
     _check("--inline", inline, 0, strict=False)
     _check_url("--files-url", files_url)
-    cfg = _config(topology, region, root, poll_timeout_s=poll_timeout)
-    if cfg.is_primary:
-        _fail(f"{cfg.region} is the primary: it publishes, it does not sync")
+    cfg = _config(topology, region, root, signed=True, syncs=True, poll_timeout_s=poll_timeout)
     _logging()
     daemon = SyncDaemon(
         cfg.root,
@@ -226,8 +235,6 @@ def sync(
         region=cfg.region,
         stream=stream,
     )
-    if cfg.keyring is None:
-        logging.warning("no signing key has its secret set: the feed is read unsigned")
 
     async def main(stop: asyncio.Event) -> None:
         task = asyncio.create_task(daemon.run())
@@ -280,13 +287,12 @@ def serve(
         topology,
         region,
         root,
+        signed=True,
         paths=tuple(paths) if paths else None,
         max_lag_s=max_lag,
         poll_timeout_s=poll_timeout,
     )
     _logging()
-    if cfg.is_primary and cfg.keyring is None:
-        logging.warning("no signing key has its secret set: the feed is served unsigned")
     server = MirrorServer.from_config(cfg)
     host, port = host or cfg.listen_host, port if port is not None else cfg.listen_port
     logging.info(
@@ -366,63 +372,10 @@ def nginx_config_cmd(
         user=user,
     )
     if output:
-        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(text)
-            os.replace(tmp, output)  # nginx -s reload never reads half a file
+            atomic.write_text(output, text)  # nginx -s reload never reads half a file
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             _fail(f"cannot write {output}: {exc.strerror or exc}", 1)
         err.print(f"wrote {escape(str(output))}")
     else:
         print(text, end="")
-
-
-@mirror_app.command("demo")
-def demo(
-    state_dir: Annotated[
-        Path | None, typer.Option("--state-dir", help="The running lab's folder.")
-    ] = None,
-    path: Annotated[
-        str, typer.Option("--path", help="Where to publish the demo file.")
-    ] = "demo/hello.json",
-) -> None:
-    """In a running lab: start a mirror in every region, publish a file, show when each had it."""
-    from latitude.lab import LabWorld
-    from latitude.lab.mirrors import propagation
-    from latitude.lab.world import LabError
-    from latitude.mirror.store import BadPath
-
-    world = LabWorld(state_dir)
-    try:
-        if not world.is_running():
-            _fail(
-                f"no lab world is running from {world.state_dir}; start one with "
-                "`latitude lab up` (or pass --state-dir DIR)",
-                1,
-            )
-        primary = world.state()["primary"]
-        serial, seen = propagation(world, path)
-    except (RuntimeError, LabError) as exc:
-        _fail(str(exc), 1)
-    except BadPath as exc:
-        _fail(str(exc))
-    out.print(f"published /{path} at {primary} as serial {serial}", highlight=False)
-    topo = world.topology()
-    for name, ms in seen.items():
-        rtt = topo.rtt_ms(name, primary)
-        when = f"{ms:7.1f} ms" if ms is not None else "not within 10 s"
-        out.print(
-            f"  {name:14} had it after {when}   (link RTT to {primary}: {rtt:.0f} ms)",
-            highlight=False,
-        )
-
-
-def __getattr__(name: str):
-    # `propagation` moved to latitude.lab.mirrors; older imports (tests/test_metrics.py) still
-    # ask for it here, and `./scripts/test -x` stopped on the ImportError.
-    if name == "propagation":
-        from latitude.lab.mirrors import propagation
-
-        return propagation
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

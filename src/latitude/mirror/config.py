@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from latitude import signing
 from latitude.mirror.changelog import DEFAULT_RETENTION_S
 from latitude.mirror.sync import DEFAULT_INDEXES
+from latitude.signing.keys import SigningConfigError, keyring_from_topology
 from latitude.topology import Topology
 
 DEFAULT_MAX_LAG_S = 60.0
@@ -47,8 +48,14 @@ class MirrorConfig:
 
     @classmethod
     def from_topology(
-        cls, topology: Topology, region: str, root: str | os.PathLike[str] | None = None
+        cls,
+        topology: Topology,
+        region: str,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        signed: bool = True,
     ) -> MirrorConfig:
+        """`signed=False` is for tools that sign nothing (publish, nginx-config): no keyring."""
         r = topology.region(region)
         primary = topology.primary
         m = topology.mirror
@@ -75,7 +82,7 @@ class MirrorConfig:
             listen_port=listen.port or (443 if listen.scheme == "https" else 80),
             primary_url=primary.mirror_url,
             website_url=primary.internal_url or primary.public_url,
-            keyring=keyring_from(topology),
+            keyring=mirror_keyring(topology) if signed else None,
             paths=tuple(m.get("paths", ("/",))),
             indexes=tuple(m.get("indexes", DEFAULT_INDEXES)),
             retention_s=float(m.get("retention_s", DEFAULT_RETENTION_S)),
@@ -84,10 +91,11 @@ class MirrorConfig:
         )
 
 
-def keyring_from(topology: Topology) -> signing.Keyring | None:
-    """The region keys whose secrets are set; None when none is (the feed is then unsigned)."""
-    keys = [signing.SigningKey(k.id, k.secret) for k in topology.signing_keys if k.secret]
-    if not keys:
-        return None
-    ids = [k.key_id for k in keys]
-    return signing.Keyring(keys, topology.sign_with if topology.sign_with in ids else ids[0])
+def mirror_keyring(topology: Topology) -> signing.Keyring:
+    """The region keyring the feed is signed and verified with; never none (fail closed)."""
+    try:
+        return keyring_from_topology(topology)
+    except SigningConfigError as exc:
+        raise MirrorConfigError(
+            f"{exc}. The mirror's change feed is always signed: it does not run without it"
+        ) from None

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from latitude.atomic import fsync_dir
 from latitude.mirror.changelog import DEFAULT_RETENTION_S, Change, ChangeLog
 from latitude.mirror.store import (
     AtomicFile,
     ContentRoot,
     UnsafePath,
-    fsync_dir,
     rel_path,
     sha256_file,
 )

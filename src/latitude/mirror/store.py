@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from latitude import atomic
+
 STATE_DIR = ".latitude"
 TMP_PREFIX = ".latitude-tmp-"
 INDEX_FILE = "index.html"
@@ -120,14 +122,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class AtomicFile:
     """A temp file in the target's folder; `commit` fsyncs and renames it into place.
 
@@ -177,13 +171,6 @@ class AtomicFile:
         with contextlib.suppress(OSError):
             self.file.close()
         self.tmp.unlink(missing_ok=True)
-
-
-def write_atomic(target: Path, data: bytes, mtime: float | None = None) -> None:
-    """Write `data` to `target` atomically and durably (the folder is the caller's to fsync)."""
-    f = AtomicFile(target)
-    f.write(data)
-    f.commit(mtime)
 
 
 @dataclass(frozen=True)
@@ -318,8 +305,7 @@ class ContentRoot:
             return 0
 
     def save_cursor(self, serial: int) -> None:
-        write_atomic(self.cursor_file, f"{serial}\n".encode())
-        fsync_dir(self.state_dir)
+        atomic.write_text(self.cursor_file, f"{serial}\n", tmp_prefix=TMP_PREFIX)
 
     def status(self) -> dict:
         try:
@@ -328,9 +314,8 @@ class ContentRoot:
             return {}
 
     def save_status(self, status: dict) -> None:
-        tmp = self.state_dir / f"{TMP_PREFIX}{secrets.token_hex(4)}-status.json"
-        tmp.write_text(json.dumps(status))
-        os.replace(tmp, self.status_file)
+        # Rewritten on every batch and only a report: not worth an fsync.
+        atomic.write_json(self.status_file, status, fsync=False, tmp_prefix=TMP_PREFIX)
 
     @property
     def sync_lock_file(self) -> Path:

@@ -38,6 +38,7 @@ from urllib.parse import quote
 import aiohttp
 
 from latitude import signing
+from latitude.atomic import fsync_dir
 from latitude.mirror.changelog import Change, Page
 from latitude.mirror.feed import (
     BUNDLE,
@@ -51,7 +52,7 @@ from latitude.mirror.feed import (
     FeedError,
     StreamUnsupported,
 )
-from latitude.mirror.store import AtomicFile, BadPath, ContentRoot, fsync_dir, parse_http_date
+from latitude.mirror.store import AtomicFile, BadPath, ContentRoot, parse_http_date
 
 log = logging.getLogger(__name__)
 

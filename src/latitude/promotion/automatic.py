@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import signal
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
+from latitude import atomic
 from latitude.promotion.epoch import Epoch, EpochFile, epoch_file_for, initial_epoch, sign_epoch
 from latitude.promotion.follow import EPOCH_PATH
 from latitude.promotion.postgres import PgServer, PgUnavailable, slot_name
@@ -103,9 +103,8 @@ class FailoverWatcher:
             "received": received,
             "at": time.time(),
         }
-        tmp = self.view_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(view))
-        os.replace(tmp, self.view_path)
+        # Rewritten on every poll, and only a view for peers: not worth an fsync.
+        atomic.write_json(self.view_path, view, fsync=False)
         return view
 
     async def _peer_views(self, session) -> list[dict]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import fcntl
 import hmac
 import json
@@ -19,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from latitude import atomic
 from latitude.signing import Keyring
 
 PENDING = "pending"
@@ -153,17 +153,6 @@ class EpochFile:
             current = self.read()
             if current is not None and not epoch.newer_than(current[0]):
                 return None
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "w") as f:
-                json.dump({"token": token, **asdict(epoch)}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            with contextlib.suppress(OSError):
-                dir_fd = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+            atomic.write_json(self.path, {"token": token, **asdict(epoch)})
             self._seen = None
             return epoch

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from latitude import atomic
+
 
 class PromotionError(Exception):
     """A promotion failed part-way; the message says where it stopped and what to do."""
@@ -82,9 +84,4 @@ class Journal:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic.write_json(self.path, self.data, indent=2)

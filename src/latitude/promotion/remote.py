@@ -22,7 +22,8 @@ from latitude.promotion.epoch import Epoch, EpochFile, epoch_file_for, initial_e
 from latitude.promotion.follow import EPOCH_PATH
 from latitude.promotion.journal import BadPromotion, Journal
 from latitude.promotion.postgres import PgServer, PgUnavailable, slot_name
-from latitude.signing import Keyring, SigningKey
+from latitude.signing import Keyring
+from latitude.signing.keys import SigningConfigError, keyring_from_topology
 from latitude.topology import Topology
 
 HTTP_TIMEOUT_S = 3.0
@@ -30,14 +31,11 @@ STREAM_TIMEOUT_S = 20.0
 
 
 def keyring_from(topology: Topology) -> Keyring:
-    keys = [SigningKey(k.id, k.secret) for k in topology.signing_keys if k.secret]
-    if not keys:
-        raise BadPromotion(
-            "no signing key secret in the environment: epochs are signed with the forwarding "
-            "keys; set the variables [signing] keys names"
-        )
-    ids = [k.key_id for k in keys]
-    return Keyring(keys, topology.sign_with if topology.sign_with in ids else ids[0])
+    """Epochs are signed with the forwarding keys: the topology's keyring (fail closed)."""
+    try:
+        return keyring_from_topology(topology)
+    except SigningConfigError as exc:
+        raise BadPromotion(f"{exc} (epochs are signed with the forwarding keys)") from None
 
 
 class RemoteCluster:

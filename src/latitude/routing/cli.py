@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from latitude import atomic
 from latitude.routing.config import (
     RoutingConfig,
     RoutingConfigError,
@@ -190,9 +191,7 @@ async def _serve(service: RoutingService, ready_file: Path | None, quiet: bool) 
             "vantages": [v.name for v in service.checker.vantages],
         }
         if ready_file is not None:
-            tmp = ready_file.with_name(ready_file.name + ".tmp")
-            tmp.write_text(json.dumps(info))
-            os.replace(tmp, ready_file)
+            atomic.write_json(ready_file, info)
         if not quiet:
             where = []
             if service.dns_port:
@@ -392,7 +391,7 @@ def export_command(
         )
         raise SystemExit(2)
     if output:
-        output.write_text(text)
+        atomic.write_text(output, text)
         err.print(f"wrote {output}", highlight=False)
     else:
         sys.stdout.write(text)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from latitude.topology import Topology
 
 MIN_SECRET_BYTES = 32
 
@@ -82,3 +87,37 @@ class Keyring:
 
     def __repr__(self) -> str:
         return f"Keyring(key_ids={list(self._keys)!r}, signing_key_id={self.signing_key_id!r})"
+
+
+class SigningConfigError(ValueError):
+    """The topology names no signing key, or a key whose secret is not set (or too short)."""
+
+
+def keyring_from_topology(topology: Topology, environ: Mapping[str, str] | None = None) -> Keyring:
+    """The region keyring the topology's `[signing]` table describes: every key, with its secret
+    from the environment, signing with `sign_with` (default: the first).
+
+    Fails closed: a key whose secret is unset, or no key at all, is a `SigningConfigError` that
+    names the setting and the fix; nothing ever falls back to unsigned.
+    """
+    environ = os.environ if environ is None else environ
+    keys = []
+    for spec in topology.signing_keys:
+        secret = spec.secret or (environ.get(spec.env) or "").encode() or None
+        if secret is None:
+            raise SigningConfigError(
+                f"signing key {spec.id}: environment variable {spec.env} (named in the "
+                f"topology's [signing] keys) is not set; set it to the same secret in every "
+                f"region, e.g. `export {spec.env}=$(openssl rand -base64 48)`"
+            )
+        try:
+            keys.append(SigningKey(spec.id, secret))
+        except ValueError as exc:
+            raise SigningConfigError(f"{exc} (environment variable {spec.env})") from None
+    if not keys:
+        raise SigningConfigError(
+            f"no signing key in {topology.source}: add a [signing] table with "
+            'keys = [{ id = "k1", env = "LATITUDE_KEY_K1" }] and set LATITUDE_KEY_K1 to the '
+            "same secret in every region (e.g. `export LATITUDE_KEY_K1=$(openssl rand -base64 48)`)"
+        )
+    return Keyring(keys, topology.sign_with or keys[0].key_id)

@@ -1,7 +1,7 @@
-"""The WAN emulator: ocean links between regions that all live on one machine.
+"""The WAN emulator's relay: one service made to look like it is across an ocean.
 
 Kernel ``netem`` is not available to us, so a link is emulated in user space by a TCP relay
-per service reached across it. A :class:`LinkRelay` listens on 127.0.0.1 and forwards each
+per service reached across it (the links themselves: :mod:`latitude.lab.links`). A :class:`LinkRelay` listens on 127.0.0.1 and forwards each
 connection to its target, delaying every chunk by half the link's RTT (plus optional jitter)
 in each direction, and can cut, heal or reset the link on command.
 
@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["Link", "LinkRelay", "UnknownLinkError", "WanEmulator"]
+__all__ = ["LinkRelay", "check_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -398,8 +398,8 @@ class LinkRelay:
         window: int = DEFAULT_WINDOW,
         seed: int | None = None,
     ) -> None:
-        _check_ms("rtt_ms", rtt_ms)
-        _check_ms("jitter_ms", jitter_ms)
+        check_ms("rtt_ms", rtt_ms)
+        check_ms("jitter_ms", jitter_ms)
         info = socket.getaddrinfo(target_host, target_port, type=socket.SOCK_STREAM)
         self.target = (target_host, target_port)
         self._target_addresses = [(family, address) for family, _, _, _, address in info]
@@ -455,11 +455,11 @@ class LinkRelay:
 
     def set_rtt(self, rtt_ms: float) -> None:
         """Change the RTT for data arriving from now on (data in flight keeps its schedule)."""
-        _check_ms("rtt_ms", rtt_ms)
+        check_ms("rtt_ms", rtt_ms)
         self._rtt_ms = float(rtt_ms)
 
     def set_jitter(self, jitter_ms: float) -> None:
-        _check_ms("jitter_ms", jitter_ms)
+        check_ms("jitter_ms", jitter_ms)
         self._jitter_ms = float(jitter_ms)
 
     def cut(self) -> None:
@@ -662,189 +662,6 @@ class LinkRelay:
         return delay_ms / 1000
 
 
-class Link:
-    """An emulated link between regions ``a`` and ``b``, carrying one relay per service."""
-
-    def __init__(self, a: str, b: str, rtt_ms: float, jitter_ms: float = 0.0) -> None:
-        if a == b:
-            raise ValueError(f"a link joins two different regions, got {a!r} twice")
-        _check_ms("rtt_ms", rtt_ms)
-        _check_ms("jitter_ms", jitter_ms)
-        self.a = a
-        self.b = b
-        self._rtt_ms = float(rtt_ms)
-        self._jitter_ms = float(jitter_ms)
-        self._cut = False
-        self._closed = False
-        self._lock = threading.Lock()
-        self._relays: list[LinkRelay] = []
-
-    def __repr__(self) -> str:
-        return f"<Link {self.a}<->{self.b} rtt={self._rtt_ms}ms relays={len(self._relays)}>"
-
-    @property
-    def name(self) -> str:
-        return f"{self.a}<->{self.b}"
-
-    @property
-    def regions(self) -> frozenset[str]:
-        return frozenset((self.a, self.b))
-
-    @property
-    def rtt_ms(self) -> float:
-        return self._rtt_ms
-
-    @property
-    def jitter_ms(self) -> float:
-        return self._jitter_ms
-
-    @property
-    def relays(self) -> tuple[LinkRelay, ...]:
-        with self._lock:
-            return tuple(self._relays)
-
-    def add_relay(self, target_host: str, target_port: int) -> LinkRelay:
-        """A new relay across this link to ``(target_host, target_port)``."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"link {self.name} is closed")
-            relay = LinkRelay(
-                target_host, target_port, rtt_ms=self._rtt_ms, jitter_ms=self._jitter_ms
-            )
-            if self._cut:
-                relay.cut()  # a relay added to a cut link starts cut, like the link
-            self._relays.append(relay)
-            return relay
-
-    def find_relay(self, target_host: str, target_port: int) -> LinkRelay | None:
-        with self._lock:
-            for relay in self._relays:
-                if relay.target == (target_host, target_port):
-                    return relay
-        return None
-
-    def cut(self) -> None:
-        with self._lock:
-            self._cut = True
-            relays = list(self._relays)
-        for relay in relays:
-            relay.cut()
-
-    def heal(self) -> None:
-        with self._lock:
-            self._cut = False
-            relays = list(self._relays)
-        for relay in relays:
-            relay.heal()
-
-    def reset(self) -> None:
-        for relay in self.relays:
-            relay.reset()
-
-    def set_rtt(self, rtt_ms: float) -> None:
-        _check_ms("rtt_ms", rtt_ms)
-        with self._lock:
-            self._rtt_ms = float(rtt_ms)
-            relays = list(self._relays)
-        for relay in relays:
-            relay.set_rtt(rtt_ms)
-
-    def set_jitter(self, jitter_ms: float) -> None:
-        _check_ms("jitter_ms", jitter_ms)
-        with self._lock:
-            self._jitter_ms = float(jitter_ms)
-            relays = list(self._relays)
-        for relay in relays:
-            relay.set_jitter(jitter_ms)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            relays = list(self._relays)
-        for relay in relays:
-            relay.close()
-
-    def stats(self) -> dict[str, object]:
-        relays = [relay.stats() for relay in self.relays]
-        with self._lock:
-            state = "closed" if self._closed else "cut" if self._cut else "up"
-            return {
-                "link": self.name,
-                "state": state,
-                "rtt_ms": self._rtt_ms,
-                "jitter_ms": self._jitter_ms,
-                "connections_open": sum(r["connections_open"] for r in relays),
-                "connections_total": sum(r["connections_total"] for r in relays),
-                "bytes_to_target": sum(r["bytes_to_target"] for r in relays),
-                "bytes_to_client": sum(r["bytes_to_client"] for r in relays),
-                "relays": relays,
-            }
-
-
-class UnknownLinkError(KeyError):
-    """No link joins the two regions asked for."""
-
-    def __str__(self) -> str:
-        # KeyError's own __str__ shows the repr of its argument; a sentence reads better.
-        return str(self.args[0]) if self.args else ""
-
-
-class WanEmulator:
-    """The table of emulated links, looked up by (unordered) pair of regions."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._links: dict[frozenset[str], Link] = {}
-
-    def __enter__(self) -> WanEmulator:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def links(self) -> tuple[Link, ...]:
-        with self._lock:
-            return tuple(self._links.values())
-
-    def add_link(self, a: str, b: str, rtt_ms: float, jitter_ms: float = 0.0) -> Link:
-        link = Link(a, b, rtt_ms, jitter_ms)
-        with self._lock:
-            if link.regions in self._links:
-                raise ValueError(f"a link between {a!r} and {b!r} already exists")
-            self._links[link.regions] = link
-        return link
-
-    def link(self, a: str, b: str) -> Link:
-        with self._lock:
-            try:
-                return self._links[frozenset((a, b))]
-            except KeyError:
-                known = ", ".join(sorted(link.name for link in self._links.values()))
-                raise UnknownLinkError(
-                    f"no link between {a!r} and {b!r}; known links: {known or '(none)'}"
-                ) from None
-
-    def relay(self, a: str, b: str, target_host: str, target_port: int) -> LinkRelay:
-        """The relay across link a<->b to this target, created on first use."""
-        link = self.link(a, b)
-        # Serialised so two callers asking for the same target get the same relay.
-        with self._lock:
-            return link.find_relay(target_host, target_port) or link.add_relay(
-                target_host, target_port
-            )
-
-    def close(self) -> None:
-        with self._lock:
-            links = list(self._links.values())
-            self._links.clear()
-        for link in links:
-            link.close()
-
-    def stats(self) -> list[dict[str, object]]:
-        return [link.stats() for link in self.links]
-
-
-def _check_ms(name: str, value: float) -> None:
+def check_ms(name: str, value: float) -> None:
     if not value >= 0:  # also rejects NaN
         raise ValueError(f"{name} must be a number of milliseconds >= 0, got {value!r}")
