@@ -75,22 +75,36 @@ def _nginx_word(option: str, value: str | None) -> None:
 def _config(
     topology: Path | None, region: str | None, root: Path | None, **overrides
 ) -> MirrorConfig:
-    topo = load_topology(topology or Path("latitude.toml"))
-    if region is None:
-        region = topo.primary.name if overrides.pop("default_primary", False) else None
-    overrides.pop("default_primary", None)
-    if region is None:
-        _fail("which region is this node in? pass --region NAME (or set LATITUDE_REGION)")
-    try:
-        cfg = MirrorConfig.from_topology(topo, region, root)
-    except (MirrorConfigError, KeyError) as exc:
-        _fail(str(exc).strip('"'))
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    if changes:
-        from dataclasses import replace
+    return _role(topology, region, root, **overrides).config()
 
-        cfg = replace(cfg, **changes)
-    return cfg
+
+def _role(topology: Path | None, region: str | None, root: Path | None, **overrides):
+    """The node's `MirrorRole`: its config as the region's newest epoch has it (the primary
+    moves with promotions; `latitude.mirror.role`)."""
+    from dataclasses import replace
+
+    from latitude.mirror.config import keyring_from
+    from latitude.mirror.role import MirrorRole
+
+    topo = load_topology(topology or Path("latitude.toml"))
+    default_primary = overrides.pop("default_primary", False)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+
+    def make_config(seen: object) -> MirrorConfig:
+        try:
+            cfg = MirrorConfig.from_topology(seen, node, root)
+        except (MirrorConfigError, KeyError) as exc:
+            _fail(str(exc).strip('"'))
+        return replace(cfg, **changes) if changes else cfg
+
+    node = region or ""
+    role = MirrorRole(topo, node, make_config, keyring_from(topo))
+    if region is None and default_primary:
+        node = role.region = role.primary
+    if not node:
+        _fail("which region is this node in? pass --region NAME (or set LATITUDE_REGION)")
+    role.config()  # bad settings fail here, before anything starts
+    return role
 
 
 def _logging() -> None:
@@ -154,9 +168,14 @@ def publish(
         batch.append(Item(dest, sys.stdin.buffer.read() if src == "-" else Path(src)))
     if not (batch or delete or scan or prune):
         _fail("nothing to do: give PATH=FILE items, --delete PATH, --scan or --prune")
+    from latitude.mirror.role import NotPrimary
     from latitude.mirror.store import BadPath, UnsafePath
 
-    with Publisher(root, retention_s=retention, precompress=gzip_) as pub:
+    try:
+        pub = Publisher(root, retention_s=retention, precompress=gzip_)
+    except NotPrimary as exc:  # promoted away: publishing here would reach no mirror
+        _fail(str(exc), 1)
+    with pub:
         try:
             changes = pub.publish_many(batch) if batch else []
             changes += pub.delete_many(delete) if delete else []
@@ -208,39 +227,44 @@ def sync(
     _check("--pool-size", pool_size, 0)
     _check("--inline", inline, 0, strict=False)
     _check_url("--files-url", files_url)
-    cfg = _config(topology, region, root, poll_timeout_s=poll_timeout)
-    if cfg.is_primary:
+    from latitude.mirror.role import sync_following
+
+    role = _role(topology, region, root, poll_timeout_s=poll_timeout)
+    cfg = role.config()
+    if cfg.is_primary and role.watch.keyring is None:
+        # With a key it would wait to follow a promotion; without one the role never moves.
         _fail(f"{cfg.region} is the primary: it publishes, it does not sync")
     _logging()
-    daemon = SyncDaemon(
-        cfg.root,
-        cfg.primary_url,
-        cfg.keyring,
-        files_url=files_url,
-        indexes=cfg.indexes,
-        poll_timeout_s=cfg.poll_timeout_s,
-        poll_interval_s=poll_interval,
-        pool_size=pool_size,
-        bundles=bundles,
-        inline=inline,
-        region=cfg.region,
-        stream=stream,
-    )
+
+    def make_daemon(cfg: MirrorConfig) -> SyncDaemon:
+        logging.info("sync %s from %s into %s", cfg.region, cfg.primary_url, cfg.root)
+        return SyncDaemon(
+            cfg.root,
+            cfg.primary_url,
+            cfg.keyring,
+            files_url=files_url,
+            indexes=cfg.indexes,
+            poll_timeout_s=cfg.poll_timeout_s,
+            poll_interval_s=poll_interval,
+            pool_size=pool_size,
+            bundles=bundles,
+            inline=inline,
+            region=cfg.region,
+            stream=stream,
+        )
+
     if cfg.keyring is None:
-        logging.warning("no signing key has its secret set: the feed is read unsigned")
+        logging.warning(
+            "no signing key has its secret set: the feed is read unsigned, and promotions "
+            "are not followed (epochs cannot be verified)"
+        )
 
     async def main(stop: asyncio.Event) -> None:
-        task = asyncio.create_task(daemon.run())
-        await asyncio.wait(
-            {task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
-        )
-        daemon.stop()
         try:
-            await task
+            await sync_following(role, make_daemon, stop)
         except RuntimeError as exc:  # another daemon holds this root's sync lock
             _fail(str(exc), 1)
 
-    logging.info("sync %s from %s into %s", cfg.region, cfg.primary_url, cfg.root)
     _run_until_signal(main)
 
 
@@ -267,7 +291,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve this region's copy (and, at the primary, the change feed)."""
-    from latitude.mirror.server import MirrorServer, serve_forever
+    from latitude.mirror.server import MirrorServer
 
     _check("--max-lag", max_lag, 0, strict=False)
     _check("--poll-timeout", poll_timeout, 0)
@@ -276,7 +300,9 @@ def serve(
     for p in paths or ():
         if not p.startswith("/"):
             _fail(f"--path {p!r}: a URL prefix starts with '/', e.g. /simple/")
-    cfg = _config(
+    from latitude.mirror.role import serve_following
+
+    role = _role(
         topology,
         region,
         root,
@@ -284,10 +310,13 @@ def serve(
         max_lag_s=max_lag,
         poll_timeout_s=poll_timeout,
     )
+    cfg = role.config()
     _logging()
-    if cfg.is_primary and cfg.keyring is None:
-        logging.warning("no signing key has its secret set: the feed is served unsigned")
-    server = MirrorServer.from_config(cfg)
+    if cfg.keyring is None:
+        logging.warning(
+            "no signing key has its secret set: the feed is served unsigned, and promotions "
+            "are not followed (epochs cannot be verified)"
+        )
     host, port = host or cfg.listen_host, port if port is not None else cfg.listen_port
     logging.info(
         "serve %s (%s) from %s on %s:%d",
@@ -298,7 +327,9 @@ def serve(
         port,
     )
     try:
-        _run_until_signal(lambda stop: serve_forever(server, host, port, stop))
+        _run_until_signal(
+            lambda stop: serve_following(role, MirrorServer.from_config, host, port, stop)
+        )
     except OSError as exc:  # the address is taken, not this machine's, not allowed
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
 
