@@ -26,7 +26,7 @@ def start_lab_mirrors(
     sync daemon idles until a promotion makes its region a mirror: `latitude.mirror.role`)."""
     roots = {}
     py = [sys.executable, "-m", "latitude.cli", "mirror"]
-    for name, r in world.state()["regions"].items():
+    for name in world.state()["regions"]:
         roots[name] = root = lab_mirror_root(world, name)
         root.mkdir(parents=True, exist_ok=True)
         world.set_service(name, "mirror", [*py, "serve", "--root", str(root), *extra])
