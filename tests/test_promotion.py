@@ -284,6 +284,169 @@ def test_promote_back(promo: LabWorld):
     assert "after-promote-back" in titles_in(promo, "us-west")
 
 
+# ---- everything else follows: DNS, exports, mirrors -----------------------------------------
+
+
+def dig(port: int, name: str) -> list[str]:
+    out = subprocess.run(
+        ["dig", "@127.0.0.1", "-p", str(port), name, "+short", "+time=2", "+tries=1"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    return [line for line in out.stdout.split() if line]
+
+
+def mirror_health(world: LabWorld, region: str) -> dict:
+    port = world.state()["regions"][region]["mirror_port"]
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/_latitude/mirror/health", timeout=2
+        ) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read() or b"{}")
+    except OSError:
+        return {}
+
+
+def published_everywhere(world: LabWorld, roots: dict, path: str, body: bytes, timeout: float):
+    def arrived():
+        return all(
+            (root / path).exists() and (root / path).read_bytes() == body for root in roots.values()
+        )
+
+    wait_for(arrived, timeout, f"{path} in every region's mirror")
+
+
+def test_dns_exports_and_mirrors_follow_the_epoch(promo: LabWorld):
+    """After `latitude lab promote`: the DNS front answers the primary-only name with the new
+    primary's address, the exports name it, and the mirror publisher role moved (the new primary
+    publishes, the old one follows). Then the same, promoting back."""
+    import os
+    import shutil
+
+    from latitude.lab import process
+    from latitude.lab.mirrors import start_lab_mirrors, wait_lab_mirrors_ready
+    from latitude.mirror.publisher import Publisher
+    from latitude.mirror.role import NotPrimary
+
+    if shutil.which("dig") is None:
+        pytest.skip("dig is not installed (Debian package dnsutils)")
+    state = promo.state()
+    assert state["primary"] == "us-west"
+    address = {"us-west": "127.0.1.1", "eu-west": "127.0.2.1", "ap-southeast": "127.0.3.1"}
+    env = {**os.environ, "LATITUDE_LAB_KEY": state["secret"]}
+    lab_topology = str(promo.state_dir / "topology.toml")
+    ready = promo.state_dir / "dns-ready.json"
+    ready.unlink(missing_ok=True)
+    dns = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "latitude.cli",
+            "dns",
+            "-t",
+            lab_topology,
+            "--port",
+            "0",
+            "--no-history",
+            "--quiet",
+            "--ready-file",
+            str(ready),
+            "--vantage",
+            f"us-west={state['regions']['us-west']['topology_file']}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    roots = start_lab_mirrors(promo)
+    try:
+        wait_for(ready.exists, 30, "the DNS front listening")
+        port = json.loads(ready.read_text())["dns_port"]
+        name = "primary.calendar.latitude.test"
+        assert dig(port, name) == [address["us-west"]]
+        assert wait_lab_mirrors_ready(promo, 60)
+        with Publisher(roots["us-west"]) as pub:
+            pub.publish("simple/before/index.html", b"before")
+        published_everywhere(promo, roots, "simple/before/index.html", b"before", 20)
+
+        for new, old in (("eu-west", "us-west"), ("us-west", "eu-west")):
+            result = latitude(promo, "lab", "promote", new)
+            assert result.returncode == 0, result.stderr
+            moved_at = time.monotonic()
+            wait_for(lambda new=new: dig(port, name) == [address[new]], 10, f"{name} -> {new}")
+            assert time.monotonic() - moved_at < 5
+            assert dig(port, f"{old}.calendar.latitude.test") == [address[old]]  # pinned
+            # A client with no location gets the primary: the epoch's, not the file's.
+            assert dig(port, "calendar.latitude.test") == [address[new]]
+
+            for target, line in (
+                ("powerdns", f"{name}. 30 IN A {address[new]}"),
+                ("route53", f'records = ["{address[new]}"]'),
+            ):
+                export = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "latitude.cli",
+                        "routing",
+                        "export",
+                        target,
+                        "-t",
+                        lab_topology,
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert export.returncode == 0, export.stderr
+                epoch = promo.status()["epoch"]["number"]
+                primary_part = export.stdout.split("Primary-only names")[-1]
+                assert line in primary_part and f"epoch {epoch}" in primary_part, export.stdout
+                assert address[old] not in primary_part, primary_part
+
+            # The new primary's mirror publishes; the old primary's follows it.
+            wait_for(
+                lambda new=new: mirror_health(promo, new).get("role") == "primary",
+                30,
+                f"{new}'s mirror serving the feed",
+            )
+            with pytest.raises(NotPrimary):
+                Publisher(roots[old])
+            body = f"published at {new}".encode()
+            path = f"simple/{new}/index.html"
+            wait_for(
+                lambda new=new: not (roots[new] / ".latitude" / "retired").exists(),
+                10,
+                f"{new}'s root taken over",
+            )
+            with Publisher(roots[new]) as pub:
+                change = pub.publish(path, body)
+            assert change.serial > 1 << 40  # the new epoch's log: serials keep increasing
+            published_everywhere(promo, roots, path, body, 30)
+            health = mirror_health(promo, old)
+            assert health.get("role") == "mirror", health
+            wait_for(
+                lambda old=old: mirror_health(promo, old).get("healthy"),
+                30,
+                f"{old} mirror healthy",
+            )
+    finally:
+        dns.terminate()
+        try:
+            dns.wait(10)
+        except subprocess.TimeoutExpired:
+            dns.kill()
+        for region in REGIONS:
+            for service in ("mirror", "mirror-sync"):
+                process.stop_pid_file(promo._service_pid_file(region, service))
+    assert promo.status()["primary"] == "us-west"
+
+
 # ---- workers -------------------------------------------------------------------------------
 
 
