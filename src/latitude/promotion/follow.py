@@ -334,8 +334,15 @@ async def _reconfigure(gateway, topology, base) -> None:
             with contextlib.suppress(Exception):
                 await gateway.idempotency.ensure_schema()
     else:
-        closers += [gateway.forwarding, gateway.idempotency, gateway._fallback_store]
-        gateway.idempotency = None
+        closers += [gateway.forwarding, gateway._fallback_store]
+        # A write that was running here as primary when the epoch moved still completes its
+        # idempotency record with this store (it reads the attribute when it finishes): taking
+        # it away at once turned such writes, already committed, into 500s.
+        store = gateway.idempotency
+        if store is not None:
+            asyncio.get_running_loop().call_later(
+                30, lambda: asyncio.ensure_future(_retire_store(gateway, store))
+            )
         gateway._fallback_store = None
         gateway._primary_db_seen_at = float("-inf")
         gateway.forwarding = ForwardingClient(
@@ -353,6 +360,12 @@ async def _reconfigure(gateway, topology, base) -> None:
             await gateway.positions.start()
     # Requests in flight may still be using the old pool or store: close them a little later.
     asyncio.get_running_loop().call_later(30, lambda: asyncio.ensure_future(_close_all(closers)))
+
+
+async def _retire_store(gateway, store) -> None:
+    if gateway.idempotency is store and not gateway.config.is_primary:
+        gateway.idempotency = None
+        await _close_all([store])
 
 
 async def _close_all(things) -> None:

@@ -137,7 +137,10 @@ class RemoteCluster:
         return "does not stream: it is past the new timeline's fork; rewind it (`latitude rejoin`)"
 
     def _streaming(self, region: str, primary: str) -> bool:
-        deadline = time.monotonic() + STREAM_TIMEOUT_S
+        return self.wait_streaming(region, primary, STREAM_TIMEOUT_S)
+
+    def wait_streaming(self, region: str, primary: str, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
                 rows = self.pg(primary).query(
