@@ -596,9 +596,47 @@ def test_promote_with_a_topology_talks_to_the_databases_and_gateways(promo: LabW
     status, body = w.post("/events", {"title": "after-production-promote"})
     assert status == 201 and body["region"] == target
     assert_refuses_writes(promo, old)  # fenced read-only, still running
-    result = latitude(promo, "rejoin", old)
+
+    # `latitude rejoin --topology` on the old primary's host: the tools found here, its data
+    # directory local, pg_rewind from the new primary at the URL the region's topology names.
+    node = promo._pg(promo.state(), old)
+    region_topology = state["regions"][old]["topology_file"]
+
+    def rejoin(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "latitude.cli", "rejoin", *args, "-t", region_topology],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**os.environ, "LATITUDE_LAB_KEY": state["secret"]},
+        )
+
+    one_error_line(rejoin(target, "--bindir", str(node.bin_dir)), "is the primary")
+    one_error_line(rejoin(old, "--bindir", str(promo.state_dir)), "pg_rewind", "--bindir")
+    one_error_line(
+        rejoin(old, "--bindir", str(node.bin_dir), "--data-dir", str(promo.state_dir)),
+        "not a Postgres data directory on this host",
+    )
+    planned = rejoin(old, "--bindir", str(node.bin_dir), "--dry-run")
+    assert planned.returncode == 0, planned.stderr
+    assert "pg_rewind -D" in planned.stdout and "standby.signal" in planned.stdout
+    assert str(node.data_dir) in planned.stdout  # found by asking the server
+    assert not node.is_standby() and node.is_running()  # a dry run changes nothing
+    result = rejoin(old, "--bindir", str(node.bin_dir))
     assert result.returncode == 0, result.stderr
+    assert "[2/6] rewind it onto" in result.stderr and "rejoined" in result.stdout
     wait_for(lambda: old in streams_from(promo, target), 20, f"{old} streams again")
+    with pg(promo, old) as c:
+        assert c.execute("select pg_is_in_recovery()").fetchone()[0] is True
+    w.post("/events", {"title": "after-production-rejoin"})
+    wait_for(lambda: "after-production-rejoin" in titles_in(promo, old), 20, "replayed there")
+    # The lab's own record of who is primary learns of the production promotion (the tests
+    # after this one read it).
+    from latitude.lab.promote import LabCluster
+
+    newest = LabCluster(promo).epoch()
+    assert newest.primary == target
+    promo.set_primary(newest.primary, newest.number)
 
 
 # ---- a promotion that fails part-way -------------------------------------------------------

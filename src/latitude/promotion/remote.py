@@ -156,10 +156,8 @@ class RemoteCluster:
         return False
 
     def rejoin(self, region: str, primary: str) -> str:
-        source = self.conninfo(region, primary)
         return (
-            "fenced read-only; on its host make it a replica: stop Postgres, "
-            f"`pg_rewind -D DATA --source-server '{source} dbname=postgres'`, "
-            f"`touch DATA/standby.signal`, set primary_conninfo = '{source}' and "
-            f"primary_slot_name = '{slot_name(region)}', start"
+            "fenced read-only; to make it a replica run on its database host "
+            f"`latitude rejoin {region} --topology FILE` (stop, pg_rewind from {primary}, "
+            "standby.signal, start; --dry-run prints the steps)"
         )
