@@ -99,10 +99,10 @@ class RoutingConfig:
     def detection_bound_s(self) -> float:
         """Worst case from a region's death to the DNS answer changing: the next probe (one
         interval away at most) fails, then threshold - 1 more at the suspect cadence, each of
-        which may take the whole timeout."""
+        which may take the whole timeout (twice it after a lost probe: a new connection)."""
         return (
             self.check_interval_s
-            + (self.check_threshold - 1) * max(self.suspect_interval_s, self.check_timeout_s)
+            + (self.check_threshold - 1) * max(self.suspect_interval_s, 2 * self.check_timeout_s)
             + self.check_timeout_s
         )
 
