@@ -131,12 +131,24 @@ class MirrorRole:
         return False
 
 
+async def _taking_over(cfg, epoch: int, stop) -> None:
+    """`take_over`, retried while a sync daemon still holds the root (it stops within seconds
+    of hearing of the epoch; one that never does is named in the log)."""
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(take_over, ContentRoot(cfg.root), epoch, cfg.retention_s)
+            return
+        except RuntimeError as exc:  # the sync lock: another process syncs into this root
+            log.warning("cannot take over %s as primary yet: %s", cfg.root, exc)
+            await asyncio.sleep(CHECK_S)
+
+
 async def serve_following(role: MirrorRole, make_server, host: str, port: int, stop) -> None:
     """`latitude mirror serve`: the server for the current role, rebuilt when it changes."""
     while not stop.is_set():
         primary, cfg = role.primary, role.config()
         if cfg.is_primary:
-            await asyncio.to_thread(take_over, ContentRoot(cfg.root), role.epoch, cfg.retention_s)
+            await _taking_over(cfg, role.epoch, stop)
         else:
             await asyncio.to_thread(retire, ContentRoot(cfg.root).ensure(), role.epoch, primary)
         server = make_server(cfg)
@@ -156,7 +168,7 @@ async def sync_following(role: MirrorRole, make_daemon, stop) -> None:
     while not stop.is_set():
         primary, cfg = role.primary, role.config()
         if cfg.is_primary:
-            await asyncio.to_thread(take_over, ContentRoot(cfg.root), role.epoch, cfg.retention_s)
+            await _taking_over(cfg, role.epoch, stop)
             log.info("%s is the primary: it publishes, nothing to sync", role.region)
             await role.changed(stop, primary)
             continue
