@@ -55,6 +55,9 @@ def latitude(world: LabWorld, *args: str) -> tuple[float, dict]:
     )
     if result.returncode != 0:
         raise RuntimeError(f"latitude {' '.join(args)} failed:\n{result.stderr}")
+    for line in result.stderr.splitlines():
+        if line.lstrip("… ").startswith("["):  # the steps, each with its own time
+            say(line.lstrip("… "))
     last = (result.stdout.strip().splitlines() or ["{}"])[-1]
     return time.monotonic() - started, json.loads(last) if last.startswith("{") else {}
 
@@ -200,6 +203,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commits", type=int, default=40, help="commits per latency sample")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--only", choices=("switchover",), help="only the two switchovers (quicker)"
+    )
     args = parser.parse_args()
     topology = (REPO / "src/latitude/data/lab.toml").read_text()
     topology += "\n[replication]\nsynchronous = 1\n\n[failover]\nautomatic = true\n"
@@ -211,6 +217,15 @@ def main() -> None:
         async_commit = commit_latency(world, "us-west", args.commits)
         pg.set_synchronous(1, ["eu-west", "ap-southeast"])
         say(f"commit p50: async {async_commit['p50_ms']} ms, sync=1 {sync_commit['p50_ms']} ms")
+        if args.only == "switchover":
+            figures = {
+                "switchover": switchover(world, "eu-west"),
+                "switchover_back": switchover(world, "us-west"),
+            }
+            print(json.dumps(figures, indent=2))
+            if args.json:
+                args.json.write_text(json.dumps(figures, indent=2))
+            return
         figures = {
             "commit_async": async_commit,
             "commit_sync1": sync_commit,

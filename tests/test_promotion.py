@@ -186,15 +186,15 @@ def test_switchover_while_writes_flow_loses_nothing(promo: LabWorld):
 
 
 def gateway_status(world: LabWorld, region: str) -> dict:
-    port = world.state()["regions"][region]["app_port"]
+    port = world.state().regions[region].app_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/_latitude/status", timeout=10) as r:
         return json.loads(r.read())
 
 
 def read_with_position(world: LabWorld, region: str, position: ReplicationPosition):
     """GET /events with a genuine position cookie: (status, the position cookie answered)."""
-    cookie = PositionCookie(world.state()["secret"].encode())
-    port = world.state()["regions"][region]["app_port"]
+    cookie = PositionCookie(world.state().secret.encode())
+    port = world.state().regions[region].app_port
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/events",
         headers={
@@ -256,6 +256,169 @@ def test_promote_back(promo: LabWorld):
     assert_refuses_writes(promo, "eu-west")
     wait_for(lambda: {"eu-west", "ap-southeast"} <= streams_from(promo, "us-west"), 20, "streams")
     assert "after-promote-back" in titles_in(promo, "us-west")
+
+
+# ---- everything else follows: DNS, exports, mirrors -----------------------------------------
+
+
+def dig(port: int, name: str) -> list[str]:
+    out = subprocess.run(
+        ["dig", "@127.0.0.1", "-p", str(port), name, "+short", "+time=2", "+tries=1"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    return [line for line in out.stdout.split() if line]
+
+
+def mirror_health(world: LabWorld, region: str) -> dict:
+    port = world.state().regions[region].mirror_port
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/_latitude/mirror/health", timeout=2
+        ) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read() or b"{}")
+    except OSError:
+        return {}
+
+
+def published_everywhere(world: LabWorld, roots: dict, path: str, body: bytes, timeout: float):
+    def arrived():
+        return all(
+            (root / path).exists() and (root / path).read_bytes() == body for root in roots.values()
+        )
+
+    wait_for(arrived, timeout, f"{path} in every region's mirror")
+
+
+def test_dns_exports_and_mirrors_follow_the_epoch(promo: LabWorld):
+    """After `latitude lab promote`: the DNS front answers the primary-only name with the new
+    primary's address, the exports name it, and the mirror publisher role moved (the new primary
+    publishes, the old one follows). Then the same, promoting back."""
+    import os
+    import shutil
+
+    from latitude.lab import process
+    from latitude.lab.mirrors import start_lab_mirrors, wait_lab_mirrors_ready
+    from latitude.mirror.publisher import Publisher
+    from latitude.mirror.role import NotPrimary
+
+    if shutil.which("dig") is None:
+        pytest.skip("dig is not installed (Debian package dnsutils)")
+    state = promo.state()
+    assert state.primary == "us-west"
+    address = {"us-west": "127.0.1.1", "eu-west": "127.0.2.1", "ap-southeast": "127.0.3.1"}
+    env = {**os.environ, "LATITUDE_LAB_KEY": state.secret}
+    lab_topology = str(promo.state_dir / "topology.toml")
+    ready = promo.state_dir / "dns-ready.json"
+    ready.unlink(missing_ok=True)
+    dns = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "latitude.cli",
+            "dns",
+            "-t",
+            lab_topology,
+            "--port",
+            "0",
+            "--no-history",
+            "--quiet",
+            "--ready-file",
+            str(ready),
+            "--vantage",
+            f"us-west={state.regions['us-west'].topology_file}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    roots = start_lab_mirrors(promo)
+    try:
+        wait_for(ready.exists, 30, "the DNS front listening")
+        port = json.loads(ready.read_text())["dns_port"]
+        name = "primary.calendar.latitude.test"
+        assert dig(port, name) == [address["us-west"]]
+        assert wait_lab_mirrors_ready(promo, 60)
+        with Publisher(roots["us-west"]) as pub:
+            pub.publish("simple/before/index.html", b"before")
+        published_everywhere(promo, roots, "simple/before/index.html", b"before", 20)
+
+        for new, old in (("eu-west", "us-west"), ("us-west", "eu-west")):
+            result = latitude(promo, "lab", "promote", new)
+            assert result.returncode == 0, result.stderr
+            moved_at = time.monotonic()
+            wait_for(lambda new=new: dig(port, name) == [address[new]], 10, f"{name} -> {new}")
+            assert time.monotonic() - moved_at < 5
+            assert dig(port, f"{old}.calendar.latitude.test") == [address[old]]  # pinned
+            # A client with no location gets the primary: the epoch's, not the file's.
+            assert dig(port, "calendar.latitude.test") == [address[new]]
+
+            for target, line in (
+                ("powerdns", f"{name}. 30 IN A {address[new]}"),
+                ("route53", f'records = ["{address[new]}"]'),
+            ):
+                export = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "latitude.cli",
+                        "routing",
+                        "export",
+                        target,
+                        "-t",
+                        lab_topology,
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert export.returncode == 0, export.stderr
+                epoch = promo.status()["epoch"]["number"]
+                primary_part = export.stdout.split("Primary-only names")[-1]
+                assert line in primary_part and f"epoch {epoch}" in primary_part, export.stdout
+                assert address[old] not in primary_part, primary_part
+
+            # The new primary's mirror publishes; the old primary's follows it.
+            wait_for(
+                lambda new=new: mirror_health(promo, new).get("role") == "primary",
+                30,
+                f"{new}'s mirror serving the feed",
+            )
+            with pytest.raises(NotPrimary):
+                Publisher(roots[old])
+            body = f"published at {new}".encode()
+            path = f"simple/{new}/index.html"
+            wait_for(
+                lambda new=new: not (roots[new] / ".latitude" / "retired").exists(),
+                10,
+                f"{new}'s root taken over",
+            )
+            with Publisher(roots[new]) as pub:
+                change = pub.publish(path, body)
+            assert change.serial > 1 << 40  # the new epoch's log: serials keep increasing
+            published_everywhere(promo, roots, path, body, 30)
+            health = mirror_health(promo, old)
+            assert health.get("role") == "mirror", health
+            wait_for(
+                lambda old=old: mirror_health(promo, old).get("healthy"),
+                30,
+                f"{old} mirror healthy",
+            )
+    finally:
+        dns.terminate()
+        try:
+            dns.wait(10)
+        except subprocess.TimeoutExpired:
+            dns.kill()
+        for region in REGIONS:
+            for service in ("mirror", "mirror-sync"):
+                process.stop_pid_file(promo._service_pid_file(region, service))
+    assert promo.status()["primary"] == "us-west"
 
 
 # ---- workers -------------------------------------------------------------------------------
@@ -407,9 +570,47 @@ def test_promote_with_a_topology_talks_to_the_databases_and_gateways(promo: LabW
     status, body = w.post("/events", {"title": "after-production-promote"})
     assert status == 201 and body["region"] == target
     assert_refuses_writes(promo, old)  # fenced read-only, still running
-    result = latitude(promo, "rejoin", old)
+
+    # `latitude rejoin --topology` on the old primary's host: the tools found here, its data
+    # directory local, pg_rewind from the new primary at the URL the region's topology names.
+    node = promo._pg(promo.state(), old)
+    region_topology = state.regions[old].topology_file
+
+    def rejoin(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "latitude.cli", "rejoin", *args, "-t", region_topology],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**os.environ, "LATITUDE_LAB_KEY": state.secret},
+        )
+
+    one_error_line(rejoin(target, "--bindir", str(node.bin_dir)), "is the primary")
+    one_error_line(rejoin(old, "--bindir", str(promo.state_dir)), "pg_rewind", "--bindir")
+    one_error_line(
+        rejoin(old, "--bindir", str(node.bin_dir), "--data-dir", str(promo.state_dir)),
+        "not a Postgres data directory on this host",
+    )
+    planned = rejoin(old, "--bindir", str(node.bin_dir), "--dry-run")
+    assert planned.returncode == 0, planned.stderr
+    assert "pg_rewind -D" in planned.stdout and "standby.signal" in planned.stdout
+    assert str(node.data_dir) in planned.stdout  # found by asking the server
+    assert not node.is_standby() and node.is_running()  # a dry run changes nothing
+    result = rejoin(old, "--bindir", str(node.bin_dir))
     assert result.returncode == 0, result.stderr
+    assert "[2/6] rewind it onto" in result.stderr and "rejoined" in result.stdout
     wait_for(lambda: old in streams_from(promo, target), 20, f"{old} streams again")
+    with pg(promo, old) as c:
+        assert c.execute("select pg_is_in_recovery()").fetchone()[0] is True
+    w.post("/events", {"title": "after-production-rejoin"})
+    wait_for(lambda: "after-production-rejoin" in titles_in(promo, old), 20, "replayed there")
+    # The lab's own record of who is primary learns of the production promotion (the tests
+    # after this one read it).
+    from latitude.lab.promote import LabCluster
+
+    newest = LabCluster(promo).epoch()
+    assert newest.primary == target
+    promo.set_primary(newest.primary, newest.number)
 
 
 # ---- a promotion that fails part-way -------------------------------------------------------

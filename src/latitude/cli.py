@@ -202,12 +202,46 @@ def lab_promote(
 def rejoin(
     region: Annotated[str, typer.Argument(help="The old primary region to bring back.")],
     state_dir: StateDirOption = None,
+    topology: Annotated[
+        Path | None,
+        typer.Option("--topology", "-t", help="Production: the region's topology file."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="With --topology: its local data directory.")
+    ] = None,
+    bindir: Annotated[
+        Path | None, typer.Option("--bindir", help="With --topology: where pg_rewind is.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --topology: print the steps, change nothing.")
+    ] = False,
 ) -> None:
-    """Bring an old primary back as a replica of the new timeline (pg_rewind if needed)."""
-    from latitude.lab.promote import revive_region
+    """Bring an old primary back as a replica of the new timeline (pg_rewind if needed): in the
+    lab, or with --topology on the region's database host."""
+    if topology is None:
+        if data_dir or bindir or dry_run:
+            fail("--data-dir, --bindir and --dry-run go with --topology FILE (production)", 2)
+        from latitude.lab.promote import revive_region
 
-    for line in _promotion_call(revive_region, LabWorld(state_dir), region, services=False):
-        out.print(line)
+        for line in _promotion_call(revive_region, LabWorld(state_dir), region, services=False):
+            out.print(line)
+        return
+    from latitude.promotion.rejoin import rejoin as rejoin_region
+    from latitude.promotion.remote import RemoteCluster
+
+    def run():
+        cluster = RemoteCluster(load_topology(topology))
+        return rejoin_region(
+            cluster,
+            region,
+            data_dir=data_dir,
+            bindir=bindir,
+            dry_run=dry_run,
+            progress=progress_printer(),
+        )
+
+    for line in _promotion_call(run):
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -100,6 +100,7 @@ TABLE_KEYS: dict[str, set[str]] = {
         "check_path",
         "history_path",
         *("check_timeout_s", "check_quorum", "check_services", "addresses", "cidrs", "geoip_path"),
+        "primary_names",
         *("check_window", "check_rise", "check_suspect_interval_s", "suspect_ttl_s"),
     },
     "lab": {"state_dir"},

@@ -143,8 +143,10 @@ class RegionGateway:
                 )
             return retired
         if moved:
-            retired += [self.forwarding, self.idempotency, await self.fallback.detach()]
-            self.forwarding = self.idempotency = None
+            # The idempotency store stays a while for writes still running here as primary
+            # (promotion.follow retires it).
+            retired += [self.forwarding, await self.fallback.detach()]
+            self.forwarding = None
             if self._purge_task is not None:
                 self._purge_task.cancel()
                 self._purge_task = None

@@ -22,15 +22,15 @@ def lab_mirror_root(world: LabWorld, region: str) -> Path:
 def start_lab_mirrors(
     world: LabWorld, extra: tuple[str, ...] = (), sync_extra: tuple[str, ...] = ()
 ) -> dict[str, Path]:
-    """Run `latitude mirror serve` in every region of a running lab, and `sync` in the replicas."""
+    """Run `latitude mirror serve` and `sync` in every region of a running lab (the primary's
+    sync daemon idles until a promotion makes its region a mirror: `latitude.mirror.role`)."""
     roots = {}
     py = [sys.executable, "-m", "latitude.cli", "mirror"]
-    for name, r in world.state().regions.items():
+    for name in world.state().regions:
         roots[name] = root = lab_mirror_root(world, name)
         root.mkdir(parents=True, exist_ok=True)
         world.set_service(name, "mirror", [*py, "serve", "--root", str(root), *extra])
-        if r.role != "primary":
-            world.set_service(name, "mirror-sync", [*py, "sync", "--root", str(root), *sync_extra])
+        world.set_service(name, "mirror-sync", [*py, "sync", "--root", str(root), *sync_extra])
     return roots
 
 

@@ -91,7 +91,8 @@ class LabCluster:
                 f"{region}'s database is down: its final position is unknown; "
                 f"use `latitude lab promote REGION --force` for a forced failover"
             )
-        node.stop(mode="fast")
+        self.pg(region).wait_quiet()  # the writes already running are acknowledged first
+        _stop_fast(node)
         control = node.controldata()
         return parse_lsn(control["Latest checkpoint location"]) or 0
 
@@ -236,6 +237,27 @@ def revive_region(world: LabWorld, region: str, *, services: bool = True) -> lis
         for service in state.regions[region].services:
             lines.append(world.revive(region, service))
     return lines
+
+
+def _stop_fast(node, timeout_s: float = 30.0) -> None:
+    """`pg_ctl stop -m fast`, without pg_ctl: SIGINT to the postmaster and a 10 ms watch of its
+    pid file (pg_ctl looks every 100 ms, and is one more process to start while writes wait)."""
+    import os
+    import signal
+
+    pid = node.pid()
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not (node.data_dir / "postmaster.pid").exists():
+            return
+        time.sleep(0.01)
+    node.stop(mode="fast")  # still up: pg_ctl says why
 
 
 class _suppress_pg:

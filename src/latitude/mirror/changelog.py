@@ -8,6 +8,7 @@ processes (the feed server, `latitude mirror publish`, an application's own publ
 * `files`    the current tree (path, sha256, size, mtime, serial of its last change), updated in
   the same transaction: a consistent snapshot for mirrors that must `resync`.
 * `meta`     `floor`: the highest serial pruned away. A cursor below it cannot be continued.
+             `epoch`: the primary epoch this log was started in (absent: epoch 1).
 
 The log keeps `retention_s` (default 24 h, as Packagist's feed does); a cursor older than what
 it keeps is answered with `resync`.
@@ -214,6 +215,39 @@ class ChangeLog:
     def rollback(self) -> None:
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
+
+    def epoch(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        return int(row[0]) if row else 1
+
+    def restart(self, floor: int, epoch: int, files: Iterable[tuple[str, str, int, float]]) -> None:
+        """Begin the log afresh at serial `floor`, the tree being `files` (path, sha256, size,
+        mtime): a region that became primary in `epoch` starts its own log from what it holds.
+        Every cursor of an earlier log is below `floor`, so its mirror resyncs (hash by hash)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if floor < self.head():
+                raise ValueError(f"a log cannot restart at {floor}, below its head {self.head()}")
+            self.db.execute("DELETE FROM changes")
+            self.db.execute("DELETE FROM files")
+            self.db.executemany(
+                "INSERT INTO files (path, sha256, size, mtime, serial) VALUES (?, ?, ?, ?, ?)",
+                ((path, sha, size, mtime, floor) for path, sha, size, mtime in files),
+            )
+            self.db.execute("DELETE FROM sqlite_sequence WHERE name = 'changes'")
+            self.db.execute(
+                "INSERT INTO sqlite_sequence (name, seq) VALUES ('changes', ?)", (floor,)
+            )
+            for key, value in (("floor", floor), ("epoch", epoch)):
+                self.db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
 
     def prune(self, older_than_s: float | None = None, now: float | None = None) -> int:
         """Forget changes older than the retention window; returns the new floor."""

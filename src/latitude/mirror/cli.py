@@ -82,26 +82,52 @@ def _config(
     syncs: bool = False,
     **overrides,
 ) -> MirrorConfig:
-    """The node's settings; `signed`: with the keyring (its secret must be set: fail closed);
-    `syncs`: refused at the primary, which publishes and does not sync."""
+    """The node's settings as the region's newest epoch has them; `signed`: with the keyring
+    (its secret must be set: fail closed)."""
+    return _role(topology, region, root, signed=signed, **overrides).config()
+
+
+def _role(
+    topology: Path | None,
+    region: str | None,
+    root: Path | None,
+    *,
+    signed: bool = False,
+    **overrides,
+):
+    """The node's `MirrorRole`: its config as the region's newest epoch has it (the primary
+    moves with promotions; `latitude.mirror.role`). `signed`: the feed is signed and verified,
+    and epochs followed, with the topology's keyring, which must then have its secret."""
+    from latitude.mirror.role import MirrorRole
+
     topo = load_topology(topology or Path("latitude.toml"))
-    if region is None:
-        region = topo.primary.name if overrides.pop("default_primary", False) else None
-    overrides.pop("default_primary", None)
-    if region is None:
-        _fail("which region is this node in? pass --region NAME (or set LATITUDE_REGION)")
-    try:
-        cfg = MirrorConfig.from_topology(topo, region, root, signed=False)
-        if syncs and cfg.is_primary:
-            _fail(f"{cfg.region} is the primary: it publishes, it does not sync")
-        if signed:
-            cfg = replace(cfg, keyring=mirror_keyring(topo))
-    except (MirrorConfigError, KeyError) as exc:
-        _fail(str(exc).strip('"'))
+    default_primary = overrides.pop("default_primary", False)
     changes = {k: v for k, v in overrides.items() if v is not None}
-    if changes:
-        cfg = replace(cfg, **changes)
-    return cfg
+    keyring = None
+
+    def make_config(seen: object) -> MirrorConfig:
+        try:
+            cfg = MirrorConfig.from_topology(seen, node, root, signed=False)
+        except (MirrorConfigError, KeyError) as exc:
+            _fail(str(exc).strip('"'))
+        if keyring is not None:
+            changes["keyring"] = keyring
+        return replace(cfg, **changes) if changes else cfg
+
+    node = region or ""
+    if not node and default_primary:  # the newest epoch's primary (the publisher moves with it)
+        node = MirrorRole(topo, node, make_config, keyring).primary
+    if not node:
+        _fail("which region is this node in? pass --region NAME (or set LATITUDE_REGION)")
+    make_config(topo)  # a bad region or setting fails here, before the keyring is asked for
+    if signed:
+        try:
+            keyring = mirror_keyring(topo)
+        except MirrorConfigError as exc:
+            _fail(str(exc).strip('"'))
+    role = MirrorRole(topo, node, make_config, keyring)
+    role.config()  # bad settings fail here, before anything starts
+    return role
 
 
 def _logging() -> None:
@@ -165,9 +191,14 @@ def publish(
         batch.append(Item(dest, sys.stdin.buffer.read() if src == "-" else Path(src)))
     if not (batch or delete or scan or prune):
         _fail("nothing to do: give PATH=FILE items, --delete PATH, --scan or --prune")
+    from latitude.mirror.role import NotPrimary
     from latitude.mirror.store import BadPath, UnsafePath
 
-    with Publisher(root, retention_s=retention, precompress=gzip_) as pub:
+    try:
+        pub = Publisher(root, retention_s=retention, precompress=gzip_)
+    except NotPrimary as exc:  # promoted away: publishing here would reach no mirror
+        _fail(str(exc), 1)
+    with pub:
         try:
             changes = pub.publish_many(batch) if batch else []
             changes += pub.delete_many(delete) if delete else []
@@ -219,35 +250,35 @@ def sync(
     _check("--pool-size", pool_size, 0)
     _check("--inline", inline, 0, strict=False)
     _check_url("--files-url", files_url)
-    cfg = _config(topology, region, root, signed=True, syncs=True, poll_timeout_s=poll_timeout)
+    from latitude.mirror.role import sync_following
+
+    role = _role(topology, region, root, signed=True, poll_timeout_s=poll_timeout)
+    role.config()  # bad settings fail here, before anything starts
     _logging()
-    daemon = SyncDaemon(
-        cfg.root,
-        cfg.primary_url,
-        cfg.keyring,
-        files_url=files_url,
-        indexes=cfg.indexes,
-        poll_timeout_s=cfg.poll_timeout_s,
-        poll_interval_s=poll_interval,
-        pool_size=pool_size,
-        bundles=bundles,
-        inline=inline,
-        region=cfg.region,
-        stream=stream,
-    )
+
+    def make_daemon(cfg: MirrorConfig) -> SyncDaemon:
+        logging.info("sync %s from %s into %s", cfg.region, cfg.primary_url, cfg.root)
+        return SyncDaemon(
+            cfg.root,
+            cfg.primary_url,
+            cfg.keyring,
+            files_url=files_url,
+            indexes=cfg.indexes,
+            poll_timeout_s=cfg.poll_timeout_s,
+            poll_interval_s=poll_interval,
+            pool_size=pool_size,
+            bundles=bundles,
+            inline=inline,
+            region=cfg.region,
+            stream=stream,
+        )
 
     async def main(stop: asyncio.Event) -> None:
-        task = asyncio.create_task(daemon.run())
-        await asyncio.wait(
-            {task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
-        )
-        daemon.stop()
         try:
-            await task
+            await sync_following(role, make_daemon, stop)
         except RuntimeError as exc:  # another daemon holds this root's sync lock
             _fail(str(exc), 1)
 
-    logging.info("sync %s from %s into %s", cfg.region, cfg.primary_url, cfg.root)
     _run_until_signal(main)
 
 
@@ -274,7 +305,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve this region's copy (and, at the primary, the change feed)."""
-    from latitude.mirror.server import MirrorServer, serve_forever
+    from latitude.mirror.server import MirrorServer
 
     _check("--max-lag", max_lag, 0, strict=False)
     _check("--poll-timeout", poll_timeout, 0)
@@ -283,7 +314,9 @@ def serve(
     for p in paths or ():
         if not p.startswith("/"):
             _fail(f"--path {p!r}: a URL prefix starts with '/', e.g. /simple/")
-    cfg = _config(
+    from latitude.mirror.role import serve_following
+
+    role = _role(
         topology,
         region,
         root,
@@ -292,8 +325,8 @@ def serve(
         max_lag_s=max_lag,
         poll_timeout_s=poll_timeout,
     )
+    cfg = role.config()
     _logging()
-    server = MirrorServer.from_config(cfg)
     host, port = host or cfg.listen_host, port if port is not None else cfg.listen_port
     logging.info(
         "serve %s (%s) from %s on %s:%d",
@@ -304,7 +337,9 @@ def serve(
         port,
     )
     try:
-        _run_until_signal(lambda stop: serve_forever(server, host, port, stop))
+        _run_until_signal(
+            lambda stop: serve_following(role, MirrorServer.from_config, host, port, stop)
+        )
     except OSError as exc:  # the address is taken, not this machine's, not allowed
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
 

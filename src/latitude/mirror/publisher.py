@@ -74,6 +74,9 @@ class Publisher:
         precompress: bool = False,
     ):
         self.root = ContentRoot(root).ensure()
+        from latitude.mirror.role import check_publishable  # (role imports the promotion part)
+
+        check_publishable(self.root)
         self.log = ChangeLog(self.root.state_dir / "changes.sqlite", retention_s)
         self.precompress = precompress
 

@@ -319,12 +319,26 @@ async def _reconfigure(gateway, topology, base) -> None:
     started_primary = base.region(cfg.region.name).primary
     gateway.primary_route = db.PRIMARY if started_primary else db.REPLICA
     closers = await gateway.take_role(moved=True)
+    store = gateway.idempotency
+    if not cfg.is_primary and store is not None:
+        # A write that was running here as primary when the epoch moved still completes its
+        # idempotency record with this store (it reads the attribute when it finishes): taking
+        # it away at once turned such writes, already committed, into 500s.
+        asyncio.get_running_loop().call_later(
+            30, lambda: asyncio.ensure_future(_retire_store(gateway, store))
+        )
     gateway.positions.config = cfg
     if gateway._started and not cfg.is_primary and gateway.positions.watcher is None:
         with contextlib.suppress(Exception):
             await gateway.positions.start()
     # Requests in flight may still be using the old pool or store: close them a little later.
     asyncio.get_running_loop().call_later(30, lambda: asyncio.ensure_future(_close_all(closers)))
+
+
+async def _retire_store(gateway, store) -> None:
+    if gateway.idempotency is store and not gateway.config.is_primary:
+        gateway.idempotency = None
+        await _close_all([store])
 
 
 async def _close_all(things) -> None:

@@ -101,6 +101,32 @@ class PgServer:
             time.sleep(0.02)
         return False
 
+    def wait_quiet(self, timeout_s: float = 1.0, quiet_s: float = 0.05) -> bool:
+        """Wait (bounded) until no client session is inside a transaction for `quiet_s`: with
+        new writes held by the gateways, the writes already running finish and are
+        acknowledged, instead of failing when the server is fenced and being retried after
+        the promotion. One connection, polled every 10 ms."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            with self._connect() as c:
+                quiet_since = None
+                while time.monotonic() < deadline:
+                    busy = c.execute(
+                        "select count(*) from pg_stat_activity where backend_type = 'client backend'"
+                        " and xact_start is not null and pid <> pg_backend_pid()"
+                    ).fetchone()[0]
+                    now = time.monotonic()
+                    if busy:
+                        quiet_since = None
+                    elif quiet_since is None:
+                        quiet_since = now
+                    elif now - quiet_since >= quiet_s:
+                        return True
+                    time.sleep(0.01)
+        except (PgUnavailable, psycopg.Error):
+            pass
+        return False
+
     def promote(self, timeout_s: float = 30) -> None:
         rows = self.query("select pg_promote(true, %s)", (int(timeout_s),))
         if not rows or not rows[0][0]:
@@ -135,6 +161,7 @@ class PgServer:
     def fence_read_only(self) -> int:
         """Refuse writes from now on: new transactions read-only, every client session ended.
         Returns the final flushed WAL position."""
+        self.wait_quiet()
         self._alter("default_transaction_read_only", "on")
         self.query("select pg_reload_conf()")
         self.query(

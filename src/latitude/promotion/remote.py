@@ -135,7 +135,10 @@ class RemoteCluster:
         return "does not stream: it is past the new timeline's fork; rewind it (`latitude rejoin`)"
 
     def _streaming(self, region: str, primary: str) -> bool:
-        deadline = time.monotonic() + STREAM_TIMEOUT_S
+        return self.wait_streaming(region, primary, STREAM_TIMEOUT_S)
+
+    def wait_streaming(self, region: str, primary: str, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
                 rows = self.pg(primary).query(
@@ -151,10 +154,8 @@ class RemoteCluster:
         return False
 
     def rejoin(self, region: str, primary: str) -> str:
-        source = self.conninfo(region, primary)
         return (
-            "fenced read-only; on its host make it a replica: stop Postgres, "
-            f"`pg_rewind -D DATA --source-server '{source} dbname=postgres'`, "
-            f"`touch DATA/standby.signal`, set primary_conninfo = '{source}' and "
-            f"primary_slot_name = '{slot_name(region)}', start"
+            "fenced read-only; to make it a replica run on its database host "
+            f"`latitude rejoin {region} --topology FILE` (stop, pg_rewind from {primary}, "
+            "standby.signal, start; --dry-run prints the steps)"
         )

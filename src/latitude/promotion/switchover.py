@@ -1,6 +1,9 @@
 """Planned switchover: move the primary to a caught-up replica with no acknowledged write lost.
 
-The steps (docs/promotion.md): check, publish the next epoch as pending (gateways hold writes),
+The steps (docs/promotion.md): check and cascade the other replicas through the target (before
+any write waits: they are then already connected when it is promoted, and with quorum commit its
+first commits do not wait for a standby to reconnect across an ocean), publish the next epoch as
+pending (gateways hold writes),
 fence the old primary's database and take its final WAL position, wait for the target to
 replay it, promote the target, create the slots, publish the epoch active, re-point the other
 replicas, bring the old primary back as a replica. Each step is bounded, printed, and written to
@@ -38,6 +41,7 @@ class Cluster(Protocol):
     def unfence(self, region: str) -> None: ...
     def rejoin(self, region: str, primary: str) -> str: ...
     def repoint(self, region: str, primary: str) -> str: ...
+    def wait_streaming(self, region: str, primary: str, timeout_s: float) -> bool: ...
     def record(self, epoch: Epoch, token: str, skip: tuple[str, ...] = ()) -> None: ...
 
 
@@ -108,7 +112,12 @@ def switchover(
                     "wait for it to catch up, or pass --force"
                 )
             j.mark("checked", lag_bytes=lag)
-        steps.say(f"check: {target} is a standby {j.data['lag_bytes']} bytes behind {old}", t0)
+            j.mark("cascaded", cascaded=cascade(cluster, target, old, pg_target))
+        steps.say(
+            f"check: {target} is a standby {j.data['lag_bytes']} bytes behind {old}; "
+            f"{_cascaded(j, target)}",
+            t0,
+        )
 
         pending = Epoch(number, target, "pending", time.time())
         t0 = time.monotonic()
@@ -145,13 +154,17 @@ def switchover(
 
         t0 = time.monotonic()
         others = [r for r in cluster.regions if r != target]
-        pg_target.ensure_slots(others)
-        if cluster.synchronous:
-            pg_target.set_synchronous(cluster.synchronous, others)
-        point_replicas(cluster, target, skip=(old,))
+        cascaded = tuple(j.data.get("cascaded", ()))
+        if not cascaded:  # else the slots and the quorum are in place since the check
+            pg_target.ensure_slots(others)
+            if cluster.synchronous:
+                pg_target.set_synchronous(cluster.synchronous, others)
+        point_replicas(cluster, target, skip=(old, *cascaded))
         active = Epoch(number, target, "active", time.time())
         token = sign_epoch(cluster.keyring, active)
         told = cluster.publish(token)
+        if cascaded:  # the old primary's slot, for its rejoin (after the writes resume)
+            pg_target.ensure_slots([old])
         cluster.record(active, token)
         j.mark("active", told=told)
         steps.say(f"publish epoch {number} active: {target} is primary ({_told(j)})", t0)
@@ -180,6 +193,43 @@ def switchover(
     }
 
 
+CASCADE_TIMEOUT_S = 5.0
+
+
+def cascade(cluster: Cluster, target: str, old: str, pg_target: PgServer) -> list[str]:
+    """Point the other standbys at the target while it is still a standby (cascading
+    replication): when it is promoted they follow its new timeline on the connection they
+    already have. Writes still flow meanwhile (through the target). Returns the regions that
+    stream from the target; the others are re-pointed after the promotion, as before."""
+    others = [r for r in cluster.regions if r not in (target, old)]
+    if not others:
+        return []
+    try:
+        pg_target.ensure_slots(others)  # physical slots can be made on a standby
+        if cluster.synchronous:
+            # Read at promotion: the first commits wait for the quorum at once.
+            pg_target.set_synchronous(
+                cluster.synchronous, [r for r in cluster.regions if r != target]
+            )
+    except PgUnavailable:
+        return []
+    pointed = []
+    for r in others:
+        try:
+            pg = cluster.pg(r)
+            if pg.in_recovery():
+                pg.set_upstream(cluster.conninfo(r, target), slot_name(r))
+                pointed.append(r)
+        except PgUnavailable:
+            pass
+    return [r for r in pointed if cluster.wait_streaming(r, target, CASCADE_TIMEOUT_S)]
+
+
+def _cascaded(j: Journal, target: str) -> str:
+    regions = j.data.get("cascaded") or []
+    return f"{', '.join(regions)} stream through {target}" if regions else "no replica cascades"
+
+
 def point_replicas(cluster: Cluster, primary: str, skip: tuple[str, ...] = ()) -> None:
     """Point the other standbys at the new primary at once (no waiting): with quorum commit the
     new primary's first commits wait for one of them, so they must not wait for the epoch."""
@@ -201,6 +251,7 @@ def _told(j: Journal) -> str:
 
 def _roll_back(cluster: Cluster, j: Journal, old: str, number: int) -> None:
     cluster.unfence(old)
+    point_replicas(cluster, old, skip=(j.data["target"],))  # no longer through the target
     back = Epoch(number + 1, old, "active", time.time())
     token = sign_epoch(cluster.keyring, back)
     cluster.publish(token)

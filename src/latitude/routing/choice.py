@@ -8,7 +8,8 @@
    healthy, wins at once (its RTT is the local one).
 3. Where nothing is measured (no checker has reached a region from there yet) the great-circle
    distance from the client to each region's `location` decides, converted to an estimated RTT.
-4. A client without a known location gets the primary region when it is routable.
+4. A client without a known location gets the primary region when it is routable: the primary
+   of the current epoch (`primary`, which follows promotions), not the topology file's.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class RegionRouter:
         config: RoutingConfig,
         locator: Locator | None = None,
         view: Callable[[], HealthView] | None = None,
+        primary: Callable[[], str] | None = None,
     ):
         self.topology = topology
         self.config = config
@@ -70,6 +72,24 @@ class RegionRouter:
         fixed = empty_view(names)
         self._view = view or (lambda: fixed)
         self._regions = {r.name: r for r in topology.regions}
+        start = topology.primary.name
+        self.primary: Callable[[], str] = primary or (lambda: start)
+
+    def primary_choice(self) -> Choice:
+        """The current primary region, whatever its health: primary-only names have nowhere
+        else to go (its gateway forwards nothing; a promotion moves them)."""
+        view = self._view()
+        return self._choice(
+            self.primary(),
+            view.fail_open,
+            "primary",
+            "a primary-only name: the current epoch's primary region",
+            None,
+            0,
+            None,
+            None,
+            view.healthy,
+        )
 
     def view(self) -> HealthView:
         return self._view()
@@ -91,7 +111,7 @@ class RegionRouter:
         fail_open = view.fail_open
         healthy = view.healthy
         if location is None:
-            primary = self.topology.primary.name
+            primary = self.primary()
             if primary in candidates:
                 return self._choice(
                     primary,
@@ -105,8 +125,8 @@ class RegionRouter:
                     healthy,
                 )
             origin: tuple[float, float] = (
-                self.topology.primary.latitude,
-                self.topology.primary.longitude,
+                self._regions[primary].latitude,
+                self._regions[primary].longitude,
             )
             vantage = primary if any(v == primary for v, _ in view.rtt_ms) else None
             best, ms, basis = self._best(candidates, origin, vantage, view)

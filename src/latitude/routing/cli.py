@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from latitude import atomic
+from latitude.promotion.watch import EpochWatch
 from latitude.routing.config import (
     RoutingConfig,
     RoutingConfigError,
@@ -283,6 +284,7 @@ def dns_command(
         http_host=address,
         http_port=http_port,
         on_change=_announce(quiet),
+        epoch=EpochWatch(topo),
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     asyncio.run(_serve(svc, ready_file, quiet))
@@ -366,6 +368,7 @@ def health_command(
         http_host=address,
         http_port=http_port,
         on_change=_announce(quiet),
+        epoch=EpochWatch(topo),
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     asyncio.run(_serve(svc, ready_file, quiet))
@@ -381,10 +384,16 @@ def export_command(
 ) -> None:
     """Export the routing policy for Route 53 (Terraform) or PowerDNS (LUA records)."""
     topo, config = _load(topology)
+    # Primary-only names name the current epoch's primary: from the epoch file next to the
+    # topology and the regions' gateways, as `latitude dns` learns it.
+    watch = EpochWatch(topo)
+    watch.refresh()
+    if watch.why_not:
+        err.print(f"note: {watch.why_not}", highlight=False, soft_wrap=True)
     if target == "route53":
-        text = route53_terraform(topo, config)
+        text = route53_terraform(topo, config, watch.epoch if watch.token else None, watch.primary)
     elif target == "powerdns":
-        text = powerdns_zone(topo, config)
+        text = powerdns_zone(topo, config, watch.epoch if watch.token else None, watch.primary)
     else:
         err.print(
             f"[red]error:[/red] unknown export {target!r}; use route53 or powerdns", highlight=False

@@ -70,12 +70,19 @@ class RoutingConfig:
     check_services: tuple[str, ...] = ("app",)
     history_path: str = DEFAULT_HISTORY_PATH
     addresses: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Names that always answer the current primary region (the website of architecture A, an
+    # admin host): absolute. Empty means `primary.<name>`.
+    primary_names: tuple[str, ...] = ()
     cidrs: tuple[CidrEntry, ...] = ()
     geoip_path: str | None = None
 
     @property
     def nameserver(self) -> str:
         return "ns1." + self.zone
+
+    @property
+    def primary_only(self) -> tuple[str, ...]:
+        return self.primary_names or ("primary." + self.name,)
 
     @property
     def window(self) -> int:
@@ -92,10 +99,10 @@ class RoutingConfig:
     def detection_bound_s(self) -> float:
         """Worst case from a region's death to the DNS answer changing: the next probe (one
         interval away at most) fails, then threshold - 1 more at the suspect cadence, each of
-        which may take the whole timeout."""
+        which may take the whole timeout (twice it after a lost probe: a new connection)."""
         return (
             self.check_interval_s
-            + (self.check_threshold - 1) * max(self.suspect_interval_s, self.check_timeout_s)
+            + (self.check_threshold - 1) * max(self.suspect_interval_s, 2 * self.check_timeout_s)
             + self.check_timeout_s
         )
 
@@ -227,6 +234,7 @@ def routing_config(topology: Topology) -> RoutingConfig:
             if guessed:
                 addresses[r.name] = (guessed,)
     cidrs = _cidrs(raw.get("cidrs", []), regions, problem)
+    primary_names = _primary_names(raw.get("primary_names"), zone, name, regions, problem)
 
     if problems:
         raise RoutingConfigError(topology.source, problems)
@@ -246,9 +254,34 @@ def routing_config(topology: Topology) -> RoutingConfig:
         check_services=tuple(dict.fromkeys(services)),
         history_path=history,
         addresses=addresses,
+        primary_names=primary_names,
         cidrs=cidrs,
         geoip_path=geoip,
     )
+
+
+def _primary_names(raw: object, zone: str, name: str, regions: set[str], problem):
+    """`primary_names = ["www", "admin.example.com."]`: relative to the zone, or absolute."""
+    if raw is None:
+        return ()
+    example = 'primary_names = ["www", "admin"]'
+    if not isinstance(raw, list) or not all(isinstance(x, str) and x.strip() for x in raw):
+        problem("primary_names", f"must be a list of host names; write {example}")
+        return ()
+    taken = {name, *(f"{r}.{name}" for r in regions)}
+    out = []
+    for given in raw:
+        full = fqdn(given, zone)
+        if not _valid_domain(full) or not (full == zone or full.endswith("." + zone)):
+            problem("primary_names", f"{given!r} is not a host name in the zone {zone!r}")
+        elif full in taken:
+            problem(
+                "primary_names",
+                f"{given!r} is already answered by region choice ({full}); choose another name",
+            )
+        else:
+            out.append(full)
+    return tuple(dict.fromkeys(out))
 
 
 def _valid_domain(name: str) -> bool:

@@ -8,6 +8,8 @@ Names it answers (everything below is case-insensitive):
   `suspect_ttl_s`, default 1 s, while a vantage point has lately seen that region fail, so a
   resolver does not keep a dying region's address for the full TTL);
 * `<region>.<app name>`: that region's addresses, whatever its health (for pinning and tests);
+* the primary-only names (`[routing] primary_names`, default `primary.<app name>`): the addresses
+  of the current epoch's primary, whatever its health (they follow a promotion at once);
 * any other name in the zone: `NXDOMAIN` with the `SOA` (negative TTL = `ttl_s`);
 * a name outside the zone: `REFUSED` (this server is authoritative only).
 
@@ -126,6 +128,7 @@ class DnsFront:
         self.nameserver = _labels(config.nameserver)
         self.ns_addresses = tuple(nameserver_addresses)
         self.regions = {_labels(f"{r.name}.{config.name}"): r.name for r in router.topology.regions}
+        self.primary_only = {_labels(n) for n in config.primary_only} - set(self.regions)
         self.soa = SOA(
             config.nameserver,
             "hostmaster." + config.zone,
@@ -154,7 +157,8 @@ class DnsFront:
             hit = self._cache.get(key)
             now = time.monotonic()
             view = self.router.view()
-            healthy = (view.healthy, view.suspect)
+            # A promotion changes answers as a health change does: at once.
+            healthy = (view.healthy, view.suspect, self.router.primary())
             if hit is not None and hit[0] > now and hit[1] == healthy:
                 self.stats["cached"] += 1
                 self.stats["answered"] += 1
@@ -245,6 +249,8 @@ class DnsFront:
             suspect = choice.region in self.router.view().suspect
             ttl = self.suspect_ttl if suspect else self.ttl
             self._addresses(reply, q, choice.addresses, ttl)
+        elif labels in self.primary_only:
+            self._addresses(reply, q, self.router.primary_choice().addresses)
         elif labels in self.regions:
             self._addresses(reply, q, self.router.config.addresses.get(self.regions[labels], ()))
         elif labels == self.nameserver:

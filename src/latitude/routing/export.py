@@ -7,6 +7,11 @@
 * PowerDNS (`powerdns`): zone-file lines with LUA records, `ifurlup` over every region's
   addresses with `pickclosest` (GeoIP backend needed) as selector and as backup selector, so
   the closest healthy address wins and the closest of all wins when none is healthy.
+
+Primary-only names (`[routing] primary_names`, default `primary.<name>`) are plain records of the
+current epoch's primary region (the caller passes it: `latitude routing export` reads the epoch
+as `latitude dns` does), so an export taken after a promotion names the new primary; re-export
+and apply after each promotion.
 """
 
 from __future__ import annotations
@@ -99,7 +104,17 @@ def _endpoint(url: str) -> tuple[str, int, str, bool]:
     return host, port, scheme, is_ip
 
 
-def route53_terraform(topology: Topology, config: RoutingConfig) -> str:
+def _epoch_line(comment: str, epoch, primary: str) -> str:
+    which = f"epoch {epoch.number}" if epoch is not None else "the topology (epoch 1)"
+    return (
+        f"{comment} Primary-only names answer {primary}, the primary in {which}; "
+        "export again after a promotion."
+    )
+
+
+def route53_terraform(
+    topology: Topology, config: RoutingConfig, epoch=None, primary: str | None = None
+) -> str:
     interval = route53_interval(config.check_interval_s)
     threshold = route53_threshold(config.check_threshold)
     name = config.name.rstrip(".")
@@ -188,17 +203,54 @@ def route53_terraform(topology: Topology, config: RoutingConfig) -> str:
                 "}",
                 "",
             ]
+    lines += _route53_primary_names(topology, config, epoch, primary or topology.primary.name)
     return "\n".join(lines)
+
+
+def _route53_primary_names(topology: Topology, config: RoutingConfig, epoch, primary: str):
+    region = topology.region(primary)
+    addresses = list(config.addresses.get(primary, ()))
+    sets = [
+        (t, v)
+        for t, v in (
+            ("A", [a for a in addresses if ":" not in a]),
+            ("AAAA", [a for a in addresses if ":" in a]),
+        )
+        if v
+    ]
+    if not sets:
+        host, _port, _kind, is_ip = _endpoint(region.public_url or region.internal_url or "")
+        if host and not is_ip:
+            sets = [("CNAME", [host])]
+    lines = [_epoch_line("#", epoch, primary), ""]
+    if not sets:
+        return [*lines, f"# {primary} has no addresses or public host: no primary-only records", ""]
+    for name in config.primary_only:
+        for rtype, values in sets:
+            lines += [
+                f'resource "aws_route53_record" "{_ident(name.rstrip("."))}_{rtype.lower()}" {{',
+                "  zone_id = var.zone_id",
+                f"  name    = {_hcl(name.rstrip('.'))}",
+                f"  type    = {_hcl(rtype)}",
+                f"  ttl     = {config.ttl_s}",
+                f"  records = {_hcl(values)}",
+                "}",
+                "",
+            ]
+    return lines
 
 
 def _lua_string(s: str) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def powerdns_zone(topology: Topology, config: RoutingConfig) -> str:
+def powerdns_zone(
+    topology: Topology, config: RoutingConfig, epoch=None, primary: str | None = None
+) -> str:
     name = config.name
     scheme = "https"
-    primary_url = topology.primary.public_url
+    primary = primary or topology.primary.name
+    primary_url = topology.region(primary).public_url
     if primary_url:
         scheme = urlsplit(primary_url).scheme or "https"
     check_url = f"{scheme}://{name.rstrip('.')}{config.check_path}"
@@ -235,5 +287,10 @@ def powerdns_zone(topology: Topology, config: RoutingConfig) -> str:
         for a in config.addresses.get(r.name, ()):
             rtype = "AAAA" if ":" in a else "A"
             lines.append(f"{r.name}.{name} {config.ttl_s} IN {rtype} {a}")
+    lines.append(_epoch_line(";", epoch, primary))
+    for only in config.primary_only:
+        for a in config.addresses.get(primary, ()):
+            rtype = "AAAA" if ":" in a else "A"
+            lines.append(f"{only} {config.ttl_s} IN {rtype} {a}")
     lines.append("")
     return "\n".join(lines)

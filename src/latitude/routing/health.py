@@ -3,7 +3,9 @@
 Model, per (vantage point, region, service):
 
 * one probe every `check_interval_s`, each an HTTP GET of the endpoint that must connect
-  within `check_timeout_s` and then answer `200` within `check_timeout_s`; while the verdict is in doubt (a failure among the recent results,
+  within `check_timeout_s` and then answer `200` within `check_timeout_s` (twice that on a new
+  connection, whose handshake a relay or TLS charges to the answer: the probe after a lost one
+  is always on a new connection); while the verdict is in doubt (a failure among the recent results,
   or the pair is down) every `suspect_interval_s` instead, so a death is confirmed, and a
   recovery noticed, in a fraction of the steady interval;
 * healthy -> down after `check_threshold` failures among the last `window` results (one lost
@@ -456,7 +458,18 @@ class HealthChecker:
     async def _probe_and_observe(
         self, session: aiohttp.ClientSession, v: Vantage, t: Target
     ) -> None:
-        ok, latency, error = await probe(session, t.url, self.config.check_timeout_s)
+        timeout = self.config.check_timeout_s
+        pair = self.pairs.get((v.name, t.region, t.service))
+        # A probe that failed without an answer took its connection with it, so the next one
+        # opens a new connection, and across a relay (or with TLS) the handshake rides on its
+        # first answer: two round trips where a kept-alive probe takes one. Judged by the
+        # kept-alive bound, the probe confirming a single lost one failed too under jitter and
+        # load, and one lost probe took a healthy region out. A new connection gets the connect
+        # budget on top of the answer's (Route 53 also times connecting separately).
+        fresh = pair is None or pair.checks == 0 or _lost_connection(pair.last_error)
+        ok, latency, error = await probe(
+            session, t.url, timeout, answer_s=2 * timeout if fresh else timeout
+        )
         self.observe(v.name, t.region, t.service, ok, latency, error)
 
     async def _peer_loop(self, session: aiohttp.ClientSession, p: Peer) -> None:
@@ -474,17 +487,23 @@ class HealthChecker:
             await asyncio.sleep(self.config.check_interval_s)
 
 
+def _lost_connection(error: str | None) -> bool:
+    """Whether a probe's failure closed its connection (anything but an HTTP answer)."""
+    return error is not None and not error.startswith("HTTP ")
+
+
 async def probe(
-    session: aiohttp.ClientSession, url: str, timeout_s: float
+    session: aiohttp.ClientSession, url: str, timeout_s: float, answer_s: float | None = None
 ) -> tuple[bool, float | None, str | None]:
     """GET `url`: (healthy, latency of the successful request in ms, error).
 
     Like Route 53's checks, the timeout applies to connecting and, separately, to the answer
-    once the request is sent: a probe that follows a timed-out one (its connection closed)
-    pays a new connection's round trip without that alone failing it across a far link."""
+    once the request is sent (`answer_s`, default `timeout_s`; the checker gives a probe on a
+    new connection twice as long, as a relay or TLS charges the handshake to the answer)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 2 * timeout_s
-    per_step = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
+    answer_s = timeout_s if answer_s is None else answer_s
+    deadline = loop.time() + timeout_s + answer_s
+    per_step = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=answer_s)
     attempts = 2  # a kept-alive connection the server closed meanwhile gets one fresh retry
     while True:
         attempts -= 1
@@ -498,7 +517,7 @@ async def probe(
                         return True, latency, None
                     return False, None, f"HTTP {resp.status}"
         except TimeoutError:  # aiohttp's connect and read timeouts are TimeoutErrors too
-            return False, None, f"no answer within {timeout_s:g} s"
+            return False, None, f"no answer within {answer_s:g} s"
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if attempts > 0 and loop.time() < deadline:
                 continue

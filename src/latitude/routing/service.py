@@ -47,6 +47,7 @@ class RoutingService:
         http_port: int | None = None,
         on_change: Callable[[str, bool, float], None] | None = None,
         check: bool = True,
+        epoch=None,
     ):
         self.topology = topology
         self.config = config
@@ -60,7 +61,16 @@ class RoutingService:
         self._user_on_change = on_change
         self.checker = HealthChecker(topology, config, vantages, peers, on_change=self._changed)
         self.locator = locator or make_locator(topology, config)
-        self.router = RegionRouter(topology, config, self.locator, lambda: self.checker.view)
+        # `epoch`: a `latitude.promotion.watch.EpochWatch`; without one the topology's primary
+        # stays the primary (a topology built in memory, a test).
+        self.epoch = epoch
+        self.router = RegionRouter(
+            topology,
+            config,
+            self.locator,
+            lambda: self.checker.view,
+            primary=(lambda: epoch.primary) if epoch is not None else None,
+        )
         ns = (dns_host,) if dns_host not in ("0.0.0.0", "::", "") else ()
         self.front = DnsFront(config, self.router, ns)
         self.dns = DnsServer(self.front, dns_host, dns_port) if dns_port is not None else None
@@ -82,6 +92,15 @@ class RoutingService:
                 log.exception("could not write the uptime history")
         if self._user_on_change is not None:
             self._user_on_change(region, healthy, at)
+
+    async def _follow_epoch(self) -> None:
+        """Learn promotions: primary-only names and the no-location default follow them."""
+        while True:
+            try:
+                await asyncio.to_thread(self.epoch.refresh)
+            except Exception:
+                log.exception("could not read the epoch")
+            await asyncio.sleep(min(self.config.check_interval_s, 1.0))
 
     async def _ticker(self) -> None:
         while True:
@@ -110,8 +129,18 @@ class RoutingService:
         if self.check:
             await self.checker.start()
         self._tick = asyncio.create_task(self._ticker())
+        self._epoch_task = None
+        if self.epoch is not None:
+            if self.epoch.why_not:
+                log.warning("%s", self.epoch.why_not)
+            await asyncio.to_thread(self.epoch.refresh)
+            self._epoch_task = asyncio.create_task(self._follow_epoch())
 
     async def stop(self) -> None:
+        if getattr(self, "_epoch_task", None) is not None:
+            self._epoch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._epoch_task
         if self._tick is not None:
             self._tick.cancel()
             with contextlib.suppress(asyncio.CancelledError):
