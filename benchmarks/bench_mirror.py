@@ -193,6 +193,18 @@ def propagation(world: LabWorld, pub: Publisher, samples: int, burst: int) -> di
                 keys.setdefault(("poll5", kind), []).append(pkey)
         return fast
 
+    def resume(other: str) -> None:
+        """Start the other mode's daemons again, and let them catch up and park."""
+        for r in REPLICAS:
+            world.revive(r, slots[other])
+        head = pub.serial
+        wait_until(
+            lambda: all(ContentRoot(mode_roots[other][r]).cursor() >= head for r in REPLICAS),
+            30,
+            f"the {other} mirrors to catch up",
+        )
+        time.sleep(RTT_MS / 1000 + 0.2)  # and park their next poll or stream
+
     # Each fast mode alone, the other's daemons stopped meanwhile (as for the burst): on 2
     # cores four mirrors waking at once for every publish measure each other's CPU.
     slots = {"stream": "mirror-sync", "longpoll": "mirror-longpoll"}
@@ -212,17 +224,7 @@ def propagation(world: LabWorld, pub: Publisher, samples: int, burst: int) -> di
             # Let every long-polling mirror park its next poll (one one-way trip after it
             # heard) before the next publish: isolated publishes, the long poll's best case.
             time.sleep(RTT_MS / 2000 + random.uniform(0.02, 0.06))
-        for r in REPLICAS:
-            world.revive(r, slots[other])
-        head = pub.serial
-        wait_until(
-            lambda other=other, head=head: all(
-                ContentRoot(mode_roots[other][r]).cursor() >= head for r in REPLICAS
-            ),
-            30,
-            f"the {other} mirrors to catch up",
-        )
-        time.sleep(RTT_MS / 1000 + 0.2)  # and park their next poll or stream
+        resume(other)
     # The burst, once per mode, the other fast mode's daemons stopped meanwhile.
     for mode, other in (("stream", "longpoll"), ("longpoll", "stream")):
         for r in REPLICAS:
@@ -234,30 +236,12 @@ def propagation(world: LabWorld, pub: Publisher, samples: int, burst: int) -> di
             path = f"bench/burst-{mode}/{i}.json"
             pub.publish(path, small)
             t0 = time.perf_counter()
-            for r in REPLICAS:
-                key = (mode, "burst", r, i)
-                watcher.expect(key, mode_roots[mode][r] / path, t0, (mode, r))
-                keys.setdefault((mode, "burst"), []).append(key)
-                fast.append(key)
-                if mode == "longpoll":  # the 5 s pollers run through both bursts; count one
-                    pkey = ("poll5", "burst", r, i)
-                    watcher.expect(pkey, mode_roots["poll5"][r] / path, t0)
-                    keys.setdefault(("poll5", "burst"), []).append(pkey)
+            fast += expect(mode, "burst", i, path, t0)
             next_at += 0.010
             time.sleep(max(0.0, next_at - time.perf_counter()))
         if not watcher.wait(fast, 20):
             raise SystemExit(f"the burst did not reach every {mode} mirror")
-        for r in REPLICAS:
-            world.revive(r, slots[other])
-        head = pub.serial
-        wait_until(
-            lambda other=other, head=head: all(
-                ContentRoot(mode_roots[other][r]).cursor() >= head for r in REPLICAS
-            ),
-            30,
-            f"the {other} mirrors to catch up",
-        )
-        time.sleep(RTT_MS / 1000 + 0.2)  # and park their next poll or stream
+        resume(other)
     say("propagation: waiting for the 5 s pollers to see the last samples")
     watcher.wait([k for ks in keys.values() for k in ks], 12)
     watcher.stop = True

@@ -13,6 +13,20 @@ from latitude.sessions import SessionStoreUnavailable
 from tests.unit.fakes import call
 
 
+def post_events(headers, client) -> dict:
+    """An ASGI scope for `POST /events` straight to a gateway, with these headers."""
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/events",
+        "raw_path": b"/events",
+        "query_string": b"",
+        "scheme": "http",
+        "headers": headers,
+        "client": client,
+    }
+
+
 class DownStore:
     """A session store that does not answer."""
 
@@ -78,37 +92,26 @@ async def test_a_bad_answer_signature_is_502_and_the_answer_is_discarded(regions
 
 
 async def test_a_forwarded_request_with_a_bad_signature_is_401_and_runs_nothing(regions):
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/events",
-        "raw_path": b"/events",
-        "query_string": b"",
-        "scheme": "http",
-        "headers": [
+    scope = post_events(
+        [
             (b"host", b"us-west.internal"),
             (b"latitude-forwarded-from", b"eu-west"),
             (b"signature-input", b'latitude=("@method");created=1;keyid="k1"'),
             (b"signature", b"latitude=:AAAA:"),
             (b"accept", b"application/json"),
         ],
-        "client": ("203.0.113.5", 1),
-    }
+        client=("203.0.113.5", 1),
+    )
     answer = await call(regions.primary, scope, b"{}")
     assert answer.status == 401 and regions.db.runs == 0
     assert json.loads(answer.body)["error"] == "Forwarded request rejected"
 
 
 async def test_a_forwarded_request_sent_to_a_replica_is_421(regions):
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/events",
-        "raw_path": b"/events",
-        "query_string": b"",
-        "headers": [(b"host", b"eu-west.internal"), (b"latitude-forwarded-from", b"ap-south")],
-        "client": ("10.0.0.9", 1),
-    }
+    scope = post_events(
+        [(b"host", b"eu-west.internal"), (b"latitude-forwarded-from", b"ap-south")],
+        client=("10.0.0.9", 1),
+    )
     answer = await call(regions.replica, scope, b"{}")
     assert answer.status == 421 and answer.header(b"retry-after") == "1"
 
@@ -136,15 +139,10 @@ async def test_a_stalled_upload_is_408_and_runs_nothing(make_regions):
     regions = make_regions(body_timeout_s=0.05)
     await regions.start()
     try:
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/events",
-            "raw_path": b"/events",
-            "query_string": b"",
-            "headers": [(b"host", b"eu-west.example.com"), (b"accept", b"application/json")],
-            "client": ("198.51.100.7", 1),
-        }
+        scope = post_events(
+            [(b"host", b"eu-west.example.com"), (b"accept", b"application/json")],
+            client=("198.51.100.7", 1),
+        )
         sent = []
 
         async def receive():
