@@ -159,7 +159,9 @@ class Regions:
         if isinstance(body, dict):
             body = json.dumps(body).encode()
         path, _, query = path.partition("?")
-        sent = [(b"host", f"{region}.example.com".encode()), (b"accept", b"application/json")]
+        sent = [(b"host", f"{region}.example.com".encode())]
+        if not any(k == b"accept" for k, _ in headers):
+            sent.append((b"accept", b"application/json"))
         if self.cookies and keep_cookies:
             jar = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
             sent.append((b"cookie", jar.encode()))

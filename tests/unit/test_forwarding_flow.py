@@ -188,3 +188,12 @@ async def test_a_write_that_leaves_the_session_costs_the_replica_one_store_call(
     assert replica_calls["n"] == 1  # the read of the session to carry; nothing written back
     me = await regions.request("GET", "/me", keep_cookies=True)
     assert me.status == 200
+
+
+async def test_a_write_that_leaves_the_session_costs_the_primary_three_store_calls(regions):
+    """The carried copy written once, the app's own read, one read after the run; nothing
+    written back when the app left the session as it came (the nonce is another store)."""
+    await regions.request("POST", "/login", {"name": "ada"})
+    primary_calls = count_calls(regions.sessions["us-west"])
+    answer = await regions.request("POST", "/events", {"title": "no session change"})
+    assert answer.status == 201 and primary_calls["n"] == 3

@@ -17,8 +17,7 @@ window is a guess).
   :class:`StrongPositionSource` and :func:`read_locally`, the one read decision.
 
 The route of the current request (``current_route``, ``route_to_primary``, ``claimed``,
-``WriteOnReplicaError``...) lives in :mod:`latitude.db.route`; its names are importable from here
-too, as they were before it moved.
+``WriteOnReplicaError``...) lives in :mod:`latitude.db.route` (import it from :mod:`latitude.db`).
 """
 
 from __future__ import annotations
@@ -39,29 +38,10 @@ from latitude.consistency.position import (
     reach,
 )
 from latitude.consistency.watcher import WAIT_BUCKETS_MS, ReplayWatcher
-from latitude.db.route import (
-    PRIMARY,
-    REPLICA,
-    ClaimFence,
-    ClaimLost,
-    RequestInfo,
-    WriteOnReplicaError,
-    claimed,
-    current_claim,
-    current_request,
-    current_route,
-    request_context,
-    route_to_primary,
-    route_to_replica,
-)
 
 __all__ = [
     "POSITION_SQL",
-    "PRIMARY",
-    "REPLICA",
     "WAIT_BUCKETS_MS",
-    "ClaimFence",
-    "ClaimLost",
     "ConsistencyMode",
     "ConsistencyPolicy",
     "CookieClaim",
@@ -69,18 +49,9 @@ __all__ = [
     "Reach",
     "ReplayWatcher",
     "ReplicationPosition",
-    "RequestInfo",
     "StrongPositionSource",
-    "WriteOnReplicaError",
-    "claimed",
-    "current_claim",
-    "current_request",
-    "current_route",
     "primary_position",
     "primary_position_async",
     "reach",
     "read_locally",
-    "request_context",
-    "route_to_primary",
-    "route_to_replica",
 ]

@@ -67,12 +67,18 @@ class AppFailed(Refused):
     """The app raised, or left a session no store can keep, while running a forwarded request."""
 
 
+def _nothing(exc: BaseException) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class Refusal:
     status: int
     title: str
     retry_after_s: int | None = None
     detail: Callable[[BaseException], str] = str
+    data: Callable[[BaseException], dict] = _nothing  # more fields for a JSON answer
+    marker: bytes | None = None  # the primary's signed word on the key to the replica
 
 
 def _deadline(exc: BaseException) -> str:
@@ -128,13 +134,22 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (SessionTooLarge, Refusal(413, "Session too large to forward")),
     (SessionStoreUnavailable, Refusal(503, "Session store unavailable", 2, _store_down)),
     (SessionError, Refusal(413, "Session rejected")),
-    (AnswerTooLarge, Refusal(502, "The primary region's answer is too large", None, _too_big)),
+    (
+        AnswerTooLarge,
+        Refusal(
+            502,
+            "The primary region's answer is too large",
+            None,
+            _too_big,
+            lambda e: {"max_answer_bytes": e.limit},
+        ),
+    ),
     (BadAnswerSignature, Refusal(502, "Bad answer from the primary region")),
     (DeadlinePassed, Refusal(504, "The primary region did not answer in time", 1, _deadline)),
-    (ReadOnly, Refusal(503, "Read-only for now", 5, _read_only)),
+    (ReadOnly, Refusal(503, "Read-only for now", 5, _read_only, lambda e: {"read_only": True})),
     (Busy, Refusal(503, "Busy", 1, _busy)),
-    (KeyReused, Refusal(422, "Idempotency-Key reused")),
-    (KeyInProgress, Refusal(409, "Idempotency-Key in use")),
+    (KeyReused, Refusal(422, "Idempotency-Key reused", marker=b"mismatch")),
+    (KeyInProgress, Refusal(409, "Idempotency-Key in use", marker=b"in-progress")),
     (Demoted, Refusal(503, "Misdirected request", 1)),
     (NotPrimary, Refusal(421, "Misdirected request", 1)),
     (DigestMismatch, Refusal(401, "Forwarded request rejected")),
@@ -168,14 +183,10 @@ async def refuse(
 ) -> None:
     """Answer the client for `exc`, as the table says, in its language."""
     refusal = refusal_for(exc)
-    data = {}
+    data = refusal.data(exc)
     key = getattr(exc, "key", None)
     if key:
         data["idempotency_key"] = key
-    if isinstance(exc, ReadOnly):
-        data["read_only"] = True
-    if isinstance(exc, AnswerTooLarge):
-        data["max_answer_bytes"] = exc.limit
     await send_error(
         scope,
         send,

@@ -263,9 +263,7 @@ class Fallback:
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 finished.set()
 
-        route = request_route(
-            db.PRIMARY, scope["method"], scope["path"], gw.config.region.name
-        )
+        route = request_route(db.PRIMARY, scope["method"], scope["path"], gw.config.region.name)
         fence = db.claimed(claim.key, claim.started_at, idle_timeout_s=FENCE_IDLE_S)
         with route, fence:
             await bounded(gw.app(gw.edge_scope(scope), receive, send), FALLBACK_TIMEOUT_S)
@@ -317,9 +315,7 @@ class Fallback:
                 await bounded(store.ping(timeout_s=budget), budget)
                 self._primary_db_seen_at = time.monotonic()
             left = budget - (time.monotonic() - started)
-            route = request_route(
-                db.PRIMARY, scope["method"], scope["path"], gw.config.region.name
-            )
+            route = request_route(db.PRIMARY, scope["method"], scope["path"], gw.config.region.name)
             with route:
                 run = gw.app(gw.edge_scope(scope), *body.replay(body.size, captured.send))
                 await bounded(run, max(left, 0.05))

@@ -230,8 +230,8 @@ class PrimarySide:
         copy: one read of the store, and no write back when the app left it as it came."""
         gw = self.gateway
         new_sid = set_cookie_value(captured.headers, gw.config.session_cookie) or sid
-        if not new_sid:
-            return b"", SessionTail.UNCHANGED if sid is None else SessionTail.DELETED
+        if not new_sid:  # no session before the run, none made by it
+            return b"", SessionTail.UNCHANGED
         session = await gw.session_store.get(new_sid)
         if new_sid == sid and session == brought:
             return b"", SessionTail.UNCHANGED
@@ -260,10 +260,8 @@ class PrimarySide:
             *answer_headers(exc, refusal),
             *refusal_tail(),
         ]
-        if isinstance(exc, KeyInProgress):
-            headers.append((IDEMPOTENCY, b"in-progress"))
-        elif isinstance(exc, KeyReused):
-            headers.append((IDEMPOTENCY, b"mismatch"))
+        if refusal.marker is not None:  # the replica waits (in-progress) or relays (mismatch)
+            headers.append((IDEMPOTENCY, refusal.marker))
         body = json.dumps({"error": refusal.title, "detail": refusal.detail(exc)}).encode()
         await self._send_signed(send, request_headers, refusal.status, headers, body)
 
