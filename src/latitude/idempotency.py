@@ -21,7 +21,8 @@ by every gateway process::
                           state text not null,            -- 'running' | 'completed'
                           status int, headers jsonb, body bytea,
                           created_at timestamptz default now(), completed_at timestamptz,
-                          applied boolean default false)
+                          applied boolean default false,
+                          runner text)                    -- a claim made in the app's transaction
 
 ``created_at`` is when the current run claimed the key.
 
@@ -32,6 +33,16 @@ released by :meth:`IdempotencyStore.abandon`, only while no transaction of its r
 stale or failed run that did commit is completed with the "answer lost" outcome
 (``LOST_ANSWER_STATUS``) instead, so it is never run twice. A run whose claim was taken over
 fails its next transaction's mark (``ClaimLost``) before writing anything.
+
+**The claim in the app's transaction.** With :func:`claim_statement` as the first statement of
+each of the app's transactions (``[gateway] idempotency_claim = "in_transaction"``), the run
+claims nothing beforehand: the statement inserts the key (``runner`` = the run's token, marked
+applied) or takes it if it is the run's own or a stale unapplied claim of the same request, and
+finds it anyone else's otherwise (then the caller aborts the transaction and answers from
+:meth:`IdempotencyStore.begin`). Such a row exists exactly when a transaction of its run
+committed. :meth:`IdempotencyStore.complete_run` then stores the outcome (inserting the row if
+no transaction committed), :meth:`IdempotencyStore.settle_run` settles a failed run that had
+committed. See docs/gateway.md for what it asks of the app.
 
 **Claims that arrive late.** A claim sent over a link that then stalls may reach the database
 long after its sender gave up (a cut link holds the bytes and delivers them on heal). Nothing
@@ -52,7 +63,8 @@ claim was taken over can no longer store its outcome if it passes its :class:`Cl
 ``complete`` / ``abandon``: the claim is checked against ``created_at``. A takeover is a
 single conditional ``UPDATE``, so of two concurrent takers exactly one wins.
 
-This module is a leaf: it imports no other ``latitude`` module.
+It imports no gateway module: only the table's statements (:mod:`latitude.claims`) and the
+WAL position's SQL.
 """
 
 from __future__ import annotations
@@ -60,7 +72,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -71,6 +82,20 @@ from psycopg import pq
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from latitude.claims import (
+    DEFAULT_PURGE_EVERY_S,
+    DEFAULT_RETENTION_S,
+    DEFAULT_STALE_AFTER_S,
+    LOST_ANSWER_BODY,
+    LOST_ANSWER_HEADERS,
+    LOST_ANSWER_STATUS,
+    SCHEMA,
+    TABLE,
+    check_key,
+    claim_statement,
+    fence_statement,
+    headers_json,
+)
 from latitude.consistency.position import POSITION_SQL
 
 __all__ = [
@@ -84,66 +109,9 @@ __all__ = [
     "IdempotencyUnavailable",
     "ClaimTooLate",
     "Outcome",
+    "claim_statement",
     "fence_statement",
 ]
-
-TABLE = "latitude_idempotency"
-DEFAULT_STALE_AFTER_S = 60.0
-DEFAULT_RETENTION_S = 24 * 3600.0
-DEFAULT_PURGE_EVERY_S = 3600.0
-
-_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as an HTTP header value allows
-
-_SCHEMA = f"""
-create table if not exists {TABLE} (
-    key text primary key,
-    request_hash text not null,
-    state text not null check (state in ('running', 'completed')),
-    status int,
-    headers jsonb,
-    body bytea,
-    created_at timestamptz not null default now(),
-    completed_at timestamptz
-);
-alter table {TABLE} add column if not exists applied boolean not null default false;
-create index if not exists {TABLE}_created_at on {TABLE} (created_at)
-"""
-
-# Run by `latitude.db` as the first statement of each of the app's transactions on the primary
-# while a claimed request runs: the mark commits with the transaction or not at all, and it
-# row-locks the claim, so a retry that would take the claim over (or release it) waits for the
-# transaction to end and then sees whether it committed.
-_FENCE = (
-    f"with m as (update {TABLE} set applied = true where key = %s and created_at = %s "
-    "and state = 'running' returning 1) select count(*) from m"
-)
-_FENCE_IDLE = (
-    f"with m as (update {TABLE} set applied = true where key = %s and created_at = %s "
-    "and state = 'running' returning 1) "
-    "select count(*), set_config('idle_in_transaction_session_timeout', %s, true) from m"
-)
-
-# What a retry gets when a run committed its effects but its answer never reached the store
-# (its process died, or its link broke after the commit): the request is not run again.
-LOST_ANSWER_STATUS = 409
-LOST_ANSWER_HEADERS = [("content-type", "application/json")]
-LOST_ANSWER_BODY = (
-    b'{"error": "Applied, but the answer was lost", "detail": "This request was carried out, '
-    b'but its answer was lost on the way; it will not be run again. Reload to see its result."}'
-)
-
-
-def fence_statement(
-    key: str, started_at: Any, idle_timeout_s: float | None = None
-) -> tuple[str, tuple]:
-    """The SQL (and parameters) that marks the claim ``(key, started_at)`` applied within the
-    current transaction; it returns the number of claims marked (1, or 0 if the claim is no
-    longer that run's). With ``idle_timeout_s``, the database also aborts the transaction if the
-    app's next statement takes longer than that to arrive (a link that stalls mid-transaction
-    must not hold the claim's row lock, and the outcome, hostage)."""
-    if idle_timeout_s is None:
-        return _FENCE, (key, started_at)
-    return _FENCE_IDLE, (key, started_at, str(max(1, int(idle_timeout_s * 1000))))
 
 
 class IdempotencyError(Exception):
@@ -226,6 +194,22 @@ class OutcomeStore(Protocol):
         self, key: str, *, claim: Claim | None = None, timeout_s: float | None = None
     ) -> bool: ...
 
+    async def complete_run(
+        self,
+        key: str,
+        request_hash: str,
+        runner: str,
+        status: int,
+        headers: Iterable[Sequence[str | bytes]],
+        body: bytes,
+        *,
+        timeout_s: float | None = None,
+    ) -> tuple[bool, str | None]: ...
+
+    async def settle_run(
+        self, key: str, runner: str, *, timeout_s: float | None = None
+    ) -> bool: ...
+
     async def position(self, timeout_s: float | None = None) -> str: ...
 
     async def ping(self, timeout_s: float | None = None) -> None: ...
@@ -237,26 +221,6 @@ class OutcomeStore(Protocol):
     ) -> None: ...
 
     async def close(self) -> None: ...
-
-
-def _check_key(key: str) -> str:
-    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
-        raise ValueError(
-            f"invalid idempotency key {str(key)[:40]!r}: expected 1 to 255 visible ASCII characters"
-        )
-    return key
-
-
-def _header_text(value: str | bytes) -> str:
-    return value.decode("latin-1") if isinstance(value, bytes | bytearray) else str(value)
-
-
-def _headers_json(headers: Iterable[Sequence[str | bytes]]) -> list[list[str]]:
-    pairs = []
-    for pair in headers:
-        name, value = pair
-        pairs.append([_header_text(name), _header_text(value)])
-    return pairs
 
 
 class IdempotencyStore:
@@ -334,7 +298,7 @@ class IdempotencyStore:
         processes at once: an advisory lock serializes them."""
         async with self._transaction() as conn:
             await conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (TABLE,))
-            for statement in _SCHEMA.split(";"):
+            for statement in SCHEMA.split(";"):
                 await conn.execute(statement)
 
     async def begin(
@@ -404,7 +368,7 @@ class IdempotencyStore:
         not_after: float | None,
         timeout_s: float | None,
     ) -> Claim:
-        _check_key(key)
+        check_key(key)
         if not request_hash or not isinstance(request_hash, str):
             raise ValueError("request_hash must be a non-empty string")
         if stale_after_s <= 0:
@@ -486,7 +450,7 @@ class IdempotencyStore:
             f"update {TABLE} set state = 'completed', status = %s, headers = %s, body = %s, "
             f"completed_at = now() where state = 'running' and applied and {where} "
             "returning key",
-            (LOST_ANSWER_STATUS, Jsonb(_headers_json(LOST_ANSWER_HEADERS)), LOST_ANSWER_BODY)
+            (LOST_ANSWER_STATUS, Jsonb(headers_json(LOST_ANSWER_HEADERS)), LOST_ANSWER_BODY)
             + tuple(args),
         )
         return await cur.fetchone() is not None
@@ -523,12 +487,12 @@ class IdempotencyStore:
         """:meth:`complete`, also returning the database's WAL position (``pg_current_wal_lsn``)
         read in the same round trip: after the request's own commits, so a replica that has
         replayed it shows everything the request wrote."""
-        _check_key(key)
+        check_key(key)
         query = (
             f"update {TABLE} set state = 'completed', status = %s, headers = %s, body = %s, "
             "completed_at = now() where key = %s and state = 'running'"
         )
-        params: list[Any] = [int(status), Jsonb(_headers_json(headers)), bytes(body), key]
+        params: list[Any] = [int(status), Jsonb(headers_json(headers)), bytes(body), key]
         query, params = _with_claim(query, params, claim)
         return await self._retrying(lambda: self._complete_at(query, params, timeout_s))
 
@@ -544,13 +508,63 @@ class IdempotencyStore:
             stored, position = await cur.fetchone()
             return stored > 0, position
 
+    async def complete_run(
+        self,
+        key: str,
+        request_hash: str,
+        runner: str,
+        status: int,
+        headers: Iterable[Sequence[str | bytes]],
+        body: bytes,
+        *,
+        timeout_s: float | None = None,
+    ) -> tuple[bool, str | None]:
+        """Store the outcome of the run ``runner``, whose claim was made in the app's own
+        transactions (:func:`claim_statement`), and read the WAL position, in one round trip:
+        the run's running row is completed, or, if none of its transactions committed (no row),
+        a completed row is inserted. A row that is anyone else's is left as it is (``False``)."""
+        check_key(key)
+        query = (
+            f"with done as (insert into {TABLE} as t "
+            "(key, request_hash, state, status, headers, body, completed_at, runner) "
+            "values (%s, %s, 'completed', %s, %s, %s, now(), %s) "
+            "on conflict (key) do update set state = 'completed', status = excluded.status, "
+            "headers = excluded.headers, body = excluded.body, completed_at = now() "
+            "where t.runner = excluded.runner and t.state = 'running' returning 1) "
+            f"select (select count(*) from done), {POSITION_SQL}"
+        )
+        params = (key, request_hash, int(status), Jsonb(headers_json(headers)), bytes(body))
+        params += (runner,)
+
+        async def once() -> tuple[bool, str | None]:
+            async with self._connection(timeout_s) as conn:
+                cur = await conn.execute(query, params)
+                stored, position = await cur.fetchone()
+                return stored > 0, position
+
+        return await self._retrying(once)
+
+    async def settle_run(self, key: str, runner: str, *, timeout_s: float | None = None) -> bool:
+        """The run ``runner`` failed after a transaction of it committed its claim: complete
+        its row with the "answer lost" outcome, so a retry does not run it again. ``False`` if
+        the run has no running row (none of its transactions committed: nothing to release)."""
+        check_key(key)
+
+        async def once() -> bool:
+            async with self._connection(timeout_s) as conn:
+                return await self._settle_lost_answer(
+                    conn, "key = %s and runner = %s", (key, runner)
+                )
+
+        return await self._retrying(once)
+
     async def abandon(
         self, key: str, *, claim: Claim | None = None, timeout_s: float | None = None
     ) -> bool:
         """Delete a running row (the app failed) so a retry may run it. Returns ``False`` if
         there was no such running row (or, with ``claim``, not that run), or if the run had
         committed a transaction (see Fencing): that row is completed as "answer lost" instead."""
-        _check_key(key)
+        check_key(key)
         query, params = _with_claim(
             f"delete from {TABLE} where key = %s and state = 'running' and not applied",
             [key],

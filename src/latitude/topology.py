@@ -89,6 +89,7 @@ TABLE_KEYS: dict[str, set[str]] = {
         "max_pending_headers",
         "idempotency_retention_s",
         "idempotency_purge_every_s",
+        "idempotency_claim",
     },
     "mirror": {"root", "indexes", "retention_s", "max_lag_s", "poll_timeout_s", "paths"},
     "routing": {

@@ -14,10 +14,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
+from latitude.claims import claim_statement, fence_statement
 from latitude.db.route import (
     PRIMARY,
     REPLICA,
+    ClaimInTransaction,
     ClaimLost,
+    ClaimRefused,
     WriteOnReplicaError,
     current_claim,
     current_route,
@@ -60,23 +63,43 @@ def _translate_read_only(ctx: Any) -> None:
 def _fence_claim(conn: Any) -> None:
     """``begin`` listener on the primary engine: inside a claimed request (the gateway sets
     :data:`~latitude.db.route.current_claim`), mark the claim applied as the transaction's
-    first statement, so the mark commits with the app's writes or not at all. Run on the DBAPI
-    connection: the driver opens the transaction with it, and SQLAlchemy's own begin is not
-    re-entered."""
+    first statement, or make the claim there (:class:`ClaimInTransaction`), so the mark or the
+    claim commits with the app's writes or not at all. Run on the DBAPI connection: the driver
+    opens the transaction with it, and SQLAlchemy's own begin is not re-entered."""
     fence = current_claim.get()
     if fence is None or current_route.get() != PRIMARY:
         return
-    from latitude.idempotency import fence_statement
-
+    if isinstance(fence, ClaimInTransaction):
+        _claim_in_transaction(conn.connection.dbapi_connection, fence)
+        return
     sql, params = fence_statement(fence.key, fence.started_at, fence.idle_timeout_s)
-    cursor = conn.connection.dbapi_connection.cursor()
+    if _first_value(conn.connection.dbapi_connection, sql, params) != 1:
+        raise ClaimLost(fence.key)
+
+
+def _claim_in_transaction(dbapi_connection: Any, claim: ClaimInTransaction) -> None:
+    """Make ``claim`` in the transaction just opened, or refuse the transaction: rolled back at
+    once (it row-locked the key's row, and the app may hold the connection for a while), before
+    any statement of the app's."""
+    if not claim.refused:
+        sql, params = claim_statement(
+            claim.key, claim.request_hash, claim.runner, claim.stale_after_s
+        )
+        if _first_value(dbapi_connection, sql, params) == 1:
+            claim.taken = True
+            return
+        claim.refused = True
+        dbapi_connection.rollback()
+    raise ClaimRefused(claim.key)
+
+
+def _first_value(dbapi_connection: Any, sql: str, params: tuple) -> Any:
+    cursor = dbapi_connection.cursor()
     try:
         cursor.execute(sql, params)
-        (marked, *_) = cursor.fetchone()
+        return cursor.fetchone()[0]
     finally:
         cursor.close()
-    if marked != 1:
-        raise ClaimLost(fence.key)
 
 
 class _Routed:

@@ -22,10 +22,13 @@ __all__ = [
     "READ_ONLY_SQL_TRANSACTION",
     "REPLICA",
     "ClaimFence",
+    "ClaimInTransaction",
     "ClaimLost",
+    "ClaimRefused",
     "RequestInfo",
     "WriteOnReplicaError",
     "claimed",
+    "claiming",
     "current_claim",
     "current_request",
     "current_route",
@@ -103,7 +106,25 @@ class ClaimFence:
     idle_timeout_s: float | None = None
 
 
-current_claim: ContextVar[ClaimFence | None] = ContextVar("latitude_claim", default=None)
+@dataclass(slots=True)
+class ClaimInTransaction:
+    """A claim not made yet: the first statement of each of the app's transactions on the
+    primary makes it (``[gateway] idempotency_claim = "in_transaction"``, docs/gateway.md).
+    ``runner`` is the run's own token. The gateway reads what happened after the run:
+    ``taken`` once a transaction held the claim (it exists if that one committed), ``refused``
+    once the key turned out to be anyone else's (every transaction from then on fails)."""
+
+    key: str
+    request_hash: str
+    runner: str
+    stale_after_s: float = 60.0
+    taken: bool = False
+    refused: bool = False
+
+
+current_claim: ContextVar[ClaimFence | ClaimInTransaction | None] = ContextVar(
+    "latitude_claim", default=None
+)
 """Set by the gateway while the app runs a claimed (non-read) request. :mod:`latitude.db` then
 marks the claim "applied" inside each of the app's transactions on the primary, so a commit
 and its mark land together or not at all: a retry can tell "never ran" from "ran, answer lost",
@@ -117,6 +138,11 @@ def claimed(
     return _set(current_claim, ClaimFence(key, started_at, idle_timeout_s))
 
 
+def claiming(claim: ClaimInTransaction) -> contextlib.AbstractContextManager[None]:
+    """``with claiming(pending): ...`` lets the app's transactions make the claim ``pending``."""
+    return _set(current_claim, claim)
+
+
 class ClaimLost(Exception):
     """The request's idempotency claim is no longer its own (taken over, or settled): its
     transaction is refused before it writes anything."""
@@ -125,6 +151,20 @@ class ClaimLost(Exception):
         super().__init__(
             f"idempotency key {key!r}: this run's claim was taken over by a retry; "
             "its transaction is refused so that the request runs once"
+        )
+
+
+class ClaimRefused(ClaimLost):
+    """The key the request runs under is already anyone else's (a retry of a completed
+    request, a concurrent duplicate, another request's key): the transaction is rolled back
+    before it writes anything, and the gateway answers from the stored outcome."""
+
+    def __init__(self, key: str):
+        Exception.__init__(
+            self,
+            f"idempotency key {key!r}: the key is already held or done (a retry or a "
+            "duplicate); this transaction is refused before it writes anything, and the "
+            "gateway answers from the stored outcome",
         )
 
 

@@ -15,6 +15,18 @@ class GatewayConfigError(Exception):
     pass
 
 
+EAGER_CLAIM = "eager"
+CLAIM_IN_TRANSACTION = "in_transaction"
+CLAIM_MODES = (EAGER_CLAIM, CLAIM_IN_TRANSACTION)
+
+
+def _one_of(value: str, name: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        choices = " or ".join(repr(a) for a in allowed)
+        raise GatewayConfigError(f"[gateway] {name} = {value!r}: it must be {choices}")
+    return value
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     topology: Topology
@@ -48,6 +60,10 @@ class GatewayConfig:
     # anew), purged by the primary's gateway every `idempotency_purge_every_s`.
     idempotency_retention_s: float = 24 * 3600.0
     idempotency_purge_every_s: float = 3600.0
+    # Where the primary claims a forwarded write's key: "eager" (its own round trip, before the
+    # app runs: safe for any app), or "in_transaction" (in the app's first `latitude.db`
+    # transaction: one round trip less; docs/gateway.md says what it asks of the app).
+    idempotency_claim: str = "eager"
 
     @property
     def primary(self) -> Region:
@@ -129,6 +145,9 @@ class GatewayConfig:
             ),
             idempotency_purge_every_s=_positive(
                 get("idempotency_purge_every_s", 3600.0), "idempotency_purge_every_s"
+            ),
+            idempotency_claim=_one_of(
+                get("idempotency_claim", EAGER_CLAIM, str), "idempotency_claim", CLAIM_MODES
             ),
         )
 

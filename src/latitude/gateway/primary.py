@@ -1,8 +1,9 @@
 """The primary region's side of forwarding: verify, claim, run, store, sign.
 
 A forwarded request is run once per idempotency key: its signature and nonce are checked, the
-key is claimed in the primary database, the replica's session is put in place, the app runs
-with each of its transactions fenced by the claim, and the answer (with the session after the
+key is claimed in the primary database (or, with `idempotency_claim = "in_transaction"`, by
+the app's own first transaction), the replica's session is put in place, the app runs with
+each of its transactions fenced by the claim, and the answer (with the session after the
 run and the WAL position that holds the write) is stored under the key and signed back. Every
 refusal on the way is signed too (`answers.TABLE` gives its status), so the replica relays it
 and leaves its session unchanged.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import uuid
 
 from latitude import db
 from latitude.cookies import set_cookie_value
@@ -29,6 +31,7 @@ from latitude.gateway.answers import (
     with_key,
 )
 from latitude.gateway.classify import SAFE_METHODS
+from latitude.gateway.config import CLAIM_IN_TRANSACTION
 from latitude.gateway.envelope import (
     IDEMPOTENCY,
     IDEMPOTENCY_KEY,
@@ -139,33 +142,46 @@ class PrimarySide:
         headers = scope["headers"]
         request = unpack_request(scope, body.size)
         sid = session_id(headers, gw.config.session_cookie)
-        claim = None
+        claim: Claim | None = None
+        pending: db.ClaimInTransaction | None = None
+        fingerprint = ""
         if scope["method"] not in SAFE_METHODS:  # a read changes nothing: it simply runs again
             fingerprint = request_fingerprint(
                 scope, body.prefix_digest(body.size - request.session_length), sid
             )
-            claim = await self._claim(scope, request.key, fingerprint)
-            if claim.outcome is Outcome.REPLAY:
-                gw.counters["replayed"] += 1
-                replayed = claim.asgi_headers()
-                if claim.position:
-                    # The writer's next read must wait for the write, as after the first answer.
-                    replayed.append((POSITION, claim.position.encode()))
-                await self._send_signed(send, headers, claim.status, replayed, claim.body)
-                return
+            if gw.config.idempotency_claim == CLAIM_IN_TRANSACTION:
+                # The app's first transaction makes the claim (docs/gateway.md).
+                pending = db.ClaimInTransaction(request.key, fingerprint, uuid.uuid4().hex)
+            else:
+                claim = await self._claim(scope, request.key, fingerprint)
+                if claim.outcome is Outcome.REPLAY:
+                    await self._send_replay(send, headers, claim)
+                    return
         try:
             brought = await self._bring_session(sid, body.read_tail(request.session_length))
-            captured = await self._run_app(scope, request, body, claim)
+            captured = await self._run_app(scope, request, body, claim or pending)
+            if pending is not None and pending.refused:
+                # Whatever the app made of its refused transaction: the store has the answer.
+                await self._answer_from_store(scope, send, headers, request.key, fingerprint)
+                return
             out_headers, envelope = pack_answer(
                 captured.headers,
                 bytes(captured.body),
                 *await self._session_after(captured, sid, brought),
             )
-        except BaseException:
-            await self._abandon(claim)
+        except BaseException as exc:
+            if pending is not None and pending.refused and isinstance(exc, Exception):
+                await self._answer_from_store(scope, send, headers, request.key, fingerprint)
+                return
+            await self._abandon(claim, pending)
             raise
         # One round trip stores the outcome and reads the WAL position the replica must reach.
-        if claim is None:
+        if pending is not None:
+            note(scope, idempotency=Outcome.NEW.value)
+            _, position = await gw.idempotency.complete_run(
+                request.key, fingerprint, pending.runner, captured.status, out_headers, envelope
+            )
+        elif claim is None:
             position = await gw.idempotency.position()
         else:
             _, position = await gw.idempotency.complete_at_position(
@@ -186,6 +202,26 @@ class PrimarySide:
             raise KeyReused("this Idempotency-Key was used for a different request")
         return claim
 
+    async def _answer_from_store(
+        self, scope: Scope, send: Send, headers: Headers, key: str, fingerprint: str
+    ) -> None:
+        """The app's transaction found the key anyone else's: answer what the store holds
+        (replay, 409, 422). A key that is free again by now (released, purged) was claimed by
+        the lookup: released at once, and the replica's retry runs the request."""
+        claim = await self._claim(scope, key, fingerprint)
+        if claim.outcome is Outcome.NEW:
+            await self.gateway.idempotency.abandon(key, claim=claim)
+            raise KeyInProgress("a request with this Idempotency-Key was running")
+        await self._send_replay(send, headers, claim)
+
+    async def _send_replay(self, send: Send, headers: Headers, claim: Claim) -> None:
+        self.gateway.counters["replayed"] += 1
+        replayed = claim.asgi_headers()
+        if claim.position:
+            # The writer's next read must wait for the write, as after the first answer.
+            replayed.append((POSITION, claim.position.encode()))
+        await self._send_signed(send, headers, claim.status, replayed, claim.body)
+
     async def _bring_session(self, sid: str | None, blob: bytes) -> bytes | None:
         """Put the replica region's session in place for the app (the envelope brought it),
         as a copy that expires soon: the session's home is its own region. Returns it."""
@@ -200,18 +236,23 @@ class PrimarySide:
         return session
 
     async def _run_app(
-        self, scope: Scope, request: ForwardedRequest, body: SpooledBody, claim: Claim | None
+        self,
+        scope: Scope,
+        request: ForwardedRequest,
+        body: SpooledBody,
+        claim: Claim | db.ClaimInTransaction | None,
     ) -> CapturedResponse:
         gw = self.gateway
         captured = CapturedResponse()
         route = request_route(
             gw.primary_route, scope["method"], scope["path"], gw.config.region.name
         )
-        fence = (
-            db.claimed(claim.key, claim.started_at)
-            if claim is not None
-            else contextlib.nullcontext()
-        )
+        if isinstance(claim, db.ClaimInTransaction):
+            fence = db.claiming(claim)
+        elif claim is not None:
+            fence = db.claimed(claim.key, claim.started_at)
+        else:
+            fence = contextlib.nullcontext()
         try:
             with route, fence:
                 replay = body.replay(body.size - request.session_length, captured.send)
@@ -219,6 +260,8 @@ class PrimarySide:
         except SessionStoreUnavailable:
             raise
         except Exception as exc:
+            if isinstance(claim, db.ClaimInTransaction) and claim.refused:
+                raise AppFailed("the key is another run's") from exc  # not the app's failure
             log.exception("the app failed on a forwarded %s %s", scope["method"], scope["path"])
             raise AppFailed("internal error") from exc
         return captured
@@ -245,11 +288,14 @@ class PrimarySide:
         except SessionError as exc:  # the app's session outgrew what can be carried back
             raise AppFailed(str(exc)) from exc
 
-    async def _abandon(self, claim: Claim | None) -> None:
+    async def _abandon(self, claim: Claim | None, pending: db.ClaimInTransaction | None) -> None:
         """Release this run's claim (the app failed before any effect). With the claim, a run
-        whose claim was taken over meanwhile deletes nothing of its successor's."""
+        whose claim was taken over meanwhile deletes nothing of its successor's. A claim made
+        in the app's transactions exists only if one committed: it is settled, never freed."""
         if claim is not None:
             await self.gateway.idempotency.abandon(claim.key, claim=claim)
+        elif pending is not None and pending.taken:
+            await self.gateway.idempotency.settle_run(pending.key, pending.runner)
 
     async def _refuse_signed(self, send: Send, request_headers: Headers, exc: Exception) -> None:
         """A signed refusal, with the status `answers.TABLE` gives: it leaves the session as

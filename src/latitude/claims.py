@@ -1,0 +1,136 @@
+"""The idempotency table's schema, and the statements the app's own transactions run for a
+claim: the fence (:func:`fence_statement`) and the claim in the app's transaction
+(:func:`claim_statement`). Shared by the store (:mod:`latitude.idempotency`, which documents
+the table) and :mod:`latitude.db`, which imports no driver of ours beyond these strings.
+
+This module is a leaf: it imports no other ``latitude`` module.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "DEFAULT_PURGE_EVERY_S",
+    "DEFAULT_RETENTION_S",
+    "DEFAULT_STALE_AFTER_S",
+    "LOST_ANSWER_BODY",
+    "LOST_ANSWER_HEADERS",
+    "LOST_ANSWER_STATUS",
+    "SCHEMA",
+    "TABLE",
+    "check_key",
+    "claim_statement",
+    "fence_statement",
+    "headers_json",
+]
+
+TABLE = "latitude_idempotency"
+DEFAULT_STALE_AFTER_S = 60.0
+DEFAULT_RETENTION_S = 24 * 3600.0
+DEFAULT_PURGE_EVERY_S = 3600.0
+
+_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as an HTTP header value allows
+
+SCHEMA = f"""
+create table if not exists {TABLE} (
+    key text primary key,
+    request_hash text not null,
+    state text not null check (state in ('running', 'completed')),
+    status int,
+    headers jsonb,
+    body bytea,
+    created_at timestamptz not null default now(),
+    completed_at timestamptz
+);
+alter table {TABLE} add column if not exists applied boolean not null default false;
+alter table {TABLE} add column if not exists runner text;
+create index if not exists {TABLE}_created_at on {TABLE} (created_at)
+"""
+
+# Run by `latitude.db` as the first statement of each of the app's transactions on the primary
+# while a claimed request runs: the mark commits with the transaction or not at all, and it
+# row-locks the claim, so a retry that would take the claim over (or release it) waits for the
+# transaction to end and then sees whether it committed.
+_FENCE = (
+    f"with m as (update {TABLE} set applied = true where key = %s and created_at = %s "
+    "and state = 'running' returning 1) select count(*) from m"
+)
+_FENCE_IDLE = (
+    f"with m as (update {TABLE} set applied = true where key = %s and created_at = %s "
+    "and state = 'running' returning 1) "
+    "select count(*), set_config('idle_in_transaction_session_timeout', %s, true) from m"
+)
+
+# The claim made by the app's own transaction (see the module doc): insert the key as this run's,
+# or take it if it is already this run's (an earlier transaction committed it) or a stale claim
+# of the same request that no transaction committed. 0 rows: the key is anyone else's. A row
+# another transaction is inserting makes this wait on the unique index until that one ends.
+_CLAIM_IN_TRANSACTION = (
+    f"with c as (insert into {TABLE} as t (key, request_hash, state, applied, runner) "
+    "values (%s, %s, 'running', true, %s) "
+    "on conflict (key) do update set applied = true, runner = excluded.runner, "
+    "created_at = case when t.runner = excluded.runner then t.created_at else now() end "
+    "where t.state = 'running' and t.request_hash = excluded.request_hash "
+    "and (t.runner = excluded.runner "
+    "or (not t.applied and t.created_at < now() - make_interval(secs => %s))) "
+    "returning 1) select count(*) from c"
+)
+
+# What a retry gets when a run committed its effects but its answer never reached the store
+# (its process died, or its link broke after the commit): the request is not run again.
+LOST_ANSWER_STATUS = 409
+LOST_ANSWER_HEADERS = [("content-type", "application/json")]
+LOST_ANSWER_BODY = (
+    b'{"error": "Applied, but the answer was lost", "detail": "This request was carried out, '
+    b'but its answer was lost on the way; it will not be run again. Reload to see its result."}'
+)
+
+
+def fence_statement(
+    key: str, started_at: Any, idle_timeout_s: float | None = None
+) -> tuple[str, tuple]:
+    """The SQL (and parameters) that marks the claim ``(key, started_at)`` applied within the
+    current transaction; it returns the number of claims marked (1, or 0 if the claim is no
+    longer that run's). With ``idle_timeout_s``, the database also aborts the transaction if the
+    app's next statement takes longer than that to arrive (a link that stalls mid-transaction
+    must not hold the claim's row lock, and the outcome, hostage)."""
+    if idle_timeout_s is None:
+        return _FENCE, (key, started_at)
+    return _FENCE_IDLE, (key, started_at, str(max(1, int(idle_timeout_s * 1000))))
+
+
+def claim_statement(
+    key: str, request_hash: str, runner: str, stale_after_s: float = DEFAULT_STALE_AFTER_S
+) -> tuple[str, tuple]:
+    """The SQL (and parameters) that claims ``key`` for the run ``runner`` within the current
+    transaction (see the module doc); it returns 1 if the key is now this run's, 0 if it is
+    anyone else's (completed, running, or another request's)."""
+    check_key(key)
+    if not request_hash or not runner:
+        raise ValueError("request_hash and runner must be non-empty strings")
+    if stale_after_s <= 0:
+        raise ValueError(f"stale_after_s must be positive, not {stale_after_s!r}")
+    return _CLAIM_IN_TRANSACTION, (key, request_hash, runner, float(stale_after_s))
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        raise ValueError(
+            f"invalid idempotency key {str(key)[:40]!r}: expected 1 to 255 visible ASCII characters"
+        )
+    return key
+
+
+def header_text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes | bytearray) else str(value)
+
+
+def headers_json(headers: Iterable[Sequence[str | bytes]]) -> list[list[str]]:
+    pairs = []
+    for pair in headers:
+        name, value = pair
+        pairs.append([header_text(name), header_text(value)])
+    return pairs
