@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from latitude.db import ClaimInTransaction, ClaimRefused, current_claim
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.middleware import RegionGateway
 from latitude.sessions import MemorySessionStore, SessionMiddleware
@@ -53,6 +54,19 @@ class Database:
 
     events: dict[int, str] = field(default_factory=dict)
     runs: int = 0  # how many times a write ran: exactly-once is counted here
+    outcomes: MemoryOutcomeStore | None = None
+
+    def begin(self) -> None:
+        """A transaction opens: what `latitude.db` does first inside a request whose claim is
+        made in the app's transaction (`idempotency_claim = "in_transaction"`)."""
+        pending = current_claim.get()
+        if not isinstance(pending, ClaimInTransaction) or self.outcomes is None:
+            return
+        if not pending.refused and self.outcomes.claim_in_transaction(pending):
+            pending.taken = True
+            return
+        pending.refused = True
+        raise ClaimRefused(pending.key)
 
 
 def calendar_app(db: Database):
@@ -70,6 +84,7 @@ def calendar_app(db: Database):
         method, path, session = scope["method"], scope["path"], scope["session"]
         status, data = 200, {}
         if method == "POST" and path == "/events":
+            db.begin()
             db.runs += 1
             event_id = len(db.events) + 1
             db.events[event_id] = json.loads(body or b"{}").get("title", "")
@@ -86,6 +101,17 @@ def calendar_app(db: Database):
             session["blob"] = "x" * 10_000  # past session_limit_bytes
         elif method == "POST" and path == "/boom":
             raise RuntimeError("the app failed")
+        elif method == "POST" and path == "/write-then-boom":
+            db.begin()
+            db.runs += 1
+            raise RuntimeError("the app failed after its commit")
+        elif method == "POST" and path == "/events/rendered":
+            try:  # an app that renders its own page for a failed transaction
+                db.begin()
+                db.runs += 1
+                status, data = 201, {"rendered": "created"}
+            except ClaimRefused:
+                status, data = 500, {"rendered": "sorry"}
         elif path == "/me":
             data = {"user": session.get("user")}
         elif path == "/seen":
@@ -116,8 +142,8 @@ class Regions:
     def __init__(self, **gateway: object) -> None:
         environ = {"UNIT_KEY": "unit-test-secret-of-enough-length"}
         topology = parse_topology(TOPOLOGY, environ=environ)
-        self.db = Database()
         self.outcomes = MemoryOutcomeStore()
+        self.db = Database(outcomes=self.outcomes)
         self.sessions = {"us-west": MemorySessionStore(), "eu-west": MemorySessionStore()}
         self.nonces = MemoryNonceCache()
 

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from latitude.claims import LOST_ANSWER_BODY, LOST_ANSWER_HEADERS, LOST_ANSWER_STATUS
 from latitude.forwarding import ForwardedResponse, NoAnswer, NotSent
 from latitude.idempotency import Claim, ClaimTooLate, IdempotencyUnavailable, Outcome
 
@@ -24,6 +25,8 @@ class Row:
     status: int | None = None
     headers: list = field(default_factory=list)
     body: bytes = b""
+    applied: bool = False
+    runner: str | None = None
 
 
 class MemoryOutcomeStore:
@@ -71,6 +74,11 @@ class MemoryOutcomeStore:
             return False, self._position()
         if claim is not None and claim.started_at != row.started_at:
             return False, self._position()
+        self._store(row, status, headers, body)
+        return True, self._position()
+
+    @staticmethod
+    def _store(row: Row, status, headers, body) -> None:
         row.state, row.status, row.body = "completed", int(status), bytes(body)
         row.headers = [
             (
@@ -79,7 +87,39 @@ class MemoryOutcomeStore:
             )
             for k, v in headers
         ]
+
+    def claim_in_transaction(self, pending) -> bool:
+        """What `claim_statement` does as the first statement of an app's transaction (a fake
+        app calls it): the key becomes the run's, or is found anyone else's. Not a call of the
+        gateway's: it is the app's own statement."""
+        self.calls["claim_in_transaction"] += 1
+        row = self.rows.get(pending.key)
+        if row is None:
+            row = Row(pending.request_hash, datetime.now(UTC), applied=True, runner=pending.runner)
+            self.rows[pending.key] = row
+            return True
+        mine = row.runner == pending.runner
+        return row.state == "running" and row.request_hash == pending.request_hash and mine
+
+    async def complete_run(
+        self, key, request_hash, runner, status, headers, body, *, timeout_s=None
+    ):
+        self._call("complete_run")
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = Row(request_hash, datetime.now(UTC), runner=runner)
+        elif row.runner != runner or row.state != "running":
+            return False, self._position()
+        self._store(row, status, headers, body)
         return True, self._position()
+
+    async def settle_run(self, key, runner, *, timeout_s=None) -> bool:
+        self._call("settle_run")
+        row = self.rows.get(key)
+        if row is None or row.runner != runner or row.state != "running":
+            return False
+        self._store(row, LOST_ANSWER_STATUS, LOST_ANSWER_HEADERS, LOST_ANSWER_BODY)
+        return True
 
     async def abandon(self, key, *, claim=None, timeout_s=None) -> bool:
         self._call("abandon")
