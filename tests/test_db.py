@@ -227,6 +227,79 @@ def test_the_primary_region_shares_one_engine(lab, world):
         engines.dispose()
 
 
+def test_the_apps_first_transaction_makes_the_claim(lab):
+    """`claiming`: the first statement of each transaction on the primary claims the key for
+    the run; the claim commits with the app's writes or not at all, and a transaction that
+    finds the key anyone else's is refused before it writes anything."""
+    from latitude.claims import SCHEMA
+    from latitude.claims import TABLE as OUTCOMES
+    from latitude.db import ClaimInTransaction, ClaimRefused, claiming
+
+    primary = lab["urls"]["us-west"]
+    engines = RoutedEngines(primary, primary)
+    key = f"in-tx-{uuid.uuid4()}"
+    note = f"claimed {key}"
+
+    def row():
+        with psycopg.connect(primary, autocommit=True) as c:
+            return c.execute(
+                f"select state, applied, runner from {OUTCOMES} where key = %s", (key,)
+            ).fetchone()
+
+    def notes():
+        with psycopg.connect(primary, autocommit=True) as c:
+            return c.execute(f"select count(*) from {TABLE} where note = %s", (note,)).fetchone()[0]
+
+    with psycopg.connect(primary, autocommit=True) as c:
+        c.execute("select pg_advisory_lock(hashtext(%s))", (OUTCOMES,))
+        for statement in SCHEMA.split(";"):
+            c.execute(statement)
+    try:
+        run = ClaimInTransaction(key, "h", "run-1")
+        with route_to_primary(), claiming(run):
+            with engines.engine().connect() as c:  # rolled back: the claim with it
+                c.execute(text("select 1"))
+                c.rollback()
+            assert run.taken and row() is None
+            with engines.engine().begin() as c:
+                c.execute(text(f"insert into {TABLE} (note) values (:n)"), {"n": note})
+            with engines.engine().begin() as c:  # the run's own claim: taken again
+                c.execute(text("select 1"))
+        assert row() == ("running", True, "run-1") and not run.refused
+
+        # Another run of the same request (a duplicate, a retry) is refused before it writes.
+        other = ClaimInTransaction(key, "h", "run-2")
+        with route_to_primary(), claiming(other):
+            with pytest.raises(ClaimRefused, match="already held or done"):
+                with engines.engine().begin() as c:
+                    c.execute(text(f"insert into {TABLE} (note) values (:n)"), {"n": note})
+            assert other.refused and not other.taken
+            with pytest.raises(ClaimRefused):  # every later transaction too
+                with engines.engine().begin() as c:
+                    c.execute(text("select 1"))
+        assert notes() == 1 and row() == ("running", True, "run-1")
+        # So is another request under the key.
+        with route_to_primary(), claiming(ClaimInTransaction(key, "other", "run-3")):
+            with pytest.raises(ClaimRefused), engines.engine().begin() as c:
+                c.execute(text("select 1"))
+
+        # A stale claim of the same request that no transaction committed is taken over.
+        with psycopg.connect(primary, autocommit=True) as c:
+            c.execute(
+                f"update {OUTCOMES} set applied = false, runner = null, "
+                "created_at = now() - interval '2 minutes' where key = %s",
+                (key,),
+            )
+        successor = ClaimInTransaction(key, "h", "run-4")
+        with route_to_primary(), claiming(successor), engines.engine().begin() as c:
+            c.execute(text("select 1"))
+        assert successor.taken and row() == ("running", True, "run-4")
+    finally:
+        engines.dispose()
+        with psycopg.connect(primary, autocommit=True) as c:
+            c.execute(f"delete from {OUTCOMES} where key = %s", (key,))
+
+
 async def test_async_engines_read_your_writes_through_the_watcher(lab):
     """The whole path: write via the primary route, take the position, wait for the replica
     to replay it, then read on the replica route: every write is seen (0 stale reads)."""
