@@ -215,3 +215,166 @@ async def test_the_apps_transactions_are_fenced_by_the_claim(world):
             await engines.dispose()
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                 await conn.execute(f"delete from {TABLE} where key like 'fence-%%'")
+
+
+class CountingConnection(psycopg.AsyncConnection):
+    """A connection of the outcome store's pool that counts the statements sent on it: each
+    one a round trip to the primary database."""
+
+    sent: list[str] = []
+
+    async def execute(self, *args, **kwargs):
+        type(self).sent.append(str(args[0]))
+        return await super().execute(*args, **kwargs)
+
+
+async def counting_store(dsn: str) -> IdempotencyStore:
+    from psycopg_pool import AsyncConnectionPool
+
+    class Counting(CountingConnection):
+        sent = []
+
+    pool = AsyncConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=4,
+        kwargs={"autocommit": True},
+        connection_class=Counting,
+        open=False,
+    )
+    pool.counter = Counting  # the test reads and resets it
+    await pool.open(wait=True, timeout=10)
+    store = IdempotencyStore(pool)
+    await store.ensure_schema()
+    return store
+
+
+def probe_app(dsn: str, notes_table: str, *, hold_s: float = 0.0, fail_after: bool = False):
+    """An app on `latitude.db` (async SQLAlchemy): one transaction inserts the request's body
+    as a note (held open ``hold_s``), then it answers 201, or fails after its commit."""
+    from sqlalchemy import text
+
+    from latitude.db import AsyncRoutedEngines
+
+    engines = AsyncRoutedEngines(dsn, dsn)
+
+    async def app(scope, receive, send):
+        message = await receive()
+        async with engines.engine().begin() as db:
+            await db.execute(
+                text(f"insert into {notes_table} (note) values (:n)"),
+                {"n": message.get("body", b"").decode()},
+            )
+            await asyncio.sleep(hold_s)
+        if fail_after:
+            raise RuntimeError("the app failed after its commit")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 201,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"created": true}'})
+
+    app.engines = engines
+    return app
+
+
+@pytest.fixture
+async def notes(world):
+    dsn = primary_dsn(world)
+    name = f"claim_notes_{uuid.uuid4().hex[:8]}"
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
+        await db.execute(f"create table {name} (id serial primary key, note text)")
+    yield name
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
+        await db.execute(f"drop table {name}")
+
+
+async def count_notes(dsn: str, table: str, note: bytes) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
+        cur = await db.execute(f"select count(*) from {table} where note = %s", (note.decode(),))
+        return (await cur.fetchone())[0]
+
+
+async def run_gateway(world, app, claim_mode: str, calls):
+    """Start a primary gateway with ``claim_mode`` and a counting outcome store, run
+    ``calls(gateway, config, counter)``, and stop everything."""
+    dsn = primary_dsn(world)
+    config = primary_config(world, idempotency_claim=claim_mode)
+    store = await counting_store(dsn)
+    gateway = RegionGateway(app, config, idempotency=store)
+    await gateway.startup()
+    try:
+        return await calls(gateway, config, store.pool.counter)
+    finally:
+        await gateway.shutdown()
+        await store.pool.close()
+        await app.engines.dispose()
+
+
+async def test_a_claim_in_the_apps_transaction_costs_one_round_trip_not_two(world, notes):
+    """Counted on the outcome store's connections: the eager claim sends two statements per
+    first-time write (claim, outcome), the claim in the app's transaction one (the outcome and
+    its position); a retry after completion is replayed without a second note."""
+    dsn = primary_dsn(world)
+    trips = {}
+
+    async def first_writes(mode):
+        async def calls(gateway, config, counter):
+            body = f'{{"mode": "{mode}", "n": "{uuid.uuid4()}"}}'.encode()
+            key = f"trips-{uuid.uuid4()}"
+            counter.sent.clear()
+            assert (await call(gateway, config, key, body))[0] == 201
+            # The purge the gateway runs at start-up (a delete) is not the write's.
+            trips[mode] = sum(not sql.startswith("delete from") for sql in counter.sent)
+            status, answer = await call(gateway, config, key, body)  # the retry
+            assert status == 201 and answer.startswith(b'{"created": true}'), (status, answer)
+            assert await count_notes(dsn, notes, body) == 1
+            assert gateway.counters["replayed"] == 1
+
+        await run_gateway(world, probe_app(dsn, notes), mode, calls)
+
+    await first_writes("eager")
+    await first_writes("in_transaction")
+    assert trips == {"eager": 2, "in_transaction": 1}
+
+
+async def test_a_concurrent_duplicate_waits_for_the_first_transaction_and_is_refused(world, notes):
+    """The duplicate's claim waits on the key's unique index while the first run's transaction
+    is open, then finds the key the first run's: nothing of it is written, and it is answered
+    409 (still running) or the first run's answer (already stored)."""
+    dsn = primary_dsn(world)
+    body = f'{{"dup": "{uuid.uuid4()}"}}'.encode()
+    key = f"dup-{uuid.uuid4()}"
+
+    async def calls(gateway, config, counter):
+        first = asyncio.create_task(call(gateway, config, key, body))
+        await asyncio.sleep(0.1)  # the first run holds its transaction open
+        second = await call(gateway, config, key, body)
+        return await first, second
+
+    first, second = await run_gateway(
+        world, probe_app(dsn, notes, hold_s=0.5), "in_transaction", calls
+    )
+    assert first[0] == 201, first
+    assert second[0] in (409, 201), second
+    if second[0] == 409:
+        assert b"running" in second[1]
+    assert await count_notes(dsn, notes, body) == 1
+
+
+async def test_a_failure_after_the_claims_commit_is_settled_never_run_again(world, notes):
+    dsn = primary_dsn(world)
+    body = f'{{"boom": "{uuid.uuid4()}"}}'.encode()
+    key = f"boom-{uuid.uuid4()}"
+
+    async def calls(gateway, config, counter):
+        return await call(gateway, config, key, body), await call(gateway, config, key, body)
+
+    app = probe_app(dsn, notes, fail_after=True)
+    failed, retried = await run_gateway(world, app, "in_transaction", calls)
+    assert failed[0] == 500, failed
+    assert retried[0] == 409 and b"answer was lost" in retried[1], retried
+    assert await count_notes(dsn, notes, body) == 1
