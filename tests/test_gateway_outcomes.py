@@ -1,5 +1,6 @@
 """The primary's gateway keeps its idempotency bookkeeping: old outcomes are purged on a
-schedule, and a run whose claim was taken over cannot store its outcome over its successor's.
+schedule, a run whose claim was taken over cannot store its outcome over its successor's, and
+with `idempotency_claim = "in_transaction"` the claim rides in the app's own transaction.
 
 An in-process `RegionGateway` for the lab's primary region (its real Postgres and Valkey), fed
 forwarded requests signed exactly as a replica's gateway signs them."""
@@ -17,7 +18,7 @@ import pytest
 from latitude.gateway import GatewayConfig, RegionGateway
 from latitude.gateway.config import GatewayConfigError
 from latitude.gateway.envelope import SIGNED_REQUEST_HEADERS
-from latitude.idempotency import TABLE, IdempotencyStore, Outcome
+from latitude.idempotency import TABLE, IdempotencyStore, IdempotencyUnavailable, Outcome
 from latitude.signing import content_digest, sign_request
 from latitude.topology import load_topology
 
@@ -377,4 +378,41 @@ async def test_a_failure_after_the_claims_commit_is_settled_never_run_again(worl
     failed, retried = await run_gateway(world, app, "in_transaction", calls)
     assert failed[0] == 500, failed
     assert retried[0] == 409 and b"answer was lost" in retried[1], retried
+    assert await count_notes(dsn, notes, body) == 1
+
+
+async def test_an_answer_lost_after_the_apps_commit_never_runs_twice(world, notes):
+    """The hole of docs/gateway.md: the app committed (its claim with it), then the outcome
+    could not be stored. A retry is refused in the app's transaction and answered 409 (still
+    running), and once the claim is stale "Applied, but the answer was lost": never a second
+    note."""
+    dsn = primary_dsn(world)
+    body = f'{{"lost": "{uuid.uuid4()}"}}'.encode()
+    key = f"lost-{uuid.uuid4()}"
+
+    async def calls(gateway, config, counter):
+        store = gateway.idempotency
+        real = store.complete_run
+
+        async def unreachable(*args, **kwargs):
+            raise IdempotencyUnavailable("the primary database went away after the commit")
+
+        store.complete_run = unreachable
+        lost = await call(gateway, config, key, body)
+        store.complete_run = real
+        running = await call(gateway, config, key, body)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
+            await db.execute(
+                f"update {TABLE} set created_at = now() - interval '2 minutes' where key = %s",
+                (key,),
+            )
+        settled = await call(gateway, config, key, body)
+        return lost, running, settled
+
+    lost, running, settled = await run_gateway(
+        world, probe_app(dsn, notes), "in_transaction", calls
+    )
+    assert lost[0] == 503, lost
+    assert running[0] == 409 and b"running" in running[1], running
+    assert settled[0] == 409 and b"answer was lost" in settled[1], settled
     assert await count_notes(dsn, notes, body) == 1
