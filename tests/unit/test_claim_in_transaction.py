@@ -121,3 +121,19 @@ async def test_a_run_without_a_transaction_stores_its_outcome(regions):
 def test_the_setting_is_checked(make_regions):
     with pytest.raises(GatewayConfigError, match="idempotency_claim = 'lazy'.*'eager' or"):
         make_regions(idempotency_claim="lazy")
+
+
+def test_an_app_behind_upstream_cannot_have_the_claim_in_its_transaction(make_regions):
+    from latitude.gateway.middleware import RegionGateway
+    from latitude.gateway.upstream import HttpUpstream
+
+    config = make_regions(idempotency_claim="in_transaction").primary.config
+    with pytest.raises(GatewayConfigError, match='--upstream.*"eager"'):
+        RegionGateway(HttpUpstream("http://127.0.0.1:9"), config)
+
+
+async def test_a_write_without_a_transaction_is_warned_about_once(regions, caplog):
+    await regions.request("POST", "/login", {"name": "ada"})
+    await regions.request("POST", "/login", {"name": "bob"})
+    warnings = [r for r in caplog.records if "opened no latitude.db transaction" in r.message]
+    assert len(warnings) == 1 and "POST /login" in warnings[0].message

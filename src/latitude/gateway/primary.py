@@ -31,7 +31,7 @@ from latitude.gateway.answers import (
     with_key,
 )
 from latitude.gateway.classify import SAFE_METHODS
-from latitude.gateway.config import CLAIM_IN_TRANSACTION
+from latitude.gateway.config import CLAIM_IN_TRANSACTION, GatewayConfigError
 from latitude.gateway.envelope import (
     IDEMPOTENCY,
     IDEMPOTENCY_KEY,
@@ -61,6 +61,7 @@ from latitude.gateway.messages import (
 )
 from latitude.gateway.observe import note
 from latitude.gateway.positions import request_route
+from latitude.gateway.upstream import HttpUpstream
 from latitude.idempotency import Claim, IdempotencyUnavailable, Outcome
 from latitude.sessions import SessionError, SessionStoreUnavailable
 from latitude.signing import (
@@ -91,6 +92,16 @@ class PrimarySide:
 
     def __init__(self, gateway) -> None:
         self.gateway = gateway
+        self._warned_no_transaction = False
+        if gateway.config.idempotency_claim == CLAIM_IN_TRANSACTION and isinstance(
+            gateway.app, HttpUpstream
+        ):
+            # Fail closed: the claim would never be made, and every retry would run again.
+            raise GatewayConfigError(
+                '[gateway] idempotency_claim = "in_transaction" needs an app on latitude.db in '
+                "the gateway's own process; an app behind --upstream runs its SQL elsewhere: "
+                'use idempotency_claim = "eager"'
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
@@ -178,6 +189,8 @@ class PrimarySide:
         # One round trip stores the outcome and reads the WAL position the replica must reach.
         if pending is not None:
             note(scope, idempotency=Outcome.NEW.value)
+            if not pending.taken:
+                self._warn_no_transaction(scope)
             _, position = await gw.idempotency.complete_run(
                 request.key, fingerprint, pending.runner, captured.status, out_headers, envelope
             )
@@ -191,6 +204,21 @@ class PrimarySide:
             out_headers.append((POSITION, position.encode()))
         gw.counters["executed_forwarded"] += 1
         await self._send_signed(send, headers, captured.status, out_headers, envelope)
+
+    def _warn_no_transaction(self, scope: Scope) -> None:
+        """A write that opened no `latitude.db` transaction held no claim while it ran: right
+        for a write that only changes the session, a sign that the app writes elsewhere if it
+        is not (then the eager claim is the one that keeps it from running twice)."""
+        if self._warned_no_transaction:
+            return
+        self._warned_no_transaction = True
+        log.warning(
+            'idempotency_claim = "in_transaction": %s %s opened no latitude.db transaction, so '
+            "it held no claim while it ran (a retry runs it again); if the app writes anywhere "
+            'but latitude.db and the session, use idempotency_claim = "eager"',
+            scope["method"],
+            scope["path"],
+        )
 
     async def _claim(self, scope: Scope, key: str, fingerprint: str) -> Claim:
         """The key's claim: new (run it), or a stored answer to replay; refused otherwise."""
