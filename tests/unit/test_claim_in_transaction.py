@@ -56,6 +56,8 @@ async def test_a_retry_after_completion_is_replayed_not_run_again(regions):
     assert (first.status, again.status) == (201, 201)
     assert first.body == again.body and regions.db.runs == 1
     assert regions.primary.counters["replayed"] == 1
+    # The retry: its transaction refused, one look-up of the stored answer.
+    assert gateway_calls(regions.outcomes) == {"complete_run": 1, "begin": 1}
 
 
 async def test_the_stored_answer_wins_over_what_the_app_rendered(regions):
@@ -74,11 +76,13 @@ async def test_a_lost_answer_is_retried_and_runs_once(regions):
     assert regions.replica.counters["retries"] == 1 and regions.primary.counters["replayed"] == 1
 
 
-async def test_a_key_reused_for_another_request_is_422(regions):
+@pytest.mark.parametrize("path", ["/events", "/events/rendered"])
+async def test_a_key_reused_for_another_request_is_422(regions, path):
     key = (IDEMPOTENCY_KEY, b"reused")
-    await regions.request("POST", "/events", {"title": "a"}, headers=[key])
-    other = await regions.request("POST", "/events", {"title": "b"}, headers=[key])
+    await regions.request("POST", path, {"title": "a"}, headers=[key])
+    other = await regions.request("POST", path, {"title": "b"}, headers=[key])
     assert other.status == 422 and regions.db.runs == 1
+    assert regions.outcomes.calls["begin"] == 1  # one look-up, however the app failed
 
 
 async def test_a_duplicate_of_a_running_request_is_refused_before_it_writes(regions):
@@ -87,9 +91,12 @@ async def test_a_duplicate_of_a_running_request_is_refused_before_it_writes(regi
     # As if another run of it had committed its claim and not stored its outcome yet.
     row = regions.outcomes.rows["running-1"]
     row.state, row.runner = "running", "another-run"
+    sent_before = len(regions.link.sent)
     answer = await regions.request("POST", "/events", {"title": "dup"}, headers=[key])
     assert answer.status == 504 and regions.db.runs == 1  # 409s until the deadline
-    assert regions.outcomes.calls["begin"] >= 1 and regions.primary.counters["replayed"] == 0
+    attempts = len(regions.link.sent) - sent_before
+    assert attempts >= 1 and regions.outcomes.calls["begin"] == attempts  # one look-up each
+    assert regions.primary.counters["replayed"] == 0
 
 
 async def test_an_app_failure_before_any_transaction_leaves_nothing_to_release(regions):

@@ -171,21 +171,20 @@ class PrimarySide:
         try:
             brought = await self._bring_session(sid, body.read_tail(request.session_length))
             captured = await self._run_app(scope, request, body, claim or pending)
-            if pending is not None and pending.refused:
-                # Whatever the app made of its refused transaction: the store has the answer.
-                await self._answer_from_store(scope, send, headers, request.key, fingerprint)
-                return
-            out_headers, envelope = pack_answer(
-                captured.headers,
-                bytes(captured.body),
-                *await self._session_after(captured, sid, brought),
-            )
+            if pending is None or not pending.refused:
+                out_headers, envelope = pack_answer(
+                    captured.headers,
+                    bytes(captured.body),
+                    *await self._session_after(captured, sid, brought),
+                )
         except BaseException as exc:
-            if pending is not None and pending.refused and isinstance(exc, Exception):
-                await self._answer_from_store(scope, send, headers, request.key, fingerprint)
-                return
-            await self._abandon(claim, pending)
-            raise
+            if pending is None or not pending.refused or not isinstance(exc, Exception):
+                await self._abandon(claim, pending)
+                raise
+        if pending is not None and pending.refused:
+            # Whatever the app made of its refused transaction: the store has the answer.
+            await self._answer_from_store(scope, send, headers, request.key, fingerprint)
+            return
         # One round trip stores the outcome and reads the WAL position the replica must reach.
         if pending is not None:
             note(scope, idempotency=Outcome.NEW.value)
