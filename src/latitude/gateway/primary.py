@@ -48,6 +48,7 @@ from latitude.gateway.envelope import (
     unpack_request,
 )
 from latitude.gateway.messages import (
+    BodyTooLarge,
     CapturedResponse,
     Receive,
     Scope,
@@ -118,7 +119,16 @@ class PrimarySide:
             # down). Signed, so the replica relays the 503 instead of calling it a bad answer.
             await self._refuse_signed(send, headers, exc)
             return
-        body = await SpooledBody.read(receive, prefix_length=announced_body_length(headers))
+        try:
+            # The replica's gateway bounds the body; the session rides after it.
+            body = await SpooledBody.read(
+                receive,
+                prefix_length=announced_body_length(headers),
+                max_bytes=cfg.max_body_bytes + cfg.session_limit_bytes + 64 * 1024,
+            )
+        except BodyTooLarge as exc:
+            await self._refuse_signed(send, headers, exc)
+            return
         try:
             verify_content_digest(header(headers, b"content-digest"), body.digest)
         except DigestMismatch as exc:
