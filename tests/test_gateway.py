@@ -53,11 +53,11 @@ async def test_post_in_eu_west_lands_once_with_session_both_ways(calendar):
     async with client(world, EU) as c:
         user = await login(c, f"ana-{uuid.uuid4().hex[:6]}")
         sid = next(m.value for m in c.cookie_jar if m.key == "session")
-        # The session lives in eu-west's store; the primary keeps at most a short-lived copy
-        # (concurrent requests of one session may share it) that expires within a minute.
+        # The session lives in eu-west's store only: the app at the primary ran the sign-in on
+        # the session it carried, in memory, and the answer brought the new one back.
         assert valkey(world, EU).get(f"latitude:session:{sid}") is not None
         assert valkey(world, EU).ttl(f"latitude:session:{sid}") > 3600
-        assert 0 < valkey(world, PRIMARY).ttl(f"latitude:session:{sid}") <= 60
+        assert valkey(world, PRIMARY).exists(f"latitude:session:{sid}") == 0
         title = f"standup {uuid.uuid4()}"
         async with c.post("/events", json={"title": title}) as r:
             assert r.status == 201, await r.text()
@@ -301,38 +301,55 @@ def app_relay_connections(world) -> int:
     raise AssertionError("no us-west<->eu-west link")
 
 
-def extra_connections(world, region: str = EU) -> float:
-    """New connections eu-west's gateways opened by design: path checks of answers late by
-    0.5 s and retries on a fresh connection (both only under load), as every worker publishes
-    its figures each second."""
-    gateway = next(r for r in world.status()["regions"] if r["name"] == region)["gateway"]
-    return gateway.get("forwarding_probes", 0.0) + gateway.get("retries", 0.0)
+def gateway_figures(world, region: str = EU) -> dict:
+    """A region's gateway figures, summed over its worker processes (each publishes every
+    second)."""
+    return next(r for r in world.status()["regions"] if r["name"] == region)["gateway"]
 
 
-@pytest.mark.xfail(
-    reason="known defect (issue 14): in some runs 1 new connection in 100 POSTs crosses the "
-    "link that neither a path check nor a retry accounts for; seen in the full suite, not alone",
-    strict=False,
-)
+# The new connections a region's gateway processes open, each counted where it is opened:
+# the forwarding pool (retries on a fresh connection included), its path checks, the
+# dashboard's sampler and the epoch follower's peer questions.
+OPENED = ("forwarding_connections", "forwarding_probes", "sampler_connections")
+OPENED += ("epoch_peer_connections",)
+
+
+def opened_by(figures: dict) -> dict:
+    return {k: figures.get(k, 0.0) for k in OPENED}
+
+
 async def test_warm_pool_forwarded_posts_open_no_new_connection(calendar):
     world = calendar
-    async with client(world, EU) as c:
-        await login(c, "pool-user")
-        await asyncio.sleep(1.2)  # every worker has published its figures
-        before, extra_before = app_relay_connections(world), extra_connections(world)
-        for i in range(100):
+
+    async def posts(c, n: int, name: str) -> None:
+        for i in range(n):
             # a fresh client connection per request, so requests spread over eu-west's workers
             async with (
                 aiohttp.ClientSession(url(world, EU), cookie_jar=c.cookie_jar) as fresh,
-                fresh.post("/events", json={"title": f"pool {i}"}) as r,
+                fresh.post("/events", json={"title": f"{name} {i}"}) as r,
             ):
                 assert r.status == 201
+
+    async with client(world, EU) as c:
+        await login(c, "pool-user")
+        # Steady state first: an earlier test's link reset killed pooled connections, and a
+        # worker's pool replaces a dead one on the next request it forwards (seen: 1).
+        await posts(c, 20, "warm-up")
+        await asyncio.sleep(1.2)  # every worker has published its figures
+        relay_before, before = app_relay_connections(world), opened_by(gateway_figures(world))
+        retries_before = gateway_figures(world).get("retries", 0.0)
+        await posts(c, 100, "pool")
         await asyncio.sleep(1.2)
-        opened = app_relay_connections(world) - before
-        extra = extra_connections(world) - extra_before
-        # The only new connections across the link are the ones the gateways account for.
-        assert opened <= extra, (opened, extra)
-        assert opened <= 2, opened
+        after = gateway_figures(world)
+        opened = {k: v - before[k] for k, v in opened_by(after).items()}
+        retries = after.get("retries", 0.0) - retries_before
+        relay_opened = app_relay_connections(world) - relay_before
+        # The forwarded POSTs themselves opened nothing beyond a retry's fresh connection...
+        assert opened["forwarding_connections"] <= retries, (opened, retries)
+        # ...and every connection that crossed the link to the primary's app was opened, and
+        # counted, by one of eu-west's gateway parts (the lab's own checks dial other ports).
+        assert relay_opened <= sum(opened.values()), (relay_opened, opened)
+        assert relay_opened <= 2, (relay_opened, opened)
 
 
 async def test_64k_session_travels_both_ways_and_oversize_is_refused(calendar):

@@ -22,9 +22,11 @@ from tests.extra_slots import EU, PRIMARY, free_port, topology_with_primary_at, 
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_ANSWER = 6 * 1024 * 1024
+MAX_BODY = 2 * 1024 * 1024
 EDGE_SETTINGS = f"""
 [gateway]
 max_answer_bytes = {MAX_ANSWER}
+max_body_bytes = {MAX_BODY}
 header_timeout_s = 2.0
 max_pending_headers = 50
 body_timeout_s = 3.0
@@ -425,6 +427,41 @@ def test_a_stalled_upload_gets_408_and_runs_nothing(edges):
     )
     assert answer.status == 408
     assert "body_timeout_s" in answer.json()["detail"]
+    assert records(edges, record) == []
+
+
+def test_a_body_announced_past_the_bound_is_refused_before_it_is_read(edges):
+    record = f"huge-{uuid.uuid4()}"
+    head = (
+        f"POST /upload HTTP/1.1\r\nhost: 127.0.0.1\r\nx-record: {record}\r\n"
+        f"accept: application/json\r\ncontent-length: {MAX_BODY + 1}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", edges.serve[EU]), timeout=30) as sock:
+        sock.sendall(head)  # and not one byte of the body
+        answer = read_answer(sock, "POST")
+    assert answer.status == 413, answer.body[:300]
+    assert answer.json()["max_body_bytes"] == MAX_BODY
+    assert "max_body_bytes" in answer.json()["detail"]
+    assert records(edges, record) == []
+
+
+def test_a_chunked_body_that_outgrows_the_bound_is_refused_and_runs_nothing(edges):
+    record = f"grows-{uuid.uuid4()}"
+    head = (
+        f"POST /upload HTTP/1.1\r\nhost: 127.0.0.1\r\nx-record: {record}\r\n"
+        "accept: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    ).encode()
+    piece = b"x" * 64 * 1024
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    with socket.create_connection(("127.0.0.1", edges.serve[EU]), timeout=30) as sock:
+        sock.sendall(head)
+        try:
+            for _ in range(MAX_BODY // len(piece) + 4):  # past the bound, never finished
+                sock.sendall(chunk)
+        except OSError:
+            pass  # the gateway answered and closed while we were still sending
+        answer = read_answer(sock, "POST")
+    assert answer.status == 413, answer.body[:300]
     assert records(edges, record) == []
 
 

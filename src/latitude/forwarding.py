@@ -102,8 +102,22 @@ class ForwardingStats:
     """What `pool_info` reports (the gateway's own counters count requests and failures)."""
 
     warmed: int = 0
+    opened: int = 0  # new connections the pool (and fresh-connection retries) opened
     probes: int = 0  # new connections opened by can_connect
     probes_spared: int = 0  # can_connect answered by a recent answer or a shared probe
+
+
+def counting_connections(on_new) -> aiohttp.TraceConfig:
+    """A trace that calls `on_new()` for each new connection a client session opens: what a
+    process opens across a link, per purpose, is counted where it happens, not guessed from
+    the far side."""
+    trace = aiohttp.TraceConfig()
+
+    async def opened(session, context, params) -> None:
+        on_new()
+
+    trace.on_connection_create_end.append(opened)
+    return trace
 
 
 def ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -157,7 +171,11 @@ class ForwardingClient:
             connector=connector,
             auto_decompress=False,
             skip_auto_headers=SKIP_AUTO_HEADERS,
+            trace_configs=[counting_connections(self._count_opened)],
         )
+
+    def _count_opened(self) -> None:
+        self.stats.opened += 1
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -289,6 +307,7 @@ class ForwardingClient:
             "pooling": self.pooling,
             "idle_connections": idle,
             "warmed": self.stats.warmed,
+            "opened": self.stats.opened,
             "probes": self.stats.probes,
             "probes_spared": self.stats.probes_spared,
         }

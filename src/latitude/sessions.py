@@ -23,6 +23,8 @@ Parts:
   is stopped at the limit.
 - :class:`SessionMiddleware` - ``scope["session"]`` as a dict (Starlette's
   ``request.session`` reads it).
+- :func:`carried_sessions` - while a forwarded request runs at the primary, the session it
+  brought is read and written in this process by every store above, not in the primary's own.
 
 Session ids are checked before any key is built from them (:func:`check_session_id`):
 8 to 256 characters of ``A-Z a-z 0-9 _ . ~ , -`` (the comma is in PHP's 6-bits-per-character
@@ -33,13 +35,15 @@ This module is a leaf: it imports no other ``latitude`` module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import secrets
 import time
 import zlib
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextvars import ContextVar
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -62,6 +66,7 @@ __all__ = [
     "SessionTooLarge",
     "ValkeySessionStore",
     "check_key_template",
+    "carried_sessions",
     "check_session_id",
     "new_session_id",
     "session_store_from_url",
@@ -191,6 +196,38 @@ def valkey_client(url: str) -> Any:
     )
 
 
+# --------------------------------------------------------------------------- carried sessions
+
+# The sessions of the forwarded request running in this context (see `carried_sessions`).
+_carried: ContextVar[dict[str, bytes | None] | None] = ContextVar(
+    "latitude_carried_sessions", default=None
+)
+
+
+@contextlib.contextmanager
+def carried_sessions(sid: str | None, data: bytes | None) -> Iterator[dict[str, bytes | None]]:
+    """Run a forwarded request on the session it brought, held in this process.
+
+    A session's home is its own region: at the primary it is needed only while the request
+    runs, and the answer carries it back. So while this context is active, every store of
+    this module reads ``sid`` (if any) from here, and writes and deletes any id here, without a round
+    trip to the primary's store (before: one write of the copy before the run and one read
+    after it). Yields the box: afterwards ``box[sid]`` is the session as the app left it
+    (``None``: deleted), and an id the app made meanwhile is a key of its own. Only for apps in
+    this process: an app behind HTTP (the sidecar) reads the primary's store itself.
+    """
+    box: dict[str, bytes | None] = {check_session_id(sid): data} if sid else {}
+    token = _carried.set(box)
+    try:
+        yield box
+    finally:
+        _carried.reset(token)
+
+
+def _carried_box() -> dict[str, bytes | None] | None:
+    return _carried.get()
+
+
 class ValkeySessionStore:
     """Sessions in Valkey or Redis: ``SET <key> <bytes> EX <ttl>``.
 
@@ -236,6 +273,9 @@ class ValkeySessionStore:
 
     async def get(self, sid: str) -> bytes | None:
         key = self.key(sid)
+        box = _carried_box()
+        if box is not None and sid in box:
+            return box[sid]
         try:
             return await self._client.get(key)
         except Exception as exc:
@@ -243,6 +283,10 @@ class ValkeySessionStore:
 
     async def set(self, sid: str, data: bytes, ttl_s: int | None = None) -> None:
         key, data, ttl = self.key(sid), _as_bytes(data), _ttl(ttl_s, self.default_ttl_s)
+        box = _carried_box()
+        if box is not None:
+            box[sid] = data
+            return
         try:
             await self._client.set(key, data, ex=ttl)
         except Exception as exc:
@@ -250,6 +294,10 @@ class ValkeySessionStore:
 
     async def delete(self, sid: str) -> None:
         key = self.key(sid)
+        box = _carried_box()
+        if box is not None:
+            box[sid] = None
+            return
         try:
             await self._client.delete(key)
         except Exception as exc:
@@ -279,6 +327,9 @@ class MemorySessionStore:
         self._data: dict[str, tuple[bytes, float | None]] = {}
 
     async def get(self, sid: str) -> bytes | None:
+        box = _carried_box()
+        if box is not None and check_session_id(sid) in box:
+            return box[sid]
         entry = self._data.get(check_session_id(sid))
         if entry is None:
             return None
@@ -290,9 +341,17 @@ class MemorySessionStore:
 
     async def set(self, sid: str, data: bytes, ttl_s: int | None = None) -> None:
         sid, data, ttl = check_session_id(sid), _as_bytes(data), _ttl(ttl_s, self.default_ttl_s)
+        box = _carried_box()
+        if box is not None:
+            box[sid] = data
+            return
         self._data[sid] = (data, None if ttl is None else self._clock() + ttl)
 
     async def delete(self, sid: str) -> None:
+        box = _carried_box()
+        if box is not None:
+            box[check_session_id(sid)] = None
+            return
         self._data.pop(check_session_id(sid), None)
 
     async def close(self) -> None:

@@ -82,6 +82,7 @@ TABLE_KEYS: dict[str, set[str]] = {
         "workers",
         "trusted_proxies",
         "max_answer_bytes",
+        "max_body_bytes",
         "max_header_bytes",
         "max_headers_bytes",
         "body_timeout_s",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from latitude.forwarding import AnswerTooLarge
 from latitude.gateway.envelope import IDEMPOTENCY_KEY, BadEnvelope
-from latitude.gateway.messages import BodyStalled, Scope, Send, send_error
+from latitude.gateway.messages import BodyStalled, BodyTooLarge, Scope, Send, send_error
 from latitude.idempotency import IdempotencyUnavailable
 from latitude.sessions import SessionError, SessionStoreUnavailable, SessionTooLarge
 from latitude.signing import DigestMismatch, NonceCacheError, SignatureError
@@ -103,6 +103,10 @@ def _stalled(exc: BaseException) -> str:
     return f"{exc} ([gateway] body_timeout_s)"
 
 
+def _body_too_big(exc: BaseException) -> str:
+    return f"{exc} ([gateway] max_body_bytes); nothing was sent or changed."
+
+
 def _too_big(exc: BaseException) -> str:
     return (
         f"The primary region handled the request, but {exc} ([gateway] max_answer_bytes), so "
@@ -131,6 +135,16 @@ def _store_down(exc: BaseException) -> str:
 # First match wins (an exception's class or a base of it): subclasses before their bases.
 TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (BodyStalled, Refusal(408, "Request body stalled", None, _stalled)),
+    (
+        BodyTooLarge,
+        Refusal(
+            413,
+            "Request body too large",
+            None,
+            _body_too_big,
+            lambda e: {"max_body_bytes": e.limit},
+        ),
+    ),
     (SessionTooLarge, Refusal(413, "Session too large to forward")),
     (SessionStoreUnavailable, Refusal(503, "Session store unavailable", 2, _store_down)),
     (SessionError, Refusal(413, "Session rejected")),

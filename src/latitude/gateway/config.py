@@ -49,6 +49,7 @@ class GatewayConfig:
     trusted_proxies: tuple = ()
     # The edge's bounds (docs/gateway.md, "What the gateway refuses").
     max_answer_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
     max_headers_bytes: int = 64 * 1024
     body_timeout_s: float = 30.0
@@ -128,6 +129,9 @@ class GatewayConfig:
             trusted_proxies=_networks(g.get("trusted_proxies", [])),
             max_answer_bytes=_positive(
                 get("max_answer_bytes", 64 * 1024 * 1024, int), "max_answer_bytes"
+            ),
+            max_body_bytes=_positive(
+                get("max_body_bytes", 64 * 1024 * 1024, int), "max_body_bytes"
             ),
             max_header_bytes=_positive(get("max_header_bytes", 16 * 1024, int), "max_header_bytes"),
             max_headers_bytes=_positive(

@@ -156,9 +156,11 @@ class SpooledBody:
         receive: Receive,
         prefix_length: int | None = None,
         idle_timeout_s: float | None = None,
+        max_bytes: int | None = None,
     ) -> SpooledBody:
         """The whole body; `idle_timeout_s` bounds each wait for the next piece of it (a
-        client that stalls mid-body raises `BodyStalled`), not the whole upload."""
+        client that stalls mid-body raises `BodyStalled`), not the whole upload, and
+        `max_bytes` its size (past it, `BodyTooLarge`: nothing more is spooled)."""
         body = cls(prefix_length)
         while True:
             try:
@@ -170,6 +172,9 @@ class SpooledBody:
                 body.close()
                 raise ClientDisconnected()
             chunk = message.get("body", b"")
+            if max_bytes is not None and body.size + len(chunk) > max_bytes:
+                body.close()
+                raise BodyTooLarge(max_bytes)
             if chunk:
                 body.append(chunk)
             if not message.get("more_body", False):
@@ -253,6 +258,19 @@ class SpooledBody:
 
 class ClientDisconnected(Exception):
     pass
+
+
+def announced_length(headers) -> int:
+    """The body's length as `Content-Length` announces it (0 when it does not: the server
+    already refused a malformed one)."""
+    value = header(headers, b"content-length")
+    return int(value) if value and value.isdigit() else 0
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"the request body is larger than {limit:,} bytes")
+        self.limit = limit
 
 
 class BodyStalled(Exception):

@@ -178,8 +178,11 @@ class RegionGateway:
         while True:
             await asyncio.sleep(interval_s)
             now = Counter({**self.counters, **self.positions.counters})
-            if self.forwarding is not None:  # new connections the path checks opened
-                now["forwarding_probes"] = self.forwarding.pool_info().get("probes", 0)
+            now["epoch_peer_connections"] = self.epochs.counters["peer_connections"]
+            if self.forwarding is not None:  # new connections: the pool's, the path checks'
+                info = self.forwarding.pool_info()
+                now["forwarding_connections"] = info.get("opened", 0)
+                now["forwarding_probes"] = info.get("probes", 0)
             delta = {k: v - sent.get(k, 0) for k, v in now.items() if v != sent.get(k, 0)}
             if not delta:
                 continue

@@ -22,7 +22,7 @@ from importlib import resources
 import aiohttp
 
 from latitude import metrics
-from latitude.forwarding import ssl_context
+from latitude.forwarding import counting_connections, ssl_context
 from latitude.gateway.classify import SAFE_METHODS
 from latitude.gateway.config import GatewayConfig
 
@@ -64,6 +64,7 @@ class Observe:
         self.snapshot = metrics.Snapshot(self.region, config.region.role)
         self._sampler: asyncio.Task | None = None
         self._http: aiohttp.ClientSession | None = None
+        self.connections_opened = 0  # by the sampler and the dashboard's fetches
         self._db = None
         # Whether the primary database accepts connections (for writes handled here when the
         # primary's gateway does not answer); None where there is no such fallback.
@@ -266,8 +267,15 @@ class Observe:
                 connector=aiohttp.TCPConnector(
                     limit=16, keepalive_timeout=60, ssl=ssl_context(self.config.ca_file)
                 ),
+                trace_configs=[counting_connections(self._count_opened)],
             )
         return self._http
+
+    def _count_opened(self) -> None:
+        self.connections_opened += 1
+        counters = getattr(self.app, "counters", None)  # published with the gateway's figures
+        if counters is not None:
+            counters["sampler_connections"] += 1
 
     async def _sample_forever(self) -> None:
         while True:

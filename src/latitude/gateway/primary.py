@@ -51,6 +51,7 @@ from latitude.gateway.envelope import (
     unpack_request,
 )
 from latitude.gateway.messages import (
+    BodyTooLarge,
     CapturedResponse,
     Receive,
     Scope,
@@ -63,7 +64,7 @@ from latitude.gateway.observe import note
 from latitude.gateway.positions import request_route
 from latitude.gateway.upstream import HttpUpstream
 from latitude.idempotency import Claim, IdempotencyUnavailable, Outcome
-from latitude.sessions import SessionError, SessionStoreUnavailable
+from latitude.sessions import SessionError, SessionStoreUnavailable, carried_sessions
 from latitude.signing import (
     DigestMismatch,
     MemoryNonceCache,
@@ -132,7 +133,16 @@ class PrimarySide:
             # down). Signed, so the replica relays the 503 instead of calling it a bad answer.
             await self._refuse_signed(send, headers, exc)
             return
-        body = await SpooledBody.read(receive, prefix_length=announced_body_length(headers))
+        try:
+            # The replica's gateway bounds the body; the session rides after it.
+            body = await SpooledBody.read(
+                receive,
+                prefix_length=announced_body_length(headers),
+                max_bytes=cfg.max_body_bytes + cfg.session_limit_bytes + 64 * 1024,
+            )
+        except BodyTooLarge as exc:
+            await self._refuse_signed(send, headers, exc)
+            return
         try:
             verify_content_digest(header(headers, b"content-digest"), body.digest)
         except DigestMismatch as exc:
@@ -170,12 +180,13 @@ class PrimarySide:
                     return
         try:
             brought = await self._bring_session(sid, body.read_tail(request.session_length))
-            captured = await self._run_app(scope, request, body, claim or pending)
+            with self._carrying(sid, brought) as box:
+                captured = await self._run_app(scope, request, body, claim or pending)
             if pending is None or not pending.refused:
                 out_headers, envelope = pack_answer(
                     captured.headers,
                     bytes(captured.body),
-                    *await self._session_after(captured, sid, brought),
+                    *await self._session_after(captured, sid, brought, box),
                 )
         except BaseException as exc:
             if pending is None or not pending.refused or not isinstance(exc, Exception):
@@ -250,17 +261,30 @@ class PrimarySide:
         await self._send_signed(send, headers, claim.status, replayed, claim.body)
 
     async def _bring_session(self, sid: str | None, blob: bytes) -> bytes | None:
-        """Put the replica region's session in place for the app (the envelope brought it),
-        as a copy that expires soon: the session's home is its own region. Returns it."""
+        """The replica region's session, as the envelope brought it. An app in this process
+        runs on it in memory (`_carrying`); one behind HTTP (the sidecar) reads the primary's
+        store, so it is put there as a copy that expires soon: its home is its own region."""
         if not sid:
             return None
-        store = self.gateway.session_store
         session = self.gateway.codec.unpack(blob) if blob else None
-        if session:
-            await store.set(sid, session, ttl_s=PRIMARY_SESSION_COPY_TTL_S)
-        else:
-            await store.delete(sid)
+        if self._reads_store():
+            store = self.gateway.session_store
+            if session:
+                await store.set(sid, session, ttl_s=PRIMARY_SESSION_COPY_TTL_S)
+            else:
+                await store.delete(sid)
         return session
+
+    def _reads_store(self) -> bool:
+        return getattr(self.gateway.app, "reads_sessions_from_store", False)
+
+    def _carrying(self, sid: str | None, brought: bytes | None):
+        """The context the app runs in: the brought session held in this process, or nothing
+        to hold (an app that reads the store itself). Without a session the box catches one
+        the app makes (a sign-in)."""
+        if self._reads_store():
+            return contextlib.nullcontext(None)
+        return carried_sessions(sid, brought)
 
     async def _run_app(
         self,
@@ -294,22 +318,31 @@ class PrimarySide:
         return captured
 
     async def _session_after(
-        self, captured: CapturedResponse, sid: str | None, brought: bytes | None
+        self,
+        captured: CapturedResponse,
+        sid: str | None,
+        brought: bytes | None,
+        box: dict[str, bytes | None] | None,
     ) -> tuple[bytes, SessionTail]:
         """The session after the run, packed to ride back, and what it does to the replica's
-        copy: one read of the store, and no write back when the app left it as it came."""
+        copy. An app in this process left it in `box` (no store call); else one read of the
+        store, and no write back when the app left it as it came."""
         gw = self.gateway
         new_sid = set_cookie_value(captured.headers, gw.config.session_cookie) or sid
         if not new_sid:  # no session before the run, none made by it
             return b"", SessionTail.UNCHANGED
-        session = await gw.session_store.get(new_sid)
+        if box is not None:
+            session = box.get(new_sid)
+        else:
+            session = await gw.session_store.get(new_sid)
         if new_sid == sid and session == brought:
             return b"", SessionTail.UNCHANGED
         if not session:
             return b"", SessionTail.DELETED
-        # The app wrote it with its own expiry: the primary's copy must expire soon all the
-        # same (another request of the same session may still be running on it).
-        await gw.session_store.set(new_sid, session, ttl_s=PRIMARY_SESSION_COPY_TTL_S)
+        if self._reads_store():
+            # The app wrote it with its own expiry: the primary's copy must expire soon all
+            # the same (another request of the same session may still be running on it).
+            await gw.session_store.set(new_sid, session, ttl_s=PRIMARY_SESSION_COPY_TTL_S)
         try:
             return gw.codec.pack(session), SessionTail.UPDATED
         except SessionError as exc:  # the app's session outgrew what can be carried back

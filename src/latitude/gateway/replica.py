@@ -33,10 +33,12 @@ from latitude.gateway.envelope import (
 )
 from latitude.gateway.messages import (
     BodyStalled,
+    BodyTooLarge,
     Receive,
     Scope,
     Send,
     SpooledBody,
+    announced_length,
     header,
     send_response,
 )
@@ -99,9 +101,17 @@ class ReplicaSide:
         client_key = header(headers, IDEMPOTENCY_KEY)
         key = client_key or str(uuid.uuid4())
         try:
-            body = await SpooledBody.read(receive, idle_timeout_s=cfg.body_timeout_s)
+            if announced_length(headers) > cfg.max_body_bytes:  # refused before a byte is read
+                raise BodyTooLarge(cfg.max_body_bytes)
+            body = await SpooledBody.read(
+                receive, idle_timeout_s=cfg.body_timeout_s, max_bytes=cfg.max_body_bytes
+            )
         except BodyStalled as exc:
             gw.counters["body_stalled"] += 1
+            await refuse(scope, send, exc)
+            return
+        except BodyTooLarge as exc:
+            gw.counters["body_too_large"] += 1
             await refuse(scope, send, exc)
             return
         try:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import uvicorn
 
 from latitude.gateway.config import GatewayConfig
-from latitude.gateway.connections import BoundedH11Protocol
+from latitude.gateway.connections import BoundedHttpToolsProtocol
 from latitude.gateway.middleware import RegionGateway
 from latitude.gateway.observe import Observe
 from latitude.gateway.upstream import HttpUpstream
@@ -100,8 +100,8 @@ def run(
         lifespan="on",
         log_level=log_level,
         timeout_keep_alive=300,  # forwarded requests ride long-lived pooled connections
-        # uvloop: less CPU per request (benchmarks/README.md). httptools measured faster still,
-        # but the header read timeout and pending-header cap live in the h11 protocol below.
+        # httptools + uvloop: less CPU per request than h11 + asyncio (benchmarks/README.md),
+        # with the header bounds of `connections.py` on top.
         loop="uvloop",
         ssl_certfile=tls_cert or config.topology.gateway.get("tls_cert"),
         ssl_keyfile=tls_key or config.topology.gateway.get("tls_key"),
@@ -109,7 +109,7 @@ def run(
         # The gateway alone decides which client address to trust; uvicorn's own proxy-header
         # handling would believe any X-Forwarded-For sent from loopback.
         proxy_headers=False,
-        http=BoundedH11Protocol,
+        http=BoundedHttpToolsProtocol,
         # Room for the gateway to see a header block up to its own limit and refuse it by name.
         h11_max_incomplete_event_size=config.max_headers_bytes + 8 * 1024,
     )

@@ -24,6 +24,10 @@ from latitude.http_headers import HOP_BY_HOP
 
 
 class HttpUpstream:
+    # An app in another process reads its sessions from the region's store itself: the
+    # primary puts a forwarded request's session there for it (gateway/primary.py).
+    reads_sessions_from_store = True
+
     def __init__(self, base_url: str, *, timeout_s: float = 60.0):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s

@@ -77,7 +77,15 @@ class EpochFollower:
         # A lease is earned by reaching a majority, never granted at start-up: a primary revived
         # behind a partition must not acknowledge writes before it has heard from its peers.
         self._majority_seen_at = float("-inf")
-        self.counters = {"epochs_adopted": 0, "writes_held": 0, "writes_refused": 0}
+        self.counters = {
+            "epochs_adopted": 0,
+            "writes_held": 0,
+            "writes_refused": 0,
+            "peer_connections": 0,  # new connections the peer questions opened
+        }
+        # One keep-alive session for every question: polling each second with a new session
+        # opened a new connection across every link each time.
+        self._peers = None
 
     # ---- learning --------------------------------------------------------------------------
 
@@ -128,6 +136,9 @@ class EpochFollower:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks.clear()
+        if self._peers is not None:
+            await self._peers.close()
+            self._peers = None
 
     async def _watch_file(self, gateway, interval_s: float = 0.2) -> None:
         """Follow a new epoch before the next request needs it: that request then pays nothing
@@ -163,9 +174,19 @@ class EpochFollower:
             except Exception:
                 return False
 
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            answers = await asyncio.gather(*(one(session, u) for u in urls))
+        if self._peers is None or self._peers.closed:
+            from latitude.forwarding import counting_connections
+
+            self._peers = aiohttp.ClientSession(
+                timeout=timeout,
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                trace_configs=[counting_connections(self._count_peer_connection)],
+            )
+        answers = await asyncio.gather(*(one(self._peers, u) for u in urls))
         return sum(answers)
+
+    def _count_peer_connection(self) -> None:
+        self.counters["peer_connections"] += 1
 
     async def _poll(self, gateway) -> None:
         peers = len(self.base.regions) - 1
