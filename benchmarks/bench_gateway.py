@@ -693,6 +693,12 @@ def main() -> None:
         help=f"Comma-separated phases to run (default all): {', '.join(PHASES)}.",
     )
     ap.add_argument(
+        "--idempotency-claim",
+        choices=("eager", "in_transaction"),
+        default="eager",
+        help="[gateway] idempotency_claim of both regions (docs/gateway.md).",
+    )
+    ap.add_argument(
         "--install-nginx",
         action="store_true",
         help="If nginx is missing, apt-get install nginx-light (Debian; root).",
@@ -720,7 +726,9 @@ def main() -> None:
             "load_average_at_start": round(os.getloadavg()[0], 2),
         },
     }
-    with throwaway_world("bench-gateway-", TOPOLOGY) as world:
+    results["idempotency_claim"] = args.idempotency_claim
+    topology = TOPOLOGY + f'\n[gateway]\nidempotency_claim = "{args.idempotency_claim}"\n'
+    with throwaway_world("bench-gateway-", topology) as world:
         say(f"starting the calendar in {PRIMARY} (creates the schema), then in {REPLICA}")
         start_calendar(world, PRIMARY)
         start_calendar(world, REPLICA)
@@ -765,7 +773,8 @@ def report(r: dict) -> None:
         f"gateway benchmark: {PRIMARY} (primary, {r['primary_workers']} workers) + {REPLICA}, "
         f"link {r['rtt_ms']:.0f} ms RTT, client RTT {r['client_rtt_ms']:.0f} ms (clients dial a "
         f"region's port directly); {m['cpus']} CPUs, load average {m['load_average_at_start']}"
-        f" -> {m['load_average_at_end']}; {r['seconds']:.0f} s"
+        f" -> {m['load_average_at_end']}; {r['seconds']:.0f} s; idempotency claim "
+        f"{r.get('idempotency_claim', 'eager')}"
     )
     for name, show in (
         ("forwarded", _report_forwarded),
