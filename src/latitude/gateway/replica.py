@@ -16,7 +16,7 @@ import time
 import uuid
 
 from latitude.forwarding import AnswerTooLarge, ForwardedResponse, NoAnswer, NotSent
-from latitude.gateway.answers import BadAnswerSignature, Busy, refuse, with_key
+from latitude.gateway.answers import BadAnswerSignature, Busy, Demoted, refuse, with_key
 from latitude.gateway.classify import SAFE_METHODS
 from latitude.gateway.envelope import (
     IDEMPOTENCY,
@@ -42,6 +42,7 @@ from latitude.gateway.messages import (
 )
 from latitude.gateway.observe import note
 from latitude.promotion.follow import EPOCH_HEADER
+from latitude.promotion.inflight import primary_moved, way_to_primary
 from latitude.sessions import SessionStoreUnavailable, SessionTooLarge
 from latitude.signing import SignatureError, sign_request, verify_response
 
@@ -140,7 +141,6 @@ class ReplicaSide:
             region=cfg.region.name,
         )
         path_qs = target(scope)
-        url = f"{gw.forwarding.base_url}{path_qs}"
         length = body.size + len(blob)
 
         async def envelope():
@@ -151,6 +151,9 @@ class ReplicaSide:
 
         attempt = 0
         while (remaining := deadline - time.monotonic()) > 0:
+            # Read at each attempt: a promotion may have moved the primary since the last one.
+            forwarding, sent_to = way_to_primary(gw), gw.config.primary.name
+            url = f"{forwarding.base_url}{path_qs}"
             signature = sign_request(
                 cfg.keyring,
                 method=scope["method"],
@@ -162,6 +165,7 @@ class ReplicaSide:
             try:
                 async with self.slots.slot(remaining):
                     resp = await self._watched_send(
+                        forwarding,
                         scope["method"],
                         path_qs,
                         signed,
@@ -211,7 +215,23 @@ class ReplicaSide:
                 attempt += 1
                 await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
                 continue
-            await self._relay(scope, send, resp, signed, sid, key, had_session=bool(session))
+            bad_signature = self._signature_error(resp, signed)
+            token = resp.header(EPOCH_HEADER)
+            if await primary_moved(gw, sent_to, resp.status, token, bad_signature is None):
+                attempt += 1
+                gw.counters["sent_to_new_primary"] += 1
+                log.warning(
+                    "forwarding %s %s (key %s): %s answered %s, the primary is %s now; "
+                    "sending it there",
+                    scope["method"],
+                    scope["path"],
+                    key,
+                    sent_to,
+                    resp.status,
+                    gw.config.primary.name,
+                )
+                continue
+            await self._relay(scope, send, resp, bad_signature, sid, key, had_session=bool(session))
             return
         if scope["method"] in SAFE_METHODS:
             await gw.fallback.stale_read(scope, body, send)
@@ -219,7 +239,7 @@ class ReplicaSide:
         await gw.deadline_passed(scope, send, key)
 
     async def _watched_send(
-        self, method, path_qs, headers, body, *, timeout_s: float, fresh_connection: bool
+        self, forwarding, method, path_qs, headers, body, *, timeout_s, fresh_connection
     ) -> ForwardedResponse:
         """Send one attempt, and while its answer is late, check the path is still there.
 
@@ -228,7 +248,6 @@ class ReplicaSide:
         it is reported as `NotSent` all the same: the fallback claims the key in the primary
         database before anything runs here, so it is never a blind local re-run.
         """
-        forwarding = self.gateway.forwarding
         attempt = asyncio.ensure_future(
             forwarding.send(
                 method,
@@ -257,22 +276,11 @@ class ReplicaSide:
                 with contextlib.suppress(BaseException):
                     await attempt
 
-    async def _relay(
-        self,
-        scope: Scope,
-        send: Send,
-        resp: ForwardedResponse,
-        signed_request: Headers,
-        sid: str | None,
-        key: str,
-        had_session: bool,
-    ) -> None:
-        gw = self.gateway
-        cfg = gw.config
-        gw.epochs.heard(resp.header(EPOCH_HEADER))
+    def _signature_error(self, resp: ForwardedResponse, signed_request: Headers):
+        """Why the answer does not verify as the primary's answer to this request, or None."""
         try:
             verify_response(
-                cfg.keyring,
+                self.gateway.config.keyring,
                 status=resp.status,
                 headers=resp.headers,
                 request_headers=signed_request,
@@ -280,6 +288,22 @@ class ReplicaSide:
                 must_cover=SIGNED_RESPONSE_HEADERS,
             )
         except SignatureError as exc:
+            return exc
+        return None
+
+    async def _relay(
+        self,
+        scope: Scope,
+        send: Send,
+        resp: ForwardedResponse,
+        bad_signature: SignatureError | None,
+        sid: str | None,
+        key: str,
+        had_session: bool,
+    ) -> None:
+        gw = self.gateway
+        cfg = gw.config
+        if bad_signature is not None:
             gw.counters["bad_answer_signature"] += 1
             note(scope, outcome="bad_signature")
             # An unsigned answer is usually the primary refusing the request: say why.
@@ -287,8 +311,17 @@ class ReplicaSide:
                 "the primary's answer (%s, %r) failed verification: %s",
                 resp.status,
                 resp.body[:300],
-                exc,
+                bad_signature,
             )
+            if not gw.epochs.epoch.active:
+                # The old primary refusing a write it held while the epoch is pending: the
+                # key is the way on, at the new primary once the epoch is active.
+                why = (
+                    f"the primary region is moving to {gw.epochs.epoch.primary}; retry with "
+                    f"the header Idempotency-Key: {key}, it will not be applied twice"
+                )
+                await refuse(scope, send, Demoted(why, key=key), extra=gw.epochs.headers())
+                return
             why = "The primary's answer was not correctly signed; it was discarded."
             await refuse(scope, send, BadAnswerSignature(why))
             return
