@@ -150,6 +150,7 @@ class ReplicaSide:
                 yield blob
 
         attempt = 0
+        fresh = False  # the next attempt on a new connection (the last one may have stalled)
         while (remaining := deadline - time.monotonic()) > 0:
             # Read at each attempt: a promotion may have moved the primary since the last one.
             forwarding, sent_to = way_to_primary(gw), gw.config.primary.name
@@ -171,7 +172,7 @@ class ReplicaSide:
                         signed,
                         envelope() if length else None,
                         timeout_s=max(0.01, deadline - time.monotonic()),
-                        fresh_connection=attempt > 0,
+                        fresh_connection=fresh,
                     )
             except Busy as exc:
                 gw.counters["busy"] += 1
@@ -202,6 +203,7 @@ class ReplicaSide:
                 return
             except NoAnswer as exc:
                 attempt += 1
+                fresh = True
                 gw.counters["retries"] += 1
                 log.warning(
                     "forwarding %s %s (key %s): %s; retrying",
@@ -213,12 +215,14 @@ class ReplicaSide:
                 continue
             if resp.status == 409 and resp.header(IDEMPOTENCY) == "in-progress":
                 attempt += 1
+                fresh = True
                 await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
                 continue
             bad_signature = self._signature_error(resp, signed)
             token = resp.header(EPOCH_HEADER)
             if await primary_moved(gw, sent_to, resp.status, token, bad_signature is None):
                 attempt += 1
+                fresh = False  # a new pool, to the new primary, warmed when the epoch came
                 gw.counters["sent_to_new_primary"] += 1
                 log.warning(
                     "forwarding %s %s (key %s): %s answered %s, the primary is %s now; "
