@@ -151,3 +151,62 @@ def test_a_new_primarys_log_starts_above_every_old_cursor(tmp_path):
         check_publishable(root)
     take_over(root, 4, 3600)
     check_publishable(root)
+
+
+def test_a_mirror_learns_the_epoch_from_its_regions_gateway(tmp_path):
+    """A mirror whose folder is not the gateway's has no epoch file to read: its region's
+    gateway (`GET /_latitude/epoch`) tells it; it asks no other region's gateway, and a token
+    it cannot verify moves nothing."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from latitude.mirror.role import MirrorRole
+
+    asked: dict[str, int] = {"us-west": 0, "eu-west": 0}
+    tokens = {"eu-west": sign_epoch(KEYRING, Epoch(2, "eu-west", "active", 2.0))}
+
+    def server_for(region: str) -> ThreadingHTTPServer:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                asked[region] += 1
+                body = json.dumps({"region": region, "token": tokens.get(region)}).encode()
+                self.send_response(200 if self.path == "/_latitude/epoch" else 404)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    servers = {r: server_for(r) for r in asked}
+    try:
+        urls = {r: f"http://127.0.0.1:{s.server_address[1]}" for r, s in servers.items()}
+        text = TOPOLOGY.replace(
+            "location = [45.6, -121.2]",
+            f'location = [45.6, -121.2]\ninternal_url = "{urls["us-west"]}"',
+        ).replace(
+            "location = [53.3, -6.3]",
+            f'location = [53.3, -6.3]\ninternal_url = "{urls["eu-west"]}"',
+        )
+        folder = tmp_path / "mirror-only"  # no epoch.json here: the gateways keep theirs elsewhere
+        folder.mkdir()
+        (folder / "latitude.toml").write_text(text)
+        topology = parse_topology(text, source=str(folder / "latitude.toml"), environ=ENV)
+        role = MirrorRole(topology, "eu-west", make_config=lambda topo: topo)
+        assert role.primary == "eu-west" and role.epoch == 2
+        assert asked == {"us-west": 0, "eu-west": 1}
+        # A forged token from the gateway is not believed.
+        tokens["eu-west"] = sign_epoch(
+            Keyring([SigningKey("k1", b"o" * 40)], "k1"), Epoch(3, "us-west", "active", 3.0)
+        )
+        role.watch.refresh()
+        assert role.primary == "eu-west" and role.epoch == 2
+    finally:
+        for s in servers.values():
+            s.shutdown()
+            s.server_close()

@@ -62,8 +62,39 @@ def pg(world: LabWorld, region: str) -> psycopg.Connection:
     return psycopg.connect(database_url(port), autocommit=True, connect_timeout=5)
 
 
-def writers(world: LabWorld, regions) -> list[Writer]:
-    ws = [Writer(world, r) for r in regions]
+class RecordingWriter(Writer):
+    """A `Writer` that also keeps each failed answer's status and the start of its body."""
+
+    def __init__(self, world: LabWorld, region: str):
+        super().__init__(world, region)
+        self.failures: list[tuple[float, int, str]] = []
+
+    def post(self, path: str, data: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=json.dumps(data).encode(),
+            headers={"content-type": "application/json", "accept": "application/json"},
+            method="POST",
+        )
+        try:
+            with self.opener.open(req, timeout=20) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            self.failures.append(
+                (time.monotonic(), exc.code, exc.read()[:300].decode("utf-8", "replace"))
+            )
+            return exc.code, {}
+        except OSError as exc:
+            self.failures.append((time.monotonic(), 0, repr(exc)))
+            return 0, {}
+
+    def server_errors(self) -> list[tuple[float, int, str]]:
+        """Answers no client can act on: a 500 or a 502 (a 503 says when to retry)."""
+        return [f for f in self.failures if f[1] in (0, 500, 502)]
+
+
+def writers(world: LabWorld, regions) -> list[RecordingWriter]:
+    ws = [RecordingWriter(world, r) for r in regions]
     for w in ws:
         w.login()
         w.start()
@@ -155,6 +186,9 @@ def test_switchover_while_writes_flow_loses_nothing(promo: LabWorld):
     assert not lost, f"{len(lost)} acknowledged writes lost"
     for w in ws:
         assert w.longest_refusal() <= 5.0, (w.region, w.longest_refusal(), w.refused[-5:])
+        # A write that crossed the moment the epoch went pending is held, retried at the new
+        # primary or refused with a 503 that says to retry: never a 500 or a 502.
+        assert not w.server_errors(), (w.region, w.server_errors())
         later = [region for t, _, region in w.acked if t > finished + 0.5]
         assert later and set(later) == {"eu-west"}, (w.region, set(later))
         assert any(t > started for t, _, _ in w.acked)

@@ -16,7 +16,7 @@ import time
 import uuid
 
 from latitude.forwarding import AnswerTooLarge, ForwardedResponse, NoAnswer, NotSent
-from latitude.gateway.answers import BadAnswerSignature, Busy, refuse, with_key
+from latitude.gateway.answers import BadAnswerSignature, Busy, Demoted, refuse, with_key
 from latitude.gateway.classify import SAFE_METHODS
 from latitude.gateway.envelope import (
     IDEMPOTENCY,
@@ -44,6 +44,7 @@ from latitude.gateway.messages import (
 )
 from latitude.gateway.observe import note
 from latitude.promotion.follow import EPOCH_HEADER
+from latitude.promotion.inflight import primary_moved, way_to_primary
 from latitude.sessions import SessionStoreUnavailable, SessionTooLarge
 from latitude.signing import SignatureError, sign_request, verify_response
 
@@ -150,7 +151,6 @@ class ReplicaSide:
             region=cfg.region.name,
         )
         path_qs = target(scope)
-        url = f"{gw.forwarding.base_url}{path_qs}"
         length = body.size + len(blob)
 
         async def envelope():
@@ -160,7 +160,11 @@ class ReplicaSide:
                 yield blob
 
         attempt = 0
+        fresh = False  # the next attempt on a new connection (the last one may have stalled)
         while (remaining := deadline - time.monotonic()) > 0:
+            # Read at each attempt: a promotion may have moved the primary since the last one.
+            forwarding, sent_to = way_to_primary(gw), gw.config.primary.name
+            url = f"{forwarding.base_url}{path_qs}"
             signature = sign_request(
                 cfg.keyring,
                 method=scope["method"],
@@ -172,12 +176,13 @@ class ReplicaSide:
             try:
                 async with self.slots.slot(remaining):
                     resp = await self._watched_send(
+                        forwarding,
                         scope["method"],
                         path_qs,
                         signed,
                         envelope() if length else None,
                         timeout_s=max(0.01, deadline - time.monotonic()),
-                        fresh_connection=attempt > 0,
+                        fresh_connection=fresh,
                     )
             except Busy as exc:
                 gw.counters["busy"] += 1
@@ -208,6 +213,7 @@ class ReplicaSide:
                 return
             except NoAnswer as exc:
                 attempt += 1
+                fresh = True
                 gw.counters["retries"] += 1
                 log.warning(
                     "forwarding %s %s (key %s): %s; retrying",
@@ -219,9 +225,27 @@ class ReplicaSide:
                 continue
             if resp.status == 409 and resp.header(IDEMPOTENCY) == "in-progress":
                 attempt += 1
+                fresh = True
                 await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
                 continue
-            await self._relay(scope, send, resp, signed, sid, key, had_session=bool(session))
+            bad_signature = self._signature_error(resp, signed)
+            token = resp.header(EPOCH_HEADER)
+            if await primary_moved(gw, sent_to, resp.status, token, bad_signature is None):
+                attempt += 1
+                fresh = False  # a new pool, to the new primary, warmed when the epoch came
+                gw.counters["sent_to_new_primary"] += 1
+                log.warning(
+                    "forwarding %s %s (key %s): %s answered %s, the primary is %s now; "
+                    "sending it there",
+                    scope["method"],
+                    scope["path"],
+                    key,
+                    sent_to,
+                    resp.status,
+                    gw.config.primary.name,
+                )
+                continue
+            await self._relay(scope, send, resp, bad_signature, sid, key, had_session=bool(session))
             return
         if scope["method"] in SAFE_METHODS:
             await gw.fallback.stale_read(scope, body, send)
@@ -229,7 +253,7 @@ class ReplicaSide:
         await gw.deadline_passed(scope, send, key)
 
     async def _watched_send(
-        self, method, path_qs, headers, body, *, timeout_s: float, fresh_connection: bool
+        self, forwarding, method, path_qs, headers, body, *, timeout_s, fresh_connection
     ) -> ForwardedResponse:
         """Send one attempt, and while its answer is late, check the path is still there.
 
@@ -238,7 +262,6 @@ class ReplicaSide:
         it is reported as `NotSent` all the same: the fallback claims the key in the primary
         database before anything runs here, so it is never a blind local re-run.
         """
-        forwarding = self.gateway.forwarding
         attempt = asyncio.ensure_future(
             forwarding.send(
                 method,
@@ -267,22 +290,11 @@ class ReplicaSide:
                 with contextlib.suppress(BaseException):
                     await attempt
 
-    async def _relay(
-        self,
-        scope: Scope,
-        send: Send,
-        resp: ForwardedResponse,
-        signed_request: Headers,
-        sid: str | None,
-        key: str,
-        had_session: bool,
-    ) -> None:
-        gw = self.gateway
-        cfg = gw.config
-        gw.epochs.heard(resp.header(EPOCH_HEADER))
+    def _signature_error(self, resp: ForwardedResponse, signed_request: Headers):
+        """Why the answer does not verify as the primary's answer to this request, or None."""
         try:
             verify_response(
-                cfg.keyring,
+                self.gateway.config.keyring,
                 status=resp.status,
                 headers=resp.headers,
                 request_headers=signed_request,
@@ -290,6 +302,22 @@ class ReplicaSide:
                 must_cover=SIGNED_RESPONSE_HEADERS,
             )
         except SignatureError as exc:
+            return exc
+        return None
+
+    async def _relay(
+        self,
+        scope: Scope,
+        send: Send,
+        resp: ForwardedResponse,
+        bad_signature: SignatureError | None,
+        sid: str | None,
+        key: str,
+        had_session: bool,
+    ) -> None:
+        gw = self.gateway
+        cfg = gw.config
+        if bad_signature is not None:
             gw.counters["bad_answer_signature"] += 1
             note(scope, outcome="bad_signature")
             # An unsigned answer is usually the primary refusing the request: say why.
@@ -297,8 +325,17 @@ class ReplicaSide:
                 "the primary's answer (%s, %r) failed verification: %s",
                 resp.status,
                 resp.body[:300],
-                exc,
+                bad_signature,
             )
+            if not gw.epochs.epoch.active:
+                # The old primary refusing a write it held while the epoch is pending: the
+                # key is the way on, at the new primary once the epoch is active.
+                why = (
+                    f"the primary region is moving to {gw.epochs.epoch.primary}; retry with "
+                    f"the header Idempotency-Key: {key}, it will not be applied twice"
+                )
+                await refuse(scope, send, Demoted(why, key=key), extra=gw.epochs.headers())
+                return
             why = "The primary's answer was not correctly signed; it was discarded."
             await refuse(scope, send, BadAnswerSignature(why))
             return

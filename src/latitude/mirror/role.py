@@ -1,8 +1,10 @@
 """A mirror node's role follows the primary epoch: the new primary publishes, the old one follows.
 
 `latitude mirror serve` and `latitude mirror sync` run in every region and read the region's
-epoch (its `epoch.json`, kept by the region's gateways and by every promotion; see
-`latitude.promotion.watch`). When the epoch's primary changes:
+epoch: its `epoch.json` (kept by the region's gateways and by every promotion) when the mirror's
+topology is in the same folder, and the region's gateway's `GET /_latitude/epoch` every check
+(so a mirror on another host or folder follows too; see `latitude.promotion.watch`). When the
+epoch's primary changes:
 
 * the region that became primary stops syncing, starts a change log of its own from the tree it
   holds, and serves the feed; its serials start at `epoch x 2^40`, so they keep increasing
@@ -89,7 +91,9 @@ def take_over(root: ContentRoot, epoch: int, retention_s: float, wait_s: float =
 
 def retire(root: ContentRoot, epoch: int, primary: str) -> None:
     if (root.state_dir / "changes.sqlite").exists():
-        atomic.write_bytes(retired_file(root), f"epoch {epoch} names {primary} the primary\n".encode())
+        atomic.write_bytes(
+            retired_file(root), f"epoch {epoch} names {primary} the primary\n".encode()
+        )
 
 
 class MirrorRole:
@@ -104,7 +108,9 @@ class MirrorRole:
         self.make_config = make_config
         source = Path(topology.source)
         file = epoch_file_for(source) if source.suffix == ".toml" else None
-        self.watch = EpochWatch(topology, keyring, file=file, peers=False)
+        # The region's epoch file when the mirror shares the gateway's folder, and its
+        # gateway's `GET /_latitude/epoch` when it does not (or the file is behind).
+        self.watch = EpochWatch(topology, keyring, file=file, ask=(region,))
         self.watch.refresh()
 
     @property

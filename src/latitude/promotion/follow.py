@@ -205,6 +205,12 @@ class EpochFollower:
         """An epoch that came with an answer (forwarded or refused); followed on the next request."""
         self.offer(token)
 
+    async def follow(self, gateway) -> None:
+        """Follow the newest epoch now (the region's file, and what was heard), not at the next
+        request: a write in flight across a promotion is sent on to the new primary."""
+        self._read_file()
+        await self._apply(gateway)
+
     # ---- following -------------------------------------------------------------------------
 
     def lease_lost(self, gateway) -> bool:

@@ -55,8 +55,12 @@ class EpochWatch:
         *,
         file: str | Path | None = None,
         peers: bool = True,
+        ask: tuple[str, ...] | None = None,
     ):
+        """`peers`: ask the regions' gateways too (`ask`: only these regions', e.g. a mirror
+        asks its own region's, which knows every epoch its region does)."""
         self.base = topology
+        self.ask = ask
         self.keyring = keyring if keyring is not None else keyring_or_none(topology)
         self.epoch: Epoch = initial_epoch(topology)
         self.token: str | None = None
@@ -130,7 +134,7 @@ class EpochWatch:
         urls = [
             (r.internal_url or r.public_url).rstrip("/") + EPOCH_PATH
             for r in self.base.regions
-            if r.internal_url or r.public_url
+            if (r.internal_url or r.public_url) and (self.ask is None or r.name in self.ask)
         ]
 
         def one(url: str) -> str | None:

@@ -400,7 +400,17 @@ def export_command(
         )
         raise SystemExit(2)
     if output:
-        atomic.write_text(output, text)
+        # Temp file then rename: a failed export leaves the file as it was, never half written.
+        try:
+            atomic.write_text(output, text)
+        except OSError as exc:
+            err.print(
+                f"[red]error:[/red] cannot write {output}: {exc.strerror or exc}; "
+                "nothing was written",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise SystemExit(2) from None
         err.print(f"wrote {output}", highlight=False)
     else:
         sys.stdout.write(text)
