@@ -206,9 +206,17 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=("switchover",), help="only the two switchovers (quicker)"
     )
+    parser.add_argument(
+        "--idempotency-claim",
+        choices=("eager", "in_transaction"),
+        default="eager",
+        help="[gateway] idempotency_claim (in_transaction: one quorum commit fewer per write)",
+    )
     args = parser.parse_args()
     topology = (REPO / "src/latitude/data/lab.toml").read_text()
     topology += "\n[replication]\nsynchronous = 1\n\n[failover]\nautomatic = true\n"
+    topology += f'\n[gateway]\nidempotency_claim = "{args.idempotency_claim}"\n'
+    say(f"idempotency claim: {args.idempotency_claim}")
     with throwaway_world("latitude-bench-promotion-", topology) as world:
         start_calendar(world, timeout=60)
         pg = PgServer("us-west", database_url(world.state().regions["us-west"].pg_port))
