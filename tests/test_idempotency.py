@@ -7,6 +7,7 @@ import uuid
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from latitude.idempotency import (
@@ -278,3 +279,29 @@ async def test_purge_periodically_checks_its_arguments_and_reports_failures(stor
     finally:
         task.cancel()
         await closed.close()
+
+
+async def test_the_claim_does_not_wait_for_a_quorum_the_outcome_does(store, primary_dsn, prefix):
+    """With quorum commit on, the claim commits locally (the run's own commit, later in the
+    same WAL, waits for the quorum and carries the claim with it); the outcome waits. Here the
+    quorum names a standby that does not exist, so any commit that waits never returns."""
+    with psycopg.connect(primary_dsn, autocommit=True) as admin:
+        before = admin.execute("show synchronous_standby_names").fetchone()[0]
+        admin.execute("alter system set synchronous_standby_names = 'ANY 1 (nobody_here)'")
+        admin.execute("select pg_reload_conf()")
+        try:
+            await asyncio.sleep(0.3)  # the reload reaches the backends
+            claim = await asyncio.wait_for(store.begin(prefix + "q", "hash-q"), 5)
+            assert claim.outcome is Outcome.NEW
+            with pytest.raises(TimeoutError):  # the setting is in force: this one waits
+                await asyncio.wait_for(store.complete(prefix + "q", 201, HEADERS, BODY), 1.5)
+        finally:
+            if before:
+                admin.execute(
+                    sql.SQL("alter system set synchronous_standby_names = {}").format(
+                        sql.Literal(before)
+                    )
+                )
+            else:
+                admin.execute("alter system reset synchronous_standby_names")
+            admin.execute("select pg_reload_conf()")
