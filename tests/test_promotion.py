@@ -63,30 +63,7 @@ def pg(world: LabWorld, region: str) -> psycopg.Connection:
 
 
 class RecordingWriter(Writer):
-    """A `Writer` that also keeps each failed answer's status and the start of its body."""
-
-    def __init__(self, world: LabWorld, region: str):
-        super().__init__(world, region)
-        self.failures: list[tuple[float, int, str]] = []
-
-    def post(self, path: str, data: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            data=json.dumps(data).encode(),
-            headers={"content-type": "application/json", "accept": "application/json"},
-            method="POST",
-        )
-        try:
-            with self.opener.open(req, timeout=20) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            self.failures.append(
-                (time.monotonic(), exc.code, exc.read()[:300].decode("utf-8", "replace"))
-            )
-            return exc.code, {}
-        except OSError as exc:
-            self.failures.append((time.monotonic(), 0, repr(exc)))
-            return 0, {}
+    """A `Writer` whose failed answers (`failures`) are sorted by what a client can do."""
 
     def server_errors(self) -> list[tuple[float, int, str]]:
         """Answers no client can act on: a 500 or a 502 (a 503 says when to retry)."""

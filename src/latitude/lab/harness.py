@@ -323,7 +323,8 @@ class Writer(threading.Thread):
     """A user next to one region, creating calendar events as fast as answers come back.
 
     `acked` holds (time, title, region that ran it) per acknowledged write, `refused` (time,
-    status) per other answer (0: no answer).
+    status) per other answer (0: no answer), `failures` (time, status, the start of the body
+    or the error) per failed POST.
     """
 
     def __init__(self, world: LabWorld, region: str, name: str = "writer"):
@@ -334,6 +335,7 @@ class Writer(threading.Thread):
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
         self.acked: list[tuple[float, str, str]] = []
         self.refused: list[tuple[float, int]] = []
+        self.failures: list[tuple[float, int, str]] = []
         self.stop = threading.Event()
 
     def post(self, path: str, data: dict) -> tuple[int, dict]:
@@ -347,8 +349,12 @@ class Writer(threading.Thread):
             with self.opener.open(req, timeout=20) as r:
                 return r.status, json.loads(r.read() or b"{}")
         except urllib.error.HTTPError as exc:
+            self.failures.append(
+                (time.monotonic(), exc.code, exc.read()[:300].decode("utf-8", "replace"))
+            )
             return exc.code, {}
-        except OSError:
+        except OSError as exc:
+            self.failures.append((time.monotonic(), 0, repr(exc)))
             return 0, {}
 
     def get(self, path: str, accept: str = "application/json") -> int:
