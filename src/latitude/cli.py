@@ -584,8 +584,11 @@ def demo(
         "ocean links), run the calendar behind the gateway in every region, then time users"
     )
     world = LabWorld(state_dir, topology, progress=progress)
-    world.up()
+    # A SIGTERM at any point (a supervisor, a CI timeout, `kill`) stops the world as Ctrl-C
+    # does: before, one that came while the demo measured left every process running.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
+        world.up()
         lab_demo.start_calendar(world, progress=progress)
         progress(f"users next to each region: {writes} writes, then {reads} reads each")
         figures = lab_demo.measure(world, reads=reads, writes=writes, progress=progress)
@@ -639,7 +642,6 @@ def demo(
                 f"dashboard: {figures[world.topology().primary.name]['url']}/_latitude/dashboard"
             )
             out.print("the world is running; press Ctrl-C to stop it")
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             try:
                 signal.pause()
             except KeyboardInterrupt:

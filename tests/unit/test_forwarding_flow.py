@@ -8,6 +8,7 @@ import json
 
 from latitude.gateway.envelope import IDEMPOTENCY_KEY, POSITION, SESSION_STATE
 from latitude.gateway.positions import POSITION_COOKIE
+from latitude.gateway.primary import PrimarySide
 
 
 async def test_a_write_in_a_replica_region_runs_once_at_the_primary(regions):
@@ -231,3 +232,11 @@ async def test_an_app_that_reads_the_store_itself_gets_the_copy_there(regions):
     answer = await regions.request("POST", "/events", {"title": "through the store"})
     assert answer.status == 201 and json.loads(answer.body)["by"] == "ada"
     assert primary.n == 3  # the copy written, the app's own read, one read after the run
+
+
+async def test_the_primary_keeps_its_own_regions_session_for_its_whole_lifetime(regions):
+    """A write this region's gateway sent to its own primary side (after a promotion) carries
+    the region's own session: the store keeps it for its usual lifetime, not as a copy."""
+    side = PrimarySide(regions.primary)
+    assert side._copy_ttl([(b"latitude-forwarded-from", b"eu-west")]) == 60
+    assert side._copy_ttl([(b"latitude-forwarded-from", b"us-west")]) is None

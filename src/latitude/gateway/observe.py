@@ -64,7 +64,6 @@ class Observe:
         self.snapshot = metrics.Snapshot(self.region, config.region.role)
         self._sampler: asyncio.Task | None = None
         self._http: aiohttp.ClientSession | None = None
-        self.connections_opened = 0  # by the sampler and the dashboard's fetches
         self._db = None
         # Whether the primary database accepts connections (for writes handled here when the
         # primary's gateway does not answer); None where there is no such fallback.
@@ -272,7 +271,6 @@ class Observe:
         return self._http
 
     def _count_opened(self) -> None:
-        self.connections_opened += 1
         counters = getattr(self.app, "counters", None)  # published with the gateway's figures
         if counters is not None:
             counters["sampler_connections"] += 1

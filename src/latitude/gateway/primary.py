@@ -33,6 +33,7 @@ from latitude.gateway.answers import (
 from latitude.gateway.classify import SAFE_METHODS
 from latitude.gateway.config import CLAIM_IN_TRANSACTION, GatewayConfigError
 from latitude.gateway.envelope import (
+    FORWARDED_FROM,
     IDEMPOTENCY,
     IDEMPOTENCY_KEY,
     POSITION,
@@ -179,14 +180,15 @@ class PrimarySide:
                     await self._send_replay(send, headers, claim)
                     return
         try:
-            brought = await self._bring_session(sid, body.read_tail(request.session_length))
+            ttl = self._copy_ttl(headers)
+            brought = await self._bring_session(sid, body.read_tail(request.session_length), ttl)
             with self._carrying(sid, brought) as box:
                 captured = await self._run_app(scope, request, body, claim or pending)
             if pending is None or not pending.refused:
                 out_headers, envelope = pack_answer(
                     captured.headers,
                     bytes(captured.body),
-                    *await self._session_after(captured, sid, brought, box),
+                    *await self._session_after(captured, sid, brought, box, ttl),
                 )
         except BaseException as exc:
             if pending is None or not pending.refused or not isinstance(exc, Exception):
@@ -260,7 +262,15 @@ class PrimarySide:
             replayed.append((POSITION, claim.position.encode()))
         await self._send_signed(send, headers, claim.status, replayed, claim.body)
 
-    async def _bring_session(self, sid: str | None, blob: bytes) -> bytes | None:
+    def _copy_ttl(self, headers: Headers) -> int | None:
+        """How long the primary's store may keep a forwarded request's session: a short-lived
+        copy for another region's, the store's own lifetime for this region's (a write this
+        region's gateway sent to its own primary side after a promotion)."""
+        if header(headers, FORWARDED_FROM) == self.gateway.config.region.name:
+            return None
+        return PRIMARY_SESSION_COPY_TTL_S
+
+    async def _bring_session(self, sid: str | None, blob: bytes, ttl: int | None) -> bytes | None:
         """The replica region's session, as the envelope brought it. An app in this process
         runs on it in memory (`_carrying`); one behind HTTP (the sidecar) reads the primary's
         store, so it is put there as a copy that expires soon: its home is its own region."""
@@ -270,7 +280,7 @@ class PrimarySide:
         if self._reads_store():
             store = self.gateway.session_store
             if session:
-                await store.set(sid, session, ttl_s=PRIMARY_SESSION_COPY_TTL_S)
+                await store.set(sid, session, ttl_s=ttl)
             else:
                 await store.delete(sid)
         return session
@@ -323,6 +333,7 @@ class PrimarySide:
         sid: str | None,
         brought: bytes | None,
         box: dict[str, bytes | None] | None,
+        ttl: int | None,
     ) -> tuple[bytes, SessionTail]:
         """The session after the run, packed to ride back, and what it does to the replica's
         copy. An app in this process left it in `box` (no store call); else one read of the
@@ -342,7 +353,7 @@ class PrimarySide:
         if self._reads_store():
             # The app wrote it with its own expiry: the primary's copy must expire soon all
             # the same (another request of the same session may still be running on it).
-            await gw.session_store.set(new_sid, session, ttl_s=PRIMARY_SESSION_COPY_TTL_S)
+            await gw.session_store.set(new_sid, session, ttl_s=ttl)
         try:
             return gw.codec.pack(session), SessionTail.UPDATED
         except SessionError as exc:  # the app's session outgrew what can be carried back

@@ -16,12 +16,10 @@ verified, claimed by its key, run, signed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from urllib.parse import urlsplit
 
 from latitude.forwarding import ForwardedResponse, NoAnswer
 from latitude.gateway.deadlines import in_background
-from latitude.gateway.envelope import session_id
 
 # Statuses an old primary may answer a write with because the epoch moved under it: a refusal
 # (misdirected, writes paused, its idempotency store gone) or the app failing on its fenced
@@ -100,7 +98,6 @@ class ThisRegion:
                 if not message.get("more_body"):
                     answered.set()
 
-        sid = session_id(headers, gw.config.session_cookie)
         run = asyncio.ensure_future(gw(scope, receive, send))
         done, _ = await asyncio.wait({run}, timeout=timeout_s)
         if run not in done:
@@ -108,19 +105,4 @@ class ThisRegion:
             raise NoAnswer(f"no answer from this region's primary side within {timeout_s:.2f} s")
         answered.set()
         run.result()
-        await _restore_session_expiry(gw, sid)
         return ForwardedResponse(status, [(k.lower(), v) for k, v in answer], b"".join(chunks))
-
-
-async def _restore_session_expiry(gateway, sid: str | None) -> None:
-    """The primary side keeps a peer's session as a short-lived copy; here the copy is the
-    region's own session, which must keep its usual lifetime."""
-    if not sid:
-        return
-    store = gateway.session_store
-    # Best effort: the write ran and its answer is stored; only the session's lifetime is at
-    # stake, and a store that does not answer now fails the relay's own step just after.
-    with contextlib.suppress(Exception):
-        session = await store.get(sid)
-        if session:
-            await store.set(sid, session)
