@@ -305,3 +305,83 @@ async def test_the_claim_does_not_wait_for_a_quorum_the_outcome_does(store, prim
             else:
                 admin.execute("alter system reset synchronous_standby_names")
             admin.execute("select pg_reload_conf()")
+
+
+# A gateway process that claims three keys and then hangs until it is killed: one claim
+# running (its run never committed), one whose run committed (the fence), one made in the
+# app's own transaction (`claim_statement`, committed).
+_DYING_RUNNER = r"""
+import asyncio, sys
+import psycopg
+from latitude.claims import claim_statement, fence_statement
+from latitude.idempotency import IdempotencyStore
+
+async def main(dsn, prefix):
+    store = await IdempotencyStore.open(dsn, hold_liveness=True)
+    assert store.owner, "no liveness lock"
+    await store.begin(prefix + "running", "h")
+    committed = await store.begin(prefix + "committed", "h")
+    with psycopg.connect(dsn) as conn:
+        sql, params = fence_statement(committed.key, committed.started_at)
+        assert conn.execute(sql, params).fetchone()[0] == 1
+        conn.commit()
+        sql, params = claim_statement(prefix + "in-tx", "h", "run-1", owner=store.owner)
+        assert conn.execute(sql, params).fetchone()[0] == 1
+        conn.commit()
+    print(store.owner, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_claims_of_a_killed_process_are_taken_over_at_once(primary_dsn, prefix):
+    """The primary's gateway is killed mid-run: a retry must not wait `stale_after_s` (60 s)
+    for claims nobody will complete. While the process lives its claims hold; once it is
+    SIGKILLed, its never-committed claim is taken over and its committed ones are settled as
+    "answer lost" on the first try."""
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", _DYING_RUNNER, primary_dsn, prefix],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    store = await IdempotencyStore.open(primary_dsn, hold_liveness=True)
+    try:
+        owner = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30)
+        assert owner.strip().isdigit(), f"the runner did not start (exit {child.poll()})"
+        assert store.owner and str(store.owner) != owner.strip()
+        for name in ("running", "committed", "in-tx"):
+            assert (await store.begin(prefix + name, "h")).outcome is Outcome.IN_PROGRESS
+
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        # The database notices the closed connections within moments, not a minute.
+        for _ in range(50):
+            claim = await store.begin(prefix + "running", "h")
+            if claim.outcome is not Outcome.IN_PROGRESS:
+                break
+            await asyncio.sleep(0.1)
+        assert claim.outcome is Outcome.NEW and claim.taken_over
+        for name in ("committed", "in-tx"):
+            settled = await store.begin(prefix + name, "h")
+            assert (settled.outcome, settled.status) == (Outcome.REPLAY, 409), name
+        # The taken claim is this (live) process's now: a duplicate waits for it.
+        assert (await store.begin(prefix + "running", "h")).outcome is Outcome.IN_PROGRESS
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        child.stdout.close()
+        await store.close()
+
+
+async def test_a_store_without_the_lock_claims_without_an_owner(store, primary_dsn, prefix):
+    claim = await store.begin(prefix + "anon", "h")
+    assert claim.outcome is Outcome.NEW and store.owner is None
+    with psycopg.connect(primary_dsn) as conn:
+        row = conn.execute(f"select owner from {TABLE} where key = %s", (prefix + "anon",))
+        assert row.fetchone() == (None,)

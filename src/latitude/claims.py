@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_PURGE_EVERY_S",
+    "LIVENESS_LOCK_CLASS",
     "DEFAULT_RETENTION_S",
     "DEFAULT_STALE_AFTER_S",
     "LOST_ANSWER_BODY",
@@ -25,12 +26,17 @@ __all__ = [
     "claim_statement",
     "fence_statement",
     "headers_json",
+    "owner_gone",
 ]
 
 TABLE = "latitude_idempotency"
 DEFAULT_STALE_AFTER_S = 60.0
 DEFAULT_RETENTION_S = 24 * 3600.0
 DEFAULT_PURGE_EVERY_S = 3600.0
+
+# The first key of the session advisory lock a live gateway process holds on a connection of its
+# own (`latitude.liveness`); the second is the process's owner id, stored with its claims.
+LIVENESS_LOCK_CLASS = 0x4C415431  # "LAT1"
 
 _KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as an HTTP header value allows
 
@@ -47,6 +53,7 @@ create table if not exists {TABLE} (
 );
 alter table {TABLE} add column if not exists applied boolean not null default false;
 alter table {TABLE} add column if not exists runner text;
+alter table {TABLE} add column if not exists owner int;
 create index if not exists {TABLE}_created_at on {TABLE} (created_at)
 """
 
@@ -64,18 +71,33 @@ _FENCE_IDLE = (
     "select count(*), set_config('idle_in_transaction_session_timeout', %s, true) from m"
 )
 
+
+def owner_gone(row: str = "") -> str:
+    """SQL that is true when the claim ``row`` (a table alias and a dot, or nothing) was made by a
+    gateway process that no longer holds its liveness lock: it died (its connections closed with
+    it), so its run is over and the claim need not wait ``stale_after_s``. A claim with no owner
+    (made by a process without the lock) is never taken for gone."""
+    return (
+        f"({row}owner is not null and not exists (select 1 from pg_locks l "
+        f"where l.locktype = 'advisory' and l.classid = {LIVENESS_LOCK_CLASS} "
+        f"and l.objid = {row}owner::oid and l.objsubid = 2 "
+        "and l.database = (select oid from pg_database where datname = current_database())))"
+    )
+
+
 # The claim made by the app's own transaction (see the module doc): insert the key as this run's,
 # or take it if it is already this run's (an earlier transaction committed it) or a stale claim
 # of the same request that no transaction committed. 0 rows: the key is anyone else's. A row
 # another transaction is inserting makes this wait on the unique index until that one ends.
 _CLAIM_IN_TRANSACTION = (
-    f"with c as (insert into {TABLE} as t (key, request_hash, state, applied, runner) "
-    "values (%s, %s, 'running', true, %s) "
+    f"with c as (insert into {TABLE} as t (key, request_hash, state, applied, runner, owner) "
+    "values (%s, %s, 'running', true, %s, %s) "
     "on conflict (key) do update set applied = true, runner = excluded.runner, "
+    "owner = excluded.owner, "
     "created_at = case when t.runner = excluded.runner then t.created_at else now() end "
     "where t.state = 'running' and t.request_hash = excluded.request_hash "
-    "and (t.runner = excluded.runner "
-    "or (not t.applied and t.created_at < now() - make_interval(secs => %s))) "
+    "and (t.runner = excluded.runner or (not t.applied "
+    f"and (t.created_at < now() - make_interval(secs => %s) or {owner_gone('t.')}))) "
     "returning 1) select count(*) from c"
 )
 
@@ -103,17 +125,22 @@ def fence_statement(
 
 
 def claim_statement(
-    key: str, request_hash: str, runner: str, stale_after_s: float = DEFAULT_STALE_AFTER_S
+    key: str,
+    request_hash: str,
+    runner: str,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    owner: int | None = None,
 ) -> tuple[str, tuple]:
-    """The SQL (and parameters) that claims ``key`` for the run ``runner`` within the current
-    transaction (see the module doc); it returns 1 if the key is now this run's, 0 if it is
-    anyone else's (completed, running, or another request's)."""
+    """The SQL (and parameters) that claims ``key`` for the run ``runner`` of the gateway process
+    ``owner`` (its liveness id, or None) within the current transaction (see the module doc); it
+    returns 1 if the key is now this run's, 0 if it is anyone else's (completed, running, or
+    another request's)."""
     check_key(key)
     if not request_hash or not runner:
         raise ValueError("request_hash and runner must be non-empty strings")
     if stale_after_s <= 0:
         raise ValueError(f"stale_after_s must be positive, not {stale_after_s!r}")
-    return _CLAIM_IN_TRANSACTION, (key, request_hash, runner, float(stale_after_s))
+    return _CLAIM_IN_TRANSACTION, (key, request_hash, runner, owner, float(stale_after_s))
 
 
 def check_key(key: str) -> str:

@@ -22,7 +22,8 @@ by every gateway process::
                           status int, headers jsonb, body bytea,
                           created_at timestamptz default now(), completed_at timestamptz,
                           applied boolean default false,
-                          runner text)                    -- a claim made in the app's transaction
+                          runner text,                    -- a claim made in the app's transaction
+                          owner int)                      -- the claiming process's liveness id
 
 ``created_at`` is when the current run claimed the key.
 
@@ -63,8 +64,14 @@ claim was taken over can no longer store its outcome if it passes its :class:`Cl
 ``complete`` / ``abandon``: the claim is checked against ``created_at``. A takeover is a
 single conditional ``UPDATE``, so of two concurrent takers exactly one wins.
 
-It imports no gateway module: only the table's statements (:mod:`latitude.claims`) and the
-WAL position's SQL.
+**Claims of a dead process.** A store opened with ``hold_liveness`` records its process's
+liveness id in ``owner`` (:mod:`latitude.liveness`: a session advisory lock the database drops
+when the process's connections close). A running claim whose owner no longer holds that lock is
+treated as stale at once: a retry after the primary's gateway was killed runs (or is answered
+"answer lost") on its first try, not a minute later.
+
+It imports no gateway module: only the table's statements (:mod:`latitude.claims`), the
+liveness lock and the WAL position's SQL.
 """
 
 from __future__ import annotations
@@ -95,8 +102,10 @@ from latitude.claims import (
     claim_statement,
     fence_statement,
     headers_json,
+    owner_gone,
 )
 from latitude.consistency.position import POSITION_SQL
+from latitude.liveness import RunnerLiveness
 
 __all__ = [
     "DEFAULT_PURGE_EVERY_S",
@@ -212,6 +221,9 @@ class OutcomeStore(Protocol):
 
     async def position(self, timeout_s: float | None = None) -> str: ...
 
+    @property
+    def owner(self) -> int | None: ...
+
     async def ping(self, timeout_s: float | None = None) -> None: ...
 
     async def ensure_schema(self) -> None: ...
@@ -231,8 +243,15 @@ class IdempotencyStore:
     closes it). Database failures raise :class:`IdempotencyUnavailable`.
     """
 
-    def __init__(self, pool: AsyncConnectionPool, *, _owns_pool: bool = False) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        liveness: RunnerLiveness | None = None,
+        _owns_pool: bool = False,
+    ) -> None:
         self._pool = pool
+        self._liveness = liveness
         self._owns_pool = _owns_pool
 
     @classmethod
@@ -245,8 +264,13 @@ class IdempotencyStore:
         timeout_s: float = 5.0,
         wait: bool = True,
         connect_timeout_s: float | None = None,
+        hold_liveness: bool = False,
     ) -> IdempotencyStore:
         """Open a pool on ``dsn`` (waiting up to ``timeout_s`` for its first connections).
+
+        With ``hold_liveness``, the store also holds this process's liveness lock there
+        (:mod:`latitude.liveness`) and its claims record it, so a retry after this process died
+        takes them over at once instead of after ``stale_after_s``. The store closes it.
 
         With ``wait=False`` it returns at once and connects in the background: for a database
         that may be out of reach now (the fallback's, over the ocean), one pool is kept and
@@ -269,21 +293,32 @@ class IdempotencyStore:
         )
         if not wait:
             await pool.open(wait=False)
-            return cls(pool, _owns_pool=True)
-        try:
-            await pool.open(wait=True, timeout=timeout_s)
-        except (PoolTimeout, psycopg.Error) as exc:
-            await pool.close()
-            raise IdempotencyUnavailable(
-                f"idempotency store: cannot connect to the primary database ({exc})"
-            ) from exc
-        return cls(pool, _owns_pool=True)
+        else:
+            try:
+                await pool.open(wait=True, timeout=timeout_s)
+            except (PoolTimeout, psycopg.Error) as exc:
+                await pool.close()
+                raise IdempotencyUnavailable(
+                    f"idempotency store: cannot connect to the primary database ({exc})"
+                ) from exc
+        liveness = None
+        if hold_liveness:
+            liveness = RunnerLiveness(dsn, connect_timeout_s=timeout_s)
+            await liveness.start()
+        return cls(pool, liveness=liveness, _owns_pool=True)
 
     @property
     def pool(self) -> AsyncConnectionPool:
         return self._pool
 
+    @property
+    def owner(self) -> int | None:
+        """The liveness id this process's claims record now (None: no liveness lock held)."""
+        return None if self._liveness is None else self._liveness.owner
+
     async def close(self) -> None:
+        if self._liveness is not None:
+            await self._liveness.close()
         if self._owns_pool:
             await self._pool.close()
 
@@ -388,11 +423,11 @@ class IdempotencyStore:
                 # commit has the claim too, and one promoted without it has neither (a retry
                 # then runs afresh, correctly). One quorum round trip less per forwarded write.
                 cur = await conn.execute(
-                    f"insert into {TABLE} (key, request_hash, state) "
-                    f"select %s, %s, 'running' where {in_time} "
+                    f"insert into {TABLE} (key, request_hash, state, owner) "
+                    f"select %s, %s, 'running', %s where {in_time} "
                     "and set_config('synchronous_commit', 'local', true) is not null "
                     "on conflict (key) do nothing returning created_at",
-                    (key, request_hash, limit),
+                    (key, request_hash, self.owner, limit),
                 )
                 inserted = await cur.fetchone()
                 if inserted:
@@ -427,22 +462,23 @@ class IdempotencyStore:
                         f"idempotency key {key!r}: the claim reached the database after its "
                         "deadline; nothing was claimed"
                     )
-                # A stale run that never committed is taken over; one that did (its answer
-                # lost) is settled as such, never run again. The update waits for a run still
-                # inside a transaction, then sees whether it committed.
+                # A stale run, or one whose process died, that never committed is taken over;
+                # one that did (its answer lost) is settled as such, never run again. The
+                # update waits for a run still inside a transaction, then sees whether it
+                # committed.
+                over = f"(created_at < now() - make_interval(secs => %s) or {owner_gone()})"
                 cur = await conn.execute(
-                    f"update {TABLE} set created_at = now() where key = %s and state = 'running' "
-                    "and request_hash = %s and created_at < now() - make_interval(secs => %s) "
+                    f"update {TABLE} set created_at = now(), owner = %s where key = %s "
+                    f"and state = 'running' and request_hash = %s and {over} "
                     f"and not applied and {in_time} returning created_at",
-                    (key, request_hash, float(stale_after_s), limit),
+                    (self.owner, key, request_hash, float(stale_after_s), limit),
                 )
                 taken = await cur.fetchone()
                 if taken:
                     return Claim(Outcome.NEW, key, started_at=taken[0], taken_over=True)
                 if await self._settle_lost_answer(
                     conn,
-                    "key = %s and request_hash = %s and created_at < now() - "
-                    "make_interval(secs => %s)",
+                    f"key = %s and request_hash = %s and {over}",
                     (key, request_hash, float(stale_after_s)),
                 ):
                     continue  # now completed: the next round replays it

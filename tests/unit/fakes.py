@@ -37,6 +37,7 @@ class MemoryOutcomeStore:
         self.calls: Counter[str] = Counter()
         self.down = False  # the database does not answer: nothing is sent
         self._lsn = itertools.count(0x1000, 0x10)
+        self.owner = None  # no liveness lock: claims of a dead process wait for staleness
 
     def _call(self, name: str) -> None:
         self.calls[name] += 1

@@ -83,7 +83,7 @@ def _claim_in_transaction(dbapi_connection: Any, claim: ClaimInTransaction) -> N
     any statement of the app's."""
     if not claim.refused:
         sql, params = claim_statement(
-            claim.key, claim.request_hash, claim.runner, claim.stale_after_s
+            claim.key, claim.request_hash, claim.runner, claim.stale_after_s, claim.owner
         )
         if _first_value(dbapi_connection, sql, params) == 1:
             claim.taken = True

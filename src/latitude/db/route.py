@@ -118,6 +118,7 @@ class ClaimInTransaction:
     request_hash: str
     runner: str
     stale_after_s: float = 60.0
+    owner: int | None = None  # the gateway process's liveness id (`latitude.liveness`)
     taken: bool = False
     refused: bool = False
 

@@ -130,7 +130,9 @@ class RegionGateway:
             if self.nonce_cache is None:
                 self.nonce_cache = await nonce_cache_for(region.session_store_url)
             if self.idempotency is None:
-                self.idempotency = await IdempotencyStore.open(region.database_url)
+                self.idempotency = await IdempotencyStore.open(
+                    region.database_url, hold_liveness=True
+                )
                 with contextlib.suppress(Exception) if moved else contextlib.nullcontext():
                     await self.idempotency.ensure_schema()
             if self._purge_task is None:

@@ -173,7 +173,9 @@ class PrimarySide:
             )
             if gw.config.idempotency_claim == CLAIM_IN_TRANSACTION:
                 # The app's first transaction makes the claim (docs/gateway.md).
-                pending = db.ClaimInTransaction(request.key, fingerprint, uuid.uuid4().hex)
+                pending = db.ClaimInTransaction(
+                    request.key, fingerprint, uuid.uuid4().hex, owner=gw.idempotency.owner
+                )
             else:
                 claim = await self._claim(scope, request.key, fingerprint)
                 if claim.outcome is Outcome.REPLAY:
