@@ -385,3 +385,59 @@ async def test_a_store_without_the_lock_claims_without_an_owner(store, primary_d
     with psycopg.connect(primary_dsn) as conn:
         row = conn.execute(f"select owner from {TABLE} where key = %s", (prefix + "anon",))
         assert row.fetchone() == (None,)
+
+
+def _lock_held(dsn: str, owner: int) -> bool:
+    from latitude.claims import LIVENESS_LOCK_CLASS
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "select count(*) from pg_locks where locktype = 'advisory' and classid = %s "
+            "and objid = %s and objsubid = 2",
+            (LIVENESS_LOCK_CLASS, owner),
+        ).fetchone()
+    return row[0] == 1
+
+
+async def _until(predicate, timeout_s: float) -> float:
+    started = asyncio.get_running_loop().time()
+    while not await asyncio.to_thread(predicate):
+        if asyncio.get_running_loop().time() - started > timeout_s:
+            raise AssertionError(f"not within {timeout_s} s")
+        await asyncio.sleep(0.1)
+    return asyncio.get_running_loop().time() - started
+
+
+async def test_a_process_cut_off_by_a_link_loses_its_lock_and_gets_it_back(healed, primary_dsn):
+    """The fallback holds its lock over the ocean, where a cut closes nothing: the database
+    must end the quiet session itself (idle_session_timeout), and the lock comes back, with the
+    same owner id, once the link heals."""
+    from latitude.lab.postgres import database_url
+    from latitude.liveness import RunnerLiveness
+
+    world = healed
+    primary = world.topology().primary.name
+    other = next(r.name for r in world.topology().regions if r.name != primary)
+    over_the_ocean = database_url(world.state().relay_port(other, primary, "pg"))
+    liveness = RunnerLiveness(over_the_ocean, check_every_s=0.3, idle_timeout_s=1.5)
+    await liveness.start()
+    try:
+        owner = liveness.owner
+        assert owner and _lock_held(primary_dsn, owner)
+        world.link("cut", primary, other)
+        try:
+            gone_after = await _until(lambda: not _lock_held(primary_dsn, owner), 10)
+        finally:
+            world.link("heal", primary, other)
+        assert gone_after >= 0.5, "the lock went before the database could have noticed"
+        await _until(lambda: liveness.owner == owner and _lock_held(primary_dsn, owner), 15)
+    finally:
+        await liveness.close()
+    await _until(lambda: not _lock_held(primary_dsn, owner), 5)  # the backend ends after close
+
+
+def test_liveness_checks_its_timings():
+    from latitude.liveness import RunnerLiveness
+
+    with pytest.raises(ValueError, match="check_every_s"):
+        RunnerLiveness("postgresql://x", check_every_s=5, idle_timeout_s=5)

@@ -270,7 +270,8 @@ class IdempotencyStore:
 
         With ``hold_liveness``, the store also holds this process's liveness lock there
         (:mod:`latitude.liveness`) and its claims record it, so a retry after this process died
-        takes them over at once instead of after ``stale_after_s``. The store closes it.
+        takes them over at once instead of after ``stale_after_s``. The store closes it. Claims
+        made before the lock is first held (``wait=False``) record no owner.
 
         With ``wait=False`` it returns at once and connects in the background: for a database
         that may be out of reach now (the fallback's, over the ocean), one pool is kept and
@@ -303,8 +304,8 @@ class IdempotencyStore:
                 ) from exc
         liveness = None
         if hold_liveness:
-            liveness = RunnerLiveness(dsn, connect_timeout_s=timeout_s)
-            await liveness.start()
+            liveness = RunnerLiveness(dsn, connect_timeout_s=connect_timeout_s or timeout_s)
+            await liveness.start(wait=wait)
         return cls(pool, liveness=liveness, _owns_pool=True)
 
     @property

@@ -9,11 +9,17 @@ advisory lock ``(LIVENESS_LOCK_CLASS, owner)`` on a connection of its own, and a
 kernel does for a process that dies, so a retry finds the lock gone (``claims.owner_gone``) and
 takes the claim over, or settles it as "answer lost" if its run had committed, at once.
 
-Taking a claim over early is as safe as taking it over when stale: the run's transactions are
-fenced (``claims.fence_statement``), so a run whose claim was taken cannot commit any more. What
-it does outside the database before its first transaction is the same small risk as with a stale
-claim, now also taken when this process merely lost its lock connection while it went on
-running; the connection is checked every ``check_every_s`` and the lock taken again.
+A process that is alive but out of reach (a cut link holds its bytes: neither end sees the
+connection close) must lose the lock too: the fallback claims over the ocean, and its runs are
+stalled with the link. So the lock's session has an ``idle_session_timeout`` of ``idle_timeout_s``
+and is pinged every ``check_every_s``: the database ends a session that goes quiet for longer,
+dropping the lock. When the connection is back the same owner id is locked again, so the claims
+of runs that survived are the process's again.
+
+Taking a claim over early is as safe as taking it over when stale: the takeover waits on the
+row lock of a transaction of the old run still open, and a run whose claim was taken cannot
+commit any more (``claims.fence_statement``). What it does outside the database before its first
+transaction is the same small risk as with a stale claim.
 """
 
 from __future__ import annotations
@@ -38,14 +44,24 @@ class RunnerLiveness:
     ``stale_after_s``)."""
 
     def __init__(
-        self, dsn: str, *, check_every_s: float = 2.0, connect_timeout_s: float = 5.0
+        self,
+        dsn: str,
+        *,
+        check_every_s: float = 1.0,
+        idle_timeout_s: float = 5.0,
+        connect_timeout_s: float = 5.0,
     ) -> None:
-        if check_every_s <= 0:
-            raise ValueError(f"check_every_s must be positive, not {check_every_s!r}")
+        if not 0 < check_every_s < idle_timeout_s:
+            raise ValueError(
+                f"check_every_s ({check_every_s!r}) must be positive and below "
+                f"idle_timeout_s ({idle_timeout_s!r})"
+            )
         self._dsn = dsn
         self._check_every_s = check_every_s
+        self._idle_timeout_ms = str(round(idle_timeout_s * 1000))
         self._connect_timeout_s = connect_timeout_s
         self._conn: psycopg.AsyncConnection | None = None
+        self._id = 1 + secrets.randbelow(2**31 - 1)
         self._owner: int | None = None
         self._task: asyncio.Task | None = None
 
@@ -53,13 +69,14 @@ class RunnerLiveness:
     def owner(self) -> int | None:
         return self._owner
 
-    async def start(self) -> None:
-        """Take the lock (one try, so a database out of reach does not hold up the caller),
-        then keep it in the background."""
+    async def start(self, *, wait: bool = True) -> None:
+        """Take the lock (with ``wait``, one try first, so a database out of reach does not hold
+        up the caller for long), then keep it in the background."""
         if self._task is not None:
             return
-        with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
-            await self._take()
+        if wait:
+            with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+                await self._take()
         self._task = asyncio.create_task(self._keep(), name="latitude-liveness")
 
     async def close(self) -> None:
@@ -71,7 +88,7 @@ class RunnerLiveness:
         await self._drop()
 
     async def _take(self) -> None:
-        """Connect and lock a fresh owner id. Ids are random: one that a live process already
+        """Connect and lock the owner id. Ids are random: one that a live process already
         holds (a 1 in 2**31 chance) is refused by the try, and another is drawn."""
         conn = await asyncio.wait_for(
             psycopg.AsyncConnection.connect(
@@ -83,14 +100,17 @@ class RunnerLiveness:
             self._connect_timeout_s + 1,
         )
         try:
+            await conn.execute(
+                "select set_config('idle_session_timeout', %s, false)", (self._idle_timeout_ms,)
+            )
             for _ in range(5):
-                owner = 1 + secrets.randbelow(2**31 - 1)
                 cur = await conn.execute(
-                    "select pg_try_advisory_lock(%s, %s)", (LIVENESS_LOCK_CLASS, owner)
+                    "select pg_try_advisory_lock(%s, %s)", (LIVENESS_LOCK_CLASS, self._id)
                 )
                 if (await cur.fetchone())[0]:
-                    self._conn, self._owner = conn, owner
+                    self._conn, self._owner = conn, self._id
                     return
+                self._id = 1 + secrets.randbelow(2**31 - 1)
             raise psycopg.OperationalError("no free liveness id after 5 tries")
         except BaseException:
             await conn.close()
@@ -104,7 +124,7 @@ class RunnerLiveness:
                 await conn.close()
 
     async def _keep(self) -> None:
-        backoff = self._check_every_s
+        backoff = 0.0 if self._conn is None else self._check_every_s
         while True:
             await asyncio.sleep(backoff)
             try:
@@ -116,6 +136,6 @@ class RunnerLiveness:
                 backoff = self._check_every_s
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 if self._conn is not None:
-                    log.warning("liveness lock lost (%s); claims wait for staleness meanwhile", exc)
+                    log.warning("liveness lock lost (%r); claims wait for staleness meanwhile", exc)
                 await self._drop()
-                backoff = min(5.0, backoff * 1.5)
+                backoff = min(5.0, max(self._check_every_s, backoff * 1.5))

@@ -82,8 +82,15 @@ class Fallback:
                 url = cfg.region.primary_database_url
                 if not url:
                     raise RuntimeError(f"region {cfg.region.name} has no primary_database_url")
+                # The liveness lock lets the primary's gateway take over the claims of a run
+                # stalled here by a cut within seconds of the cut, not after stale_after_s.
                 self._store = await IdempotencyStore.open(
-                    url, min_size=1, max_size=4, wait=False, connect_timeout_s=cfg.connect_timeout_s
+                    url,
+                    min_size=1,
+                    max_size=4,
+                    wait=False,
+                    connect_timeout_s=cfg.connect_timeout_s,
+                    hold_liveness=True,
                 )
         return self._store
 
@@ -285,7 +292,8 @@ class Fallback:
     async def _settle(self, store: OutcomeStore, claim: Claim, run: asyncio.Future) -> None:
         """After the client was answered 504: store the run's outcome when it ends, or release
         the claim if the app failed. A run that never ends (stalled past the fallback bound)
-        keeps the claim: its SQL may still commit, so the key waits out the takeover time."""
+        keeps the claim: its SQL may still commit, so the key waits until the database drops
+        this process's liveness lock (a cut link: seconds) or the claim goes stale."""
         try:
             captured = await run
         except TimeoutError:
