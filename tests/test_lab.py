@@ -25,7 +25,9 @@ def urls(world: LabWorld) -> dict[str, str]:
 def probe_table(world):
     primary = urls(world)[world.topology().primary.name]
     with psycopg.connect(primary, autocommit=True) as c:
-        c.execute(f"create table if not exists {TABLE} (id text primary key, at timestamptz default now())")
+        c.execute(
+            f"create table if not exists {TABLE} (id text primary key, at timestamptz default now())"
+        )
     return primary
 
 
@@ -76,7 +78,9 @@ def test_cut_link_stops_replication_and_heal_catches_up(healed, probe_table):
     rows = [str(uuid.uuid4()) for _ in range(20)]
     with psycopg.connect(probe_table, autocommit=True) as c:
         for row in rows:
-            c.execute(f"insert into {TABLE} (id) values (%s)", (row,))  # the primary keeps accepting writes
+            c.execute(
+                f"insert into {TABLE} (id) values (%s)", (row,)
+            )  # the primary keeps accepting writes
     assert wait_for_row(replica, rows[-1], timeout=1.0) is None, "replication crossed a cut link"
     # ap-southeast's link is intact: it still receives the rows
     assert wait_for_row(urls(world)["ap-southeast"], rows[-1], timeout=10)
@@ -89,8 +93,19 @@ def test_cut_link_stops_replication_and_heal_catches_up(healed, probe_table):
 
 def test_status_json_lists_regions_for_scripts(world):
     result = subprocess.run(
-        [sys.executable, "-m", "latitude.cli", "lab", "status", "--json", "--state-dir", str(world.state_dir)],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "latitude.cli",
+            "lab",
+            "status",
+            "--json",
+            "--state-dir",
+            str(world.state_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
@@ -108,7 +123,9 @@ def test_second_up_is_refused(world):
         LabWorld(world.state_dir).up()
     result = subprocess.run(
         [sys.executable, "-m", "latitude.cli", "lab", "up", "--state-dir", str(world.state_dir)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1 and "already running" in result.stderr
     assert "Traceback" not in result.stderr
@@ -125,8 +142,14 @@ def test_kill_and_revive_a_replica_database(world, probe_table):
 
 
 def pids_under(path: str) -> list[str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if path in line and " Z" not in line and "ps -eo" not in line]
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True, text=True
+    ).stdout
+    return [
+        line
+        for line in out.splitlines()
+        if path in line and " Z" not in line and "ps -eo" not in line
+    ]
 
 
 def test_down_leaves_no_process(tmp_path):
@@ -137,19 +160,31 @@ def test_down_leaves_no_process(tmp_path):
     )
     state = tmp_path / "state"
     cli = [sys.executable, "-m", "latitude.cli", "lab"]
-    up = subprocess.run([*cli, "up", "--topology", str(topology), "--state-dir", str(state)],
-                        capture_output=True, text=True, timeout=120)
+    up = subprocess.run(
+        [*cli, "up", "--topology", str(topology), "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         assert up.returncode == 0, up.stderr
         # The steps run concurrently, and each still says what it is doing.
-        for step in ("WAN emulator (1 links)", "a: initdb", "b: pg_basebackup from a",
-                     "a: start the Valkey", "b: start the Valkey", "waiting for replicas",
-                     "world up in"):
+        for step in (
+            "WAN emulator (1 links)",
+            "a: initdb",
+            "b: pg_basebackup from a",
+            "a: start the Valkey",
+            "b: start the Valkey",
+            "waiting for replicas",
+            "world up in",
+        ):
             assert step in up.stderr, up.stderr
         data_root = json.loads((state / "state.json").read_text())["data_root"]
         assert pids_under(str(state)) and pids_under(data_root)
     finally:
-        down = subprocess.run([*cli, "down", "--state-dir", str(state)], capture_output=True, text=True, timeout=120)
+        down = subprocess.run(
+            [*cli, "down", "--state-dir", str(state)], capture_output=True, text=True, timeout=120
+        )
     assert down.returncode == 0, down.stderr
     assert "link supervisor" in down.stdout
     assert pids_under(str(state)) == [] and pids_under(data_root) == []
@@ -167,8 +202,13 @@ def test_a_failed_step_stops_the_steps_started_beside_it(tmp_path):
     state = tmp_path / "state"
     env = {**os.environ, "LATITUDE_VALKEY_SERVER": "/bin/false"}
     cli = [sys.executable, "-m", "latitude.cli", "lab"]
-    up = subprocess.run([*cli, "up", "--topology", str(topology), "--state-dir", str(state)],
-                        capture_output=True, text=True, timeout=120, env=env)
+    up = subprocess.run(
+        [*cli, "up", "--topology", str(topology), "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert up.returncode == 1
     assert "Valkey (/bin/false) exited at start-up" in up.stderr
     assert "start-up failed; stopping what was started" in up.stderr
