@@ -227,3 +227,20 @@ async def test_past_the_forwarding_slots_and_their_queue_a_write_is_503_busy(mak
     finally:
         await regions.stop()
     assert regions.replica.counters["busy"] >= 1
+
+
+async def test_a_primary_refusing_writes_unsigned_is_503_with_the_key_not_502(regions):
+    """A primary whose lease ran out refuses writes with an unsigned 503. Unsigned, its "nothing
+    changed" is not taken on trust: the client gets a 503 with the key to retry with."""
+    follower = regions.primary.epochs
+    follower.lease_s, follower._majority_seen_at = 0.5, float("-inf")
+    key = (IDEMPOTENCY_KEY, b"lease-out")
+    answer = await regions.request("POST", "/events", {"title": "x"}, headers=[key])
+    body = json.loads(answer.body)
+    assert answer.status == 503, body
+    assert body["error"] == "Writes paused at the primary region"
+    assert body["idempotency_key"] == "lease-out" and answer.header(b"retry-after") == "1"
+    assert regions.db.runs == 0 and regions.replica.counters["bad_answer_signature"] == 1
+    follower.lease_s = None  # the lease is back: the retry with the key runs it, once
+    again = await regions.request("POST", "/events", {"title": "x"}, headers=[key])
+    assert again.status == 201 and regions.db.runs == 1

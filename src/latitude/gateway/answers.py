@@ -50,6 +50,12 @@ class BadAnswerSignature(Refused):
     """The primary's answer was not correctly signed."""
 
 
+class PrimaryPaused(Refused):
+    """The primary region answered a forwarded write with an unsigned 503 (it refuses writes
+    for now: its lease ran out, it is moving). Unsigned, its word that nothing ran cannot be
+    taken, so the client is told to retry with the key, which runs the request at most once."""
+
+
 class NotPrimary(Refused):
     """A forwarded request reached a region that is not the primary."""
 
@@ -159,6 +165,7 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
         ),
     ),
     (BadAnswerSignature, Refusal(502, "Bad answer from the primary region")),
+    (PrimaryPaused, Refusal(503, "Writes paused at the primary region", 1)),
     (DeadlinePassed, Refusal(504, "The primary region did not answer in time", 1, _deadline)),
     (ReadOnly, Refusal(503, "Read-only for now", 5, _read_only, lambda e: {"read_only": True})),
     (Busy, Refusal(503, "Busy", 1, _busy)),

@@ -16,7 +16,14 @@ import time
 import uuid
 
 from latitude.forwarding import AnswerTooLarge, ForwardedResponse, NoAnswer, NotSent
-from latitude.gateway.answers import BadAnswerSignature, Busy, Demoted, refuse, with_key
+from latitude.gateway.answers import (
+    BadAnswerSignature,
+    Busy,
+    Demoted,
+    PrimaryPaused,
+    refuse,
+    with_key,
+)
 from latitude.gateway.classify import SAFE_METHODS
 from latitude.gateway.envelope import (
     IDEMPOTENCY,
@@ -335,6 +342,14 @@ class ReplicaSide:
                     f"the header Idempotency-Key: {key}, it will not be applied twice"
                 )
                 await refuse(scope, send, Demoted(why, key=key), extra=gw.epochs.headers())
+                return
+            if resp.status == 503:
+                # A primary that refuses writes for now (its lease ran out) answers unsigned.
+                why = (
+                    "The primary region is refusing writes for now; retry in a moment with "
+                    f"the header Idempotency-Key: {key}, it will not be applied twice."
+                )
+                await refuse(scope, send, PrimaryPaused(why, key=key), extra=gw.epochs.headers())
                 return
             why = "The primary's answer was not correctly signed; it was discarded."
             await refuse(scope, send, BadAnswerSignature(why))
