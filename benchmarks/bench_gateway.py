@@ -699,6 +699,12 @@ def main() -> None:
         help="[gateway] idempotency_claim of both regions (docs/gateway.md).",
     )
     ap.add_argument(
+        "--forwarding-client",
+        choices=("h1", "aiohttp"),
+        default="h1",
+        help="[gateway] forwarding_client of both regions (docs/gateway.md).",
+    )
+    ap.add_argument(
         "--install-nginx",
         action="store_true",
         help="If nginx is missing, apt-get install nginx-light (Debian; root).",
@@ -727,7 +733,11 @@ def main() -> None:
         },
     }
     results["idempotency_claim"] = args.idempotency_claim
-    topology = TOPOLOGY + f'\n[gateway]\nidempotency_claim = "{args.idempotency_claim}"\n'
+    results["forwarding_client"] = args.forwarding_client
+    topology = TOPOLOGY + (
+        f'\n[gateway]\nidempotency_claim = "{args.idempotency_claim}"\n'
+        f'forwarding_client = "{args.forwarding_client}"\n'
+    )
     with throwaway_world("bench-gateway-", topology) as world:
         say(f"starting the calendar in {PRIMARY} (creates the schema), then in {REPLICA}")
         start_calendar(world, PRIMARY)
@@ -774,7 +784,8 @@ def report(r: dict) -> None:
         f"link {r['rtt_ms']:.0f} ms RTT, client RTT {r['client_rtt_ms']:.0f} ms (clients dial a "
         f"region's port directly); {m['cpus']} CPUs, load average {m['load_average_at_start']}"
         f" -> {m['load_average_at_end']}; {r['seconds']:.0f} s; idempotency claim "
-        f"{r.get('idempotency_claim', 'eager')}"
+        f"{r.get('idempotency_claim', 'eager')}, forwarding client "
+        f"{r.get('forwarding_client', 'aiohttp')}"
     )
     for name, show in (
         ("forwarded", _report_forwarded),

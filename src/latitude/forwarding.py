@@ -127,8 +127,61 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
-class ForwardingClient:
-    """A keep-alive pool to one primary gateway (`base_url`), shared by a process's requests.
+class ForwardingBase:
+    """What every client to one primary gateway (`base_url`) shares: its counters and the
+    cheap answer to "is the primary reachable now" (`can_connect`)."""
+
+    def __init__(self, base_url: str, *, connect_timeout_s: float, proof_of_life_s: float):
+        self.base_url = base_url.rstrip("/")
+        self.connect_timeout_s = connect_timeout_s
+        self.proof_of_life_s = proof_of_life_s
+        self.stats = ForwardingStats()
+        # Monotonic time of the last proof that the path is up: an answer, or a probe that got in.
+        self._alive_at = float("-inf")
+        self._probe: asyncio.Future[bool] | None = None
+
+    async def can_connect(self, timeout_s: float | None = None) -> bool:
+        """Whether the primary is reachable now.
+
+        An answer received, or a probe that got in, within the last `proof_of_life_s` says so
+        without a new connection: callers ask this for every late answer, and under load (many
+        requests, each late) one new connection per question was a connection storm across the
+        link. Otherwise a brand-new connection is opened (bypassing the pool), one at a time:
+        callers asking while it is under way share its outcome. So at most one probe per
+        `proof_of_life_s` per process, however many requests are late, and none while answers
+        keep coming; a link cut within the last `proof_of_life_s` is seen that much later.
+        """
+        if time.monotonic() - self._alive_at < self.proof_of_life_s:
+            self.stats.probes_spared += 1
+            return True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._open_probe(timeout_s))
+        else:
+            self.stats.probes_spared += 1
+        # Shielded: one caller giving up (its request answered or cancelled) must not cancel
+        # the probe the others wait on.
+        return await asyncio.shield(self._probe)
+
+    async def _open_probe(self, timeout_s: float | None) -> bool:
+        from urllib.parse import urlsplit
+
+        self.stats.probes += 1
+        parts = urlsplit(self.base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname, port), timeout_s or self.connect_timeout_s
+            )
+        except (TimeoutError, OSError):
+            return False
+        writer.close()
+        self._alive_at = time.monotonic()
+        return True
+
+
+class ForwardingClient(ForwardingBase):
+    """A keep-alive pool to one primary gateway (`base_url`), shared by a process's requests,
+    on aiohttp. (`forwarding_h1.H1ForwardingClient` does the same job with less CPU.)
 
     `pooling=False` opens a fresh connection per request, to reproduce what a deployment without
     a warm pool pays.
@@ -145,18 +198,14 @@ class ForwardingClient:
         max_response_bytes: int = 64 * 1024 * 1024,
         proof_of_life_s: float = 0.5,
     ):
-        self.base_url = base_url.rstrip("/")
+        super().__init__(
+            base_url, connect_timeout_s=connect_timeout_s, proof_of_life_s=proof_of_life_s
+        )
         self.pool_size = pool_size
         self.pooling = pooling
-        self.connect_timeout_s = connect_timeout_s
         self.max_response_bytes = max_response_bytes
-        self.stats = ForwardingStats()
         self._ssl = ssl_context(ca_file) if self.base_url.startswith("https:") else None
-        self.proof_of_life_s = proof_of_life_s
         self._session: aiohttp.ClientSession | None = None
-        # Monotonic time of the last proof that the path is up: an answer, or a probe that got in.
-        self._alive_at = float("-inf")
-        self._probe: asyncio.Future[bool] | None = None
 
     def _new_session(self, *, force_close: bool) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -204,44 +253,6 @@ class ForwardingClient:
         self.stats.warmed = sum(results)
         return self.stats.warmed
 
-    async def can_connect(self, timeout_s: float | None = None) -> bool:
-        """Whether the primary is reachable now.
-
-        An answer received, or a probe that got in, within the last `proof_of_life_s` says so
-        without a new connection: callers ask this for every late answer, and under load (many
-        requests, each late) one new connection per question was a connection storm across the
-        link. Otherwise a brand-new connection is opened (bypassing the pool), one at a time:
-        callers asking while it is under way share its outcome. So at most one probe per
-        `proof_of_life_s` per process, however many requests are late, and none while answers
-        keep coming; a link cut within the last `proof_of_life_s` is seen that much later.
-        """
-        if time.monotonic() - self._alive_at < self.proof_of_life_s:
-            self.stats.probes_spared += 1
-            return True
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.ensure_future(self._open_probe(timeout_s))
-        else:
-            self.stats.probes_spared += 1
-        # Shielded: one caller giving up (its request answered or cancelled) must not cancel
-        # the probe the others wait on.
-        return await asyncio.shield(self._probe)
-
-    async def _open_probe(self, timeout_s: float | None) -> bool:
-        from urllib.parse import urlsplit
-
-        self.stats.probes += 1
-        parts = urlsplit(self.base_url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(parts.hostname, port), timeout_s or self.connect_timeout_s
-            )
-        except (TimeoutError, OSError):
-            return False
-        writer.close()
-        self._alive_at = time.monotonic()
-        return True
-
     async def send(
         self,
         method: str,
@@ -288,7 +299,8 @@ class ForwardingClient:
         """The whole answer, up to `max_response_bytes` (`content.read(n)` returns only what is
         buffered, so an answer larger than one read would be cut short)."""
         limit = self.max_response_bytes
-        announced = resp.content_length
+        # A HEAD's Content-Length is that of the GET's body, which does not come.
+        announced = None if resp.method == "HEAD" else resp.content_length
         if announced is not None and announced > limit:
             raise AnswerTooLarge(limit)
         data = bytearray()

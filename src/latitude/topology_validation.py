@@ -95,6 +95,7 @@ TABLE_KEYS: dict[str, set[str]] = {
         "idempotency_retention_s",
         "idempotency_purge_every_s",
         "idempotency_claim",
+        "forwarding_client",
     },
     "mirror": {"root", "indexes", "retention_s", "max_lag_s", "poll_timeout_s", "paths"},
     "routing": {

@@ -18,6 +18,9 @@ class GatewayConfigError(Exception):
 EAGER_CLAIM = "eager"
 CLAIM_IN_TRANSACTION = "in_transaction"
 CLAIM_MODES = (EAGER_CLAIM, CLAIM_IN_TRANSACTION)
+# The forwarding client: "h1" (asyncio protocols and httptools, `latitude.forwarding_h1`) or
+# "aiohttp" (`latitude.forwarding.ForwardingClient`, the one measured against).
+FORWARDING_CLIENTS = ("h1", "aiohttp")
 
 
 def _one_of(value: str, name: str, allowed: tuple[str, ...]) -> str:
@@ -65,6 +68,7 @@ class GatewayConfig:
     # app runs: safe for any app), or "in_transaction" (in the app's first `latitude.db`
     # transaction: one round trip less; docs/gateway.md says what it asks of the app).
     idempotency_claim: str = "eager"
+    forwarding_client: str = "h1"
 
     @property
     def primary(self) -> Region:
@@ -152,6 +156,9 @@ class GatewayConfig:
             ),
             idempotency_claim=_one_of(
                 get("idempotency_claim", EAGER_CLAIM, str), "idempotency_claim", CLAIM_MODES
+            ),
+            forwarding_client=_one_of(
+                get("forwarding_client", "h1", str), "forwarding_client", FORWARDING_CLIENTS
             ),
         )
 

@@ -20,6 +20,7 @@ from collections import Counter
 
 from latitude import db
 from latitude.forwarding import Forwarding, ForwardingClient
+from latitude.forwarding_h1 import H1ForwardingClient
 from latitude.gateway.answers import DeadlinePassed, refuse
 from latitude.gateway.classify import SAFE_METHODS, Decision, classify
 from latitude.gateway.config import GatewayConfig
@@ -153,7 +154,8 @@ class RegionGateway:
                 self._purge_task.cancel()
                 self._purge_task = None
         if self.forwarding is None:
-            self.forwarding = ForwardingClient(
+            client = ForwardingClient if cfg.forwarding_client == "aiohttp" else H1ForwardingClient
+            self.forwarding = client(
                 cfg.primary_url,
                 pool_size=cfg.pool_size,
                 pooling=cfg.pooling,
