@@ -69,11 +69,14 @@ async def test_a_write_whose_first_attempt_ran_is_replayed_by_its_key(regions):
     assert regions.db.runs == 1 and regions.replica.counters["replayed"] == 1
 
 
-async def test_an_unsigned_answer_without_a_new_primary_is_still_a_502(regions):
-    """Nothing moved: an answer that does not verify is discarded, as before."""
+async def test_an_unsigned_503_without_a_new_primary_is_discarded_for_a_503_with_the_key(regions):
+    """Nothing moved: the unsigned answer is discarded (its body is not relayed); being a 503,
+    the client is told to retry with the key rather than handed a 502."""
     regions.link.app = demoted_primary(None)
     answer = await regions.request("POST", "/events", {"title": "x"})
-    assert answer.status == 502 and regions.db.runs == 0
+    body = json.loads(answer.body)
+    assert answer.status == 503 and regions.db.runs == 0
+    assert body["error"] == "Writes paused at the primary region" and body["idempotency_key"]
     assert regions.replica.counters["sent_to_new_primary"] == 0
 
 
@@ -81,7 +84,9 @@ async def test_an_epoch_that_is_not_signed_moves_nothing(regions):
     forged = epoch_token(regions, Epoch(2, "eu-west", "active", time.time()))[:-4] + "AAAA"
     regions.link.app = demoted_primary(forged)
     answer = await regions.request("POST", "/events", {"title": "x"})
-    assert answer.status == 502 and not regions.replica.config.is_primary
+    # The forged epoch is not followed; the unsigned 503 is answered as one, with the key.
+    assert answer.status == 503 and not regions.replica.config.is_primary
+    assert regions.replica.counters["sent_to_new_primary"] == 0 and regions.db.runs == 0
 
 
 async def test_an_unsigned_refusal_while_the_epoch_is_pending_is_a_503_with_the_key(regions):
