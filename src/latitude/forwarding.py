@@ -128,13 +128,31 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext:
 
 
 class ForwardingBase:
-    """What every client to one primary gateway (`base_url`) shares: its counters and the
-    cheap answer to "is the primary reachable now" (`can_connect`)."""
+    """What every client to one primary gateway (`base_url`) shares: its settings, its
+    counters and the cheap answer to "is the primary reachable now" (`can_connect`).
 
-    def __init__(self, base_url: str, *, connect_timeout_s: float, proof_of_life_s: float):
+    `pooling=False` opens a fresh connection per request, to reproduce what a deployment without
+    a warm pool pays.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        pool_size: int = 8,
+        pooling: bool = True,
+        connect_timeout_s: float = 1.0,
+        ca_file: str | None = None,
+        max_response_bytes: int = 64 * 1024 * 1024,
+        proof_of_life_s: float = 0.5,
+    ):
         self.base_url = base_url.rstrip("/")
+        self.pool_size = pool_size
+        self.pooling = pooling
         self.connect_timeout_s = connect_timeout_s
+        self.max_response_bytes = max_response_bytes
         self.proof_of_life_s = proof_of_life_s
+        self._ssl = ssl_context(ca_file) if self.base_url.startswith("https:") else None
         self.stats = ForwardingStats()
         # Monotonic time of the last proof that the path is up: an answer, or a probe that got in.
         self._alive_at = float("-inf")
@@ -181,30 +199,10 @@ class ForwardingBase:
 
 class ForwardingClient(ForwardingBase):
     """A keep-alive pool to one primary gateway (`base_url`), shared by a process's requests,
-    on aiohttp. (`forwarding_h1.H1ForwardingClient` does the same job with less CPU.)
+    on aiohttp. (`forwarding_h1.H1ForwardingClient` does the same job with less CPU.)"""
 
-    `pooling=False` opens a fresh connection per request, to reproduce what a deployment without
-    a warm pool pays.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        pool_size: int = 8,
-        pooling: bool = True,
-        connect_timeout_s: float = 1.0,
-        ca_file: str | None = None,
-        max_response_bytes: int = 64 * 1024 * 1024,
-        proof_of_life_s: float = 0.5,
-    ):
-        super().__init__(
-            base_url, connect_timeout_s=connect_timeout_s, proof_of_life_s=proof_of_life_s
-        )
-        self.pool_size = pool_size
-        self.pooling = pooling
-        self.max_response_bytes = max_response_bytes
-        self._ssl = ssl_context(ca_file) if self.base_url.startswith("https:") else None
+    def __init__(self, base_url: str, **settings) -> None:
+        super().__init__(base_url, **settings)
         self._session: aiohttp.ClientSession | None = None
 
     def _new_session(self, *, force_close: bool) -> aiohttp.ClientSession:

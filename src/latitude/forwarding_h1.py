@@ -30,7 +30,6 @@ from latitude.forwarding import (
     ForwardingBase,
     NoAnswer,
     NotSent,
-    ssl_context,
 )
 
 __all__ = ["H1ForwardingClient"]
@@ -167,36 +166,17 @@ class _Connection(asyncio.Protocol):
 class H1ForwardingClient(ForwardingBase):
     """A keep-alive pool of HTTP/1.1 connections to one primary gateway (`base_url`), shared
     by a process's requests. The pool keeps every connection that finished an answer; it
-    opens a new one only when none is idle (`stats.opened` counts them).
+    opens a new one only when none is idle (`stats.opened` counts them). TLS when `base_url`
+    is https (`ca_file`: a private CA)."""
 
-    `pooling=False` opens a fresh connection per request, to reproduce what a deployment without
-    a warm pool pays.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        pool_size: int = 8,
-        pooling: bool = True,
-        connect_timeout_s: float = 1.0,
-        ca_file: str | None = None,
-        max_response_bytes: int = 64 * 1024 * 1024,
-        proof_of_life_s: float = 0.5,
-    ):
-        super().__init__(
-            base_url, connect_timeout_s=connect_timeout_s, proof_of_life_s=proof_of_life_s
-        )
+    def __init__(self, base_url: str, **settings) -> None:
+        super().__init__(base_url, **settings)
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"the primary's URL must be http(s)://host[:port], not {base_url!r}")
-        self.pool_size = pool_size
-        self.pooling = pooling
-        self.max_response_bytes = max_response_bytes
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._authority = parts.netloc.encode("idna")
-        self._ssl: ssl.SSLContext | None = ssl_context(ca_file) if parts.scheme == "https" else None
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
 
