@@ -140,6 +140,12 @@ class FailoverWatcher:
     async def step(self, session) -> str:
         epoch = self.epoch()
         self._follow(epoch)
+        found = self.epochs.read()
+        if not epoch.active and epoch.primary == self.region and found and not self.promoted:
+            # This region's own proposal, kept here but not by a majority when it was made
+            # (a peer's answer came late): offered again until a majority holds it. Left
+            # alone, every region that kept it would hold writes under it for good.
+            return await self._complete(epoch, found[1], len(self.topology.regions) // 2 + 1)
         if not epoch.active or epoch.primary == self.region:
             self.down_since = None
             self._write_view(epoch, self._received())
@@ -166,7 +172,11 @@ class FailoverWatcher:
 
     async def _promote(self, epoch: Epoch, majority: int) -> str:
         pending = Epoch(epoch.number + 1, self.region, "pending", time.time())
-        told = await asyncio.to_thread(self._propose, sign_epoch(self.keyring, pending))
+        return await self._complete(pending, sign_epoch(self.keyring, pending), majority)
+
+    async def _complete(self, pending: Epoch, token: str, majority: int) -> str:
+        """Offer the pending epoch `token`; once a majority holds it, promote this region."""
+        told = await asyncio.to_thread(self._propose, token)
         if told < majority:
             await asyncio.sleep(random.uniform(0.5, 2.0))
             return f"proposed {pending}: only {told} of {majority} adopted it; backing off"
@@ -182,14 +192,15 @@ class FailoverWatcher:
         # The other replicas' watchers re-point their own databases when they see it.
         await asyncio.to_thread(self.cluster.publish, sign_epoch(self.keyring, active))
         self.promoted = active
-        log.warning("promoted %s by majority (old primary %s)", self.region, epoch.primary)
+        log.warning("promoted %s by majority (epoch %s)", self.region, pending.number)
         return f"promoted: {active}"
 
     def _propose(self, token: str) -> int:
         """Offer the pending epoch to every region; how many hold it now (this one included)."""
         import urllib.request
 
-        held = 1 if self.epochs.offer(token) else 0
+        kept = self.epochs.offer(token) or (self.epochs.read() or (None, None))[1] == token
+        held = 1 if kept else 0
         for r in self.topology.regions:
             if r.name == self.region:
                 continue
@@ -201,7 +212,9 @@ class FailoverWatcher:
             )
             try:
                 with urllib.request.urlopen(req, timeout=PROBE_TIMEOUT_S * 2) as resp:
-                    if json.loads(resp.read()).get("adopted"):
+                    answer = json.loads(resp.read())
+                    # Adopted now, or already held (a proposal offered again).
+                    if answer.get("adopted") or answer.get("token") == token:
                         held += 1
             except (OSError, ValueError):
                 pass
