@@ -192,3 +192,23 @@ async def test_the_h1_client_refuses_a_header_with_a_line_break(primary):
         assert primary.requests == []
     finally:
         await c.close()
+
+
+async def test_a_warm_up_cut_short_leaves_no_connection_open(primary):
+    """The gateway bounds the warm-up after a promotion (2 s); what it opened meanwhile must be
+    closed then, not left open for the garbage collector."""
+    c = H1ForwardingClient(primary.url)
+    silent = c._head("GET", "/silent", [], None)
+    c._head = lambda *args: silent  # every health check hangs
+    made, connect = [], c._connect
+
+    async def tracked():
+        made.append(await connect())
+        return made[-1]
+
+    c._connect = tracked
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(c.warm(), 0.3)
+    assert primary.connections == len(made) == 8
+    assert all(conn.transport.is_closing() for conn in made)
+    await c.close()

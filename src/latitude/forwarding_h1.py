@@ -276,12 +276,19 @@ class H1ForwardingClient(ForwardingBase):
         async def one() -> _Connection | None:
             try:
                 conn = await self._connect()
+            except NotSent:
+                return None
+            try:
                 answer = await asyncio.wait_for(
                     conn.exchange(self._head("GET", "/_latitude/health", [], None), None, False),
                     5,
                 )
-            except (NotSent, NoAnswer, AnswerTooLarge, TimeoutError, OSError):
+            except (NoAnswer, AnswerTooLarge, TimeoutError, OSError):
+                conn.close()
                 return None
+            except BaseException:  # a warm-up cut short (the caller's timeout) leaves no socket
+                conn.close()
+                raise
             if not conn.keep_alive or conn.closed or answer.status >= 500:
                 conn.close()
                 return None
