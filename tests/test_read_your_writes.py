@@ -203,7 +203,11 @@ async def test_writers_always_read_their_writes_through_a_lagging_replica(healed
     async with Replay(db_url(world, EU)) as replay:
         lag = asyncio.create_task(lagger(replay))
         try:
-            await asyncio.gather(*(one_user(i) for i in range(USERS)))
+            # A task group, not gather: one user's failure cancels the others, where gather
+            # left them writing on into the next tests (CI: one slow login became four failures).
+            async with asyncio.TaskGroup() as users:
+                for i in range(USERS):
+                    users.create_task(one_user(i))
         finally:
             stop.set()
             cycles = await lag

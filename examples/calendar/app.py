@@ -116,14 +116,18 @@ async def login(request: Request) -> Response:
                 {"n": name},
             )
         ).scalar_one()
+        # Not an upsert that "updates" the name to get the id back: that takes the team row
+        # FOR UPDATE, which waits until no event insert holds the row's foreign-key share lock,
+        # and with writers creating events all the time a login starved for seconds (CI: 504).
         team_id = (
             await db.execute(
                 text(
-                    "insert into teams (name) values (:t) on conflict (name) do update set name = excluded.name"
-                    " returning id"
+                    "insert into teams (name) values (:t) on conflict (name) do nothing returning id"
                 ),
                 {"t": TEAM},
             )
+        ).scalar_one_or_none() or (
+            await db.execute(text("select id from teams where name = :t"), {"t": TEAM})
         ).scalar_one()
         await db.execute(
             text(
