@@ -83,3 +83,66 @@ async def test_another_regions_pending_epoch_is_not_completed_here(watcher, monk
     watcher.epochs.offer(token)
     monkeypatch.setattr(watcher, "_propose", lambda token: pytest.fail("proposed"))
     assert await watcher.step(None) == "epoch pending" and FakePg.promoted == 0
+
+
+def _peer_view(region: str, down_for_s: float, **extra) -> dict:
+    return {
+        "region": region,
+        "epoch": 1,
+        "primary": "us-west",
+        "down_for_s": down_for_s,
+        "received": 90,
+        "at": 0.0,
+        **extra,
+    }
+
+
+async def _round_with_peer(watcher, monkeypatch, view: dict, down_for_here_s: float) -> str:
+    """One round in which the primary does not answer, this region has seen it down for
+    `down_for_here_s`, and the one peer's view is `view`."""
+
+    async def probe(session, primary):
+        return False
+
+    async def peer_views(session):
+        return [view]
+
+    monkeypatch.setattr(watcher, "_probe_primary", probe)
+    monkeypatch.setattr(watcher, "_peer_views", peer_views)
+    monkeypatch.setattr(watcher, "_propose", lambda token: 2)
+    watcher.down_since = automatic.time.time() - down_for_here_s
+    return await watcher.step(None)
+
+
+async def test_a_fresh_peer_view_counts_its_age_and_the_majority_comes_that_round(
+    watcher, monkeypatch
+):
+    # The peer wrote "down 9.4 s" 0.7 s ago: down 10.1 s now. Counted as written it would
+    # wait a round (issue #12: automatic failover at the edge of its 15 s goal).
+    view = _peer_view("ap-southeast", 9.4, age_s=0.7)
+    said = await _round_with_peer(watcher, monkeypatch, view, 10.0)
+    assert said.startswith("promoted"), said
+    assert FakePg.promoted == 1
+
+
+async def test_a_peer_view_short_of_the_bound_or_stale_does_not_make_a_majority(
+    watcher, monkeypatch
+):
+    short = _peer_view("ap-southeast", 8.0, age_s=0.7)  # down 8.7 s now
+    said = await _round_with_peer(watcher, monkeypatch, short, 10.0)
+    assert said == "primary us-west down; 1 of 2", said
+    stale = _peer_view("ap-southeast", 9.9, age_s=automatic.FRESH_VIEW_S + 1)
+    said = await _round_with_peer(watcher, monkeypatch, stale, 10.0)
+    assert said == "primary us-west down; 1 of 2", said
+    up = _peer_view("ap-southeast", 0.0, age_s=0.2)  # the peer reaches the primary
+    said = await _round_with_peer(watcher, monkeypatch, up, 10.0)
+    assert said == "primary us-west down; 1 of 2", said
+    assert FakePg.promoted == 0
+
+
+async def test_a_round_a_hair_short_of_the_bound_still_counts(watcher, monkeypatch):
+    # Rounds are a second apart give or take timer jitter: 9.95 s after the first failed
+    # probe is the tenth round, and it counts.
+    view = _peer_view("ap-southeast", 9.95, age_s=0.0)
+    said = await _round_with_peer(watcher, monkeypatch, view, 9.95)
+    assert said.startswith("promoted"), said

@@ -41,6 +41,12 @@ VIEW_FILE = "failover-view.json"
 DEFAULT_AFTER_S = 10.0
 DEFAULT_LEASE_S = 5.0
 PROBE_TIMEOUT_S = 1.0
+# Rounds are `interval_s` apart but not to the microsecond: without a little slack, the round at
+# which the primary has been down `after_s` can read 9.999 s and the majority comes a round late.
+DOWN_SLACK_S = 0.1
+# A peer's view older than this says nothing (its watcher stopped). A round under a partition
+# takes up to two probe timeouts, so a live watcher's view can be ~3 s old when read.
+FRESH_VIEW_S = 5.0
 
 
 def view_file_for(topology_source: str) -> Path:
@@ -119,6 +125,27 @@ class FailoverWatcher:
         names = [r.name for r in self.topology.regions if r.name != self.region]
         return [v for v in await asyncio.gather(*(one(n) for n in names)) if v]
 
+    def _down_for_now(self, view: dict) -> float:
+        """How long the view's region has seen the primary down, as of now. A peer's view was
+        written at its last round, up to `interval_s` ago, and served with its age on the
+        peer's own clock (`age_s`): a fresh one counts that age too, or the majority would be
+        reached a round late. A view older than `FRESH_VIEW_S` counts for nothing (its watcher
+        stopped); one without `age_s` (an older gateway) is taken as written, judged fresh by
+        this region's clock."""
+        try:
+            down_for = float(view.get("down_for_s") or 0.0)
+            if view.get("region") == self.region:
+                return down_for  # this round's own
+            if "age_s" not in view:
+                fresh = time.time() - float(view.get("at") or 0) < FRESH_VIEW_S
+                return down_for if fresh else 0.0
+            age = float(view["age_s"])
+        except (TypeError, ValueError):
+            return 0.0  # a view that does not parse says nothing
+        if age > FRESH_VIEW_S or down_for <= 0:
+            return 0.0
+        return down_for + age
+
     def _follow(self, epoch: Epoch) -> None:
         """A new primary: stream from it (as this region reaches it)."""
         if self.followed is None:
@@ -157,11 +184,9 @@ class FailoverWatcher:
             self.down_since = time.time()
         mine = self._write_view(epoch, self._received())
         views = [mine] + [
-            v
-            for v in await self._peer_views(session)
-            if v.get("epoch") == epoch.number and time.time() - v.get("at", 0) < 5
+            v for v in await self._peer_views(session) if v.get("epoch") == epoch.number
         ]
-        down = [v for v in views if v["down_for_s"] >= self.after_s]
+        down = [v for v in views if self._down_for_now(v) >= self.after_s - DOWN_SLACK_S]
         majority = len(self.topology.regions) // 2 + 1
         if len(down) < majority:
             return f"primary {epoch.primary} {'up' if up else 'down'}; {len(down)} of {majority}"

@@ -329,10 +329,12 @@ class EpochFollower:
         }
         if self.file is not None:
             # The region's failover watcher's verdict on the primary (latitude.promotion.automatic).
-            with contextlib.suppress(OSError, ValueError):
-                answer["view"] = json.loads(
-                    (self.file.path.parent / "failover-view.json").read_text()
-                )
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                view = json.loads((self.file.path.parent / "failover-view.json").read_text())
+                # Its age on this region's own clock: a reader far away need not trust its own
+                # clock to agree with ours.
+                view["age_s"] = max(0.0, time.time() - float(view.get("at", 0)))
+                answer["view"] = view
         return answer
 
 
