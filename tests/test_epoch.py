@@ -233,3 +233,63 @@ async def test_a_primary_without_a_majority_lease_refuses_writes(tmp_path):
     follower, gw, _ = follower_for(tmp_path, "lease_s = 5\n")
     status, _, body = await call(follower, gw, "POST", "/events")
     assert status == 503 and b"majority" in body
+
+
+def test_every_region_is_asked_at_once_and_each_answer_or_error_is_kept():
+    """A region out of reach costs its timeout once, not before each region after it: both
+    silent servers are connected to before the first one's timeout, and the one that answers
+    and the one that refuses are told apart."""
+    import http.server
+    import socket
+    import threading
+    import time
+    import urllib.error
+
+    from latitude.promotion.regions_http import json_to_all
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            length = int(self.headers["content-length"])
+            body = self.rfile.read(length)
+            status = 200 if b'"token"' in body else 409
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"adopted": true}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    accepted: list[float] = []
+
+    def accept(sock):
+        conn, _ = sock.accept()
+        accepted.append(time.monotonic())
+        time.sleep(1.5)
+        conn.close()
+
+    threads = [threading.Thread(target=accept, args=(s,), daemon=True) for s in silent]
+    for t in threads:
+        t.start()
+    try:
+        answering = f"http://127.0.0.1:{server.server_address[1]}/_latitude/epoch"
+        urls = {
+            f"silent-{i}": f"http://127.0.0.1:{s.getsockname()[1]}/" for i, s in enumerate(silent)
+        }
+        started = time.monotonic()
+        answers = json_to_all({**urls, "up": answering}, {"token": "t"}, timeout_s=0.5)
+        assert answers["up"] == {"adopted": True}
+        assert all(isinstance(answers[name], OSError) for name in urls), answers
+        assert len(accepted) == 2 and max(accepted) - started < 0.5, (accepted, started)
+        refused = json_to_all({"up": answering}, {"other": 1}, timeout_s=2)["up"]
+        assert isinstance(refused, urllib.error.HTTPError) and refused.code == 409
+    finally:
+        server.shutdown()
+        server.server_close()
+        for t in threads:
+            t.join()
+        for s in silent:
+            s.close()

@@ -32,6 +32,7 @@ from latitude import atomic
 from latitude.promotion.epoch import Epoch, EpochFile, epoch_file_for, initial_epoch, sign_epoch
 from latitude.promotion.follow import EPOCH_PATH
 from latitude.promotion.postgres import PgServer, PgUnavailable, slot_name
+from latitude.promotion.regions_http import json_to_all
 from latitude.promotion.remote import RemoteCluster, keyring_from
 from latitude.topology import Topology, load_topology
 
@@ -222,28 +223,20 @@ class FailoverWatcher:
 
     def _propose(self, token: str) -> int:
         """Offer the pending epoch to every region; how many hold it now (this one included)."""
-        import urllib.request
-
         kept = self.epochs.offer(token) or (self.epochs.read() or (None, None))[1] == token
-        held = 1 if kept else 0
-        for r in self.topology.regions:
-            if r.name == self.region:
-                continue
-            req = urllib.request.Request(
-                self._url(r.name) + EPOCH_PATH,
-                data=json.dumps({"token": token}).encode(),
-                headers={"content-type": "application/json", "accept": "application/json"},
-                method="POST",
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=PROBE_TIMEOUT_S * 2) as resp:
-                    answer = json.loads(resp.read())
-                    # Adopted now, or already held (a proposal offered again).
-                    if answer.get("adopted") or answer.get("token") == token:
-                        held += 1
-            except (OSError, ValueError):
-                pass
-        return held
+        urls = {
+            r.name: self._url(r.name) + EPOCH_PATH
+            for r in self.topology.regions
+            if r.name != self.region
+        }
+        answers = json_to_all(urls, {"token": token}, timeout_s=PROBE_TIMEOUT_S * 2)
+        # Adopted now, or already held (a proposal offered again).
+        held = sum(
+            1
+            for a in answers.values()
+            if isinstance(a, dict) and (a.get("adopted") or a.get("token") == token)
+        )
+        return held + (1 if kept else 0)
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)

@@ -9,7 +9,6 @@ a replica (`pg_rewind`, `standby.signal`).
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +21,7 @@ from latitude.promotion.epoch import Epoch, EpochFile, epoch_file_for, initial_e
 from latitude.promotion.follow import EPOCH_PATH
 from latitude.promotion.journal import BadPromotion, Journal
 from latitude.promotion.postgres import PgServer, PgUnavailable, slot_name
+from latitude.promotion.regions_http import json_to_all
 from latitude.signing import Keyring
 from latitude.signing.keys import SigningConfigError, keyring_from_topology
 from latitude.topology import Topology
@@ -54,8 +54,8 @@ class RemoteCluster:
         found = self.file.read()
         if found and found[0].newer_than(newest):
             newest = found[0]
-        for r in self.topology.regions:
-            token = self._get_epoch(r)
+        for answer in json_to_all(self._urls()).values():
+            token = answer.get("token") if isinstance(answer, dict) else None
             if token:
                 try:
                     epoch = verify_epoch(self.keyring, token)
@@ -82,35 +82,20 @@ class RemoteCluster:
         base = region.internal_url or region.public_url
         return base.rstrip("/") + EPOCH_PATH if base else None
 
-    def _get_epoch(self, region) -> str | None:
-        url = self._url(region)
-        if not url:
-            return None
-        try:
-            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as resp:
-                return json.loads(resp.read()).get("token")
-        except (OSError, ValueError):
-            return None
+    def _urls(self, skip: tuple[str, ...] = ()) -> dict[str, str]:
+        urls = {r.name: self._url(r) for r in self.topology.regions if r.name not in skip}
+        return {name: url for name, url in urls.items() if url}
 
     def publish(self, token: str, skip: tuple[str, ...] = ()) -> dict[str, str]:
         self.file.offer(token)
         told = {}
-        for r in self.topology.regions:
-            if r.name in skip or not self._url(r):
-                continue
-            req = urllib.request.Request(
-                self._url(r),
-                data=json.dumps({"token": token}).encode(),
-                headers={"content-type": "application/json", "accept": "application/json"},
-                method="POST",
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S):
-                    told[r.name] = "told"
-            except urllib.error.HTTPError as exc:
-                told[r.name] = f"refused ({exc.code})"
-            except OSError:
-                told[r.name] = "unreachable"
+        for name, answer in json_to_all(self._urls(skip), {"token": token}).items():
+            if isinstance(answer, urllib.error.HTTPError):
+                told[name] = f"refused ({answer.code})"
+            elif isinstance(answer, OSError):
+                told[name] = "unreachable"
+            else:
+                told[name] = "told"  # an answer that is not JSON was an answer all the same
         return told
 
     def record(self, epoch: Epoch, token: str, skip: tuple[str, ...] = ()) -> None:

@@ -16,10 +16,7 @@ rolled back.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from latitude.promotion.epoch import (
@@ -31,6 +28,7 @@ from latitude.promotion.epoch import (
     verify_epoch,
 )
 from latitude.promotion.follow import EPOCH_PATH, topology_for_epoch
+from latitude.promotion.regions_http import json_to_all
 from latitude.signing import Keyring, SigningKey
 
 log = logging.getLogger("latitude.promotion")
@@ -131,20 +129,12 @@ class EpochWatch:
         return self._active
 
     def _ask_gateways(self) -> list[str]:
-        urls = [
-            (r.internal_url or r.public_url).rstrip("/") + EPOCH_PATH
+        urls = {
+            r.name: (r.internal_url or r.public_url).rstrip("/") + EPOCH_PATH
             for r in self.base.regions
             if (r.internal_url or r.public_url) and (self.ask is None or r.name in self.ask)
+        }
+        answers = json_to_all(urls, timeout_s=PEER_TIMEOUT_S).values()
+        return [
+            a["token"] for a in answers if isinstance(a, dict) and isinstance(a.get("token"), str)
         ]
-
-        def one(url: str) -> str | None:
-            try:
-                with urllib.request.urlopen(url, timeout=PEER_TIMEOUT_S) as resp:
-                    return json.loads(resp.read()).get("token")
-            except (OSError, ValueError, AttributeError):
-                return None
-
-        if not urls:
-            return []
-        with ThreadPoolExecutor(len(urls)) as pool:
-            return [t for t in pool.map(one, urls) if t]
