@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
+from collections import deque
 from pathlib import Path
 
 from latitude.lab.errors import LabError
@@ -13,6 +15,15 @@ __all__ = ["SERVICE_PORTS", "free_port", "free_ports"]
 # Services get ports below the kernel's ephemeral range, so that no relay (listening on port 0)
 # or outgoing connection can take a port between our choosing it and the service binding it.
 SERVICE_PORTS = range(20000, 32000)
+
+# The ports this process handed out lately. A port is free when chosen, but its server binds it
+# later: a test that chose six ports one call at a time could get one twice (CI: the primary's
+# sidecar failed to bind a port the replica's upstream app had taken, so the replica's sidecar
+# forwarded to an unsigned app). Remembered, they are not handed out again while they may still
+# be waiting for their server.
+_RECENT = 2048
+_handed_out: deque[int] = deque(maxlen=_RECENT)
+_lock = threading.Lock()
 
 
 def _ephemeral_range() -> range:
@@ -27,15 +38,20 @@ def free_ports(n: int) -> list[int]:
     ephemeral = _ephemeral_range()
     candidates = [p for p in SERVICE_PORTS if p not in ephemeral] or list(SERVICE_PORTS)
     chosen: list[int] = []
-    for port in random.sample(candidates, len(candidates)):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
+    with _lock:
+        recent = set(_handed_out)
+        for port in random.sample(candidates, len(candidates)):
+            if port in recent:
                 continue
-        chosen.append(port)
-        if len(chosen) == n:
-            return chosen
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            chosen.append(port)
+            if len(chosen) == n:
+                _handed_out.extend(chosen)
+                return chosen
     raise LabError(f"no {n} free ports between {SERVICE_PORTS.start} and {SERVICE_PORTS.stop}")
 
 

@@ -1,0 +1,27 @@
+"""Free ports: chosen one call at a time, none is handed out twice while its server may still
+be on the way (CI: a test's six ports, chosen one by one, held the same port twice)."""
+
+from __future__ import annotations
+
+from latitude.lab import ports
+
+
+def test_ports_chosen_one_at_a_time_are_all_different(monkeypatch):
+    # A small range makes a repeat certain without the memory: 40 draws from 50 ports.
+    monkeypatch.setattr(ports, "SERVICE_PORTS", range(30000, 30050))
+    monkeypatch.setattr(ports, "_handed_out", ports.deque(maxlen=ports._RECENT))
+    chosen = [ports.free_port() for _ in range(40)]
+    assert len(set(chosen)) == 40
+    assert all(p in range(30000, 30050) for p in chosen)
+
+
+def test_a_range_handed_out_entirely_is_an_error_that_says_so(monkeypatch):
+    monkeypatch.setattr(ports, "SERVICE_PORTS", range(30100, 30104))
+    monkeypatch.setattr(ports, "_handed_out", ports.deque(maxlen=ports._RECENT))
+    ports.free_ports(4)
+    try:
+        ports.free_port()
+    except ports.LabError as exc:
+        assert "no 1 free ports between 30100 and 30104" in str(exc)
+    else:
+        raise AssertionError("a fifth port came out of a range of four")
