@@ -15,14 +15,16 @@ latency is taken with quorum commit on.
 * commit latency at the primary, async against `synchronous_standby_names = 'ANY 1 (...)'`,
   measured in the same run on the same world (the baseline is async).
 
-    python benchmarks/bench_promotion.py [--commits N] [--json FILE]
+    python benchmarks/bench_promotion.py [--commits N] [--only switchover|automatic] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import calendar
 import functools
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -167,10 +169,12 @@ def forced_failover(world: LabWorld) -> dict:
     }
 
 
-def automatic_failover(world: LabWorld) -> dict:
-    """Revive the old primary, watch from every region, kill the primary: death to first write."""
-    latitude(world, "lab", "revive", "us-west")  # rejoins as a replica of the new timeline
-    wait_healthy(world, "us-west", 60)
+def automatic_failover(world: LabWorld, revive: bool = True) -> dict:
+    """Revive the old primary (after the forced failover), watch from every region, kill the
+    primary: death to first write."""
+    if revive:
+        latitude(world, "lab", "revive", "us-west")  # rejoins as a replica of the new timeline
+        wait_healthy(world, "us-west", 60)
     state = world.state()
     primary = state.primary
     harness.start_failover_watchers(world, REGIONS)
@@ -182,7 +186,7 @@ def automatic_failover(world: LabWorld) -> dict:
     for w in ws:
         w.start()
     time.sleep(1)
-    died = time.monotonic()
+    died, died_at = time.monotonic(), time.time()
     for part in ("db", "app", "sessions"):
         world.kill(primary, part)
     first = None
@@ -195,8 +199,49 @@ def automatic_failover(world: LabWorld) -> dict:
     for w in ws:
         w.join(30)
     to_first = round(first - died, 2) if first else None
-    say(f"automatic failover from {primary}: first write {to_first} s after its death")
-    return {"from": primary, "after_s": 10, "death_to_first_write_s": to_first}
+    timeline = watcher_timeline(world, others, died_at)
+    say(
+        f"automatic failover from {primary}: first write {to_first} s after its death "
+        f"(watchers: {timeline})"
+    )
+    return {
+        "from": primary,
+        "after_s": 10,
+        "death_to_first_write_s": to_first,
+        "watcher_timeline_s": timeline,
+    }
+
+
+_LOGGED_AT = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \w+ (.*)$")
+
+
+def watcher_timeline(world: LabWorld, regions, died_at: float) -> dict[str, float]:
+    """When, after the death, each watcher first said the primary was down, that a majority
+    agreed, and that it promoted (from its log's UTC times): where the seconds went."""
+    marks = {
+        "saw it down": " down; ",
+        "majority agreed": "majority agrees",
+        "proposed": "proposed ",
+        "promoted": "by majority (epoch",
+        "re-pointed the standbys": "promoted: ",
+    }
+    found: dict[str, float] = {}
+    for region in regions:
+        try:
+            lines = world.service_log(region, "watcher").read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            m = _LOGGED_AT.match(line)
+            if not m:
+                continue
+            at = calendar.timegm(time.strptime(m[1][:19], "%Y-%m-%dT%H:%M:%S"))
+            at += int(m[1][20:]) / 1000
+            for label, text in marks.items():
+                key = f"{region} {label}"
+                if at >= died_at and text in m[2] and key not in found:
+                    found[key] = round(at - died_at, 2)
+    return dict(sorted(found.items(), key=lambda kv: kv[1]))
 
 
 def main() -> None:
@@ -204,7 +249,9 @@ def main() -> None:
     parser.add_argument("--commits", type=int, default=40, help="commits per latency sample")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
-        "--only", choices=("switchover",), help="only the two switchovers (quicker)"
+        "--only",
+        choices=("switchover", "automatic"),
+        help="only the two switchovers, or only the automatic failover (quicker)",
     )
     parser.add_argument(
         "--idempotency-claim",
@@ -225,11 +272,15 @@ def main() -> None:
         async_commit = commit_latency(world, "us-west", args.commits)
         pg.set_synchronous(1, ["eu-west", "ap-southeast"])
         say(f"commit p50: async {async_commit['p50_ms']} ms, sync=1 {sync_commit['p50_ms']} ms")
-        if args.only == "switchover":
-            figures = {
-                "switchover": switchover(world, "eu-west"),
-                "switchover_back": switchover(world, "us-west"),
-            }
+        if args.only:
+            figures = (
+                {
+                    "switchover": switchover(world, "eu-west"),
+                    "switchover_back": switchover(world, "us-west"),
+                }
+                if args.only == "switchover"
+                else {"automatic_failover_sync1": automatic_failover(world, revive=False)}
+            )
             print(json.dumps(figures, indent=2))
             if args.json:
                 args.json.write_text(json.dumps(figures, indent=2))

@@ -441,3 +441,57 @@ def test_liveness_checks_its_timings():
 
     with pytest.raises(ValueError, match="check_every_s"):
         RunnerLiveness("postgresql://x", check_every_s=5, idle_timeout_s=5)
+
+
+# ---- a database that refuses connections says so at once ----------------------------------
+
+
+async def test_a_database_that_refuses_connections_is_told_without_waiting_the_timeout():
+    """Nothing listens at the port: with `fail_fast_when_refused` the claim fails as soon as the
+    pool's first attempt is refused (naming the refusal; nothing sent), where the plain store
+    waits out its timeout (PoolTimeout)."""
+    import socket
+
+    from latitude.lab.ports import free_port
+
+    port = free_port()
+    with socket.socket() as probe:  # nobody there
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    dsn = f"postgresql://app@127.0.0.1:{port}/app"
+    for fail_fast, said in ((True, "refuses connections"), (False, "PoolTimeout")):
+        store = await IdempotencyStore.open(
+            dsn, wait=False, max_size=2, fail_fast_when_refused=fail_fast
+        )
+        try:
+            for _ in range(2):  # the first (before any attempt) and one after
+                with pytest.raises(IdempotencyUnavailable) as caught:
+                    await store.begin(f"refused-{uuid.uuid4()}", "h", timeout_s=1.0)
+                assert said in str(caught.value) and caught.value.sent is False
+        finally:
+            await store.close()
+
+
+async def test_a_silent_database_is_waited_for_and_a_live_one_used(primary_dsn, prefix):
+    """A server that accepts and never answers is not a refusal: the wait is the timeout.
+    Against the real database the fail-fast store claims as usual and gives its connection
+    back."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        dsn = f"postgresql://app@127.0.0.1:{silent.getsockname()[1]}/app?connect_timeout=5"
+        store = await IdempotencyStore.open(dsn, wait=False, fail_fast_when_refused=True)
+        try:
+            with pytest.raises(IdempotencyUnavailable, match="PoolTimeout"):
+                await store.begin(prefix + "silent", "h", timeout_s=0.5)
+        finally:
+            await store.close()
+    finally:
+        silent.close()
+    store = await IdempotencyStore.open(primary_dsn, max_size=2, fail_fast_when_refused=True)
+    try:
+        claims = [await store.begin(prefix + f"live-{i}", "h", timeout_s=2) for i in range(5)]
+        assert [c.outcome for c in claims] == [Outcome.NEW] * 5
+        assert store.pool.get_stats()["pool_available"] >= 1  # given back, not leaked
+    finally:
+        await store.close()

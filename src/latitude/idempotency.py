@@ -101,6 +101,7 @@ from latitude.claims import (
     headers_json,
     owner_gone,
 )
+from latitude.connect_refusals import RefusalWatch, Refused
 from latitude.consistency.position import POSITION_SQL
 from latitude.liveness import RunnerLiveness
 from latitude.outcome_store import (
@@ -142,10 +143,12 @@ class IdempotencyStore:
         pool: AsyncConnectionPool,
         *,
         liveness: RunnerLiveness | None = None,
+        refusals: RefusalWatch | None = None,
         _owns_pool: bool = False,
     ) -> None:
         self._pool = pool
         self._liveness = liveness
+        self._refusals = refusals
         self._owns_pool = _owns_pool
 
     @classmethod
@@ -159,6 +162,7 @@ class IdempotencyStore:
         wait: bool = True,
         connect_timeout_s: float | None = None,
         hold_liveness: bool = False,
+        fail_fast_when_refused: bool = False,
     ) -> IdempotencyStore:
         """Open a pool on ``dsn`` (waiting up to ``timeout_s`` for its first connections).
 
@@ -169,8 +173,13 @@ class IdempotencyStore:
 
         With ``wait=False`` it returns at once and connects in the background: for a database
         that may be out of reach now (the fallback's, over the ocean), one pool is kept and
-        reused, and each call waits at most its own ``timeout_s`` for a connection."""
+        reused, and each call waits at most its own ``timeout_s`` for a connection.
+
+        With ``fail_fast_when_refused``, such a wait ends as soon as the pool's latest attempt
+        to connect was refused (:mod:`latitude.connect_refusals`): a database that is down for
+        good says so at once, not after the caller's whole timeout."""
         kwargs: dict[str, Any] = {"autocommit": True}
+        refusals = RefusalWatch() if fail_fast_when_refused else None
         if connect_timeout_s is not None:
             kwargs["connect_timeout"] = max(1, round(connect_timeout_s))
         pool = AsyncConnectionPool(
@@ -185,6 +194,7 @@ class IdempotencyStore:
             # anything is sent on it (so a failure to reach the database is known as such).
             check=_alive_locally,
             open=False,
+            **({"connection_class": refusals.connection_class()} if refusals else {}),
         )
         if not wait:
             await pool.open(wait=False)
@@ -200,7 +210,7 @@ class IdempotencyStore:
         if hold_liveness:
             liveness = RunnerLiveness(dsn, connect_timeout_s=connect_timeout_s or timeout_s)
             await liveness.start(wait=wait)
-        return cls(pool, liveness=liveness, _owns_pool=True)
+        return cls(pool, liveness=liveness, refusals=refusals, _owns_pool=True)
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -562,11 +572,23 @@ class IdempotencyStore:
         """A pooled autocommit connection; database failures become `IdempotencyUnavailable`
         (``sent`` False when no connection was had, so nothing was sent)."""
         try:
-            async with self._pool.connection(timeout=timeout_s) as conn:
-                yield conn
+            if self._refusals is None or timeout_s is None:
+                async with self._pool.connection(timeout=timeout_s) as conn:
+                    yield conn
+            else:
+                conn = await self._refusals.getconn(self._pool, timeout_s)
+                try:
+                    yield conn
+                finally:
+                    await self._pool.putconn(conn)
         except PoolTimeout as exc:  # raised only while waiting for a connection
             raise IdempotencyUnavailable(
                 f"idempotency store: primary database unavailable ({type(exc).__name__}: {exc})",
+                sent=False,
+            ) from exc
+        except Refused as exc:  # nothing was sent: no connection was had
+            raise IdempotencyUnavailable(
+                f"idempotency store: the primary database refuses connections ({exc})",
                 sent=False,
             ) from exc
         except psycopg.OperationalError as exc:

@@ -16,9 +16,10 @@ from latitude.topology import load_topology
 
 class FakePg:
     promoted = 0
+    upstreams: dict[str, str] = {}
 
-    def __init__(self, *args) -> None:
-        pass
+    def __init__(self, name, *args) -> None:
+        self.name = name
 
     def in_recovery(self) -> bool:
         return True
@@ -35,6 +36,9 @@ class FakePg:
     def set_synchronous(self, quorum, others) -> None:
         pass
 
+    def set_upstream(self, conninfo, slot) -> None:
+        FakePg.upstreams[self.name] = conninfo
+
 
 class FakeCluster:
     def __init__(self, topology) -> None:
@@ -42,6 +46,9 @@ class FakeCluster:
 
     def publish(self, token: str) -> None:
         self.published.append(token)
+
+    def conninfo(self, replica: str, upstream: str) -> str:
+        return f"host={upstream} application_name={replica}"
 
 
 @pytest.fixture
@@ -54,6 +61,7 @@ def watcher(tmp_path, monkeypatch):
     monkeypatch.setattr(automatic, "RemoteCluster", FakeCluster)
     w = automatic.FailoverWatcher(load_topology(path), "eu-west")
     FakePg.promoted = 0
+    FakePg.upstreams = {}
     return w
 
 
@@ -76,6 +84,8 @@ async def test_a_proposal_kept_here_only_is_offered_again_until_a_majority_holds
     assert said.startswith("promoted") and FakePg.promoted == 1
     assert watcher.promoted.number == 2 and watcher.promoted.active
     assert len(watcher.cluster.published) == 1
+    # Nothing re-pointed from here: only each region knows the new primary's address from there.
+    assert FakePg.upstreams == {}
 
 
 async def test_another_regions_pending_epoch_is_not_completed_here(watcher, monkeypatch):

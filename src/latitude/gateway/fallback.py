@@ -91,6 +91,9 @@ class Fallback:
                     wait=False,
                     connect_timeout_s=cfg.connect_timeout_s,
                     hold_liveness=True,
+                    # A primary database that is down for good (the region died) is told at
+                    # once: "read-only for now" in one round trip, not after the deadline.
+                    fail_fast_when_refused=True,
                 )
         return self._store
 

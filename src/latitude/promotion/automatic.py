@@ -48,6 +48,10 @@ DOWN_SLACK_S = 0.1
 # A peer's view older than this says nothing (its watcher stopped). A round under a partition
 # takes up to two probe timeouts, so a live watcher's view can be ~3 s old when read.
 FRESH_VIEW_S = 5.0
+# Between rounds the epoch file is read this often: a new primary is followed (this region's
+# standby re-pointed) at once, not at the next round. With `synchronous = K` the new primary's
+# first commits wait for that.
+EPOCH_CHECK_S = 0.1
 
 
 def view_file_for(topology_source: str) -> Path:
@@ -215,7 +219,8 @@ class FailoverWatcher:
         if quorum:
             me.set_synchronous(quorum, others)
         active = pending.activated()
-        # The other replicas' watchers re-point their own databases when they see it.
+        # Each other region's watcher re-points its own standby when it sees the epoch (at once:
+        # `_wait_next_round`): only it knows the address this region has from there.
         await asyncio.to_thread(self.cluster.publish, sign_epoch(self.keyring, active))
         self.promoted = active
         log.warning("promoted %s by majority (epoch %s)", self.region, pending.number)
@@ -251,17 +256,41 @@ class FailoverWatcher:
                 if said != last:
                     log.warning("%s: %s", self.region, said)
                     last = said
-                left = self.interval_s - (time.monotonic() - started)
-                if left > 0:
-                    try:
-                        await asyncio.wait_for(self.stopping.wait(), left)
-                    except TimeoutError:
-                        pass
+                await self._wait_next_round(started)
+
+    async def _wait_next_round(self, started: float) -> None:
+        """Until `interval_s` after `started`, or until the epoch file changes (a promotion
+        published here), or until stopped."""
+        seen = self.epochs.read()
+        while (left := self.interval_s - (time.monotonic() - started)) > 0:
+            try:
+                await asyncio.wait_for(self.stopping.wait(), min(left, EPOCH_CHECK_S))
+                return
+            except TimeoutError:
+                pass
+            now = self.epochs.read()
+            if (now and now[1]) != (seen and seen[1]):
+                return
+
+
+def _log_with_times() -> None:
+    """Each verdict with its UTC time to the millisecond: when the majority agreed and when
+    the region was promoted are what an operator (and `bench_promotion.py`) asks of this log."""
+    handler = logging.StreamHandler()
+    formatter = logging.Formatter(
+        "%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"
+    )
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def run(topology_path: str, region: str) -> None:
     topology = load_topology(topology_path)
     watcher = FailoverWatcher(topology, region)
+    _log_with_times()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
