@@ -217,13 +217,14 @@ _LOGGED_AT = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \w+ (.*)$")
 
 def watcher_timeline(world: LabWorld, regions, died_at: float) -> dict[str, float]:
     """When, after the death, each watcher first said the primary was down, that a majority
-    agreed, and that it promoted (from its log's UTC times): where the seconds went."""
+    agreed, that it promoted, or that its standby streams from the new primary (from its log's
+    UTC times): where the seconds went."""
     marks = {
         "saw it down": " down; ",
         "majority agreed": "majority agrees",
         "proposed": "proposed ",
         "promoted": "by majority (epoch",
-        "re-pointed the standbys": "promoted: ",
+        "followed the new primary": "streaming from ",
     }
     found: dict[str, float] = {}
     for region in regions:
