@@ -82,7 +82,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import pq
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -101,7 +100,6 @@ from latitude.claims import (
     headers_json,
     owner_gone,
 )
-from latitude.connect_refusals import RefusalWatch, Refused
 from latitude.consistency.position import POSITION_SQL
 from latitude.liveness import RunnerLiveness
 from latitude.outcome_store import (
@@ -112,6 +110,7 @@ from latitude.outcome_store import (
     Outcome,
     OutcomeStore,
 )
+from latitude.primary_pool import RefusalWatch, Refused, new_pool
 
 __all__ = [
     "DEFAULT_PURGE_EVERY_S",
@@ -176,25 +175,15 @@ class IdempotencyStore:
         reused, and each call waits at most its own ``timeout_s`` for a connection.
 
         With ``fail_fast_when_refused``, such a wait ends as soon as the pool's latest attempt
-        to connect was refused (:mod:`latitude.connect_refusals`): a database that is down for
+        to connect was refused (:mod:`latitude.primary_pool`): a database that is down for
         good says so at once, not after the caller's whole timeout."""
-        kwargs: dict[str, Any] = {"autocommit": True}
-        refusals = RefusalWatch() if fail_fast_when_refused else None
-        if connect_timeout_s is not None:
-            kwargs["connect_timeout"] = max(1, round(connect_timeout_s))
-        pool = AsyncConnectionPool(
+        pool, refusals = new_pool(
             dsn,
             min_size=min_size,
             max_size=max_size,
-            timeout=timeout_s,
-            kwargs=kwargs,
-            # No round trip on checkout: it would cost one on every forwarded write (an ocean
-            # crossing on the fallback path). The local check only reads what the socket
-            # already holds: a connection whose peer reset or closed it is discarded before
-            # anything is sent on it (so a failure to reach the database is known as such).
-            check=_alive_locally,
-            open=False,
-            **({"connection_class": refusals.connection_class()} if refusals else {}),
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            fail_fast_when_refused=fail_fast_when_refused,
         )
         if not wait:
             await pool.open(wait=False)
@@ -607,16 +596,6 @@ class IdempotencyStore:
             raise IdempotencyUnavailable(
                 f"idempotency store: primary database unavailable ({type(exc).__name__}: {exc})"
             ) from exc
-
-
-async def _alive_locally(conn: psycopg.AsyncConnection) -> None:
-    """Raise if the connection is known dead without asking the server: the socket already
-    holds a reset or end of stream (a broken link's resets arrive before our next query)."""
-    if conn.closed or conn.pgconn.status != pq.ConnStatus.OK:
-        raise psycopg.OperationalError("the connection is closed")
-    conn.pgconn.consume_input()  # raises on a reset or closed socket; reads nothing else
-    if conn.pgconn.status != pq.ConnStatus.OK:
-        raise psycopg.OperationalError("the connection was closed by the server")
 
 
 def _with_claim(query: str, params: list[Any], claim: Claim | None) -> tuple[str, list[Any]]:

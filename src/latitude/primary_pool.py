@@ -1,13 +1,16 @@
-"""Whether a database is refusing connections right now, as a connection pool's own attempts
-tell it.
+"""The pool of connections to the primary database that the idempotency store draws on.
 
-A pool (`psycopg_pool`) connects in the background and a caller waits for a connection up to its
-timeout. When the database is down for good (its host up, nothing listening: the process was
-killed, the region is being failed over) every attempt is refused at once, yet the caller still
-waits the whole timeout: the fallback's writes answered "read-only for now" only after 2.9 s
-each, and the write in flight when the new primary came waited those seconds out before it could
-be sent there (the last ~2 s of an automatic failover). `RefusalWatch` hands the pool a
-connection class that reports each attempt; a waiter asks `refusing()` and stops waiting once the
+`new_pool` builds it with no round trip on checkout (a forwarded write must not pay one, and on
+the fallback path that is an ocean crossing): `alive_locally` only reads what the socket already
+holds, so a connection a reset or close already broke is dropped before anything is sent on it.
+
+It can also tell when the database refuses connections right now. A pool connects in the
+background and a caller waits for a connection up to its timeout. When the database is down for
+good (its host up, nothing listening: the process was killed, the region is being failed over)
+every attempt is refused at once, yet the caller still waited the whole timeout: the fallback's
+writes answered "read-only for now" only after 2.9 s each, and the write in flight when the new
+primary came waited those seconds out before it could be sent there. `RefusalWatch` hands the
+pool a connection class that reports each attempt; `RefusalWatch.getconn` stops waiting once the
 latest attempt was refused and none has succeeded since.
 
 Only a refusal counts (the server's host answered "nothing here", or the connection was reset
@@ -20,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import psycopg
+from psycopg import pq
 from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["RefusalWatch", "Refused", "is_refusal"]
+__all__ = ["RefusalWatch", "Refused", "alive_locally", "is_refusal", "new_pool"]
 
 
 class Refused(Exception):
@@ -115,3 +120,40 @@ def _abandon(pool: AsyncConnectionPool, getting: asyncio.Future) -> None:
 
     getting.cancel()
     getting.add_done_callback(give_back)
+
+
+def new_pool(
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    timeout_s: float,
+    connect_timeout_s: float | None = None,
+    fail_fast_when_refused: bool = False,
+) -> tuple[AsyncConnectionPool, RefusalWatch | None]:
+    """An unopened autocommit pool on `dsn`, and its `RefusalWatch` if asked for."""
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if connect_timeout_s is not None:
+        kwargs["connect_timeout"] = max(1, round(connect_timeout_s))
+    refusals = RefusalWatch() if fail_fast_when_refused else None
+    pool = AsyncConnectionPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout_s,
+        kwargs=kwargs,
+        check=alive_locally,
+        open=False,
+        **({"connection_class": refusals.connection_class()} if refusals else {}),
+    )
+    return pool, refusals
+
+
+async def alive_locally(conn: psycopg.AsyncConnection) -> None:
+    """Raise if the connection is known dead without asking the server: the socket already
+    holds a reset or end of stream (a broken link's resets arrive before our next query)."""
+    if conn.closed or conn.pgconn.status != pq.ConnStatus.OK:
+        raise psycopg.OperationalError("the connection is closed")
+    conn.pgconn.consume_input()  # raises on a reset or closed socket; reads nothing else
+    if conn.pgconn.status != pq.ConnStatus.OK:
+        raise psycopg.OperationalError("the connection was closed by the server")

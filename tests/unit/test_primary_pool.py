@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from latitude.connect_refusals import RefusalWatch, is_refusal
+from latitude.primary_pool import RefusalWatch, is_refusal
 
 
 @pytest.mark.parametrize(
