@@ -93,3 +93,24 @@ async def test_django_reads_locally_and_writes_at_the_primary(world, django_pair
             if title in body["events"] or time.monotonic() > deadline:
                 break
         assert title in body["events"]
+
+
+async def test_a_django_write_marks_its_claim_in_its_own_transaction(world, django_pair):
+    """The fence for Django: a forwarded write's claim is marked `applied` by the statement
+    before the app's INSERT, in the same transaction (Django's autocommit: BEGIN, mark, INSERT,
+    COMMIT), so a retry after a lost answer is settled "applied", never run twice. A read
+    (GET) is not claimed and marks nothing."""
+    key = f"django-fence-{uuid.uuid4()}"
+    title = f"fenced {key}"
+    primary_db = next(r["database_url"] for r in world.status()["regions"] if r["name"] == PRIMARY)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{django_pair[EU]}") as c:
+        async with c.post("/events/", data={"title": title}, headers={"Idempotency-Key": key}) as r:
+            assert r.status == 201, (await r.text())[:3000]
+    with psycopg.connect(primary_db) as db:
+        row = db.execute(
+            "select state, applied from latitude_idempotency where key = %s", (key,)
+        ).fetchone()
+        stored = db.execute(
+            "select count(*) from example_event where title = %s", (title,)
+        ).fetchone()[0]
+    assert row == ("completed", True) and stored == 1, (row, stored)

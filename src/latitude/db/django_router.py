@@ -1,16 +1,24 @@
 """Django routing: ``DATABASES`` from a topology (:func:`django_databases`), the routers
-(:class:`LatitudeRouter`, :class:`StrictLatitudeRouter`) and the translation of Postgres'
-read-only error into :class:`~latitude.db.route.WriteOnReplicaError`. Django is imported only
-when one of these is used."""
+(:class:`LatitudeRouter`, :class:`StrictLatitudeRouter`), and two execute wrappers: the
+translation of Postgres' read-only error into :class:`~latitude.db.route.WriteOnReplicaError`
+and the claim's fence. Django is imported only when one of these is used."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from psycopg.pq import TransactionStatus
+
+from latitude.claims import fence_statement
 from latitude.db.route import (
+    PRIMARY,
     REPLICA,
+    ClaimFence,
+    ClaimLost,
     WriteOnReplicaError,
+    current_claim,
     current_route,
     database_urls,
     error_line,
@@ -93,7 +101,49 @@ def _django_translate(execute: Any, sql: Any, params: Any, many: bool, context: 
         ) from exc
 
 
+def _django_fence(execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
+    """A Django execute wrapper: the fence (docs/gateway.md, "Fencing") for Django. While a
+    claimed request runs (the gateway sets `current_claim`), the first statement of each
+    transaction on the primary database (`"default"`) is preceded by the claim's mark, in the
+    same transaction, so the mark commits with the app's writes or not at all; a mark that
+    finds the claim no longer this run's refuses the transaction (`ClaimLost`) before the app's
+    statement is sent. In autocommit mode (Django's default, outside `atomic()`) a statement is
+    its own transaction: one that is not a plain SELECT is run as BEGIN, mark, statement,
+    COMMIT."""
+    fence = current_claim.get()
+    connection = context.get("connection") if context else None
+    raw = getattr(connection, "connection", None)
+    if (
+        not isinstance(fence, ClaimFence)
+        or current_route.get() != PRIMARY
+        or getattr(connection, "alias", None) != LatitudeRouter.primary_alias
+        or raw is None
+        or raw.info.transaction_status != TransactionStatus.IDLE  # already marked
+    ):
+        return execute(sql, params, many, context)
+    mark, mark_params = fence_statement(fence.key, fence.started_at, fence.idle_timeout_s)
+    if not raw.autocommit:  # this statement opens the transaction: the mark goes first
+        if raw.execute(mark, mark_params).fetchone()[0] != 1:
+            raise ClaimLost(fence.key)
+        return execute(sql, params, many, context)
+    if str(sql).lstrip()[:6].lower() == "select":
+        return execute(sql, params, many, context)  # a read on its own writes nothing
+    raw.execute("begin")
+    try:
+        if raw.execute(mark, mark_params).fetchone()[0] != 1:
+            raise ClaimLost(fence.key)
+        result = execute(sql, params, many, context)
+    except BaseException:
+        with contextlib.suppress(Exception):  # a broken connection: the server rolls back
+            raw.execute("rollback")
+        raise
+    raw.execute("commit")
+    return result
+
+
 def _add_django_wrapper(connection: Any) -> None:
+    if _django_fence not in connection.execute_wrappers:
+        connection.execute_wrappers.append(_django_fence)
     if _django_translate not in connection.execute_wrappers:
         connection.execute_wrappers.insert(0, _django_translate)
 
