@@ -12,7 +12,7 @@ the gateway processes (root, or ptrace_scope 0).
    extra for a forwarded write is the difference, category by category.
 2. py-spy counts CPU only (idle threads are not sampled). Each sample goes to a category by
    the frames on its stack: sign/verify (`latitude.signing`), idempotency store
-   (`latitude.idempotency`), Valkey client (`redis`), session codec (`latitude.sessions`), the
+   (`latitude.idempotency`), Valkey client (`redis`, `latitude.resp_client`), session codec (`latitude.sessions`), the
    app (`examples/`); else by its innermost frame: HTTP client (`aiohttp`), HTTP server
    (`uvicorn`, `h11`, `httptools`), event loop (`asyncio`, `selectors`, `uvloop`), gateway glue
    (other `latitude` code), other.
@@ -72,12 +72,15 @@ TOPOLOGY = two_region_topology("profile-gateway", 100.0, PRIMARY, REPLICA)
 OWNERS = (  # any frame on the stack: the work done on behalf of...
     ("sign/verify", ("(latitude/signing/",)),
     ("idempotency store", ("(latitude/idempotency.py",)),
-    ("Valkey client", ("(redis/",)),
+    ("Valkey client", ("(redis/", "(latitude/resp_client.py")),
     ("app", ("(examples/", "(starlette/", "(sqlalchemy/")),  # under the session middleware
     ("session codec", ("(latitude/sessions.py",)),
 )
 LEAVES = (  # else the innermost frame's module
-    ("HTTP client (aiohttp)", ("(aiohttp/", "(yarl/", "(multidict/")),
+    (
+        "HTTP client (aiohttp, h1)",
+        ("(aiohttp/", "(yarl/", "(multidict/", "(latitude/forwarding_h1"),
+    ),
     ("HTTP server (uvicorn)", ("(uvicorn/", "(h11/", "(httptools/")),
     ("Postgres client (psycopg)", ("(psycopg/", "(psycopg_pool/")),
     ("event loop", ("(asyncio/", "(uvloop/")),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import time
 import zlib
 
@@ -164,9 +165,12 @@ def test_store_urls():
     for url in ("redis://h:1/0", "rediss://h:1/0", "valkey://h:1/0", "valkeys://h:1/0"):
         assert isinstance(session_store_from_url(url), ValkeySessionStore)
     tls = session_store_from_url("valkeys://example.invalid:6380/2")
-    kwargs = tls.client.connection_pool.connection_kwargs
-    assert kwargs["host"] == "example.invalid" and kwargs["port"] == 6380 and kwargs["db"] == 2
-    assert "SSL" in tls.client.connection_pool.connection_class.__name__
+    client = tls.client
+    assert (client.host, client.port, client.db) == ("example.invalid", 6380, 2)
+    assert client.tls is not None and client.tls.verify_mode is ssl.CERT_REQUIRED
+    plain = session_store_from_url("valkey://u:p%40ss@h:1/3?socket_timeout=0.25").client
+    assert (plain.username, plain.password, plain.db, plain.tls) == ("u", "p@ss", 3, None)
+    assert plain.timeout_s == 0.25
     with pytest.raises(ValueError, match="unsupported scheme 'http'"):
         session_store_from_url("http://h:1")
 

@@ -13,7 +13,8 @@ middleware for Python apps that want server-side JSON sessions in the region's s
 Parts:
 
 - :class:`SessionStore` - the protocol (``get`` / ``set`` / ``delete`` / ``close``).
-- :class:`ValkeySessionStore` - Valkey or Redis through ``redis.asyncio``.
+- :class:`ValkeySessionStore` - Valkey or Redis through `latitude.resp_client` (or a given
+  ``redis.asyncio`` client).
 - :class:`MemorySessionStore` - a dict in this process; **for tests only** (not shared
   between processes, lost on restart).
 - :func:`session_store_from_url` - ``valkey://``, ``valkeys://``, ``redis://``,
@@ -179,20 +180,14 @@ def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
 
 
 def valkey_client(url: str) -> Any:
-    """A client of the region's Valkey (sessions, nonces, figures), as every part uses it: a
-    pooled connection to a Valkey that restarted fails once and is retried on a new one; a
-    store that is down or cut fails within the timeouts, not forever."""
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
+    """A client of the region's Valkey (sessions, nonces), as every part uses it: one pipelined
+    connection (`latitude.resp_client`); a connection to a Valkey that restarted fails once and
+    the command is sent again on a new one; a store that is down or cut fails within the
+    timeouts, not forever."""
+    from latitude.resp_client import RespClient
 
-    return aioredis.Redis.from_url(
-        _redis_url(url),
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError],
-        socket_connect_timeout=STORE_TIMEOUT_S,
-        socket_timeout=STORE_TIMEOUT_S,
+    return RespClient.from_url(
+        _redis_url(url), timeout_s=STORE_TIMEOUT_S, connect_timeout_s=STORE_TIMEOUT_S
     )
 
 

@@ -191,10 +191,8 @@ class RegionGateway:
             if not delta:
                 continue
             try:
-                async with client.pipeline(transaction=False) as pipe:
-                    for field, value in delta.items():
-                        pipe.hincrbyfloat(key, field, value)
-                    await pipe.execute()
+                # Sent at once (the session store's client pipelines them on its connection).
+                await asyncio.gather(*(client.hincrbyfloat(key, f, v) for f, v in delta.items()))
                 sent = now
             except Exception as exc:  # figures are best effort; requests never wait on them
                 log.debug("could not publish gateway stats: %s", exc)
