@@ -40,6 +40,21 @@ class FakeRaw:
     def fetchone(self):
         return (self.marked,)
 
+    def cursor(self):  # the DBAPI way the shared mark (`route.mark_claim`) runs its statement
+        raw = self
+
+        class Cursor:
+            def execute(self, sql, params=None):
+                raw.execute(sql, params)
+
+            def fetchone(self):
+                return raw.fetchone()
+
+            def close(self):
+                pass
+
+        return Cursor()
+
 
 class FakeDjangoConnection:
     def __init__(self, raw: FakeRaw, alias: str = "default") -> None:

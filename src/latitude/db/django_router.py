@@ -11,18 +11,17 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from psycopg.pq import TransactionStatus
 
-from latitude.claims import fence_statement
 from latitude.db.route import (
     PRIMARY,
     REPLICA,
     ClaimFence,
-    ClaimLost,
     WriteOnReplicaError,
     current_claim,
     current_route,
     database_urls,
     error_line,
     is_read_only_error,
+    mark_claim,
 )
 
 if TYPE_CHECKING:
@@ -121,17 +120,14 @@ def _django_fence(execute: Any, sql: Any, params: Any, many: bool, context: Any)
         or raw.info.transaction_status != TransactionStatus.IDLE  # already marked
     ):
         return execute(sql, params, many, context)
-    mark, mark_params = fence_statement(fence.key, fence.started_at, fence.idle_timeout_s)
     if not raw.autocommit:  # this statement opens the transaction: the mark goes first
-        if raw.execute(mark, mark_params).fetchone()[0] != 1:
-            raise ClaimLost(fence.key)
+        mark_claim(raw, fence)
         return execute(sql, params, many, context)
     if str(sql).lstrip()[:6].lower() == "select":
         return execute(sql, params, many, context)  # a read on its own writes nothing
     raw.execute("begin")
     try:
-        if raw.execute(mark, mark_params).fetchone()[0] != 1:
-            raise ClaimLost(fence.key)
+        mark_claim(raw, fence)
         result = execute(sql, params, many, context)
     except BaseException:
         with contextlib.suppress(Exception):  # a broken connection: the server rolls back

@@ -14,19 +14,20 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from latitude.claims import claim_statement, fence_statement
+from latitude.claims import claim_statement
 from latitude.db.route import (
     PRIMARY,
     REPLICA,
     ClaimInTransaction,
-    ClaimLost,
     ClaimRefused,
     WriteOnReplicaError,
     current_claim,
     current_route,
     database_urls,
     error_line,
+    first_value,
     is_read_only_error,
+    mark_claim,
 )
 
 if TYPE_CHECKING:
@@ -72,9 +73,7 @@ def _fence_claim(conn: Any) -> None:
     if isinstance(fence, ClaimInTransaction):
         _claim_in_transaction(conn.connection.dbapi_connection, fence)
         return
-    sql, params = fence_statement(fence.key, fence.started_at, fence.idle_timeout_s)
-    if _first_value(conn.connection.dbapi_connection, sql, params) != 1:
-        raise ClaimLost(fence.key)
+    mark_claim(conn.connection.dbapi_connection, fence)
 
 
 def _claim_in_transaction(dbapi_connection: Any, claim: ClaimInTransaction) -> None:
@@ -85,21 +84,12 @@ def _claim_in_transaction(dbapi_connection: Any, claim: ClaimInTransaction) -> N
         sql, params = claim_statement(
             claim.key, claim.request_hash, claim.runner, claim.stale_after_s, claim.owner
         )
-        if _first_value(dbapi_connection, sql, params) == 1:
+        if first_value(dbapi_connection, sql, params) == 1:
             claim.taken = True
             return
         claim.refused = True
         dbapi_connection.rollback()
     raise ClaimRefused(claim.key)
-
-
-def _first_value(dbapi_connection: Any, sql: str, params: tuple) -> Any:
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(sql, params)
-        return cursor.fetchone()[0]
-    finally:
-        cursor.close()
 
 
 class _Routed:

@@ -35,6 +35,7 @@ __all__ = [
     "database_urls",
     "error_line",
     "is_read_only_error",
+    "mark_claim",
     "request_context",
     "route_to_primary",
     "route_to_replica",
@@ -153,6 +154,27 @@ class ClaimLost(Exception):
             f"idempotency key {key!r}: this run's claim was taken over by a retry; "
             "its transaction is refused so that the request runs once"
         )
+
+
+def mark_claim(dbapi_connection: Any, fence: ClaimFence) -> None:
+    """The fence's mark as the first statement of the transaction the DBAPI connection is
+    opening (SQLAlchemy's engines and Django's wrapper both run it), or `ClaimLost` if the
+    claim is no longer this run's."""
+    from latitude.claims import fence_statement
+
+    sql, params = fence_statement(fence.key, fence.started_at, fence.idle_timeout_s)
+    if first_value(dbapi_connection, sql, params) != 1:
+        raise ClaimLost(fence.key)
+
+
+def first_value(dbapi_connection: Any, sql: str, params: tuple) -> Any:
+    """The first column of the first row of one statement, on a DBAPI connection."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(sql, params)
+        return cursor.fetchone()[0]
+    finally:
+        cursor.close()
 
 
 class ClaimRefused(ClaimLost):

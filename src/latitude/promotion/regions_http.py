@@ -13,7 +13,7 @@ __all__ = ["json_to_all"]
 
 
 def json_to_all(
-    urls: dict[str, str], body: dict | None = None, timeout_s: float = 3.0
+    urls: dict[str, str], body: dict | None = None, *, timeout_s: float
 ) -> dict[str, dict | Exception]:
     """GET (or POST `body` to) every region's URL at once: the JSON answer of each, or the
     error (`urllib.error.HTTPError` for a refusal, `OSError` or `ValueError` otherwise)."""
@@ -30,6 +30,9 @@ def json_to_all(
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                 answer = json.loads(resp.read() or b"{}")
             return answer if isinstance(answer, dict) else ValueError("not a JSON object")
+        except urllib.error.HTTPError as exc:
+            exc.close()  # its status is the answer; the socket it holds is not kept
+            return exc
         except (OSError, ValueError) as exc:
             return exc
 

@@ -54,7 +54,7 @@ class RemoteCluster:
         found = self.file.read()
         if found and found[0].newer_than(newest):
             newest = found[0]
-        for answer in json_to_all(self._urls()).values():
+        for answer in json_to_all(self._urls(), timeout_s=HTTP_TIMEOUT_S).values():
             token = answer.get("token") if isinstance(answer, dict) else None
             if token:
                 try:
@@ -89,7 +89,9 @@ class RemoteCluster:
     def publish(self, token: str, skip: tuple[str, ...] = ()) -> dict[str, str]:
         self.file.offer(token)
         told = {}
-        for name, answer in json_to_all(self._urls(skip), {"token": token}).items():
+        for name, answer in json_to_all(
+            self._urls(skip), {"token": token}, timeout_s=HTTP_TIMEOUT_S
+        ).items():
             if isinstance(answer, urllib.error.HTTPError):
                 told[name] = f"refused ({answer.code})"
             elif isinstance(answer, OSError):
