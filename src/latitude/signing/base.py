@@ -2,19 +2,20 @@
 
 The components a gateway covers are fixed per request shape (which optional headers are
 present), so everything that depends on the component list alone (validation, the
-serialized identifiers, the ``@signature-params`` inner list) is worked out once per shape
-and kept; a message then costs only its values.
+serialized identifiers, the ``@signature-params`` inner list, how each value is read) is
+worked out once per shape and kept; a message then costs only its values.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from latitude.signing.canonical import byte_sequence_dictionary, byte_sequence_text
 from latitude.signing.errors import MalformedSignature, MissingComponent, SignatureError
 from latitude.signing.structured import (
     BareItem,
@@ -203,6 +204,8 @@ def remember_signature(raw: str, members: dict[str, str]) -> None:
 
 def member_text(value: Any, params: Params) -> str:
     """A dictionary member's value serialized as RFC 9421 section 2.1.2 covers it."""
+    if type(value) is bytes and not params:
+        return byte_sequence_text(value)
     if isinstance(value, list):
         return serialize_inner_list(value, params)
     return serialize_item(value, params)
@@ -214,10 +217,12 @@ def _signature_member(fields: Fields, label: str | None) -> str | None:
         return None
     members = _SIGNATURES.get(raw)
     if members is None:
-        try:
-            parsed = parse_dictionary(raw)
-        except ValueError as exc:
-            raise MalformedSignature(f"request Signature header is malformed: {exc}") from None
+        parsed: dict[str, Any] | None = byte_sequence_dictionary(raw)
+        if parsed is None:
+            try:
+                parsed = parse_dictionary(raw)
+            except ValueError as exc:
+                raise MalformedSignature(f"request Signature header is malformed: {exc}") from None
         members = {k: member_text(v, p) for k, (v, p) in parsed.items()}
     return members.get(label) if label is not None else None
 
@@ -252,7 +257,7 @@ def _validate_component(comp: Component, *, response: bool) -> None:
 class Shape:
     """A validated component list, with everything about it that no message changes."""
 
-    __slots__ = ("components", "identifiers", "names", "inner", "_pairs", "response")
+    __slots__ = ("components", "identifiers", "names", "inner", "_lines", "response")
 
     def __init__(self, components: tuple[Component, ...], response: bool) -> None:
         seen: set[str] = set()
@@ -267,13 +272,13 @@ class Shape:
         self.identifiers = tuple(c.serialize() for c in components)
         self.names = frozenset(c.name for c in components if not c.params)
         self.inner = serialize_inner_list([(c.name, dict(c.params)) for c in components], {})
-        self._pairs = tuple(
-            (f"{i}: ", c) for i, c in zip(self.identifiers, components, strict=True)
+        self._lines = tuple(
+            (f"{i}: ", _value_reader(c)) for i, c in zip(self.identifiers, components, strict=True)
         )
 
     def base(self, msg: Message, params_text: str) -> str:
         """The signature base for ``msg``; ``params_text`` is ``;created=...`` serialized."""
-        lines = [prefix + _component_value(msg, c) for prefix, c in self._pairs]
+        lines = [prefix + read(msg) for prefix, read in self._lines]
         lines.append(f'"@signature-params": {self.inner}{params_text}')
         return "\n".join(lines)
 
@@ -284,45 +289,57 @@ def shape(components: tuple[Component, ...], response: bool) -> Shape:
     return Shape(components, response)
 
 
-def _component_value(msg: Message, comp: Component) -> str:
+def _value_reader(comp: Component) -> Callable[[Message], str]:
+    """How a component's value is read from a message, chosen once per shape."""
     name = comp.name
     if name == "signature":
-        if msg.request_fields is None:
-            raise MissingComponent(f"component {comp} needs the request's headers")
-        value = _signature_member(msg.request_fields, comp.key)
-        if value is None:
-            raise MissingComponent(
-                f"component {comp}: the request has no signature labelled {comp.key!r}"
-            )
-        return value
+        return functools.partial(_binding_value, comp)
     if name.startswith("@"):
-        if name == "@status":
-            if type(msg.status) is not int or not 100 <= msg.status <= 999:
-                raise MalformedSignature(f"response status {msg.status!r} is not 3 digits")
-            return str(msg.status)
-        if msg.method is None or msg.url is None:
-            raise MalformedSignature(f"component {name} needs the request method and URL")
-        if name == "@method":
-            return _check_ascii("@method", msg.method)
-        scheme, authority, path, query = msg.uri_parts()
-        if name == "@target-uri":
-            value = f"{scheme}://{authority}{path}" + (f"?{query}" if query else "")
-        elif name == "@authority":
-            value = authority
-        elif name == "@path":
-            value = path
-        elif name == "@query":
-            value = "?" + query
-        else:
-            value = scheme
-        return _check_ascii(name, value)
+        return functools.partial(_derived_value, name)
+    # Most components are headers: their name's error text is formatted once, here.
+    return functools.partial(_header_value, name, f"header {name!r}")
+
+
+def _binding_value(comp: Component, msg: Message) -> str:
+    if msg.request_fields is None:
+        raise MissingComponent(f"component {comp} needs the request's headers")
+    value = _signature_member(msg.request_fields, comp.key)
+    if value is None:
+        raise MissingComponent(
+            f"component {comp}: the request has no signature labelled {comp.key!r}"
+        )
+    return value
+
+
+def _derived_value(name: str, msg: Message) -> str:
+    if name == "@status":
+        if type(msg.status) is not int or not 100 <= msg.status <= 999:
+            raise MalformedSignature(f"response status {msg.status!r} is not 3 digits")
+        return str(msg.status)
+    if msg.method is None or msg.url is None:
+        raise MalformedSignature(f"component {name} needs the request method and URL")
+    if name == "@method":
+        return _check_ascii("@method", msg.method)
+    scheme, authority, path, query = msg.uri_parts()
+    if name == "@target-uri":
+        value = f"{scheme}://{authority}{path}" + (f"?{query}" if query else "")
+    elif name == "@authority":
+        value = authority
+    elif name == "@path":
+        value = path
+    elif name == "@query":
+        value = "?" + query
+    else:
+        value = scheme
+    return _check_ascii(name, value)
+
+
+def _header_value(name: str, what: str, msg: Message) -> str:
     value = msg.fields.value(name)
     if value is None:
         where = "response" if msg.is_response else "request"
-        raise MissingComponent(
-            f"header {name!r} is covered by the signature but absent from the {where}"
-        )
-    return _check_ascii(f"header {name!r}", value)
+        raise MissingComponent(f"{what} is covered by the signature but absent from the {where}")
+    return _check_ascii(what, value)
 
 
 def signature_base(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from latitude.signing.canonical import byte_sequence_dictionary, byte_sequence_text
 from latitude.signing.errors import DigestMismatch
 from latitude.signing.structured import parse_dictionary
 
@@ -18,9 +18,9 @@ _DIGEST_ALGORITHMS: dict[str, Callable[..., Any]] = {
 
 
 def _member(alg: str, digest: bytes) -> str:
-    # The algorithm names are fixed, valid keys, and a byte sequence is its base64 between
-    # colons: writing the member directly is exact and skips a general serializer.
-    return f"{alg}=:{base64.b64encode(digest).decode('ascii')}:"
+    # The algorithm names are fixed, valid keys: writing the member directly is exact and
+    # skips a general serializer.
+    return f"{alg}={byte_sequence_text(digest)}"
 
 
 def _hash(algorithm: str) -> Callable[..., Any]:
@@ -79,10 +79,13 @@ class ContentDigest:
 def _parse_digest_header(header_value: str | None) -> dict[str, bytes]:
     if header_value is None or not header_value.strip():
         raise DigestMismatch("Content-Digest header is missing")
-    try:
-        members = parse_dictionary(header_value.strip())
-    except ValueError as exc:
-        raise DigestMismatch(f"Content-Digest header is malformed: {exc}") from None
+    text = header_value.strip()
+    members: dict[str, Any] | None = byte_sequence_dictionary(text)
+    if members is None:
+        try:
+            members = parse_dictionary(text)
+        except ValueError as exc:
+            raise DigestMismatch(f"Content-Digest header is malformed: {exc}") from None
     out: dict[str, bytes] = {}
     for alg, (value, _params) in members.items():
         if type(value) is not bytes:

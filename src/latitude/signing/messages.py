@@ -19,6 +19,11 @@ from latitude.signing.base import (
     request_binding,
     shape,
 )
+from latitude.signing.canonical import (
+    byte_sequence_dictionary,
+    byte_sequence_text,
+    signature_params,
+)
 from latitude.signing.digest import ContentDigest, verify_content_digest
 from latitude.signing.errors import (
     BadSignature,
@@ -37,7 +42,6 @@ from latitude.signing.structured import (
     Token,
     parse_dictionary,
     parse_item,
-    serialize_item,
     serialize_params,
 )
 
@@ -109,8 +113,13 @@ def _lower(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(n.lower() for n in names)
 
 
+@functools.lru_cache(maxsize=64)
+def _header_components(names: tuple[str, ...]) -> tuple[Component, ...]:
+    return tuple(Component(n) for n in _lower(names))
+
+
 def _present(msg: Message, names: Sequence[str]) -> tuple[Component, ...]:
-    return tuple(Component(n) for n in _lower(tuple(names)) if msg.fields.has(n))
+    return tuple(c for c in _header_components(tuple(names)) if msg.fields.has(c.name))
 
 
 # --------------------------------------------------------------------------- signing
@@ -145,7 +154,7 @@ def _sign(
         base = sh.base(msg, params_text)
     except SignatureError as exc:
         raise ValueError(f"cannot sign: {exc}") from None
-    sig = serialize_item(key.sign(base.encode("ascii")))
+    sig = byte_sequence_text(key.sign(base.encode("ascii")))
     try:
         signature = f"{_key(label)}={sig}"
     except ValueError as exc:
@@ -261,6 +270,9 @@ def _known_input(
     comps = _INPUT_SHAPES.get((raw[: end + 1], response)) if end > 0 else None
     if comps is None or not raw.startswith(label + "="):
         return None
+    params = signature_params(raw[end + 1 :])
+    if params is not None:
+        return comps, params
     try:
         # The parameters alone, parsed as those of a one-character token item: only an
         # exact "x" with parameters and nothing else after them is the full parse's result.
@@ -302,10 +314,12 @@ def _parse_signature(
             raise MalformedSignature(f"Signature-Input header is malformed: {exc}") from None
     else:
         inputs = {label: known}
-    try:
-        sigs = parse_dictionary(raw_sig)
-    except ValueError as exc:
-        raise MalformedSignature(f"Signature header is malformed: {exc}") from None
+    sigs: dict[str, Any] | None = byte_sequence_dictionary(raw_sig)
+    if sigs is None:
+        try:
+            sigs = parse_dictionary(raw_sig)
+        except ValueError as exc:
+            raise MalformedSignature(f"Signature header is malformed: {exc}") from None
     if label not in inputs and label not in sigs:
         raise MissingSignature(
             f"no signature labelled {label!r} (labels present: {', '.join(inputs) or 'none'})"
