@@ -418,7 +418,9 @@ def peer_writes(world: LabWorld, nginx: str | None, why: str, n: int) -> dict:
             "nginx_1_worker": (one.port, relays[1]),
             "nginx_4_workers": (four.port, relays[4]),
         }
+        heap_before = gateway_heaps(world)
         out = asyncio.run(_peer_rounds(world, targets, n))
+        out["collector"] = collector_during(heap_before, gateway_heaps(world))
     out["nginx_version"] = nginx_version(nginx)
     for name in targets:
         x = out[name]
@@ -591,6 +593,24 @@ def write_load(
 def gateway_status(port: int) -> dict:
     with urllib.request.urlopen(f"http://{HOST}:{port}/_latitude/status", timeout=10) as r:
         return json.loads(r.read())
+
+
+def gateway_heaps(world: LabWorld) -> dict[str, dict]:
+    """Each region's collector figures, as one of its gateway processes reports them."""
+    return {r: gateway_status(port_of(world, r)).get("heap", {}) for r in (REPLICA, PRIMARY)}
+
+
+def collector_during(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    """Full collections in the rounds (a stalled request waits for one), per region."""
+    return {
+        region: {
+            "frozen_objects": after[region].get("frozen_objects", 0),
+            "full_collections": after[region].get("full_collections", 0)
+            - before[region].get("full_collections", 0),
+            "longest_ms_since_start": after[region].get("full_collection_longest_ms"),
+        }
+        for region in after
+    }
 
 
 def nginx_writes(world: LabWorld, nginx: str, seconds: float, concurrency: int) -> dict:
@@ -864,6 +884,12 @@ def _report_peer(r: dict) -> None:
             f"    {label:42} p50 {x['p50_ms']:7.1f} ms = {x['p50_ratio_to_ideal']:.3f} x   "
             f"p99 {x['p99_ms']:7.1f} ms = {x['p99_ratio_to_ideal']:.3f} x   "
             f"{x['new_link_connections']} new link connections"
+        )
+    for region, c in p.get("collector", {}).items():
+        print(
+            f"    collector in {region}'s gateway: {c['frozen_objects']:,} objects frozen at "
+            f"start-up, {c['full_collections']} full collections in the rounds, the longest "
+            f"since start-up {c['longest_ms_since_start']} ms"
         )
 
 

@@ -26,6 +26,7 @@ from latitude.gateway.classify import SAFE_METHODS, Decision, classify
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.envelope import FORWARDED_FROM
 from latitude.gateway.fallback import Fallback
+from latitude.gateway.heap import heap_status
 from latitude.gateway.intake import check_request, check_target
 from latitude.gateway.messages import (
     ClientDisconnected,
@@ -345,6 +346,7 @@ class RegionGateway:
             "forwarding": self.forwarding.pool_info() if self.forwarding else None,
             "consistency": self.positions.stats(),
             "epoch": self.epochs.status(),
+            "heap": heap_status(),
         }
 
     # ---- replica side: reads -------------------------------------------------------------

@@ -19,6 +19,7 @@ import uvicorn
 
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.connections import BoundedHttpToolsProtocol
+from latitude.gateway.heap import FreezeHeapAfterStartup
 from latitude.gateway.middleware import RegionGateway
 from latitude.gateway.observe import Observe
 from latitude.gateway.upstream import HttpUpstream
@@ -56,7 +57,7 @@ def app_factory():
         inner = HttpUpstream(os.environ[ENV_UPSTREAM])
     else:
         inner = import_app(os.environ[ENV_APP])
-    return Observe(RegionGateway(inner, config), config)
+    return FreezeHeapAfterStartup(Observe(RegionGateway(inner, config), config))
 
 
 def default_port(config: GatewayConfig) -> int:
