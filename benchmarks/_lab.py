@@ -183,6 +183,7 @@ class RawConnection:
         self.port = port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.retry_after_s: float | None = None  # what the last 503 asked for
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
@@ -211,6 +212,7 @@ class RawConnection:
             body = b""
         if b"\r\nconnection: close" in lower:
             await self.close()
+        self.retry_after_s = _retry_after(lower) if status == 503 else None
         return status, body
 
     async def _chunked(self) -> bytes:
@@ -224,6 +226,16 @@ class RawConnection:
             await self.reader.readexactly(2)
 
 
+def _retry_after(head: bytes) -> float | None:
+    i = head.find(b"\r\nretry-after:")
+    if i < 0:
+        return None
+    try:
+        return float(head[i + 14 : head.index(b"\r\n", i + 2)].strip())
+    except ValueError:
+        return None  # an HTTP date: not sent by anything measured here
+
+
 async def run_load(
     port: int,
     requests: Callable[[int], bytes],
@@ -234,11 +246,15 @@ async def run_load(
     expect: tuple[int, ...] = (200,),
     tolerate: tuple[int, ...] = (),
     cpu_pids: dict[str, int] | None = None,
+    counters: dict[str, Callable[[], float]] | None = None,
 ) -> dict:
     """`concurrency` connections, each sending `requests(i)` back to back for `warmup_s` then
     `seconds`; only the second window is counted. `cpu_pids`: processes whose CPU time (with
-    their descendants) is measured over that window. A status outside `expect` fails the run
-    unless it is in `tolerate`: then it is only counted (`other_statuses`)."""
+    their descendants) is measured over that window; `counters`: readings (made in a thread)
+    whose change over that window is reported (`<name>_in_window`). A status outside `expect`
+    fails the run unless it is in `tolerate`: then it is only counted (`other_statuses`). A 503
+    with `Retry-After` makes its client wait that long first, as a well-behaved client does
+    (one that resent at once would measure its own storm of refusals)."""
     conns = [RawConnection(port) for _ in range(concurrency)]
     await asyncio.gather(*(c.open() for c in conns))
     start = time.perf_counter() + warmup_s
@@ -247,6 +263,7 @@ async def run_load(
     statuses: dict[int, int] = {}
     cpu0: dict[str, float] = {}
     machine0: list[tuple[int, int]] = []
+    counted0: dict[str, float] = {}
 
     async def worker(i: int, conn: RawConnection) -> None:
         data = requests(i)
@@ -258,12 +275,16 @@ async def run_load(
             if t0 >= start:
                 latencies.append((time.perf_counter() - t0) * 1000)
                 statuses[status] = statuses.get(status, 0) + 1
+            if conn.retry_after_s:
+                await asyncio.sleep(min(conn.retry_after_s, max(0.0, end - time.perf_counter())))
 
     async def cpu_start() -> None:
         await asyncio.sleep(max(0.0, start - time.perf_counter()))
         for name, pid in (cpu_pids or {}).items():
             cpu0[name] = tree_cpu_seconds(pid)
         machine0.append(machine_cpu())
+        for name, read in (counters or {}).items():
+            counted0[name] = await asyncio.to_thread(read)
 
     try:
         cpu_task = asyncio.create_task(cpu_start())
@@ -272,6 +293,10 @@ async def run_load(
         elapsed = time.perf_counter() - start
         cpu = {name: tree_cpu_seconds(pid) - cpu0[name] for name, pid in (cpu_pids or {}).items()}
         busy, total = (b - a for a, b in zip(machine0[0], machine_cpu(), strict=True))
+        counted = {
+            name: await asyncio.to_thread(read) - counted0[name]
+            for name, read in (counters or {}).items()
+        }
     finally:
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
     ok = sum(n for s, n in statuses.items() if s in expect)
@@ -293,4 +318,6 @@ async def run_load(
     for name, seconds_used in cpu.items():
         out[f"{name}_cpu_ms_per_request"] = round(seconds_used * 1000 / max(ok, 1), 3)
         out[f"{name}_cpu_percent"] = round(100 * seconds_used / elapsed, 1)
+    for name, change in counted.items():
+        out[f"{name}_in_window"] = change
     return out

@@ -573,6 +573,7 @@ def write_load(
     cpu_pids: dict[str, int],
     *,
     tolerate: tuple[int, ...] = (),
+    counters: dict | None = None,
 ) -> dict:
     # One signed-in user per connection, so no two requests of one session are ever in flight
     # together: the primary's gateway parks a forwarded session under the client's session id
@@ -589,6 +590,7 @@ def write_load(
             expect=(201,),
             tolerate=tolerate,
             cpu_pids=cpu_pids,
+            counters=counters,
         )
     )
 
@@ -634,6 +636,7 @@ def nginx_writes(world: LabWorld, nginx: str, seconds: float, concurrency: int) 
                 "relays": int((world.state_dir / "supervisor.pid").read_text()),
             },
             tolerate=(502, 503, 504),
+            counters={"link_connections": lambda: relay_connections(world, relay)},
         )
         out["new_link_connections"] = relay_connections(world, relay) - before
     out["nginx_version"] = nginx_version(nginx)
@@ -660,7 +663,14 @@ def write_throughput(
     cookies = asyncio.run(_cookies(port, concurrency))
     status0, before = gateway_status(port), relay_connections(world, relay)
     # A 504 under overload is a figure here, not a reason to lose the run's other figures.
-    lat = write_load(port, cookies, seconds, pids, tolerate=(503, 504))
+    lat = write_load(
+        port,
+        cookies,
+        seconds,
+        pids,
+        tolerate=(503, 504),
+        counters={"link_connections": lambda: relay_connections(world, relay)},
+    )
     lat["new_link_connections"] = relay_connections(world, relay) - before
     status1 = gateway_status(port)
     lat["gateway_decisions"] = {
@@ -672,7 +682,8 @@ def write_throughput(
     out["latitude"] = lat
     say(
         f"(5) latitude gateway: {lat['rps']:.0f} writes/s, {lat['new_link_connections']} new "
-        f"link connections in {lat['seconds']:.1f} s (+ warm-up), decisions {lat['gateway_decisions']}"
+        f"link connections ({lat['link_connections_in_window']} after the warm-up), "
+        f"decisions {lat['gateway_decisions']}"
     )
     if nginx is None:
         out["nginx"] = {"skipped": why}
@@ -978,8 +989,8 @@ def _report_throughput(r: dict) -> None:
             f"core; one core would carry ~{ceiling:,.0f}/s); primary "
             f"{x['primary_cpu_ms_per_request']:.2f} CPU ms/write; relays "
             f"{x['relays_cpu_ms_per_request']:.2f}; machine CPU {x['machine_cpu_percent']:.0f} %;"
-            f" p99 {x['p99_ms']:.0f} ms; {x['new_link_connections']} new link connections"
-            f"{_other_statuses(x)}"
+            f" p99 {x['p99_ms']:.0f} ms; {x['new_link_connections']} new link connections "
+            f"({x.get('link_connections_in_window', '?')} after the warm-up){_other_statuses(x)}"
         )
     if lat.get("gateway_decisions"):
         print(f"    gateway decisions meanwhile: {lat['gateway_decisions']}")

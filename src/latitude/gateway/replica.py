@@ -16,6 +16,7 @@ import time
 import uuid
 
 from latitude.forwarding import AnswerTooLarge, ForwardedResponse, NoAnswer, NotSent
+from latitude.gateway.admission import ForwardingSlots
 from latitude.gateway.answers import (
     BadAnswerSignature,
     Busy,
@@ -59,36 +60,6 @@ log = logging.getLogger("latitude.gateway")
 
 # While an answer is this late, check that the primary still accepts connections.
 PATH_CHECK_AFTER_S = 0.5
-
-
-class ForwardingSlots:
-    """At most `slots` forwarded requests in flight (one pooled connection each, so steady load
-    opens no new connection), and at most `queue` more waiting for a slot: past that a
-    request is refused at once (`Busy`) rather than queued into a storm or a 504."""
-
-    def __init__(self, slots: int, queue: int) -> None:
-        self.slots, self.queue = slots, queue
-        self._free = asyncio.Semaphore(slots)
-        self.waiting = 0
-
-    @contextlib.asynccontextmanager
-    async def slot(self, timeout_s: float):
-        if self._free.locked() and self.waiting >= self.queue:
-            raise Busy(
-                f"{self.slots} forwarded requests are in flight and {self.waiting} wait "
-                "([gateway] max_connections, queue_size)"
-            )
-        self.waiting += 1
-        try:
-            await asyncio.wait_for(self._free.acquire(), timeout_s)
-        except TimeoutError:
-            raise Busy(f"no forwarding slot came free within {timeout_s:.2f} s") from None
-        finally:
-            self.waiting -= 1
-        try:
-            yield
-        finally:
-            self._free.release()
 
 
 class ReplicaSide:

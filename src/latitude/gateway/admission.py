@@ -1,0 +1,102 @@
+"""`ForwardingSlots`: how many forwarded requests a worker has in flight, and which of the rest
+may wait for a slot.
+
+A request that waits in the queue and then runs out of deadline in flight is the worst outcome
+under overload: the primary does its work for nobody, the timed-out connection is closed (its
+answer may still arrive) and the pool opens a new one across the ocean. At 256 concurrent
+clients against 64 slots that fed itself: 7 forwarded writes/s instead of ~100, 454 new link
+connections and 374 `504`s in a 5 s window (benchmarks/README.md). So a request is admitted
+to the queue only if it can expect a slot soon enough to leave it the time a slot is held now
+(its recent 95th percentile): otherwise it is refused at once (`Busy`, 503 + Retry-After,
+nothing sent), and a queued request that outwaits that allowance is refused then.
+
+A free slot is always taken, whatever the estimate: with slots free there is no queue to bound,
+and a slow endpoint must not make the others wait or fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+
+from latitude.gateway.answers import Busy
+
+# Slot holds remembered for the estimates; enough for a stable 95th percentile, few enough to
+# follow a primary that slows down within a second or two of load.
+HISTORY = 64
+# Fewer holds than this and there is no estimate yet (nothing is refused on a guess).
+MIN_HISTORY = 8
+# The estimates are recomputed after this many holds, not at every request.
+REESTIMATE_EVERY = 8
+
+
+class ForwardingSlots:
+    """At most `slots` forwarded requests in flight (one pooled connection each, so steady load
+    opens no new connection), at most `queue` more waiting for a slot, and none waiting that
+    could not be answered within its deadline."""
+
+    def __init__(self, slots: int, queue: int) -> None:
+        self.slots, self.queue = slots, queue
+        self._free = asyncio.Semaphore(slots)
+        self.waiting = 0
+        self._held_s: deque[float] = deque(maxlen=HISTORY)
+        self._since_estimate = 0
+        self.hold_p95_s = 0.0  # how long a slot is held now, 95th percentile
+        self.hold_mean_s = 0.0
+
+    def record(self, held_s: float) -> None:
+        """One slot hold ended after `held_s` (answered, failed or timed out alike)."""
+        self._held_s.append(held_s)
+        self._since_estimate += 1
+        if self._since_estimate >= REESTIMATE_EVERY and len(self._held_s) >= MIN_HISTORY:
+            self._since_estimate = 0
+            ordered = sorted(self._held_s)
+            self.hold_p95_s = ordered[int(0.95 * (len(ordered) - 1))]
+            self.hold_mean_s = sum(ordered) / len(ordered)
+
+    def expected_wait_s(self) -> float:
+        """How long the next request to queue would wait for a slot, by Little's law: those
+        ahead of it, plus itself, served `slots` at a time at the mean hold."""
+        return (self.waiting + 1) * self.hold_mean_s / self.slots
+
+    @contextlib.asynccontextmanager
+    async def slot(self, timeout_s: float):
+        """Hold a slot for one attempt that has `timeout_s` left of its deadline."""
+        if self._free.locked():
+            await self._wait_for_slot(timeout_s)
+        else:
+            await self._free.acquire()  # free: no await suspends here
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._free.release()
+            self.record(time.monotonic() - started)
+
+    async def _wait_for_slot(self, timeout_s: float) -> None:
+        if self.waiting >= self.queue:
+            raise Busy(
+                f"{self.slots} forwarded requests are in flight and {self.waiting} wait "
+                "([gateway] max_connections, queue_size)"
+            )
+        allowance_s = timeout_s - self.hold_p95_s
+        expected_s = self.expected_wait_s()
+        if expected_s > allowance_s:
+            raise Busy(
+                f"{self.slots} forwarded requests are in flight and {self.waiting} wait: a slot "
+                f"would come in ~{expected_s:.2f} s and the primary holds one "
+                f"~{self.hold_p95_s:.2f} s now, more than the {timeout_s:.2f} s left of this "
+                "request's deadline ([gateway] max_connections, deadline_s)"
+            )
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._free.acquire(), allowance_s)
+        except TimeoutError:
+            raise Busy(
+                f"no forwarding slot came free within {allowance_s:.2f} s, which would have "
+                f"left less than the ~{self.hold_p95_s:.2f} s the primary holds one now"
+            ) from None
+        finally:
+            self.waiting -= 1
