@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from latitude.signing.canonical import byte_sequence_dictionary, byte_sequence_text
+from latitude.signing.canonical import byte_sequence_text, read_dictionary
 from latitude.signing.errors import MalformedSignature, MissingComponent, SignatureError
 from latitude.signing.structured import (
     BareItem,
     Params,
-    parse_dictionary,
     parse_item,
     serialize_inner_list,
     serialize_item,
@@ -217,12 +216,10 @@ def _signature_member(fields: Fields, label: str | None) -> str | None:
         return None
     members = _SIGNATURES.get(raw)
     if members is None:
-        parsed: dict[str, Any] | None = byte_sequence_dictionary(raw)
-        if parsed is None:
-            try:
-                parsed = parse_dictionary(raw)
-            except ValueError as exc:
-                raise MalformedSignature(f"request Signature header is malformed: {exc}") from None
+        try:
+            parsed = read_dictionary(raw)
+        except ValueError as exc:
+            raise MalformedSignature(f"request Signature header is malformed: {exc}") from None
         members = {k: member_text(v, p) for k, (v, p) in parsed.items()}
     return members.get(label) if label is not None else None
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from typing import Any
 
-from latitude.signing.structured import Params
+from latitude.signing.structured import Params, parse_dictionary
 
 # RFC 8941 grammar, spelled out: character classes such as \d would match non-ASCII digits.
 _KEY = r"[a-z*][a-z0-9_.*-]*"
@@ -73,3 +74,10 @@ def signature_params(text: str) -> Params | None:
 def byte_sequence_text(value: bytes) -> str:
     """A Byte Sequence serialized (``:<base64>:``), as the full serializer writes it."""
     return f":{base64.b64encode(value).decode('ascii')}:"
+
+
+def read_dictionary(text: str) -> dict[str, Any]:
+    """A dictionary field: by the fast reader when it is our exact byte-sequence form, else by
+    the full parse (which raises `ValueError` on a malformed field)."""
+    fast = byte_sequence_dictionary(text)
+    return fast if fast is not None else parse_dictionary(text)

@@ -7,9 +7,8 @@ import hmac
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from latitude.signing.canonical import byte_sequence_dictionary, byte_sequence_text
+from latitude.signing.canonical import byte_sequence_text, read_dictionary
 from latitude.signing.errors import DigestMismatch
-from latitude.signing.structured import parse_dictionary
 
 _DIGEST_ALGORITHMS: dict[str, Callable[..., Any]] = {
     "sha-256": hashlib.sha256,
@@ -80,12 +79,10 @@ def _parse_digest_header(header_value: str | None) -> dict[str, bytes]:
     if header_value is None or not header_value.strip():
         raise DigestMismatch("Content-Digest header is missing")
     text = header_value.strip()
-    members: dict[str, Any] | None = byte_sequence_dictionary(text)
-    if members is None:
-        try:
-            members = parse_dictionary(text)
-        except ValueError as exc:
-            raise DigestMismatch(f"Content-Digest header is malformed: {exc}") from None
+    try:
+        members = read_dictionary(text)
+    except ValueError as exc:
+        raise DigestMismatch(f"Content-Digest header is malformed: {exc}") from None
     out: dict[str, bytes] = {}
     for alg, (value, _params) in members.items():
         if type(value) is not bytes:

@@ -20,8 +20,8 @@ from latitude.signing.base import (
     shape,
 )
 from latitude.signing.canonical import (
-    byte_sequence_dictionary,
     byte_sequence_text,
+    read_dictionary,
     signature_params,
 )
 from latitude.signing.digest import ContentDigest, verify_content_digest
@@ -314,12 +314,10 @@ def _parse_signature(
             raise MalformedSignature(f"Signature-Input header is malformed: {exc}") from None
     else:
         inputs = {label: known}
-    sigs: dict[str, Any] | None = byte_sequence_dictionary(raw_sig)
-    if sigs is None:
-        try:
-            sigs = parse_dictionary(raw_sig)
-        except ValueError as exc:
-            raise MalformedSignature(f"Signature header is malformed: {exc}") from None
+    try:
+        sigs = read_dictionary(raw_sig)
+    except ValueError as exc:
+        raise MalformedSignature(f"Signature header is malformed: {exc}") from None
     if label not in inputs and label not in sigs:
         raise MissingSignature(
             f"no signature labelled {label!r} (labels present: {', '.join(inputs) or 'none'})"
