@@ -283,7 +283,9 @@ class MirrorServer:
         else:
             # Behind, or out of touch: lagging since the last moment it was known current.
             since = self._current_at
-            lag_s = None if since is None else max(0.0, now - since)
+            # Rounded before the comparison so that the figure reported and the verdict agree
+            # (3.0004 s reported as 3.0 beside max_lag_s 3 and a 503 reads as a contradiction).
+            lag_s = None if since is None else round(max(0.0, now - since), 3)
         problems = []
         if not sync_running:
             problems.append("the sync daemon is not running (no process holds .latitude/sync.lock)")
@@ -301,7 +303,7 @@ class MirrorServer:
             "primary_serial": head,
             "behind_serials": max(0, head - cursor),
             "behind_since": None if since is None else round(since, 3),
-            "behind_seconds": None if lag_s is None else round(lag_s, 3),
+            "behind_seconds": lag_s,
             "max_lag_s": self.max_lag_s,
             "sync": "running" if sync_running else "not running",
             "primary": "reachable"
