@@ -94,3 +94,14 @@ async def test_past_the_queue_a_request_is_refused_naming_the_settings():
             pass
     holder.cancel()
     queued.cancel()
+
+
+async def test_the_refusal_is_known_before_asking_for_a_slot():
+    slots = slots_holding(1, 1.0)
+    assert slots.refusal(1.5) is None  # a slot is free
+    holder = await occupied(slots, 0.5)
+    busy = slots.refusal(1.5)
+    assert isinstance(busy, Busy) and "deadline" in str(busy)
+    assert slots.refusal(10.0) is None  # it may wait: ~1 s, then ~1 s in flight, of 10
+    assert slots.waiting == 0  # asking queues nothing
+    await holder

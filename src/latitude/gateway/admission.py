@@ -75,21 +75,31 @@ class ForwardingSlots:
             self._free.release()
             self.record(time.monotonic() - started)
 
-    async def _wait_for_slot(self, timeout_s: float) -> None:
+    def refusal(self, timeout_s: float) -> Busy | None:
+        """Why a request with `timeout_s` left would be refused a slot now, or None (a slot is
+        free, or it may wait for one). Asked before the request's own work (its session, its
+        signature), so that a refusal under overload costs next to nothing."""
+        if not self._free.locked():
+            return None
         if self.waiting >= self.queue:
-            raise Busy(
+            return Busy(
                 f"{self.slots} forwarded requests are in flight and {self.waiting} wait "
                 "([gateway] max_connections, queue_size)"
             )
-        allowance_s = timeout_s - self.hold_p95_s
         expected_s = self.expected_wait_s()
-        if expected_s > allowance_s:
-            raise Busy(
+        if expected_s > timeout_s - self.hold_p95_s:
+            return Busy(
                 f"{self.slots} forwarded requests are in flight and {self.waiting} wait: a slot "
                 f"would come in ~{expected_s:.2f} s and the primary holds one "
                 f"~{self.hold_p95_s:.2f} s now, more than the {timeout_s:.2f} s left of this "
                 "request's deadline ([gateway] max_connections, deadline_s)"
             )
+        return None
+
+    async def _wait_for_slot(self, timeout_s: float) -> None:
+        if (busy := self.refusal(timeout_s)) is not None:
+            raise busy
+        allowance_s = timeout_s - self.hold_p95_s
         self.waiting += 1
         try:
             await asyncio.wait_for(self._free.acquire(), allowance_s)

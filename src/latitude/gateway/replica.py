@@ -106,6 +106,12 @@ class ReplicaSide:
         # The deadline is the primary's budget: a slow upload must not spend it.
         deadline = time.monotonic() + cfg.deadline_s
         sid = session_id(scope["headers"], cfg.session_cookie)
+        if not client_key and scope["method"] not in SAFE_METHODS:
+            # Refused now, the request costs no session read and no signature (overload).
+            if (busy := self.slots.refusal(cfg.deadline_s)) is not None:
+                gw.counters["busy"] += 1
+                await refuse(scope, send, with_key(busy, key))
+                return
         try:
             session = await gw.session_store.get(sid) if sid else None
             blob = gw.codec.pack(session) if session else b""
