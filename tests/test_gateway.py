@@ -451,3 +451,35 @@ async def test_every_gateway_process_froze_its_start_up_heap(calendar):
             assert r.status == 200
             heap = (await r.json())["heap"]
         assert heap["frozen_objects"] > 10_000, (region, heap)
+
+
+def test_a_burst_of_300_connections_is_served_whole(calendar):
+    # Each new connection counts as waiting for its headers from the moment it opens: a bound
+    # of 256 closed the first clients of a 300-connection burst before they could send a byte.
+    import resource
+    import socket
+
+    port = calendar.state().regions[AP].app_port  # one gateway worker: the burst is all its own
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1024:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(300)]
+    try:
+        time.sleep(0.5)  # the worker has accepted them all before the first request comes
+        for s in socks:
+            s.sendall(
+                b"GET /_latitude/health HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+            )
+        cut = 0
+        for s in socks:
+            data = b""
+            try:
+                while chunk := s.recv(4096):
+                    data += chunk
+            except ConnectionResetError:
+                pass
+            cut += not data.startswith(b"HTTP/1.1 ")
+        assert cut == 0, f"{cut} of 300 connections were closed unanswered"
+    finally:
+        for s in socks:
+            s.close()

@@ -18,6 +18,10 @@ class GatewayConfigError(Exception):
 EAGER_CLAIM = "eager"
 CLAIM_IN_TRANSACTION = "in_transaction"
 CLAIM_MODES = (EAGER_CLAIM, CLAIM_IN_TRANSACTION)
+# Connections per worker still sending their headers. 256 closed ordinary clients when 256 or
+# more connected at once (each one counts from its opening); slow ones are also cut by
+# header_timeout_s, so the bound only needs to sit well under the process's file limit.
+DEFAULT_MAX_PENDING_HEADERS = 1024
 # The forwarding client: "h1" (asyncio protocols and httptools, `latitude.forwarding_h1`) or
 # "aiohttp" (`latitude.forwarding.ForwardingClient`, the one measured against).
 FORWARDING_CLIENTS = ("h1", "aiohttp")
@@ -57,7 +61,7 @@ class GatewayConfig:
     max_headers_bytes: int = 64 * 1024
     body_timeout_s: float = 30.0
     header_timeout_s: float = 10.0
-    max_pending_headers: int = 256
+    max_pending_headers: int = DEFAULT_MAX_PENDING_HEADERS
     local_routes: tuple[str, ...] = ()
     always_forward_routes: tuple[str, ...] = ()
     # Stored outcomes of forwarded writes are kept this long (a retry later than that runs
@@ -144,7 +148,7 @@ class GatewayConfig:
             body_timeout_s=_positive(get("body_timeout_s", 30.0), "body_timeout_s"),
             header_timeout_s=_positive(get("header_timeout_s", 10.0), "header_timeout_s"),
             max_pending_headers=_positive(
-                get("max_pending_headers", 256, int), "max_pending_headers"
+                get("max_pending_headers", DEFAULT_MAX_PENDING_HEADERS, int), "max_pending_headers"
             ),
             local_routes=topology.routes.local,
             always_forward_routes=topology.routes.always_forward,

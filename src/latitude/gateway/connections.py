@@ -27,6 +27,8 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from latitude.gateway.config import DEFAULT_MAX_PENDING_HEADERS
+
 _TIMEOUT_ANSWER = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
@@ -39,7 +41,7 @@ class _HeaderBounds:
 
     def _init_bounds(self, config, server_state) -> None:
         self.header_timeout_s = float(getattr(config, "header_timeout_s", 10.0))
-        self.max_pending_headers = int(getattr(config, "max_pending_headers", 256))
+        self.max_pending_headers = int(getattr(config, "max_pending_headers", DEFAULT_MAX_PENDING_HEADERS))
         self.max_headers_bytes = getattr(config, "h11_max_incomplete_event_size", None)
         if not hasattr(server_state, "latitude_pending_headers"):
             # Insertion-ordered: the first key is the connection that has waited longest.
