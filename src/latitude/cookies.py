@@ -14,7 +14,9 @@ def _text(value: bytes | str) -> str:
 
 def from_cookie_header(cookie_header: str | None, name: str) -> str | None:
     """Cookie `name`'s value in one `Cookie` header (quotes removed), or None."""
-    for part in (cookie_header or "").split(";"):
+    if not cookie_header or name not in cookie_header:  # the common case, at a glance
+        return None
+    for part in cookie_header.split(";"):
         key, sep, value = part.strip().partition("=")
         if sep and key == name:
             return value.strip().strip('"')
@@ -24,7 +26,7 @@ def from_cookie_header(cookie_header: str | None, name: str) -> str | None:
 def cookie_value(headers: HeaderPairs, name: str) -> str | None:
     """Cookie `name`'s value among a request's headers (every `Cookie` header), or None."""
     for k, v in headers:
-        if _text(k).lower() == "cookie":
+        if (k.lower() == b"cookie") if isinstance(k, bytes) else (k.lower() == "cookie"):
             value = from_cookie_header(_text(v), name)
             if value is not None:
                 return value

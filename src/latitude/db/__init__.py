@@ -47,6 +47,7 @@ from latitude.db.route import (
     request_context,
     route_to_primary,
     route_to_replica,
+    routed_request,
 )
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ __all__ = [
     "request_context",
     "route_to_primary",
     "route_to_replica",
+    "routed_request",
     "sqlalchemy_url",
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from latitude.signing import Keyring
 from latitude.signing.keys import SigningConfigError, keyring_from_topology
@@ -74,7 +75,7 @@ class GatewayConfig:
     idempotency_claim: str = "eager"
     forwarding_client: str = "h1"
 
-    @property
+    @cached_property  # asked for on every request; a config never changes (a promotion swaps it)
     def primary(self) -> Region:
         return self.topology.primary
 

@@ -37,37 +37,43 @@ _TIMEOUT_ANSWER = (
 
 class _HeaderBounds:
     """The bounds, for a uvicorn protocol that calls `_await_headers` when a request's first
-    byte may come and `_headers_done` when its headers are complete."""
+    byte may come and `_headers_done` when its headers are complete.
+
+    The connections waiting for headers sit in one insertion-ordered dict per worker (shared
+    through uvicorn's `server_state`), oldest first, each with the loop time it began waiting.
+    One timer per worker fires at the oldest one's deadline: a request costs a dict insert and
+    a delete, not a timer of its own to arm and cancel."""
 
     def _init_bounds(self, config, server_state) -> None:
         self.header_timeout_s = float(getattr(config, "header_timeout_s", 10.0))
-        self.max_pending_headers = int(getattr(config, "max_pending_headers", DEFAULT_MAX_PENDING_HEADERS))
+        self.max_pending_headers = int(
+            getattr(config, "max_pending_headers", DEFAULT_MAX_PENDING_HEADERS)
+        )
         self.max_headers_bytes = getattr(config, "h11_max_incomplete_event_size", None)
         if not hasattr(server_state, "latitude_pending_headers"):
-            # Insertion-ordered: the first key is the connection that has waited longest.
-            server_state.latitude_pending_headers = {}
-        self._pending: dict[_HeaderBounds, None] = server_state.latitude_pending_headers
-        self._header_timer = None
+            server_state.latitude_pending_headers = _PendingHeaders(
+                self.loop, self.header_timeout_s
+            )
+        self._pending: _PendingHeaders = server_state.latitude_pending_headers
+        self._waiting_since: float | None = None
 
     def _between_requests(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
 
     def _await_headers(self) -> None:
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
-        self._pending[self] = None
-        while len(self._pending) > self.max_pending_headers:
-            oldest = next(iter(self._pending))
+        self._waiting_since = self.loop.time()
+        self._pending.add(self)
+        while len(self._pending.waiting) > self.max_pending_headers:
+            oldest = next(iter(self._pending.waiting))
             oldest._headers_done()
             oldest.transport.close()
 
     def _headers_done(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-        self._pending.pop(self, None)
+        if self._waiting_since is not None:
+            self._waiting_since = None
+            self._pending.waiting.pop(self, None)
 
     def _header_timeout(self) -> None:
-        self._header_timer = None
         self._headers_done()
         self._close_with(
             b"408 Request Timeout",
@@ -92,6 +98,33 @@ class _HeaderBounds:
         self.transport.close()
 
 
+class _PendingHeaders:
+    """One worker's connections waiting for their headers, oldest first, and the one timer
+    that times out the oldest."""
+
+    def __init__(self, loop, timeout_s: float) -> None:
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.waiting: dict[_HeaderBounds, None] = {}
+        self._timer = None
+
+    def add(self, protocol: _HeaderBounds) -> None:
+        self.waiting[protocol] = None
+        if self._timer is None:
+            self._timer = self.loop.call_at(protocol._waiting_since + self.timeout_s, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        while self.waiting:
+            oldest = next(iter(self.waiting))
+            due = oldest._waiting_since + self.timeout_s
+            if due > now:
+                self._timer = self.loop.call_at(due, self._expire)
+                return
+            oldest._header_timeout()
+
+
 class BoundedHttpToolsProtocol(_HeaderBounds, HttpToolsProtocol):
     def __init__(self, config, server_state, app_state, _loop=None) -> None:
         super().__init__(config, server_state, app_state, _loop)
@@ -103,15 +136,15 @@ class BoundedHttpToolsProtocol(_HeaderBounds, HttpToolsProtocol):
         self._await_headers()
 
     def data_received(self, data: bytes) -> None:
-        if self._header_timer is None and self._between_requests():
+        if self._waiting_since is None and self._between_requests():
             self._await_headers()
-        if self._header_timer is not None:
+        if self._waiting_since is not None:
             self._header_bytes += len(data)
         super().data_received(data)
         # Still waiting for the end of the headers after all this (the parser called
         # `on_headers_complete` otherwise): a block past the limit is refused.
         if (
-            self._header_timer is not None
+            self._waiting_since is not None
             and self.max_headers_bytes
             and self._header_bytes > self.max_headers_bytes
         ):
@@ -145,10 +178,10 @@ class BoundedH11Protocol(_HeaderBounds, H11Protocol):
         self._await_headers()
 
     def data_received(self, data: bytes) -> None:
-        if self._header_timer is None and self._between_requests():
+        if self._waiting_since is None and self._between_requests():
             self._await_headers()
         super().data_received(data)
-        if self._header_timer is not None and self.conn.their_state is not h11.IDLE:
+        if self._waiting_since is not None and self.conn.their_state is not h11.IDLE:
             self._headers_done()
 
     def connection_lost(self, exc) -> None:

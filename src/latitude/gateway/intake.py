@@ -24,6 +24,8 @@ SIGNED_HEADERS = frozenset(
 )
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
+# Anything but tab and visible ASCII: a value without one needs none of the checks below.
+_NOT_PLAIN = re.compile(rb"[^\x09\x20-\x7e]")
 # A DNS name, an IPv4 address or a bracketed IPv6 address, and an optional port.
 _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
@@ -44,9 +46,13 @@ def check_request(
     total = 0
     hosts = []
     for name, value in headers:
-        shown = name.decode("latin-1")
         size = len(name) + len(value)
         total += size + 4  # ": " and CRLF, as on the wire
+        if name == b"host":
+            hosts.append(value)
+        if size <= max_header_bytes and _NOT_PLAIN.search(value) is None:
+            continue
+        shown = name.decode("latin-1")
         if size > max_header_bytes:
             return Refusal(
                 431,
@@ -82,8 +88,6 @@ def check_request(
                     f"The {shown} header is not valid UTF-8 (byte {exc.start}); send it as "
                     "ASCII or UTF-8.",
                 )
-        if name == b"host":
-            hosts.append(value)
     if total > max_headers_bytes:
         return Refusal(
             431,

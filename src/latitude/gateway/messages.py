@@ -19,9 +19,9 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 # A client may never set these: they carry trust that only a gateway may grant.
-UNTRUSTED_PREFIXES = ("x-forwarded-", "latitude-")
+UNTRUSTED_PREFIXES = (b"x-forwarded-", b"latitude-")
 UNTRUSTED_HEADERS = frozenset(
-    {"forwarded", "x-real-ip", "signature", "signature-input", "content-digest"}
+    {b"forwarded", b"x-real-ip", b"signature", b"signature-input", b"content-digest"}
 )
 SPOOL_MEMORY_BYTES = 1024 * 1024
 
@@ -34,9 +34,11 @@ def header(scope_headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 
 def strip_untrusted(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` without the ones only a gateway may set (names compared in any case: a
+    server that does not lowercase them must not let one through)."""
     out = []
     for k, v in headers:
-        name = k.decode("latin-1").lower()
+        name = k.lower()
         if name in UNTRUSTED_HEADERS or name.startswith(UNTRUSTED_PREFIXES):
             continue
         out.append((k, v))

@@ -19,12 +19,9 @@ log = logging.getLogger("latitude.gateway")
 POSITION_COOKIE = "latitude_pos"
 
 
-@contextlib.contextmanager
 def request_route(route: str, method: str, path: str, region: str):
     """Tell the app (through `latitude.db`) which database this request must use."""
-    switch = db.route_to_primary if route == db.PRIMARY else db.route_to_replica
-    with switch(), db.request_context(method, path, region):
-        yield
+    return db.routed_request(route, method, path, region)
 
 
 class PositionTracker:

@@ -240,14 +240,18 @@ class EpochFollower:
     async def gate(self, gateway, scope, receive, send) -> bool:
         """Before a request: follow the newest epoch; hold a write while an epoch is pending.
         True if the request was answered here (refused) and must go no further."""
-        self._read_file()
+        is_write = scope["method"] not in SAFE_METHODS or any(
+            k == b"latitude-forwarded-from" for k, _ in scope["headers"]
+        )
+        if is_write or scope["path"] == EPOCH_PATH:
+            # A write is fenced by the newest epoch on disk, looked at now. A read needs no
+            # fence: `_watch_file` follows the file within 0.2 s, and a stat per read would
+            # be a read's largest single cost in the gateway (benchmarks/README.md, session 10).
+            self._read_file()
         await self._apply(gateway)
         if scope["path"] == EPOCH_PATH:
             await self.endpoint(gateway, scope, receive, send)
             return True
-        is_write = scope["method"] not in SAFE_METHODS or any(
-            k == b"latitude-forwarded-from" for k, _ in scope["headers"]
-        )
         if not is_write:
             return False
         if not self.epoch.active:
