@@ -73,6 +73,9 @@ def test_forwarded_round_trip_and_untrusted_headers_dropped():
         (b"accept", b"*/*"),
     ]
     assert strip_untrusted(headers) == [(b"accept", b"*/*")]
+    # A server that does not lowercase names must not let one through.
+    shouted = [(b"X-Forwarded-For", b"6.6.6.6"), (b"Latitude-Region", b"x"), (b"Signature", b"x")]
+    assert strip_untrusted(shouted + [(b"Accept", b"*/*")]) == [(b"Accept", b"*/*")]
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 65536, 69999, 70000, 2_999_999, 3_000_000])

@@ -31,6 +31,9 @@ def test_ordinary_headers_pass():
         ([(b"idempotency-key", b"k\x80")], 400, "idempotency-key"),
         ([(b"x-note", b"\xe9t\xe9")], 400, "x-note"),
         ([(b"x-ctl", b"a\x00b")], 400, "x-ctl"),
+        ([(b"x-del", b"a\x7fb")], 400, "x-del"),  # DEL and the C0 bytes: past the fast path
+        ([(b"x-us", b"\x1f")], 400, "x-us"),
+        ([(b"x-lf", b"a\nb")], 400, "x-lf"),
         ([(b"x-big", b"a" * 1100)], 431, "x-big"),
         ([(b"x-%d" % i, b"a" * 900) for i in range(5)], 431, "max_headers_bytes"),
         ([(b"host", b"a"), (b"host", b"b")], 400, "more than one host"),
