@@ -69,6 +69,11 @@ class Busy(Refused):
     deadline) before anything was sent: nothing was changed."""
 
 
+class BudgetSpent(Refused):
+    """A forwarded request waited at the primary past the time its replica had left for it
+    (`Latitude-Budget-Ms`): not run, since no one waits for its answer any more."""
+
+
 class AppFailed(Refused):
     """The app raised, or left a session no store can keep, while running a forwarded request."""
 
@@ -103,6 +108,12 @@ def _read_only(exc: BaseException) -> str:
 
 def _busy(exc: BaseException) -> str:
     return f"{exc}. Nothing was sent to the primary region; retry in a moment."
+
+
+def _budget_spent(exc: BaseException) -> str:
+    return (
+        f"{exc}. Nothing was changed; retry in a moment with the header Idempotency-Key: {exc.key}."
+    )
 
 
 def _stalled(exc: BaseException) -> str:
@@ -169,6 +180,7 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (DeadlinePassed, Refusal(504, "The primary region did not answer in time", 1, _deadline)),
     (ReadOnly, Refusal(503, "Read-only for now", 5, _read_only, lambda e: {"read_only": True})),
     (Busy, Refusal(503, "Busy", 1, _busy)),
+    (BudgetSpent, Refusal(503, "The primary region is overloaded", 1, _budget_spent)),
     (KeyReused, Refusal(422, "Idempotency-Key reused", marker=b"mismatch")),
     (KeyInProgress, Refusal(409, "Idempotency-Key in use", marker=b"in-progress")),
     (Demoted, Refusal(503, "Misdirected request", 1)),

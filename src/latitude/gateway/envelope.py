@@ -35,6 +35,9 @@ POSITION = b"latitude-position"
 IDEMPOTENCY = b"latitude-idempotency"  # the primary's word on a key: in-progress | mismatch
 IDEMPOTENCY_KEY = b"idempotency-key"
 FORWARDED_FROM = FORWARDED_FROM_HEADER.encode()
+# The time an attempt has left when the replica sends it, in whole milliseconds: the primary
+# does not start work that has outwaited it (no one would receive its answer).
+BUDGET = b"latitude-budget-ms"
 STALE = b"latitude-stale"
 
 # What a forwarded request's signature covers (when present), and must cover to be accepted.
@@ -47,6 +50,7 @@ SIGNED_REQUEST_HEADERS = (
     FORWARDED_FROM_HEADER,
     "cookie",
     "authorization",
+    BUDGET.decode(),
 )
 SIGNED_RESPONSE_HEADERS = (
     "content-digest",
@@ -170,6 +174,7 @@ class ForwardedRequest:
     key: str
     session_length: int  # the replica's session rides in the last bytes of the body
     scope: Scope  # the app's view: the client's host, address and scheme
+    budget_s: float | None = None  # what the attempt had left when sent (`BUDGET`), if said
 
 
 def announced_body_length(headers: Headers) -> int | None:
@@ -192,6 +197,9 @@ def unpack_request(scope: Scope, body_size: int) -> ForwardedRequest:
         raise BadEnvelope("bad forwarding envelope") from None
     if not key or not 0 <= n <= body_size:
         raise BadEnvelope("bad forwarding envelope")
+    budget = header(headers, BUDGET)
+    if budget is not None and not (budget.isascii() and budget.isdigit()):
+        raise BadEnvelope(f"bad forwarding envelope: {BUDGET.decode()} is {budget[:20]!r}")
     forwarded_value = header(headers, b"forwarded") or ""
     forwarded = parse_forwarded(forwarded_value)
     app_headers = [
@@ -211,7 +219,12 @@ def unpack_request(scope: Scope, body_size: int) -> ForwardedRequest:
         "client": (forwarded.get("for", "unknown"), 0),
         "scheme": forwarded.get("proto", scope.get("scheme", "http")),
     }
-    return ForwardedRequest(key=key, session_length=n, scope=app_scope)
+    return ForwardedRequest(
+        key=key,
+        session_length=n,
+        scope=app_scope,
+        budget_s=None if budget is None else int(budget) / 1000,
+    )
 
 
 # ---- answer, primary side ------------------------------------------------------------------

@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 import uuid
 
 from latitude import db
 from latitude.cookies import set_cookie_value
 from latitude.gateway.answers import (
     AppFailed,
+    BudgetSpent,
     Demoted,
     KeyInProgress,
     KeyReused,
@@ -106,6 +108,7 @@ class PrimarySide:
             )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = time.monotonic()
         gw = self.gateway
         cfg = gw.config
         if not cfg.is_primary:
@@ -151,7 +154,7 @@ class PrimarySide:
             await refuse(scope, send, exc)
             return
         try:
-            await self._execute(scope, send, body)
+            await self._execute(scope, send, body, arrived)
         except _SIGNED_REFUSALS as exc:
             if isinstance(exc, IdempotencyUnavailable):  # a retry with the key is the way on
                 with_key(exc, header(headers, IDEMPOTENCY_KEY))
@@ -159,10 +162,11 @@ class PrimarySide:
         finally:
             body.close()
 
-    async def _execute(self, scope: Scope, send: Send, body: SpooledBody) -> None:
+    async def _execute(self, scope: Scope, send: Send, body: SpooledBody, arrived: float) -> None:
         gw = self.gateway
         headers = scope["headers"]
         request = unpack_request(scope, body.size)
+        self._check_budget(request, arrived)
         sid = session_id(headers, gw.config.session_cookie)
         claim: Claim | None = None
         pending: db.ClaimInTransaction | None = None
@@ -182,6 +186,8 @@ class PrimarySide:
                     await self._send_replay(send, headers, claim)
                     return
         try:
+            if claim is not None:  # the claim's round trip may have spent the rest
+                self._check_budget(request, arrived)
             ttl = self._copy_ttl(headers)
             brought = await self._bring_session(sid, body.read_tail(request.session_length), ttl)
             with self._carrying(sid, brought) as box:
@@ -218,6 +224,21 @@ class PrimarySide:
             out_headers.append((POSITION, position.encode()))
         gw.counters["executed_forwarded"] += 1
         await self._send_signed(send, headers, captured.status, out_headers, envelope)
+
+    def _check_budget(self, request: ForwardedRequest, arrived: float) -> None:
+        """Refuse (before the app runs) a request that has waited here longer than the time
+        its replica had left for it: its answer could only reach a connection that gave up,
+        and under overload such work is what keeps the primary from catching up."""
+        if request.budget_s is None:
+            return
+        waited = time.monotonic() - arrived
+        if waited >= request.budget_s:
+            self.gateway.counters["budget_spent"] += 1
+            raise BudgetSpent(
+                f"the request waited {waited:.2f} s at the primary region, past the "
+                f"{request.budget_s:.2f} s its region had left for it, so it was not run",
+                key=request.key,
+            )
 
     def _warn_no_transaction(self, scope: Scope) -> None:
         """A write that opened no `latitude.db` transaction held no claim while it ran: right

@@ -27,6 +27,7 @@ from latitude.gateway.answers import (
 )
 from latitude.gateway.classify import SAFE_METHODS
 from latitude.gateway.envelope import (
+    BUDGET,
     IDEMPOTENCY,
     IDEMPOTENCY_KEY,
     SIGNED_REQUEST_HEADERS,
@@ -149,14 +150,17 @@ class ReplicaSide:
             # Read at each attempt: a promotion may have moved the primary since the last one.
             forwarding, sent_to = way_to_primary(gw), gw.config.primary.name
             url = f"{forwarding.base_url}{path_qs}"
+            attempt_headers = [*outgoing, (BUDGET, b"%d" % (remaining * 1000))]
             signature = sign_request(
                 cfg.keyring,
                 method=scope["method"],
                 url=url,
-                headers=outgoing,
+                headers=attempt_headers,
                 covered=SIGNED_REQUEST_HEADERS,
             )
-            signed = outgoing + [(k.lower().encode(), v.encode()) for k, v in signature.items()]
+            signed = attempt_headers + [
+                (k.lower().encode(), v.encode()) for k, v in signature.items()
+            ]
             try:
                 async with self.slots.slot(remaining):
                     resp = await self._watched_send(

@@ -1,0 +1,76 @@
+"""The attempt's budget: a replica says how long it will wait for each attempt
+(`Latitude-Budget-Ms`, signed), and the primary does not run work that has outwaited it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from latitude.gateway.envelope import BUDGET, IDEMPOTENCY_KEY
+from tests.unit.fakes import call
+
+
+def _header(scope: dict, name: bytes) -> bytes | None:
+    return next((v for k, v in scope["headers"] if k == name), None)
+
+
+async def test_each_attempt_carries_its_budget_under_the_signature(regions):
+    answer = await regions.request("POST", "/events", {"title": "x"})
+    assert answer.status == 201
+    sent = regions.link.sent[-1]["scope"]
+    budget = int(_header(sent, BUDGET))
+    assert 0 < budget <= 500  # [gateway] deadline_s = 0.5 in the unit topology
+    assert b'"latitude-budget-ms"' in _header(sent, b"signature-input")
+
+
+async def test_work_that_outwaited_its_budget_at_the_primary_is_not_run(regions):
+    begin = regions.outcomes.begin
+
+    async def slow_begin(*args, **kwargs):  # the claim's round trip under overload
+        claim = await begin(*args, **kwargs)
+        await asyncio.sleep(0.55)
+        return claim
+
+    regions.outcomes.begin = slow_begin
+    answer = await regions.request("POST", "/events", {"title": "late"})
+    assert answer.status == 503, answer.body
+    assert answer.header(b"retry-after") == "1"
+    key = answer.header(b"idempotency-key")
+    detail = json.loads(answer.body)["detail"]
+    assert "not run" in detail and key in detail and "Nothing was changed" in detail
+    assert regions.db.runs == 0 and regions.db.events == {}
+    assert regions.primary.counters["budget_spent"] == 1
+
+    # The claim was let go: a retry with the key runs the write, once.
+    regions.outcomes.begin = begin
+    again = await regions.request(
+        "POST", "/events", {"title": "late"}, headers=[(IDEMPOTENCY_KEY, key.encode())]
+    )
+    assert again.status == 201, again.body
+    assert regions.db.runs == 1
+
+
+async def test_a_budget_changed_on_the_way_fails_the_signature(regions):
+    await regions.request("POST", "/events", {"title": "x"})
+    sent = regions.link.sent[-1]
+    scope = dict(sent["scope"])
+    scope["headers"] = [(k, b"999999" if k == BUDGET else v) for k, v in sent["scope"]["headers"]]
+    answer = await call(regions.primary, scope, sent["body"])
+    assert answer.status in (401, 403), answer.status
+    assert regions.db.runs == 1
+
+
+async def test_a_budget_that_is_not_a_number_is_a_bad_envelope(regions):
+    """Only a gateway signs one, so a malformed value is a bug to name, not a guess."""
+    from latitude.gateway.envelope import BadEnvelope, unpack_request
+
+    scope = {
+        "headers": [(IDEMPOTENCY_KEY, b"k"), (BUDGET, b"12.5")],
+        "scheme": "http",
+    }
+    try:
+        unpack_request(scope, 0)
+    except BadEnvelope as exc:
+        assert "latitude-budget-ms" in str(exc) and "12.5" in str(exc)
+    else:
+        raise AssertionError("a budget of 12.5 was taken")
