@@ -580,6 +580,8 @@ def write_load(
     # while the request runs, and concurrent requests of one session can lose it that way.
     body = json.dumps({"title": "load"}).encode()
     reqs = [build_request("POST", "/events", port, cookie=c, body=body) for c in cookies]
+    # A line to start a profiler on (the sign-ins before it are not the load).
+    say(f"(5) load starts: {len(cookies)} signed-in clients on port {port} for {seconds:g} s")
     return asyncio.run(
         run_load(
             port,

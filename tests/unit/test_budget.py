@@ -74,3 +74,44 @@ async def test_a_budget_that_is_not_a_number_is_a_bad_envelope(regions):
         assert "latitude-budget-ms" in str(exc) and "12.5" in str(exc)
     else:
         raise AssertionError("a budget of 12.5 was taken")
+
+
+async def test_an_app_run_past_its_budget_is_stopped_and_its_claim_released(regions):
+    app = regions.primary.app
+    started: list[str] = []
+
+    async def slow_app(scope, receive, send):  # an overloaded primary: the run takes too long
+        started.append(scope["path"])
+        await asyncio.sleep(0.6)
+        await app(scope, receive, send)
+
+    regions.primary.app = slow_app
+    answer = await regions.request("POST", "/events", {"title": "slow"})
+    assert started == ["/events"]  # it began within its budget
+    assert answer.status == 503, answer.body
+    key = answer.header(b"idempotency-key")
+    detail = json.loads(answer.body)["detail"]
+    assert "stopped" in detail and "will not be applied twice" in detail and key in detail
+    assert regions.db.runs == 0 and regions.primary.counters["budget_stopped"] == 1
+
+    regions.primary.app = app
+    again = await regions.request(
+        "POST", "/events", {"title": "slow"}, headers=[(IDEMPOTENCY_KEY, key.encode())]
+    )
+    assert again.status == 201, again.body
+    assert regions.db.runs == 1
+
+
+async def test_the_apps_own_timeout_is_not_taken_for_the_budget(regions):
+    app = regions.primary.app
+
+    async def impatient_app(scope, receive, send):
+        if scope["method"] == "POST":
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(1)  # the app's own timeout fires, well inside the budget
+        await app(scope, receive, send)
+
+    regions.primary.app = impatient_app
+    answer = await regions.request("POST", "/events", {"title": "x"})
+    assert answer.status == 500, answer.body  # the app failed: not "overloaded"
+    assert regions.primary.counters["budget_stopped"] == 0

@@ -74,6 +74,12 @@ class BudgetSpent(Refused):
     (`Latitude-Budget-Ms`): not run, since no one waits for its answer any more."""
 
 
+class StoppedPastBudget(BudgetSpent):
+    """A forwarded request's app run at the primary outlasted the time its replica had left for
+    it and was stopped there. It may have committed before: its key is settled, never freed,
+    so a retry with it runs the request at most once."""
+
+
 class AppFailed(Refused):
     """The app raised, or left a session no store can keep, while running a forwarded request."""
 
@@ -113,6 +119,13 @@ def _busy(exc: BaseException) -> str:
 def _budget_spent(exc: BaseException) -> str:
     return (
         f"{exc}. Nothing was changed; retry in a moment with the header Idempotency-Key: {exc.key}."
+    )
+
+
+def _stopped(exc: BaseException) -> str:
+    return (
+        f"{exc}. Retry in a moment with the header Idempotency-Key: {exc.key}; it will not be "
+        "applied twice."
     )
 
 
@@ -180,6 +193,7 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (DeadlinePassed, Refusal(504, "The primary region did not answer in time", 1, _deadline)),
     (ReadOnly, Refusal(503, "Read-only for now", 5, _read_only, lambda e: {"read_only": True})),
     (Busy, Refusal(503, "Busy", 1, _busy)),
+    (StoppedPastBudget, Refusal(503, "The primary region is overloaded", 1, _stopped)),
     (BudgetSpent, Refusal(503, "The primary region is overloaded", 1, _budget_spent)),
     (KeyReused, Refusal(422, "Idempotency-Key reused", marker=b"mismatch")),
     (KeyInProgress, Refusal(409, "Idempotency-Key in use", marker=b"in-progress")),

@@ -11,6 +11,7 @@ and leaves its session unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -27,6 +28,7 @@ from latitude.gateway.answers import (
     KeyReused,
     NotPrimary,
     Refused,
+    StoppedPastBudget,
     answer_headers,
     refusal_for,
     refuse,
@@ -191,7 +193,7 @@ class PrimarySide:
             ttl = self._copy_ttl(headers)
             brought = await self._bring_session(sid, body.read_tail(request.session_length), ttl)
             with self._carrying(sid, brought) as box:
-                captured = await self._run_app(scope, request, body, claim or pending)
+                captured = await self._run_app(scope, request, body, claim or pending, arrived)
             if pending is None or not pending.refused:
                 out_headers, envelope = pack_answer(
                     captured.headers,
@@ -325,6 +327,7 @@ class PrimarySide:
         request: ForwardedRequest,
         body: SpooledBody,
         claim: Claim | db.ClaimInTransaction | None,
+        arrived: float,
     ) -> CapturedResponse:
         gw = self.gateway
         captured = CapturedResponse()
@@ -340,8 +343,8 @@ class PrimarySide:
         try:
             with route, fence:
                 replay = body.replay(body.size - request.session_length, captured.send)
-                await gw.app(request.scope, *replay)
-        except SessionStoreUnavailable:
+                await self._within_budget(gw.app(request.scope, *replay), request, arrived)
+        except (SessionStoreUnavailable, StoppedPastBudget):
             raise
         except Exception as exc:
             if isinstance(claim, db.ClaimInTransaction) and claim.refused:
@@ -349,6 +352,29 @@ class PrimarySide:
             log.exception("the app failed on a forwarded %s %s", scope["method"], scope["path"])
             raise AppFailed("internal error") from exc
         return captured
+
+    async def _within_budget(self, run, request: ForwardedRequest, arrived: float) -> None:
+        """Run the app, stopped when the time its replica had left for the attempt is up: past
+        it the answer can only reach a connection that gave up, and an overloaded primary that
+        finishes such runs falls further behind with each one (benchmarks/README.md,
+        session 10). Stopping is the same as the app failing: the claim is released, or
+        settled if a transaction of the run committed."""
+        if request.budget_s is None:
+            await run
+            return
+        left = request.budget_s - (time.monotonic() - arrived)
+        try:
+            async with asyncio.timeout(max(left, 0.0)) as budget:
+                await run
+        except TimeoutError:
+            if not budget.expired():
+                raise  # the app's own timeout
+            self.gateway.counters["budget_stopped"] += 1
+            raise StoppedPastBudget(
+                f"the request ran past the {request.budget_s:.2f} s its region had left for "
+                "it and was stopped at the primary region",
+                key=request.key,
+            ) from None
 
     async def _session_after(
         self,
