@@ -10,6 +10,15 @@ from latitude.gateway.envelope import BUDGET, IDEMPOTENCY_KEY
 from tests.unit.fakes import call
 
 
+async def _retry_runs_once(regions, key: str, title: str) -> None:
+    """A retry with `key` after a refusal: the write runs, and only once."""
+    again = await regions.request(
+        "POST", "/events", {"title": title}, headers=[(IDEMPOTENCY_KEY, key.encode())]
+    )
+    assert again.status == 201, again.body
+    assert regions.db.runs == 1
+
+
 def _header(scope: dict, name: bytes) -> bytes | None:
     return next((v for k, v in scope["headers"] if k == name), None)
 
@@ -43,11 +52,7 @@ async def test_work_that_outwaited_its_budget_at_the_primary_is_not_run(regions)
 
     # The claim was let go: a retry with the key runs the write, once.
     regions.outcomes.begin = begin
-    again = await regions.request(
-        "POST", "/events", {"title": "late"}, headers=[(IDEMPOTENCY_KEY, key.encode())]
-    )
-    assert again.status == 201, again.body
-    assert regions.db.runs == 1
+    await _retry_runs_once(regions, key, "late")
 
 
 async def test_a_budget_changed_on_the_way_fails_the_signature(regions):
@@ -95,11 +100,7 @@ async def test_an_app_run_past_its_budget_is_stopped_and_its_claim_released(regi
     assert regions.db.runs == 0 and regions.primary.counters["budget_stopped"] == 1
 
     regions.primary.app = app
-    again = await regions.request(
-        "POST", "/events", {"title": "slow"}, headers=[(IDEMPOTENCY_KEY, key.encode())]
-    )
-    assert again.status == 201, again.body
-    assert regions.db.runs == 1
+    await _retry_runs_once(regions, key, "slow")
 
 
 async def test_the_apps_own_timeout_is_not_taken_for_the_budget(regions):
@@ -115,3 +116,25 @@ async def test_the_apps_own_timeout_is_not_taken_for_the_budget(regions):
     answer = await regions.request("POST", "/events", {"title": "x"})
     assert answer.status == 500, answer.body  # the app failed: not "overloaded"
     assert regions.primary.counters["budget_stopped"] == 0
+
+
+async def test_the_budget_is_what_is_left_after_waiting_for_a_forwarding_slot(make_regions):
+    regions = make_regions(max_connections=1)
+    await regions.start()
+    try:
+        app = regions.primary.app
+
+        async def slow_app(scope, receive, send):  # holds the one slot for 0.2 s
+            await asyncio.sleep(0.2)
+            await app(scope, receive, send)
+
+        regions.primary.app = slow_app
+        first, second = await asyncio.gather(
+            regions.request("POST", "/events", {"title": "a"}, keep_cookies=False),
+            regions.request("POST", "/events", {"title": "b"}, keep_cookies=False),
+        )
+        assert first.status == second.status == 201
+        budgets = sorted(int(_header(sent["scope"], BUDGET)) for sent in regions.link.sent)
+        assert budgets[0] <= budgets[1] - 150  # the second waited ~0.2 s for the slot
+    finally:
+        await regions.stop()

@@ -33,7 +33,7 @@ class Waiting:
         self.pending = pending
         self._waiting_since = loop.time()
         self.timed_out = False
-        pending.add(self)
+        pending.add(self, limit=1000)
 
     def _header_timeout(self) -> None:
         self.timed_out = True

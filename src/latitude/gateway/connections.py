@@ -62,11 +62,7 @@ class _HeaderBounds:
 
     def _await_headers(self) -> None:
         self._waiting_since = self.loop.time()
-        self._pending.add(self)
-        while len(self._pending.waiting) > self.max_pending_headers:
-            oldest = next(iter(self._pending.waiting))
-            oldest._headers_done()
-            oldest.transport.close()
+        self._pending.add(self, self.max_pending_headers)
 
     def _headers_done(self) -> None:
         if self._waiting_since is not None:
@@ -108,8 +104,13 @@ class _PendingHeaders:
         self.waiting: dict[_HeaderBounds, None] = {}
         self._timer = None
 
-    def add(self, protocol: _HeaderBounds) -> None:
+    def add(self, protocol: _HeaderBounds, limit: int) -> None:
+        """`protocol` begins waiting; past `limit` waiting, the longest-waiting is closed."""
         self.waiting[protocol] = None
+        while len(self.waiting) > limit:
+            oldest = next(iter(self.waiting))
+            oldest._headers_done()
+            oldest.transport.close()
         if self._timer is None:
             self._timer = self.loop.call_at(protocol._waiting_since + self.timeout_s, self._expire)
 

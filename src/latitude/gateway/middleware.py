@@ -39,7 +39,7 @@ from latitude.gateway.messages import (
     send_json,
     strip_untrusted,
 )
-from latitude.gateway.observe import NOTE, note
+from latitude.gateway.observe import NOTE, TTFB, note
 from latitude.gateway.positions import PositionTracker, request_route
 from latitude.gateway.primary import PrimarySide, nonce_cache_for
 from latitude.gateway.replica import ReplicaSide
@@ -308,7 +308,7 @@ class RegionGateway:
         return {**scope, "headers": strip_untrusted(scope["headers"])}
 
     async def run_here(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
-        # Whether the answer has started: `Observe` notes it (`ttfb_s`) as it passes; a gateway
+        # Whether the answer has started: `Observe` notes it (`TTFB`) as it passes; a gateway
         # without `Observe` in front watches for itself.
         box = scope.get(NOTE)
         if box is None:
@@ -316,7 +316,7 @@ class RegionGateway:
 
             async def watched(message: dict) -> None:
                 if message["type"] == "http.response.start":
-                    box["ttfb_s"] = 0.0
+                    box[TTFB] = 0.0
                 await outer(message)
 
             send = watched
@@ -325,7 +325,7 @@ class RegionGateway:
                 await self.app(self.edge_scope(scope), receive, send)
         except SessionStoreUnavailable as exc:
             # The app's own sessions (SessionMiddleware) are in the region's store too.
-            if "ttfb_s" in box:
+            if TTFB in box:
                 raise
             self.counters["session_store_down"] += 1
             await refuse(scope, send, exc)

@@ -29,6 +29,9 @@ from latitude.gateway.config import GatewayConfig
 log = logging.getLogger("latitude.observe")
 
 NOTE = "latitude.note"
+# In the note once the answer's first byte has passed (its time): the gateway reads it to know
+# whether it may still answer a request itself.
+TTFB = "ttfb_s"
 LAST_WRITE_COOKIE = "latitude_last_write"
 SAMPLE_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 1.5
@@ -117,7 +120,7 @@ class Observe:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 elapsed = time.perf_counter() - started
-                box["ttfb_s"] = elapsed
+                box[TTFB] = elapsed
                 headers = list(message.get("headers", []))
                 headers.append((b"server-timing", _server_timing(box, elapsed).encode()))
                 # At the primary a forwarded write's cookie is left to the region it came from.
@@ -144,7 +147,7 @@ class Observe:
     def _record(self, box: dict, status: int, total_s: float) -> None:
         series = self._series
         kind = box.get("kind") or KINDS.get(box.get("decision", ""), "other")
-        elapsed = box.get("ttfb_s", total_s)
+        elapsed = box.get(TTFB, total_s)
         series(metrics.requests_total, kind, str(status)).inc()
         series(metrics.request_duration, kind).observe(elapsed)
         outcome = box.get("outcome")

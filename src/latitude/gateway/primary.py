@@ -168,7 +168,9 @@ class PrimarySide:
         gw = self.gateway
         headers = scope["headers"]
         request = unpack_request(scope, body.size)
-        self._check_budget(request, arrived)
+        # When the attempt's budget runs out here (counted from its arrival), if it has one.
+        ends = None if request.budget_s is None else arrived + request.budget_s
+        self._check_budget(request, ends)
         sid = session_id(headers, gw.config.session_cookie)
         claim: Claim | None = None
         pending: db.ClaimInTransaction | None = None
@@ -189,11 +191,11 @@ class PrimarySide:
                     return
         try:
             if claim is not None:  # the claim's round trip may have spent the rest
-                self._check_budget(request, arrived)
+                self._check_budget(request, ends)
             ttl = self._copy_ttl(headers)
             brought = await self._bring_session(sid, body.read_tail(request.session_length), ttl)
             with self._carrying(sid, brought) as box:
-                captured = await self._run_app(scope, request, body, claim or pending, arrived)
+                captured = await self._run_app(scope, request, body, claim or pending, ends)
             if pending is None or not pending.refused:
                 out_headers, envelope = pack_answer(
                     captured.headers,
@@ -227,18 +229,15 @@ class PrimarySide:
         gw.counters["executed_forwarded"] += 1
         await self._send_signed(send, headers, captured.status, out_headers, envelope)
 
-    def _check_budget(self, request: ForwardedRequest, arrived: float) -> None:
+    def _check_budget(self, request: ForwardedRequest, ends: float | None) -> None:
         """Refuse (before the app runs) a request that has waited here longer than the time
         its replica had left for it: its answer could only reach a connection that gave up,
         and under overload such work is what keeps the primary from catching up."""
-        if request.budget_s is None:
-            return
-        waited = time.monotonic() - arrived
-        if waited >= request.budget_s:
+        if ends is not None and time.monotonic() >= ends:
             self.gateway.counters["budget_spent"] += 1
             raise BudgetSpent(
-                f"the request waited {waited:.2f} s at the primary region, past the "
-                f"{request.budget_s:.2f} s its region had left for it, so it was not run",
+                f"the request waited at the primary region past the {request.budget_s:.2f} s "
+                "its region had left for it, so it was not run",
                 key=request.key,
             )
 
@@ -327,7 +326,7 @@ class PrimarySide:
         request: ForwardedRequest,
         body: SpooledBody,
         claim: Claim | db.ClaimInTransaction | None,
-        arrived: float,
+        ends: float | None,
     ) -> CapturedResponse:
         gw = self.gateway
         captured = CapturedResponse()
@@ -343,7 +342,7 @@ class PrimarySide:
         try:
             with route, fence:
                 replay = body.replay(body.size - request.session_length, captured.send)
-                await self._within_budget(gw.app(request.scope, *replay), request, arrived)
+                await self._within_budget(gw.app(request.scope, *replay), request, ends)
         except (SessionStoreUnavailable, StoppedPastBudget):
             raise
         except Exception as exc:
@@ -353,18 +352,18 @@ class PrimarySide:
             raise AppFailed("internal error") from exc
         return captured
 
-    async def _within_budget(self, run, request: ForwardedRequest, arrived: float) -> None:
+    async def _within_budget(self, run, request: ForwardedRequest, ends: float | None) -> None:
         """Run the app, stopped when the time its replica had left for the attempt is up: past
         it the answer can only reach a connection that gave up, and an overloaded primary that
         finishes such runs falls further behind with each one (benchmarks/README.md,
         session 10). Stopping is the same as the app failing: the claim is released, or
         settled if a transaction of the run committed."""
-        if request.budget_s is None:
+        if ends is None:
             await run
             return
-        left = request.budget_s - (time.monotonic() - arrived)
         try:
-            async with asyncio.timeout(max(left, 0.0)) as budget:
+            # A delay, not `timeout_at`: `ends` is on time.monotonic(), the loop's clock may not be.
+            async with asyncio.timeout(max(ends - time.monotonic(), 0.0)) as budget:
                 await run
         except TimeoutError:
             if not budget.expired():

@@ -150,19 +150,21 @@ class ReplicaSide:
             # Read at each attempt: a promotion may have moved the primary since the last one.
             forwarding, sent_to = way_to_primary(gw), gw.config.primary.name
             url = f"{forwarding.base_url}{path_qs}"
-            attempt_headers = [*outgoing, (BUDGET, b"%d" % (remaining * 1000))]
-            signature = sign_request(
-                cfg.keyring,
-                method=scope["method"],
-                url=url,
-                headers=attempt_headers,
-                covered=SIGNED_REQUEST_HEADERS,
-            )
-            signed = attempt_headers + [
-                (k.lower().encode(), v.encode()) for k, v in signature.items()
-            ]
             try:
                 async with self.slots.slot(remaining):
+                    # Signed once a slot is held: the budget is what is left after the wait.
+                    budget_ms = b"%d" % max(0.0, (deadline - time.monotonic()) * 1000)
+                    attempt_headers = [*outgoing, (BUDGET, budget_ms)]
+                    signature = sign_request(
+                        cfg.keyring,
+                        method=scope["method"],
+                        url=url,
+                        headers=attempt_headers,
+                        covered=SIGNED_REQUEST_HEADERS,
+                    )
+                    signed = attempt_headers + [
+                        (k.lower().encode(), v.encode()) for k, v in signature.items()
+                    ]
                     resp = await self._watched_send(
                         forwarding,
                         scope["method"],
