@@ -93,8 +93,8 @@ def test_server_timing_names_the_hop_and_the_primary_time_is_read_back():
         (b"server-timing", b'us-west;dur=22.5;desc="verified in us-west"'),
         (b"server-timing", entry.encode()),
     ]
-    assert observe._primary_ms(headers, "us-west") == 22.5
-    assert observe._primary_ms([], "us-west") == 0.0
+    assert observe.primary_ms(headers, "us-west") == 22.5
+    assert observe.primary_ms([], "us-west") == 0.0
     cookie = observe._last_write_cookie(box, 0.1312, 22.5)
     assert cookie.startswith(f"{observe.LAST_WRITE_COOKIE}=us-west:131.2:forwarded:22.5;")
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie

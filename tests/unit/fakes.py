@@ -194,11 +194,14 @@ class ASGIForwarding:
     as httpx's ASGITransport does. `script` decides what each next attempt meets: None
     delivers it; `"refused"` raises `NotSent`; `"lost"` delivers it and loses the answer
     (`NoAnswer`, the request ran); `"dropped"` loses it before delivery (`NoAnswer`);
-    `"stalled"` gives no answer until the attempt's time is up."""
+    `"stalled"` gives no answer until the attempt's time is up. `one_way_s` is the link's
+    delay each way; an answer that comes after the attempt's time is up is `NoAnswer`, as the
+    real clients have it."""
 
     def __init__(self, app, base_url: str = "http://us-west.internal") -> None:
         self.app = app
         self.base_url = base_url
+        self.one_way_s = 0.0
         self.script: list[str | None] = []
         self.reachable = True
         self.sent: list[dict] = []  # what each delivered attempt carried (scope and body)
@@ -233,8 +236,13 @@ class ASGIForwarding:
             "client": ("10.0.0.2", 40000),
             "server": ("10.0.0.1", 80),
         }
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(self.one_way_s)
         self.sent.append({"scope": scope, "body": data})
         answer = await call(self.app, scope, data)
+        await asyncio.sleep(self.one_way_s)
+        if asyncio.get_running_loop().time() - started > timeout_s:
+            raise NoAnswer(f"no answer from the primary within {timeout_s:.2f} s")
         if what == "lost":
             raise NoAnswer("no answer from the primary")
         return ForwardedResponse(

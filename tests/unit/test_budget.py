@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from latitude.gateway import budget
 from latitude.gateway.envelope import BUDGET, IDEMPOTENCY_KEY
 from tests.unit.fakes import call
 
@@ -32,12 +33,14 @@ async def test_each_attempt_carries_its_budget_under_the_signature(regions):
     assert b'"latitude-budget-ms"' in _header(sent, b"signature-input")
 
 
-async def test_work_that_outwaited_its_budget_at_the_primary_is_not_run(regions):
+async def test_work_that_outwaited_its_budget_at_the_primary_is_not_run(regions, monkeypatch):
+    # Room enough for the claim to end past the budget (0.5 - 0.2 s) but inside the deadline.
+    monkeypatch.setattr(budget, "MARGIN_S", 0.2)
     begin = regions.outcomes.begin
 
     async def slow_begin(*args, **kwargs):  # the claim's round trip under overload
         claim = await begin(*args, **kwargs)
-        await asyncio.sleep(0.55)
+        await asyncio.sleep(0.4)
         return claim
 
     regions.outcomes.begin = slow_begin
@@ -124,8 +127,9 @@ async def test_the_budget_is_what_is_left_after_waiting_for_a_forwarding_slot(ma
     try:
         app = regions.primary.app
 
-        async def slow_app(scope, receive, send):  # holds the one slot for 0.2 s
-            await asyncio.sleep(0.2)
+        async def slow_app(scope, receive, send):  # the first write holds the one slot 0.2 s
+            if not regions.link.sent[1:]:
+                await asyncio.sleep(0.2)
             await app(scope, receive, send)
 
         regions.primary.app = slow_app
@@ -136,5 +140,33 @@ async def test_the_budget_is_what_is_left_after_waiting_for_a_forwarding_slot(ma
         assert first.status == second.status == 201
         budgets = sorted(int(_header(sent["scope"], BUDGET)) for sent in regions.link.sent)
         assert budgets[0] <= budgets[1] - 150  # the second waited ~0.2 s for the slot
+    finally:
+        await regions.stop()
+
+
+async def test_the_primarys_stop_answers_before_the_replica_gives_up(make_regions, monkeypatch):
+    """The budget leaves the way back: the primary's signed 503 crosses the link in time, so
+    the replica relays it (key, Retry-After) instead of timing out, closing its pooled
+    connection and answering `504`."""
+    monkeypatch.setattr(budget, "MARGIN_S", 0.1)  # room for a loaded machine's loop lag
+    regions = make_regions(deadline_s=1.0)
+    await regions.start()
+    try:
+        regions.link.one_way_s = 0.1
+        assert (await regions.request("POST", "/events", {"title": "warm"})).status == 201
+        app = regions.primary.app
+
+        async def slow_app(scope, receive, send):
+            await asyncio.sleep(1.0)
+            await app(scope, receive, send)
+
+        regions.primary.app = slow_app
+        answer = await regions.request("POST", "/events", {"title": "slow"})
+        assert answer.status == 503, answer.body
+        assert "stopped" in json.loads(answer.body)["detail"]
+        assert regions.replica.counters["retries"] == 0  # no attempt ran out of time
+        budgets = [int(_header(sent["scope"], BUDGET)) for sent in regions.link.sent]
+        assert budgets[0] <= 900 and budgets[1] <= 1000 - 200 - 100  # the warm-up's round trip
+        assert regions.db.runs == 1
     finally:
         await regions.stop()

@@ -125,7 +125,7 @@ class Observe:
                 headers.append((b"server-timing", _server_timing(box, elapsed).encode()))
                 # At the primary a forwarded write's cookie is left to the region it came from.
                 if html and scope["method"] not in SAFE_METHODS and box.get("decision") != "verify":
-                    cookie = _last_write_cookie(box, elapsed, _primary_ms(headers, primary))
+                    cookie = _last_write_cookie(box, elapsed, primary_ms(headers, primary))
                     headers.append((b"set-cookie", cookie.encode()))
                 message = {**message, "headers": headers}
             await send(message)
@@ -428,7 +428,7 @@ def _server_timing(box: dict, elapsed_s: float) -> str:
     return f'{box["region"]};dur={elapsed_s * 1000:.1f};desc="{desc}"'
 
 
-def _primary_ms(headers, primary: str) -> float:
+def primary_ms(headers, primary: str) -> float:
     """The primary's own time, from the `Server-Timing` entry its gateway put on the answer."""
     for k, v in headers:
         if k.lower() != b"server-timing":

@@ -25,6 +25,7 @@ from latitude.gateway.answers import (
     refuse,
     with_key,
 )
+from latitude.gateway.budget import AttemptBudget
 from latitude.gateway.classify import SAFE_METHODS
 from latitude.gateway.envelope import (
     BUDGET,
@@ -51,7 +52,7 @@ from latitude.gateway.messages import (
     header,
     send_response,
 )
-from latitude.gateway.observe import note
+from latitude.gateway.observe import note, primary_ms
 from latitude.promotion.follow import EPOCH_HEADER
 from latitude.promotion.inflight import primary_moved, way_to_primary
 from latitude.sessions import SessionStoreUnavailable, SessionTooLarge
@@ -72,6 +73,7 @@ class ReplicaSide:
         self.gateway = gateway
         cfg = gateway.config
         self.slots = ForwardingSlots(cfg.max_connections, cfg.queue_size)
+        self.budget = AttemptBudget()
 
     async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
@@ -152,9 +154,11 @@ class ReplicaSide:
             url = f"{forwarding.base_url}{path_qs}"
             try:
                 async with self.slots.slot(remaining):
-                    # Signed once a slot is held: the budget is what is left after the wait.
-                    budget_ms = b"%d" % max(0.0, (deadline - time.monotonic()) * 1000)
-                    attempt_headers = [*outgoing, (BUDGET, budget_ms)]
+                    # Signed once a slot is held: the budget is what is left after the wait,
+                    # less the way back for the primary's answer (gateway/budget.py).
+                    sent_at = time.monotonic()
+                    budget_ms = self.budget.for_primary_ms(deadline - sent_at)
+                    attempt_headers = [*outgoing, (BUDGET, b"%d" % budget_ms)]
                     signature = sign_request(
                         cfg.keyring,
                         method=scope["method"],
@@ -174,6 +178,9 @@ class ReplicaSide:
                         timeout_s=max(0.01, deadline - time.monotonic()),
                         fresh_connection=fresh,
                     )
+                    # The link's part: what the primary's `Server-Timing` does not account for.
+                    took_s = time.monotonic() - sent_at
+                    self.budget.answered(took_s - primary_ms(resp.headers, sent_to) / 1000)
             except Busy as exc:
                 gw.counters["busy"] += 1
                 # An earlier attempt (or run) may have landed; a read is better served stale.
