@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from latitude.gateway.admission import MIN_HISTORY, REESTIMATE_EVERY, ForwardingSlots
+from latitude.gateway.admission import ForwardingSlots
 from latitude.gateway.answers import Busy
+from latitude.gateway.recent import MIN_HISTORY, REESTIMATE_EVERY
 
 
 def slots_holding(n_slots: int, held_s: float, *, queue: int = 8) -> ForwardingSlots:

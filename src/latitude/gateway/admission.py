@@ -19,17 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 
 from latitude.gateway.answers import Busy
-
-# Slot holds remembered for the estimates; enough for a stable 95th percentile, few enough to
-# follow a primary that slows down within a second or two of load.
-HISTORY = 64
-# Fewer holds than this and there is no estimate yet (nothing is refused on a guess).
-MIN_HISTORY = 8
-# The estimates are recomputed after this many holds, not at every request.
-REESTIMATE_EVERY = 8
+from latitude.gateway.recent import RecentFigures
 
 
 class ForwardingSlots:
@@ -41,20 +33,20 @@ class ForwardingSlots:
         self.slots, self.queue = slots, queue
         self._free = asyncio.Semaphore(slots)
         self.waiting = 0
-        self._held_s: deque[float] = deque(maxlen=HISTORY)
-        self._since_estimate = 0
-        self.hold_p95_s = 0.0  # how long a slot is held now, 95th percentile
-        self.hold_mean_s = 0.0
+        self._held = RecentFigures()
+
+    @property
+    def hold_p95_s(self) -> float:
+        """How long a slot is held now, 95th percentile (0 before the first few holds)."""
+        return self._held.p95
+
+    @property
+    def hold_mean_s(self) -> float:
+        return self._held.mean
 
     def record(self, held_s: float) -> None:
         """One slot hold ended after `held_s` (answered, failed or timed out alike)."""
-        self._held_s.append(held_s)
-        self._since_estimate += 1
-        if self._since_estimate >= REESTIMATE_EVERY and len(self._held_s) >= MIN_HISTORY:
-            self._since_estimate = 0
-            ordered = sorted(self._held_s)
-            self.hold_p95_s = ordered[int(0.95 * (len(ordered) - 1))]
-            self.hold_mean_s = sum(ordered) / len(ordered)
+        self._held.add(held_s)
 
     def expected_wait_s(self) -> float:
         """How long the next request to queue would wait for a slot, by Little's law: those
