@@ -1,5 +1,5 @@
-"""`ForwardingSlots`: how many forwarded requests a worker has in flight, and which of the rest
-may wait for a slot.
+"""`ForwardingSlots`: how many forwarded requests a worker has in flight (at a replica) or
+running (at the primary), and which of the rest may wait for a slot.
 
 A request that waits in the queue and then runs out of deadline in flight is the worst outcome
 under overload: the primary does its work for nobody, the timed-out connection is closed (its
@@ -9,6 +9,11 @@ connections and 374 `504`s in a 5 s window (benchmarks/README.md). So a request 
 to the queue only if it can expect a slot soon enough to leave it the time a slot is held now
 (its recent 95th percentile): otherwise it is refused at once (`Busy`, 503 + Retry-After,
 nothing sent), and a queued request that outwaits that allowance is refused then.
+
+The primary bounds its forwarded runs the same way (`[gateway] max_runs`, per worker): past
+its cores and database pools more runs at once only make each slower, until all of them
+outlast their budgets and are stopped half-done (benchmarks/README.md, session 11). A request
+waits for a run slot before its idempotency claim, so one refused there cost nothing.
 
 A free slot is always taken, whatever the estimate: with slots free there is no queue to bound,
 and a slow endpoint must not make the others wait or fail.
@@ -29,8 +34,12 @@ class ForwardingSlots:
     opens no new connection), at most `queue` more waiting for a slot, and none waiting that
     could not be answered within its deadline."""
 
-    def __init__(self, slots: int, queue: int) -> None:
+    def __init__(
+        self, slots: int, queue: int, *, doing: str = "in flight", setting: str = "max_connections"
+    ) -> None:
         self.slots, self.queue = slots, queue
+        # How refusals name the slots: what a held one does, and the setting that sizes them.
+        self._doing, self._setting = doing, setting
         self._free = asyncio.Semaphore(slots)
         self.waiting = 0
         self._held = RecentFigures()
@@ -75,16 +84,16 @@ class ForwardingSlots:
             return None
         if self.waiting >= self.queue:
             return Busy(
-                f"{self.slots} forwarded requests are in flight and {self.waiting} wait "
-                "([gateway] max_connections, queue_size)"
+                f"{self.slots} forwarded requests are {self._doing} and {self.waiting} wait "
+                f"([gateway] {self._setting}, queue_size)"
             )
         expected_s = self.expected_wait_s()
         if expected_s > timeout_s - self.hold_p95_s:
             return Busy(
-                f"{self.slots} forwarded requests are in flight and {self.waiting} wait: a slot "
-                f"would come in ~{expected_s:.2f} s and the primary holds one "
-                f"~{self.hold_p95_s:.2f} s now, more than the {timeout_s:.2f} s left of this "
-                "request's deadline ([gateway] max_connections, deadline_s)"
+                f"{self.slots} forwarded requests are {self._doing} and {self.waiting} wait: a "
+                f"slot would come in ~{expected_s:.2f} s and one is held ~{self.hold_p95_s:.2f} s "
+                f"now, more than the {timeout_s:.2f} s left of this request's deadline "
+                f"([gateway] {self._setting}, deadline_s)"
             )
         return None
 
@@ -97,8 +106,8 @@ class ForwardingSlots:
             await asyncio.wait_for(self._free.acquire(), allowance_s)
         except TimeoutError:
             raise Busy(
-                f"no forwarding slot came free within {allowance_s:.2f} s, which would have "
-                f"left less than the ~{self.hold_p95_s:.2f} s the primary holds one now"
+                f"no slot came free within {allowance_s:.2f} s, which would have left less than "
+                f"the ~{self.hold_p95_s:.2f} s one is held now ([gateway] {self._setting})"
             ) from None
         finally:
             self.waiting -= 1

@@ -20,9 +20,11 @@ import uuid
 
 from latitude import db
 from latitude.cookies import set_cookie_value
+from latitude.gateway.admission import ForwardingSlots
 from latitude.gateway.answers import (
     AppFailed,
     BudgetSpent,
+    Busy,
     Demoted,
     KeyInProgress,
     KeyReused,
@@ -99,6 +101,10 @@ class PrimarySide:
     def __init__(self, gateway) -> None:
         self.gateway = gateway
         self._warned_no_transaction = False
+        cfg = gateway.config
+        self.runs = ForwardingSlots(
+            cfg.max_runs, cfg.queue_size, doing="running at the primary", setting="max_runs"
+        )
         if gateway.config.idempotency_claim == CLAIM_IN_TRANSACTION and isinstance(
             gateway.app, HttpUpstream
         ):
@@ -156,7 +162,7 @@ class PrimarySide:
             await refuse(scope, send, exc)
             return
         try:
-            await self._execute(scope, send, body, arrived)
+            await self._execute_in_turn(scope, send, body, arrived)
         except _SIGNED_REFUSALS as exc:
             if isinstance(exc, IdempotencyUnavailable):  # a retry with the key is the way on
                 with_key(exc, header(headers, IDEMPOTENCY_KEY))
@@ -164,13 +170,36 @@ class PrimarySide:
         finally:
             body.close()
 
-    async def _execute(self, scope: Scope, send: Send, body: SpooledBody, arrived: float) -> None:
-        gw = self.gateway
-        headers = scope["headers"]
+    async def _execute_in_turn(
+        self, scope: Scope, send: Send, body: SpooledBody, arrived: float
+    ) -> None:
+        """Run the request once one of `max_runs` run slots is free; refused unrun (its key
+        free) if none could come free in time for it to finish within its budget."""
         request = unpack_request(scope, body.size)
         # When the attempt's budget runs out here (counted from its arrival), if it has one.
         ends = None if request.budget_s is None else arrived + request.budget_s
         self._check_budget(request, ends)
+        # A request from a gateway that sends no budget may wait as long as a deadline.
+        left_s = (
+            ends if ends is not None else arrived + self.gateway.config.deadline_s
+        ) - time.monotonic()
+        try:
+            async with self.runs.slot(left_s):
+                await self._execute(scope, send, body, request, ends)
+        except Busy as exc:  # only the slot raises it: nothing of the request ran
+            self.gateway.counters["budget_spent"] += 1
+            raise BudgetSpent(f"{exc}, so it was not run", key=request.key) from None
+
+    async def _execute(
+        self,
+        scope: Scope,
+        send: Send,
+        body: SpooledBody,
+        request: ForwardedRequest,
+        ends: float | None,
+    ) -> None:
+        gw = self.gateway
+        headers = scope["headers"]
         sid = session_id(headers, gw.config.session_cookie)
         claim: Claim | None = None
         pending: db.ClaimInTransaction | None = None
