@@ -741,6 +741,12 @@ def main() -> None:
         help="[gateway] forwarding_client of both regions (docs/gateway.md).",
     )
     ap.add_argument(
+        "--max-runs",
+        type=int,
+        default=None,
+        help="[gateway] max_runs of both regions (docs/gateway.md; default: the gateway's).",
+    )
+    ap.add_argument(
         "--install-nginx",
         action="store_true",
         help="If nginx is missing, apt-get install nginx-light (Debian; root).",
@@ -750,6 +756,8 @@ def main() -> None:
         ap.error("--requests >= 5, --reads >= 100, --split-requests >= 20, --seconds > 0, please")
     if args.concurrency < 1:
         ap.error("--concurrency >= 1, please")
+    if args.max_runs is not None and args.max_runs < 1:
+        ap.error("--max-runs >= 1, please")
     only = PHASES if not args.only else tuple(x.strip() for x in args.only.split(","))
     if unknown := set(only) - set(PHASES):
         ap.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
@@ -770,9 +778,11 @@ def main() -> None:
     }
     results["idempotency_claim"] = args.idempotency_claim
     results["forwarding_client"] = args.forwarding_client
+    results["max_runs"] = args.max_runs
     topology = TOPOLOGY + (
         f'\n[gateway]\nidempotency_claim = "{args.idempotency_claim}"\n'
         f'forwarding_client = "{args.forwarding_client}"\n'
+        + (f"max_runs = {args.max_runs}\n" if args.max_runs is not None else "")
     )
     with throwaway_world("bench-gateway-", topology) as world:
         say(f"starting the calendar in {PRIMARY} (creates the schema), then in {REPLICA}")
@@ -822,6 +832,7 @@ def report(r: dict) -> None:
         f" -> {m['load_average_at_end']}; {r['seconds']:.0f} s; idempotency claim "
         f"{r.get('idempotency_claim', 'eager')}, forwarding client "
         f"{r.get('forwarding_client', 'aiohttp')}"
+        + (f", max_runs {r['max_runs']}" if r.get("max_runs") else "")
     )
     for name, show in (
         ("forwarded", _report_forwarded),
