@@ -77,6 +77,7 @@ TABLE_KEYS: dict[str, set[str]] = {
         "pool_size",
         "max_connections",
         "queue_size",
+        "max_runs",
         "session_cookie",
         "session_key_template",
         "consistency",

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from latitude.gateway.recent import MIN_HISTORY
 from tests.unit.test_budget import _retry_runs_once
 
@@ -74,3 +76,13 @@ async def test_a_run_that_could_not_finish_in_its_budget_is_refused_unrun(make_r
         await _retry_runs_once(regions, key, "a" if first.status == 503 else "b")
     finally:
         await regions.stop()
+
+
+def test_max_runs_comes_from_the_topology_and_must_be_positive():
+    from latitude.gateway.config import GatewayConfigError
+    from tests.unit.test_intake import _config
+
+    assert _config("").max_runs == 16
+    assert _config("\n[gateway]\nmax_runs = 4\n").max_runs == 4
+    with pytest.raises(GatewayConfigError, match="max_runs"):
+        _config("\n[gateway]\nmax_runs = 0\n")
