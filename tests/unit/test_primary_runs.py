@@ -82,7 +82,7 @@ def test_max_runs_comes_from_the_topology_and_must_be_positive():
     from latitude.gateway.config import GatewayConfigError
     from tests.unit.test_intake import _config
 
-    assert _config("").max_runs == 16
+    assert _config("").max_runs == 8
     assert _config("\n[gateway]\nmax_runs = 4\n").max_runs == 4
     with pytest.raises(GatewayConfigError, match="max_runs"):
         _config("\n[gateway]\nmax_runs = 0\n")

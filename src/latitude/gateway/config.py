@@ -52,7 +52,7 @@ class GatewayConfig:
     queue_size: int = 256
     # Forwarded requests the primary runs at once per worker process; the rest wait (at most
     # `queue_size`, and none that could not finish within its budget) or are refused, unrun.
-    max_runs: int = 16
+    max_runs: int = 8
     session_cookie: str = "session"
     session_key_template: str = "latitude:session:{sid}"
     consistency: object = "session"
@@ -134,7 +134,7 @@ class GatewayConfig:
             pool_size=get("pool_size", 8, int),
             max_connections=_positive(get("max_connections", 64, int), "max_connections"),
             queue_size=_positive(get("queue_size", 256, int), "queue_size"),
-            max_runs=_positive(get("max_runs", 16, int), "max_runs"),
+            max_runs=_positive(get("max_runs", 8, int), "max_runs"),
             session_cookie=get("session_cookie", "session", str),
             session_key_template=get("session_key_template", "latitude:session:{sid}", str),
             consistency=g.get("consistency", "session"),
