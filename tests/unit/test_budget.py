@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from latitude.gateway import budget
 from latitude.gateway.envelope import BUDGET, IDEMPOTENCY_KEY
@@ -19,6 +20,25 @@ async def _retry_runs_once(regions, key: str, title: str) -> None:
     )
     assert again.status == 201, again.body
     assert regions.db.runs == 1
+
+
+def _with_server_timing(app, region: str):
+    """The primary's gateway as `latitude serve` runs it: `Observe` puts its own time on each
+    answer as a `Server-Timing` entry named after the region (the unit gateways have none)."""
+
+    async def timed(scope, receive, send):
+        started = time.perf_counter()
+
+        async def timed_send(message):
+            if message["type"] == "http.response.start":
+                ms = (time.perf_counter() - started) * 1000
+                entry = (b"server-timing", f"{region};dur={ms:.1f}".encode())
+                message = {**message, "headers": [*message.get("headers", []), entry]}
+            await send(message)
+
+        await app(scope, receive, timed_send)
+
+    return timed
 
 
 def _header(scope: dict, name: bytes) -> bytes | None:
@@ -154,6 +174,7 @@ async def test_the_primarys_stop_answers_before_the_replica_gives_up(make_region
     await regions.start()
     try:
         regions.link.one_way_s = 0.1
+        regions.link.app = _with_server_timing(regions.primary, "us-west")
         for i in range(MIN_HISTORY):  # answers enough for an estimate of the way back
             assert (await regions.request("POST", "/events", {"title": f"w{i}"})).status == 201
         app = regions.primary.app
@@ -170,5 +191,21 @@ async def test_the_primarys_stop_answers_before_the_replica_gives_up(make_region
         budgets = [int(_header(sent["scope"], BUDGET)) for sent in regions.link.sent]
         assert budgets[0] <= 900 and budgets[-1] <= 1000 - 200 - 100  # the warm-ups' round trip
         assert regions.db.runs == MIN_HISTORY
+    finally:
+        await regions.stop()
+
+
+async def test_an_answer_without_the_primarys_own_time_gives_no_figure(make_regions):
+    """Without `Server-Timing` the app's time would pass for the link's: the budget keeps back
+    only its margin, however slow the answers."""
+    regions = make_regions(deadline_s=1.0)
+    await regions.start()
+    try:
+        regions.link.one_way_s = 0.05
+        for i in range(MIN_HISTORY + 1):
+            assert (await regions.request("POST", "/events", {"title": f"w{i}"})).status == 201
+        assert regions.replica.replica.budget.way_back_s == 0.0
+        last = int(_header(regions.link.sent[-1]["scope"], BUDGET))
+        assert last >= 1000 - budget.MARGIN_S * 1000 - 20  # only the margin (and the signing)
     finally:
         await regions.stop()

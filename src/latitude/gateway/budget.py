@@ -15,9 +15,10 @@ The way back is the 95th percentile of the link's part of recent answers, not th
 under load (measured in the lab at 256 clients over a 100 ms link) it was 101-108 ms at the
 median but 200-340 ms at the 90th percentile, and with a budget that left only the quickest
 of them 25-150 attempts still timed out per 5 s run (benchmarks/README.md, session 11). It
-never takes more than half of what is left: an odd figure (`Server-Timing` is not signed, and
-a primary without `Observe` sends none, so its app's time counts as the link's) can shorten
-the primary's time, not take it away.
+never takes more than half of what is left: an odd figure (`Server-Timing` is not signed) can
+shorten the primary's time, not take it away. An answer without the primary's entry (a
+primary gateway without `Observe`, which `latitude serve` always has) gives no figure: its
+app's time would pass for the link's.
 """
 
 from __future__ import annotations

@@ -428,8 +428,9 @@ def _server_timing(box: dict, elapsed_s: float) -> str:
     return f'{box["region"]};dur={elapsed_s * 1000:.1f};desc="{desc}"'
 
 
-def primary_ms(headers, primary: str) -> float:
-    """The primary's own time, from the `Server-Timing` entry its gateway put on the answer."""
+def primary_ms(headers, primary: str, missing: float | None = 0.0) -> float | None:
+    """The primary's own time, from the `Server-Timing` entry its gateway put on the answer
+    (`missing` if there is none: a primary gateway without `Observe` sends none)."""
     for k, v in headers:
         if k.lower() != b"server-timing":
             continue
@@ -441,7 +442,7 @@ def primary_ms(headers, primary: str) -> float:
                     if key == "dur":
                         with contextlib.suppress(ValueError):
                             return float(value)
-    return 0.0
+    return missing
 
 
 def _last_write_cookie(box: dict, elapsed_s: float, primary_ms: float = 0.0) -> str:

@@ -178,9 +178,11 @@ class ReplicaSide:
                         timeout_s=max(0.01, deadline - time.monotonic()),
                         fresh_connection=fresh,
                     )
-                    # The link's part: what the primary's `Server-Timing` does not account for.
+                    # The link's part: what the primary's `Server-Timing` does not account for
+                    # (without one the app's time would pass for the link's: no figure then).
                     took_s = time.monotonic() - sent_at
-                    self.budget.answered(took_s - primary_ms(resp.headers, sent_to) / 1000)
+                    if (own_ms := primary_ms(resp.headers, sent_to, None)) is not None:
+                        self.budget.answered(took_s - own_ms / 1000)
             except Busy as exc:
                 gw.counters["busy"] += 1
                 # An earlier attempt (or run) may have landed; a read is better served stale.
