@@ -240,3 +240,24 @@ async def test_the_primary_keeps_its_own_regions_session_for_its_whole_lifetime(
     side = PrimarySide(regions.primary)
     assert side._copy_ttl([(b"latitude-forwarded-from", b"eu-west")]) == 60
     assert side._copy_ttl([(b"latitude-forwarded-from", b"us-west")]) is None
+
+
+async def test_a_small_envelope_goes_as_one_piece_a_large_one_streams(regions):
+    """Head, body and session in one write for a small write: one segment across the link."""
+    from latitude.gateway.replica import ONE_WRITE_BYTES
+
+    send, given = regions.link.send, []
+
+    async def recording_send(method, path_and_query, headers, body, **kwargs):
+        given.append(type(body).__name__)
+        return await send(method, path_and_query, headers, body, **kwargs)
+
+    regions.link.send = recording_send
+    await regions.request("POST", "/login", {"name": "ada"})  # a session rides along
+    small = await regions.request("POST", "/events", {"title": "x"})
+    large = await regions.request("POST", "/events", {"title": "y" * ONE_WRITE_BYTES})
+    assert small.status == 201 and large.status == 201, (small.body, large.body)
+    assert given[1] == "bytes" and given[2] == "async_generator"
+    body = regions.link.sent[1]["body"]  # the request, then the session riding after it
+    assert body.startswith(b'{"title": "x"}') and len(body) > len(b'{"title": "x"}')
+    assert sorted(regions.db.events.values()) == ["x", "y" * ONE_WRITE_BYTES]

@@ -63,7 +63,10 @@ class ThisRegion:
     ) -> ForwardedResponse:
         gw = self.gateway
         url = urlsplit(self.base_url + path_and_query)
-        data = b"" if body is None else b"".join([chunk async for chunk in body])
+        if body is None or isinstance(body, bytes | bytearray | memoryview):
+            data = bytes(body or b"")
+        else:
+            data = b"".join([chunk async for chunk in body])
         scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
