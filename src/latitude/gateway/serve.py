@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
+import resource
 import shutil
 import socket
 import tempfile
@@ -23,6 +25,8 @@ from latitude.gateway.heap import FreezeHeapAfterStartup
 from latitude.gateway.middleware import RegionGateway
 from latitude.gateway.observe import Observe
 from latitude.gateway.upstream import HttpUpstream
+
+log = logging.getLogger("latitude.gateway")
 
 ENV_APP = "LATITUDE_APP"
 ENV_UPSTREAM = "LATITUDE_UPSTREAM"
@@ -68,6 +72,29 @@ def default_port(config: GatewayConfig) -> int:
     return 8000
 
 
+# The soft limit asked for when the hard one allows (or is unlimited): past any pool and burst
+# the gateway sees, still bounded.
+OPEN_FILES_WANTED = 1 << 20
+
+
+def raise_open_files_limit(limits=resource) -> int:
+    """Raise this process's soft limit on open files to the hard one, as nginx's
+    `worker_rlimit_nofile` would: the common default soft limit (1024) is reached by a few
+    hundred clients plus the pools, and past it every accept fails. Returns the soft limit in
+    force after (unchanged where raising it is refused). `limits`: the `resource` module, or
+    anything with its four names."""
+    soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == limits.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft == limits.RLIM_INFINITY or soft >= wanted:
+        return soft
+    try:
+        limits.setrlimit(limits.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        log.debug("open files: the soft limit stays %d (%s)", soft, exc)
+        return soft
+    return wanted
+
+
 def run(
     *,
     region: str,
@@ -82,6 +109,7 @@ def run(
     tls_key: str | None = None,
     log_level: str = "warning",
 ) -> None:
+    raise_open_files_limit()  # before the workers fork: they inherit it
     os.environ["LATITUDE_REGION"] = region
     os.environ["LATITUDE_TOPOLOGY"] = os.path.abspath(topology)
     if not pooling:
