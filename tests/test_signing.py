@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import uuid
 
 import pytest
 
@@ -668,6 +670,34 @@ async def test_memory_nonce_cache_expires():
     t[0] = 10.0
     assert len(cache) == 0
     assert await cache.add_if_new("a", 10)
+
+
+async def test_the_gateways_nonce_cache_closes_its_own_connection(valkey_port):
+    """The primary's replay cache is made with its own client; closing the cache (at the
+    gateway's shutdown) closes that connection, seen from Valkey's side."""
+    import redis.asyncio as aioredis
+
+    from latitude.gateway.primary import nonce_cache_for
+
+    watcher = aioredis.Redis(host="127.0.0.1", port=valkey_port)
+
+    async def clients() -> set[str]:
+        return {c["addr"] for c in await watcher.client_list()}
+
+    try:
+        before = await clients()
+        cache = await nonce_cache_for(f"valkey://127.0.0.1:{valkey_port}")
+        assert await cache.add_if_new(f"n-{uuid.uuid4().hex}", 5)
+        opened = await clients() - before
+        assert len(opened) == 1  # the cache's own connection
+        await cache.close()
+        for _ in range(50):  # Valkey sees the close within a moment
+            if not opened & await clients():
+                break
+            await asyncio.sleep(0.02)
+        assert not opened & await clients()
+    finally:
+        await watcher.aclose()
 
 
 async def test_valkey_nonce_cache(valkey_port):

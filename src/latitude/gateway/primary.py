@@ -488,4 +488,4 @@ async def nonce_cache_for(url: str | None) -> NonceCache:
     from latitude.sessions import valkey_client
     from latitude.signing import ValkeyNonceCache
 
-    return ValkeyNonceCache(valkey_client(url))
+    return ValkeyNonceCache(valkey_client(url), owns_client=True)

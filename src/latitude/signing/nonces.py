@@ -59,9 +59,17 @@ class MemoryNonceCache:
 class ValkeyNonceCache:
     """Replay cache in Valkey/Redis (``SET key 1 NX EX ttl``), shared by all processes."""
 
-    def __init__(self, redis_client: Any, prefix: str = "latitude:nonce:") -> None:
+    def __init__(
+        self, redis_client: Any, prefix: str = "latitude:nonce:", *, owns_client: bool = False
+    ) -> None:
         self._client = redis_client
         self._prefix = prefix
+        self._owns_client = owns_client  # made for this cache: closed with it
+
+    async def close(self) -> None:
+        """Release the client's connection if this cache was given its own."""
+        if self._owns_client:
+            await self._client.aclose()
 
     async def add_if_new(self, nonce: str, ttl_seconds: float) -> bool:
         ttl = max(1, math.ceil(ttl_seconds))
