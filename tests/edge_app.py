@@ -3,12 +3,14 @@ client address and scheme, the body's size and hash. Behind `latitude serve` it 
 primary's app as the gateway presents it; run by plain uvicorn it is a sidecar's upstream.
 
 - `X-Answer-Bytes: N` answers N bytes instead (a large answer);
+- `X-Hold-Ms: N` holds the run N ms before anything else (a slow write at the primary);
 - `X-Record: KEY` adds a row (KEY, body size, body sha256) to `edge_writes` in the database
   this request must use (the gateway's route, or the sidecar's `Latitude-Database` header).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -49,6 +51,8 @@ async def app(scope, receive, send):
             break
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
     route = headers.get("latitude-database") or current_route.get()
+    if "x-hold-ms" in headers:
+        await asyncio.sleep(int(headers["x-hold-ms"]) / 1000)
     if "x-record" in headers:
         async with await psycopg.AsyncConnection.connect(_databases()[route]) as db:
             await db.execute(

@@ -209,3 +209,32 @@ async def test_an_answer_without_the_primarys_own_time_gives_no_figure(make_regi
         assert last >= 1000 - budget.MARGIN_S * 1000 - 20  # only the margin (and the signing)
     finally:
         await regions.stop()
+
+
+async def test_an_unfenced_upstream_is_never_stopped_part_way(regions):
+    """The sidecar's upstream may have committed by the budget's end and nothing marks it: its
+    run is left to finish and its outcome stored, so the retry replays it, never runs it."""
+    from latitude.gateway.upstream import HttpUpstream
+
+    app = regions.primary.app
+
+    class SlowUpstream(HttpUpstream):
+        async def __call__(self, scope, receive, send):
+            await asyncio.sleep(0.6)  # past the 0.5 s deadline
+            await app(scope, receive, send)
+
+    regions.primary.app = SlowUpstream("http://127.0.0.1:1")
+    answer = await regions.request("POST", "/events", {"title": "slow"})
+    assert answer.status == 504, answer.body
+    await asyncio.sleep(0.3)  # the run ends at the primary all the same
+    assert regions.db.runs == 1 and regions.primary.counters["budget_stopped"] == 0
+
+    regions.primary.app = app
+    again = await regions.request(
+        "POST",
+        "/events",
+        {"title": "slow"},
+        headers=[(IDEMPOTENCY_KEY, answer.header(b"idempotency-key").encode())],
+    )
+    assert again.status == 201, again.body  # the stored answer
+    assert regions.db.runs == 1

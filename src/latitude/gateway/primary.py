@@ -386,8 +386,9 @@ class PrimarySide:
         it the answer can only reach a connection that gave up, and an overloaded primary that
         finishes such runs falls further behind with each one (benchmarks/README.md,
         session 10). Stopping is the same as the app failing: the claim is released, or
-        settled if a transaction of the run committed."""
-        if ends is None:
+        settled if a transaction of the run committed. An app that says it is not `stoppable`
+        (the sidecar's upstream, whose SQL is not fenced) runs to its end."""
+        if ends is None or not getattr(self.gateway.app, "stoppable", True):
             await run
             return
         try:

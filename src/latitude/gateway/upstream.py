@@ -27,6 +27,10 @@ class HttpUpstream:
     # An app in another process reads its sessions from the region's store itself: the
     # primary puts a forwarded request's session there for it (gateway/primary.py).
     reads_sessions_from_store = True
+    # Its SQL is not fenced (`latitude.db` cannot mark the claim from another process): a run
+    # stopped part-way may have committed, and a retry would run it again, so it is never
+    # stopped once it has begun (gateway/primary.py, `_within_budget`).
+    stoppable = False
 
     def __init__(self, base_url: str, *, timeout_s: float = 60.0):
         self.base_url = base_url.rstrip("/")
