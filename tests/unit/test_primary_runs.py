@@ -86,3 +86,5 @@ def test_max_runs_comes_from_the_topology_and_must_be_positive():
     assert _config("\n[gateway]\nmax_runs = 4\n").max_runs == 4
     with pytest.raises(GatewayConfigError, match="max_runs"):
         _config("\n[gateway]\nmax_runs = 0\n")
+    with pytest.raises(GatewayConfigError, match="max_runs = 'eight' is not a whole number"):
+        _config('\n[gateway]\nmax_runs = "eight"\n')

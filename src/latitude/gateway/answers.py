@@ -76,8 +76,9 @@ class BudgetSpent(Refused):
 
 class StoppedPastBudget(BudgetSpent):
     """A forwarded request's app run at the primary outlasted the time its replica had left for
-    it and was stopped there. It may have committed before: its key is settled, never freed,
-    so a retry with it runs the request at most once."""
+    it and was stopped there, as if the app had failed: its key is released, or settled if a
+    fenced transaction of the run had committed, so a retry with it runs the request at most
+    once (for SQL that `latitude.db` fences; docs/gateway.md, known limits)."""
 
 
 class AppFailed(Refused):

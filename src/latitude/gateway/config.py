@@ -113,13 +113,15 @@ class GatewayConfig:
         g = dict(topology.gateway)
         g.update(overrides)
 
+        kinds = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
         def get(name: str, default, kind=float):
             value = g.get(name, default)
             try:
                 return kind(value) if value is not None else None
             except (TypeError, ValueError):
                 raise GatewayConfigError(
-                    f"[gateway] {name} = {value!r} is not a {kind.__name__}"
+                    f"[gateway] {name} = {value!r} is not {kinds.get(kind, kind.__name__)}"
                 ) from None
 
         return cls(

@@ -176,15 +176,13 @@ class PrimarySide:
         """Run the request once one of `max_runs` run slots is free; refused unrun (its key
         free) if none could come free in time for it to finish within its budget."""
         request = unpack_request(scope, body.size)
-        # When the attempt's budget runs out here (counted from its arrival), if it has one.
+        # When the attempt's budget runs out here (counted from its arrival), if it has one; a
+        # request from a gateway that sends none may wait for a slot as long as a deadline.
         ends = None if request.budget_s is None else arrived + request.budget_s
-        self._check_budget(request, ends)
-        # A request from a gateway that sends no budget may wait as long as a deadline.
-        left_s = (
-            ends if ends is not None else arrived + self.gateway.config.deadline_s
-        ) - time.monotonic()
+        wait_until = arrived + self.gateway.config.deadline_s if ends is None else ends
         try:
-            async with self.runs.slot(left_s):
+            async with self.runs.slot(wait_until - time.monotonic()):
+                self._check_budget(request, ends)  # after the wait for the slot, if any
                 await self._execute(scope, send, body, request, ends)
         except Busy as exc:  # only the slot raises it: nothing of the request ran
             self.gateway.counters["budget_spent"] += 1

@@ -143,13 +143,17 @@ class ReplicaSide:
         path_qs = target(scope)
         length = body.size + len(blob)
 
-        async def envelope():
+        async def streamed():
             async for chunk in body.chunks():
                 yield chunk
             if blob:
                 yield blob
 
-        whole = body.read_tail(body.size) + blob if 0 < length <= ONE_WRITE_BYTES else None
+        # The body with the session after it: one piece when small, else a stream per attempt.
+        small = body.read_tail(body.size) + blob if 0 < length <= ONE_WRITE_BYTES else None
+
+        def envelope():
+            return small if small is not None or not length else streamed()
 
         attempt = 0
         fresh = False  # the next attempt on a new connection (the last one may have stalled)
@@ -179,7 +183,7 @@ class ReplicaSide:
                         scope["method"],
                         path_qs,
                         signed,
-                        whole if whole is not None else envelope() if length else None,
+                        envelope(),
                         timeout_s=max(0.01, deadline - time.monotonic()),
                         fresh_connection=fresh,
                     )
