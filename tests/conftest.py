@@ -1,4 +1,5 @@
-"""Shared fixtures. One local world per test run: tests that cut a link heal it."""
+"""Shared fixtures. One local world per test process (`scripts/test` runs two): tests that cut a
+link heal it."""
 
 from __future__ import annotations
 

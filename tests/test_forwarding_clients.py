@@ -212,3 +212,33 @@ async def test_a_warm_up_cut_short_leaves_no_connection_open(primary):
     assert primary.connections == len(made) == 8
     assert all(conn.transport.is_closing() for conn in made)
     await c.close()
+
+
+def test_a_pooled_connection_closed_under_uvloop_is_passed_over():
+    """uvloop raises RuntimeError on a write to a closed transport (asyncio drops the bytes), and
+    a transport closes a turn of the loop before its protocol hears of it: a pooled connection
+    caught in between has sent nothing, so the request goes on a fresh one, and a write to it
+    is a connection error (NoAnswer), never a RuntimeError (the lab's fault run saw a 500)."""
+    import uvloop
+
+    async def scenario() -> None:
+        server_side = Primary()
+        server = await asyncio.start_server(server_side.handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = H1ForwardingClient(url, max_response_bytes=4096, connect_timeout_s=1.0)
+        try:
+            assert (await client.send("GET", "/", [], None, timeout_s=2)).status == 200
+            (pooled,) = client._idle
+            pooled.transport.close()
+            assert not pooled.closed  # connection_lost has not run yet
+            answer = await client.send("POST", "/echo", [], b"again", timeout_s=2)
+            assert (answer.status, answer.body) == (201, b"again")
+            assert client.stats.opened == 2
+            with pytest.raises(ConnectionResetError):
+                await pooled.exchange(b"GET / HTTP/1.1\r\n\r\n", None, False)
+        finally:
+            await client.close()
+            server.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())

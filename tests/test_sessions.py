@@ -209,6 +209,20 @@ def test_codec_round_trips_large_sessions(size):
     assert codec.unpack(codec.pack(text)) == text
 
 
+@pytest.mark.parametrize("size", [0, 1, 200, 511, 512, 5000, 70_000])
+def test_codec_packs_with_a_window_fit_to_the_session_that_any_inflater_reads(size):
+    data = (b"session-" + bytes(range(256)) * (size // 256 + 1))[:size]
+    blob = SessionCodec().pack(data)
+    stream = blob[1:]
+    window = 1 << ((stream[0] >> 4) + 8)  # RFC 1950: CINFO is log2(window) - 8
+    assert window == max(512, min(32768, 1 << size.bit_length()))
+    assert window > size or window == 32768
+    assert zlib.decompress(stream) == data  # plain zlib: an older gateway reads it too
+    assert SessionCodec().unpack(blob) == data
+    # An older gateway's blob (the default 32 KiB window) still unpacks.
+    assert SessionCodec().unpack(b"\x01" + zlib.compress(data, 6)) == data
+
+
 def test_codec_limit_is_inclusive_and_oversize_refused_not_truncated():
     codec = SessionCodec(limit_bytes=64 * 1024)
     exact = os.urandom(64 * 1024)

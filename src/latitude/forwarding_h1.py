@@ -141,13 +141,15 @@ class _Connection(asyncio.Protocol):
         self._answer = answer = asyncio.get_running_loop().create_future()
         transport = self.transport
         try:
+            if transport.is_closing():  # uvloop raises RuntimeError on a write to it
+                raise ConnectionResetError("the connection closed before the request was sent")
             if isinstance(body, bytes | bytearray | memoryview):
                 transport.write(head + bytes(body))
             else:
                 transport.write(head)
                 if body is not None:
                     async for chunk in body:
-                        if answer.done() or self.closed:
+                        if answer.done() or self.closed or transport.is_closing():
                             break
                         if chunk:
                             transport.write(chunk)
@@ -204,7 +206,9 @@ class H1ForwardingClient(ForwardingBase):
     def _idle_connection(self) -> _Connection | None:
         while self._idle:
             conn = self._idle.pop()  # the most recently used: the one most surely alive
-            if not conn.closed:
+            # A transport closes before its protocol hears of it (connection_lost comes on a
+            # later turn of the loop): such a connection has sent nothing of this request.
+            if not conn.closed and not conn.transport.is_closing():
                 return conn
         return None
 

@@ -418,7 +418,13 @@ class SessionCodec:
                 size=len(data),
                 limit=self.limit_bytes,
             )
-        return self.MARKER_ZLIB + zlib.compress(data, self.level)
+        # zlib's state for its default 32 KiB window takes ten times as long to set up as a
+        # session of a few hundred bytes takes to compress (benchmarks/README.md, session 12);
+        # a window just larger than the session finds the same matches. Still a zlib stream:
+        # any inflater (an older gateway's too) reads it.
+        window_bits = min(15, max(9, len(data).bit_length()))
+        packer = zlib.compressobj(self.level, zlib.DEFLATED, window_bits, max(1, window_bits - 7))
+        return self.MARKER_ZLIB + packer.compress(data) + packer.flush()
 
     def unpack(self, blob: bytes) -> bytes:
         blob = _as_bytes(blob)

@@ -194,7 +194,8 @@ class ASGIForwarding:
     as httpx's ASGITransport does. `script` decides what each next attempt meets: None
     delivers it; `"refused"` raises `NotSent`; `"lost"` delivers it and loses the answer
     (`NoAnswer`, the request ran); `"dropped"` loses it before delivery (`NoAnswer`);
-    `"stalled"` gives no answer until the attempt's time is up. `one_way_s` is the link's
+    `"stalled"` gives no answer until the attempt's time is up; `"broken"` fails as a bug in
+    the client would (RuntimeError, before delivery). `one_way_s` is the link's
     delay each way; an answer that comes after the attempt's time is up is `NoAnswer`, as the
     real clients have it."""
 
@@ -212,6 +213,8 @@ class ASGIForwarding:
         what = self.script.pop(0) if self.script else None
         if what == "refused" or not self.reachable:
             raise NotSent(f"cannot connect to the primary at {self.base_url}")
+        if what == "broken":
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
         data = b""
         if isinstance(body, bytes):
             data = body

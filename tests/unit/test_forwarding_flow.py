@@ -261,3 +261,21 @@ async def test_a_small_envelope_goes_as_one_piece_a_large_one_streams(regions):
     body = regions.link.sent[1]["body"]  # the request, then the session riding after it
     assert body.startswith(b'{"title": "x"}') and len(body) > len(b'{"title": "x"}')
     assert sorted(regions.db.events.values()) == ["x", "y" * ONE_WRITE_BYTES]
+
+
+async def test_a_fault_of_the_gateway_while_forwarding_is_a_named_502_with_the_key(regions):
+    """A bug on the way (the lab once met uvloop's RuntimeError for a closed transport) is
+    answered as the gateway's fault with the write's key, never a bare 500: the retry with the
+    key runs the write once."""
+    regions.link.script = ["broken"]
+    answer = await regions.request("POST", "/events", {"title": "once"})
+    assert answer.status == 502, answer.body
+    body = json.loads(answer.body)
+    key = dict(answer.headers)[IDEMPOTENCY_KEY].decode()
+    assert body["idempotency_key"] == key and "RuntimeError" in body["detail"]
+    assert regions.replica.counters["gateway_fault"] == 1
+    again = await regions.request(
+        "POST", "/events", {"title": "once"}, headers=[(IDEMPOTENCY_KEY, key.encode())]
+    )
+    assert again.status == 201, again.body
+    assert regions.db.events == {1: "once"} and regions.db.runs == 1

@@ -81,6 +81,11 @@ class StoppedPastBudget(BudgetSpent):
     once (for SQL that `latitude.db` fences; docs/gateway.md, known limits)."""
 
 
+class GatewayFault(Refused):
+    """The gateway itself failed (a bug: an error none of its parts names) while forwarding a
+    request whose answer had not started: the client hears so, with the request's key."""
+
+
 class AppFailed(Refused):
     """The app raised, or left a session no store can keep, while running a forwarded request."""
 
@@ -126,6 +131,14 @@ def _budget_spent(exc: BaseException) -> str:
 def _stopped(exc: BaseException) -> str:
     return (
         f"{exc}. Retry in a moment with the header Idempotency-Key: {exc.key}; it will not be "
+        "applied twice."
+    )
+
+
+def _fault(exc: BaseException) -> str:
+    return (
+        f"The gateway failed while forwarding the request ({exc}; logged). It may have reached "
+        f"the primary region: retry with the header Idempotency-Key: {exc.key}; it will not be "
         "applied twice."
     )
 
@@ -205,6 +218,7 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (NonceCacheError, Refusal(503, "Cannot verify forwarded requests", 2, _no_nonces)),
     (IdempotencyUnavailable, Refusal(503, "Idempotency store unavailable", 1)),
     (BadEnvelope, Refusal(400, "Bad forwarding envelope")),
+    (GatewayFault, Refusal(502, "The gateway failed", 1, _fault)),
     (AppFailed, Refusal(500, "Internal error")),
 )
 

@@ -21,6 +21,7 @@ from latitude.gateway.answers import (
     BadAnswerSignature,
     Busy,
     Demoted,
+    GatewayFault,
     PrimaryPaused,
     refuse,
     with_key,
@@ -44,6 +45,7 @@ from latitude.gateway.envelope import (
 from latitude.gateway.messages import (
     BodyStalled,
     BodyTooLarge,
+    ClientDisconnected,
     Receive,
     Scope,
     Send,
@@ -99,8 +101,25 @@ class ReplicaSide:
             gw.counters["body_too_large"] += 1
             await refuse(scope, send, exc)
             return
+        started = False
+
+        async def watched(message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
         try:
-            await self._forward(scope, send, body, key, client_key)
+            await self._forward(scope, watched, body, key, client_key)
+        except ClientDisconnected:
+            raise
+        except Exception as exc:
+            if started:  # half an answer is out: only closing the connection is left
+                raise
+            # A bug of ours: logged whole, and the client told plainly, with the key that
+            # makes a retry safe (the attempt may have reached the primary).
+            log.exception("forwarding %s %s (key %s) failed", scope["method"], scope["path"], key)
+            gw.counters["gateway_fault"] += 1
+            await refuse(scope, send, GatewayFault(f"{type(exc).__name__}: {exc}", key=key))
         finally:
             body.close()
 
