@@ -78,10 +78,11 @@ from latitude.signing import (
     NonceCache,
     NonceCacheError,
     SignatureError,
+    check_request,
     content_digest,
+    record_nonce,
     sign_response,
     verify_content_digest,
-    verify_request,
 )
 
 log = logging.getLogger("latitude.gateway")
@@ -127,24 +128,39 @@ class PrimarySide:
         headers = scope["headers"]
         url = f"{scope.get('scheme', 'http')}://{header(headers, b'host') or ''}{target(scope)}"
         try:
-            await verify_request(
+            verified = check_request(
                 cfg.keyring,
                 method=scope["method"],
                 url=url,
                 headers=headers,
-                nonce_cache=gw.nonce_cache,
                 must_cover=SIGNED_REQUEST_HEADERS,
             )
         except SignatureError as exc:
-            gw.counters["rejected"] += 1
-            note(scope, idempotency="rejected")
-            await refuse(scope, send, exc)  # not signed: it may not come from a gateway at all
+            await self._reject(scope, send, exc)
             return
-        except NonceCacheError as exc:
-            # The signature is good; only its nonce cannot be checked (the session store is
-            # down). Signed, so the replica relays the 503 instead of calling it a bad answer.
-            await self._refuse_signed(send, headers, exc)
-            return
+        # The nonce's round trip overlaps the body's read, the wait for a run slot and the
+        # claim's round trip; nothing of the request is run, replayed or stored before it is
+        # known to be new (`_claim`, `_execute`).
+        nonce = asyncio.ensure_future(record_nonce(gw.nonce_cache, verified))
+        try:
+            await self._verified(scope, receive, send, arrived, nonce)
+        finally:
+            if not nonce.done():
+                nonce.cancel()  # refused before it mattered
+            with contextlib.suppress(BaseException):
+                await nonce
+
+    async def _reject(self, scope: Scope, send: Send, exc: SignatureError) -> None:
+        self.gateway.counters["rejected"] += 1
+        note(scope, idempotency="rejected")
+        await refuse(scope, send, exc)  # not signed: it may not come from a gateway at all
+
+    async def _verified(
+        self, scope: Scope, receive: Receive, send: Send, arrived: float, nonce: asyncio.Future
+    ) -> None:
+        gw = self.gateway
+        cfg = gw.config
+        headers = scope["headers"]
         try:
             # The replica's gateway bounds the body; the session rides after it.
             body = await SpooledBody.read(
@@ -162,8 +178,12 @@ class PrimarySide:
             await refuse(scope, send, exc)
             return
         try:
-            await self._execute_in_turn(scope, send, body, arrived)
+            await self._execute_in_turn(scope, send, body, arrived, nonce)
+        except SignatureError as exc:  # a replayed nonce, known only now
+            await self._reject(scope, send, exc)
         except _SIGNED_REFUSALS as exc:
+            # NonceCacheError: the signature is good, only its nonce cannot be checked (the
+            # session store is down); signed, so the replica relays the 503.
             if isinstance(exc, IdempotencyUnavailable):  # a retry with the key is the way on
                 with_key(exc, header(headers, IDEMPOTENCY_KEY))
             await self._refuse_signed(send, headers, exc)
@@ -171,7 +191,7 @@ class PrimarySide:
             body.close()
 
     async def _execute_in_turn(
-        self, scope: Scope, send: Send, body: SpooledBody, arrived: float
+        self, scope: Scope, send: Send, body: SpooledBody, arrived: float, nonce: asyncio.Future
     ) -> None:
         """Run the request once one of `max_runs` run slots is free; refused unrun (its key
         free) if none could come free in time for it to finish within its budget."""
@@ -183,7 +203,7 @@ class PrimarySide:
         try:
             async with self.runs.slot(wait_until - time.monotonic()):
                 self._check_budget(request, ends)  # after the wait for the slot, if any
-                await self._execute(scope, send, body, request, ends)
+                await self._execute(scope, send, body, request, ends, nonce)
         except Busy as exc:  # only the slot raises it: nothing of the request ran
             self.gateway.counters["budget_spent"] += 1
             raise BudgetSpent(f"{exc}, so it was not run", key=request.key) from None
@@ -195,6 +215,7 @@ class PrimarySide:
         body: SpooledBody,
         request: ForwardedRequest,
         ends: float | None,
+        nonce: asyncio.Future,
     ) -> None:
         gw = self.gateway
         headers = scope["headers"]
@@ -212,10 +233,12 @@ class PrimarySide:
                     request.key, fingerprint, uuid.uuid4().hex, owner=gw.idempotency.owner
                 )
             else:
-                claim = await self._claim(scope, request.key, fingerprint)
+                claim = await self._claim(scope, request.key, fingerprint, nonce)
                 if claim.outcome is Outcome.REPLAY:
                     await self._send_replay(send, headers, claim)
                     return
+        if claim is None:  # no claim to overlap with: a read, or the claim in the transaction
+            await nonce
         try:
             if claim is not None:  # the claim's round trip may have spent the rest
                 self._check_budget(request, ends)
@@ -283,9 +306,28 @@ class PrimarySide:
             scope["path"],
         )
 
-    async def _claim(self, scope: Scope, key: str, fingerprint: str) -> Claim:
-        """The key's claim: new (run it), or a stored answer to replay; refused otherwise."""
-        claim = await self.gateway.idempotency.begin(key, fingerprint)
+    async def _claim(
+        self, scope: Scope, key: str, fingerprint: str, nonce: asyncio.Future | None = None
+    ) -> Claim:
+        """The key's claim: new (run it), or a stored answer to replay; refused otherwise.
+        With `nonce` (the request's nonce being recorded), the two round trips overlap, and a
+        request whose nonce is not new gets nothing of its claim: a new one is released."""
+        store = self.gateway.idempotency
+        if nonce is None:
+            claim = await store.begin(key, fingerprint)
+        else:
+            claim, recorded = await asyncio.gather(
+                store.begin(key, fingerprint), nonce, return_exceptions=True
+            )
+            if isinstance(recorded, BaseException):
+                if isinstance(claim, Claim) and claim.outcome is Outcome.NEW:
+                    try:
+                        await store.abandon(key, claim=claim)
+                    except IdempotencyUnavailable as exc:  # the claim goes stale instead
+                        log.warning("could not release the claim of a refused request: %s", exc)
+                raise recorded
+            if isinstance(claim, BaseException):
+                raise claim
         note(scope, idempotency=claim.outcome.value)
         if claim.outcome is Outcome.IN_PROGRESS:
             raise KeyInProgress("a request with this Idempotency-Key is running")

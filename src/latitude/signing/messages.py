@@ -491,7 +491,42 @@ async def verify_request(
     ``body`` (bytes or a ``ContentDigest`` fed while streaming) is checked against the
     covered ``Content-Digest``; when streaming, call ``verify_content_digest`` yourself
     after the last chunk. Raises ``NonceCacheError`` if the replay cache is unreachable.
+    :func:`check_request` and :func:`record_nonce` are its two halves, for a caller that
+    overlaps the nonce's round trip with other work (and acts on nothing before it is done).
     """
+    verified = check_request(
+        keyring,
+        method=method,
+        url=url,
+        headers=headers,
+        now=now,
+        required=required,
+        must_cover=must_cover,
+        body=body,
+        label=label,
+        max_age=max_age,
+        clock_skew=clock_skew,
+    )
+    await record_nonce(nonce_cache, verified, now=now, clock_skew=clock_skew)
+    return verified
+
+
+def check_request(
+    keyring: Keyring,
+    *,
+    method: str,
+    url: str,
+    headers: Any,
+    now: float | None = None,
+    required: Sequence[str] = REQUIRED_REQUEST_COMPONENTS,
+    must_cover: Sequence[str] = MUST_COVER_REQUEST_HEADERS,
+    body: bytes | ContentDigest | None = None,
+    label: str = DEFAULT_LABEL,
+    max_age: int = DEFAULT_MAX_AGE,
+    clock_skew: int = DEFAULT_CLOCK_SKEW,
+) -> VerifiedSignature:
+    """:func:`verify_request` but for its nonce: the request is not known to be new until
+    :func:`record_nonce` has returned."""
     msg = Message(headers, method=method, url=url)
     verified, sigs = _verify(
         keyring,
@@ -505,14 +540,27 @@ async def verify_request(
         max_age=max_age,
         clock_skew=clock_skew,
     )
-    remember = max(1.0, float(verified.expires + clock_skew - _now(now) + 1))
-    if not await nonce_cache.add_if_new(f"{verified.key_id}:{verified.nonce}", remember):
-        raise ReplayedNonce(f"nonce {verified.nonce!r} of signature {label!r} was already used")
     # The answer will be bound to this field: keep its members, parsed, for sign_response.
     raw = msg.fields.value("signature")
     if raw is not None:
         remember_signature(raw, {k: member_text(v, p) for k, (v, p) in sigs.items()})
     return verified
+
+
+async def record_nonce(
+    nonce_cache: NonceCache,
+    verified: VerifiedSignature,
+    *,
+    now: float | None = None,
+    clock_skew: int = DEFAULT_CLOCK_SKEW,
+) -> None:
+    """Record a checked request's nonce for as long as its signature is valid; `ReplayedNonce`
+    if it was seen before (`NonceCacheError` if the replay cache is unreachable)."""
+    remember = max(1.0, float(verified.expires + clock_skew - _now(now) + 1))
+    if not await nonce_cache.add_if_new(f"{verified.key_id}:{verified.nonce}", remember):
+        raise ReplayedNonce(
+            f"nonce {verified.nonce!r} of signature {verified.label!r} was already used"
+        )
 
 
 def verify_response(
