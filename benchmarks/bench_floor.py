@@ -9,8 +9,8 @@ keep-alive proxy (one worker, `keepalive 8`); and through `_floor_apps.hop`, uvi
 uvloop and httptools as `latitude serve` runs, forwarding with the gateway's own pooled client
 (`H1ForwardingClient`) and nothing else: no signature, session, idempotency key or metrics.
 Each round measures one connection sending back to back (the latency a hop adds, p50 over
-the direct p50) and 32 connections (CPU per request of the hop's process, from /proc, and
-requests/s). Ratios are to nginx in the same round.
+the direct p50, and its CPU per request) and 32 connections (CPU per request of the hop's
+process, from /proc, and requests/s). Ratios are to nginx in the same round.
 
 Issue #14 asks for a forwarded write's own cost <= 1 ms over both gateways, the replica's and
 the primary's: if the hop alone costs a good part of that on one side, no trimming of
@@ -76,7 +76,12 @@ async def one_round(ports: dict[str, int], pids: dict[str, int], seconds: float)
         request = build_request("POST", "/events", port, body=BODY)
         cpu = {"hop": pids[kind]} if kind in pids else None
         sequential = await run_load(
-            port, lambda _i, request=request: request, concurrency=1, seconds=seconds, expect=(201,)
+            port,
+            lambda _i, request=request: request,
+            concurrency=1,
+            seconds=seconds,
+            expect=(201,),
+            cpu_pids=cpu,
         )
         loaded = await run_load(
             port,
@@ -90,6 +95,7 @@ async def one_round(ports: dict[str, int], pids: dict[str, int], seconds: float)
             "p50_ms": sequential["p50_ms"],
             "rps_32": loaded["rps"],
             "cpu_ms_per_request": loaded.get("hop_cpu_ms_per_request"),
+            "cpu_ms_per_request_one_connection": sequential.get("hop_cpu_ms_per_request"),
         }
     for kind in ("nginx", "python_hop"):
         out[kind]["added_p50_ms"] = round(out[kind]["p50_ms"] - out["direct"]["p50_ms"], 3)
@@ -146,6 +152,8 @@ def summarize(rounds: list[dict]) -> dict:
         "cpu_ratio_to_nginx": [
             round(h / max(n, 1e-6), 2) for h, n in zip(hop_cpu, ngx_cpu, strict=True)
         ],
+        "hop_cpu_ms_one_connection": each("python_hop", "cpu_ms_per_request_one_connection"),
+        "nginx_cpu_ms_one_connection": each("nginx", "cpu_ms_per_request_one_connection"),
         "hop_added_p50_ms": hop_add,
         "nginx_added_p50_ms": ngx_add,
         "rps_32": {kind: each(kind, "rps_32") for kind in KINDS},
@@ -167,6 +175,8 @@ def report(f: dict) -> None:
     )
     print(f"  nginx {f['nginx']} {spread(f['nginx_cpu_ms_per_request'])} ms")
     print(f"  ratio hop / nginx {spread(f['cpu_ratio_to_nginx'])}")
+    print(f"CPU per request, one connection: the hop {spread(f['hop_cpu_ms_one_connection'])} ms")
+    print(f"  nginx {spread(f['nginx_cpu_ms_one_connection'])} ms")
     print(f"latency added at p50, one connection: the hop {spread(f['hop_added_p50_ms'])} ms")
     print(f"  nginx {spread(f['nginx_added_p50_ms'])} ms")
     print(f"requests/s at 32 connections, ratio hop / nginx {spread(f['rps_ratio_to_nginx'])}")
