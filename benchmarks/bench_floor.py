@@ -75,22 +75,17 @@ async def one_round(ports: dict[str, int], pids: dict[str, int], seconds: float)
         port = ports[kind]
         request = build_request("POST", "/events", port, body=BODY)
         cpu = {"hop": pids[kind]} if kind in pids else None
-        sequential = await run_load(
-            port,
-            lambda _i, request=request: request,
-            concurrency=1,
-            seconds=seconds,
-            expect=(201,),
-            cpu_pids=cpu,
-        )
-        loaded = await run_load(
-            port,
-            lambda _i, request=request: request,
-            concurrency=32,
-            seconds=seconds,
-            expect=(201,),
-            cpu_pids=cpu,
-        )
+        sequential, loaded = [
+            await run_load(
+                port,
+                lambda _i, request=request: request,
+                concurrency=concurrency,
+                seconds=seconds,
+                expect=(201,),
+                cpu_pids=cpu,
+            )
+            for concurrency in (1, 32)
+        ]
         out[kind] = {
             "p50_ms": sequential["p50_ms"],
             "rps_32": loaded["rps"],

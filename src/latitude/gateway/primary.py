@@ -313,21 +313,17 @@ class PrimarySide:
         With `nonce` (the request's nonce being recorded), the two round trips overlap, and a
         request whose nonce is not new gets nothing of its claim: a new one is released."""
         store = self.gateway.idempotency
-        if nonce is None:
-            claim = await store.begin(key, fingerprint)
-        else:
-            claim, recorded = await asyncio.gather(
-                store.begin(key, fingerprint), nonce, return_exceptions=True
-            )
-            if isinstance(recorded, BaseException):
-                if isinstance(claim, Claim) and claim.outcome is Outcome.NEW:
+        claim = await store.begin(key, fingerprint)  # the nonce's own task runs meanwhile
+        if nonce is not None:
+            try:
+                await nonce
+            except BaseException:
+                if claim.outcome is Outcome.NEW:
                     try:
                         await store.abandon(key, claim=claim)
                     except IdempotencyUnavailable as exc:  # the claim goes stale instead
                         log.warning("could not release the claim of a refused request: %s", exc)
-                raise recorded
-            if isinstance(claim, BaseException):
-                raise claim
+                raise
         note(scope, idempotency=claim.outcome.value)
         if claim.outcome is Outcome.IN_PROGRESS:
             raise KeyInProgress("a request with this Idempotency-Key is running")

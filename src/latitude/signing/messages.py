@@ -471,22 +471,12 @@ def _verify(
 
 
 async def verify_request(
-    keyring: Keyring,
-    *,
-    method: str,
-    url: str,
-    headers: Any,
-    nonce_cache: NonceCache,
-    now: float | None = None,
-    required: Sequence[str] = REQUIRED_REQUEST_COMPONENTS,
-    must_cover: Sequence[str] = MUST_COVER_REQUEST_HEADERS,
-    body: bytes | ContentDigest | None = None,
-    label: str = DEFAULT_LABEL,
-    max_age: int = DEFAULT_MAX_AGE,
-    clock_skew: int = DEFAULT_CLOCK_SKEW,
+    keyring: Keyring, *, nonce_cache: NonceCache, **check: Any
 ) -> VerifiedSignature:
     """Verify a forwarded request, then record its nonce; raise a ``SignatureError``.
 
+    The keywords are :func:`check_request`'s (``method``, ``url``, ``headers``, ``now``,
+    ``required``, ``must_cover``, ``body``, ``label``, ``max_age``, ``clock_skew``).
     ``url`` is the absolute URL as received (raw, percent-encoded path and query).
     ``body`` (bytes or a ``ContentDigest`` fed while streaming) is checked against the
     covered ``Content-Digest``; when streaming, call ``verify_content_digest`` yourself
@@ -494,20 +484,13 @@ async def verify_request(
     :func:`check_request` and :func:`record_nonce` are its two halves, for a caller that
     overlaps the nonce's round trip with other work (and acts on nothing before it is done).
     """
-    verified = check_request(
-        keyring,
-        method=method,
-        url=url,
-        headers=headers,
-        now=now,
-        required=required,
-        must_cover=must_cover,
-        body=body,
-        label=label,
-        max_age=max_age,
-        clock_skew=clock_skew,
+    verified = check_request(keyring, **check)
+    await record_nonce(
+        nonce_cache,
+        verified,
+        now=check.get("now"),
+        clock_skew=check.get("clock_skew", DEFAULT_CLOCK_SKEW),
     )
-    await record_nonce(nonce_cache, verified, now=now, clock_skew=clock_skew)
     return verified
 
 
