@@ -62,9 +62,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import statistics
 import time
 import urllib.request
 import uuid
@@ -163,17 +165,37 @@ def session_cookie(session: aiohttp.ClientSession) -> str:
     return next(f"session={m.value}" for m in session.cookie_jar if m.key == "session")
 
 
-async def timed_write(session: aiohttp.ClientSession, expect_region: str) -> float:
+async def timed_write(
+    session: aiohttp.ClientSession, expect_region: str, hops: list | None = None
+) -> float:
+    """One write's latency in ms; with `hops`, also appends each hop's own time (its
+    `Server-Timing` entry, by region) to it."""
     t0 = time.perf_counter()
     async with session.post("/events", json={"title": f"bench {uuid.uuid4().hex[:8]}"}) as r:
         body = await r.read()
     ms = (time.perf_counter() - t0) * 1000
+    if hops is not None:
+        hops.append(hop_times(r.headers.getall("Server-Timing", [])))
     if r.status != 201:
         raise RuntimeError(f"POST /events: {r.status} {body[:300]!r}")
     ran_in = json.loads(body)["region"]
     if ran_in != expect_region:
         raise RuntimeError(f"the write ran in {ran_in}, expected {expect_region}")
     return ms
+
+
+def hop_times(values: list[str]) -> dict[str, float]:
+    """`{region: dur}` from `Server-Timing` values (one entry per gateway the request crossed)."""
+    out = {}
+    for value in values:
+        for entry in value.split(","):
+            name, _, params = entry.strip().partition(";")
+            for param in params.split(";"):
+                key, _, number = param.strip().partition("=")
+                if key == "dur":
+                    with contextlib.suppress(ValueError):
+                        out[name] = float(number)
+    return out
 
 
 async def write_series(
@@ -196,19 +218,38 @@ async def write_series(
             await timed_write(near_eu, expect_region)
             if with_primary:
                 await timed_write(near_primary, PRIMARY)
-        eu, primary = [], []
+        eu, primary, eu_hops, primary_hops = [], [], [], []
         before = relay_connections(world, relay)
         for i in range(n):
-            eu.append(await timed_write(near_eu, expect_region))
+            eu.append(await timed_write(near_eu, expect_region, eu_hops))
             if with_primary:
-                primary.append(await timed_write(near_primary, PRIMARY))
+                primary.append(await timed_write(near_primary, PRIMARY, primary_hops))
             if (i + 1) % 20 == 0:
                 say(f"  {i + 1}/{n} writes, eu-west p50 so far {pct(eu, 50):.1f} ms")
         opened = relay_connections(world, relay) - before
     out = {"replica": summary(eu), "new_link_connections_per_write": round(opened / n, 2)}
     if with_primary:
         out["primary"] = summary(primary)
+        out["by_hop"] = split_by_hop(eu_hops, primary_hops)
     return out
+
+
+def split_by_hop(forwarded: list[dict], direct: list[dict]) -> dict | None:
+    """The own cost by each gateway's own clock (its `Server-Timing`): the primary's extra for a
+    forwarded write (its median time for one, less its median for a direct write) and the
+    replica's part with the link's (the median, write by write, of the replica's time less the
+    primary's). Per-write differences move less with the machine than two medians do."""
+    both = [h for h in forwarded if REPLICA in h and PRIMARY in h]
+    alone = [h[PRIMARY] for h in direct if PRIMARY in h]
+    if not both or not alone:
+        return None
+    primary_fwd = statistics.median(h[PRIMARY] for h in both)
+    return {
+        "primary_forwarded_ms": round(primary_fwd, 2),
+        "primary_direct_ms": round(statistics.median(alone), 2),
+        "primary_extra_ms": round(primary_fwd - statistics.median(alone), 2),
+        "replica_and_link_ms": round(statistics.median(h[REPLICA] - h[PRIMARY] for h in both), 2),
+    }
 
 
 # ------------------------------------------------------------------------------ (1) (2) (3)
@@ -241,6 +282,7 @@ def forwarded_writes(world: LabWorld, n: int, split_n: int) -> dict:
     pooled["link_at_0_ms"] = {
         "replica": local["replica"],
         "primary": local["primary"],
+        "by_hop": local.get("by_hop"),
         "overhead_ms": round(local["replica"]["p50_ms"] - local["primary"]["p50_ms"], 2),
     }
     say(f"(1) at 0 ms RTT: forwarding adds {pooled['link_at_0_ms']['overhead_ms']:.1f} ms")
@@ -871,6 +913,13 @@ def _report_forwarded(r: dict) -> None:
         f"    same, link at 0 ms: {REPLICA} {z['replica']['p50_ms']:.1f} ms vs primary "
         f"{z['primary']['p50_ms']:.1f} ms -> forwarding's own cost {z['overhead_ms']:.1f} ms"
     )
+    if hops := z.get("by_hop"):
+        print(
+            f"    by each gateway's Server-Timing: the primary {hops['primary_forwarded_ms']:.1f} ms "
+            f"for a forwarded write vs {hops['primary_direct_ms']:.1f} ms direct (+"
+            f"{hops['primary_extra_ms']:.1f} ms), {REPLICA}'s gateway and the link "
+            f"{hops['replica_and_link_ms']:.1f} ms"
+        )
     _report_split(f)
 
 
