@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -91,6 +90,7 @@ from _lab import (
 )
 from _nginx import find_nginx, nginx_version, running_nginx
 
+from latitude.gateway.observe import primary_ms
 from latitude.lab import LabWorld, harness
 
 RTT_MS = 100.0
@@ -185,17 +185,11 @@ async def timed_write(
 
 
 def hop_times(values: list[str]) -> dict[str, float]:
-    """`{region: dur}` from `Server-Timing` values (one entry per gateway the request crossed)."""
-    out = {}
-    for value in values:
-        for entry in value.split(","):
-            name, _, params = entry.strip().partition(";")
-            for param in params.split(";"):
-                key, _, number = param.strip().partition("=")
-                if key == "dur":
-                    with contextlib.suppress(ValueError):
-                        out[name] = float(number)
-    return out
+    """`{region: dur}` from `Server-Timing` values (one entry per gateway the request crossed),
+    read as the replica reads the primary's."""
+    pairs = [(b"server-timing", v.encode("latin-1")) for v in values]
+    times = {region: primary_ms(pairs, region, None) for region in (PRIMARY, REPLICA)}
+    return {region: ms for region, ms in times.items() if ms is not None}
 
 
 async def write_series(

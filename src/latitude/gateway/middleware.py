@@ -39,7 +39,7 @@ from latitude.gateway.messages import (
     send_json,
     strip_untrusted,
 )
-from latitude.gateway.observe import NOTE, TTFB, note
+from latitude.gateway.observe import TTFB, note, watch_answer
 from latitude.gateway.positions import PositionTracker, request_route
 from latitude.gateway.primary import PrimarySide, nonce_cache_for
 from latitude.gateway.replica import ReplicaSide
@@ -308,18 +308,7 @@ class RegionGateway:
         return {**scope, "headers": strip_untrusted(scope["headers"])}
 
     async def run_here(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
-        # Whether the answer has started: `Observe` notes it (`TTFB`) as it passes; a gateway
-        # without `Observe` in front watches for itself.
-        box = scope.get(NOTE)
-        if box is None:
-            box, outer = {}, send
-
-            async def watched(message: dict) -> None:
-                if message["type"] == "http.response.start":
-                    box[TTFB] = 0.0
-                await outer(message)
-
-            send = watched
+        box, send = watch_answer(scope, send)
         try:
             with request_route(route, scope["method"], scope["path"], self.config.region.name):
                 await self.app(self.edge_scope(scope), receive, send)

@@ -54,7 +54,7 @@ from latitude.gateway.messages import (
     header,
     send_response,
 )
-from latitude.gateway.observe import note, primary_ms
+from latitude.gateway.observe import TTFB, note, primary_ms, watch_answer
 from latitude.promotion.follow import EPOCH_HEADER
 from latitude.promotion.inflight import primary_moved, way_to_primary
 from latitude.sessions import SessionStoreUnavailable, SessionTooLarge
@@ -101,19 +101,13 @@ class ReplicaSide:
             gw.counters["body_too_large"] += 1
             await refuse(scope, send, exc)
             return
-        started = False
-
-        async def watched(message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
+        box, send = watch_answer(scope, send)
         try:
-            await self._forward(scope, watched, body, key, client_key)
+            await self._forward(scope, send, body, key, client_key)
         except ClientDisconnected:
             raise
         except Exception as exc:
-            if started:  # half an answer is out: only closing the connection is left
+            if TTFB in box:  # half an answer is out: only closing the connection is left
                 raise
             # A bug of ours: logged whole, and the client told plainly, with the key that
             # makes a retry safe (the attempt may have reached the primary).
