@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import statistics
@@ -33,6 +32,8 @@ from pathlib import Path
 
 from _lab import HOST, build_request, free_port, run_load, say, uvicorn_argv, wait_http
 from _nginx import find_nginx, nginx_version, running_nginx
+
+from latitude import atomic
 
 BODY = b'{"title": "standup", "when": "2026-12-02T10:00"}' + b" " * 150
 KINDS = ("direct", "nginx", "python_hop")
@@ -129,9 +130,7 @@ def main() -> int:
     figures.update(nginx=nginx_version(nginx), load_average=[load0, os.getloadavg()[0]])
     report(figures)
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps({"rounds": rounds, **figures}, indent=1))
-        tmp.rename(args.json)
+        atomic.write_json(args.json, {"rounds": rounds, **figures})
     return 0
 
 
