@@ -27,6 +27,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from latitude.gateway.coalescing import CoalescingTransport
 from latitude.gateway.config import DEFAULT_MAX_PENDING_HEADERS
 
 _TIMEOUT_ANSWER = (
@@ -133,8 +134,13 @@ class BoundedHttpToolsProtocol(_HeaderBounds, HttpToolsProtocol):
         self._header_bytes = 0
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        # One send per answer, its head with its body (coalescing.py).
+        super().connection_made(CoalescingTransport(transport, self.loop))
         self._await_headers()
+
+    def on_response_complete(self) -> None:
+        self.transport.flush()  # an answer with no body: its head goes now, not a turn later
+        super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._waiting_since is None and self._between_requests():
@@ -175,8 +181,13 @@ class BoundedH11Protocol(_HeaderBounds, H11Protocol):
         self._init_bounds(config, server_state)
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        # One send per answer, its head with its body (coalescing.py).
+        super().connection_made(CoalescingTransport(transport, self.loop))
         self._await_headers()
+
+    def on_response_complete(self) -> None:
+        self.transport.flush()  # an answer with no body: its head goes now, not a turn later
+        super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._waiting_since is None and self._between_requests():
