@@ -22,9 +22,16 @@ class Primary:
     def __init__(self) -> None:
         self.requests: list[tuple[bytes, dict[bytes, bytes], bytes]] = []
         self.connections = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    def drop_all(self) -> None:
+        """Close every connection, as a restarting primary does."""
+        for writer in self.writers:
+            writer.close()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writers.append(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -242,3 +249,63 @@ def test_a_pooled_connection_closed_under_uvloop_is_passed_over():
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+# ---- the pool kept full -------------------------------------------------------------------
+
+
+async def test_connections_the_primary_closed_are_replaced_before_a_write_needs_them(primary):
+    client = H1ForwardingClient(primary.url, pool_size=3, connect_timeout_s=1.0)
+    try:
+        assert await client.warm() == 3
+        primary.drop_all()  # a restart of the primary's gateway
+        await asyncio.sleep(0.1)
+        assert await client.replenish() == 3
+        assert client.pool_info()["idle_connections"] == 3 and primary.connections == 6
+        opened = client.pool_info()["opened"]
+        for _ in range(3):
+            assert (await client.send("POST", "/echo", [], b"x", timeout_s=2)).status == 201
+        assert client.pool_info()["opened"] == opened and primary.connections == 6
+        assert await client.replenish() == 0  # full: nothing more opened
+    finally:
+        await client.close()
+
+
+async def test_a_quiet_connection_is_kept_open_by_asking_the_primarys_health(primary):
+    client = H1ForwardingClient(primary.url, pool_size=1, connect_timeout_s=1.0)
+    try:
+        await client.warm()
+        asked = len(primary.requests)
+        assert await client.replenish(idle_for_s=60) == 0
+        assert len(primary.requests) == asked  # used moments ago: left alone
+        assert await client.replenish(idle_for_s=0) == 0
+        assert primary.requests[-1][0] == b"GET /_latitude/health HTTP/1.1"
+        assert primary.connections == 1 and client.pool_info()["idle_connections"] == 1
+    finally:
+        await client.close()
+
+
+async def test_an_unreachable_primary_is_asked_less_and_less_often():
+    with contextlib.closing(__import__("socket").socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        client = H1ForwardingClient(f"http://127.0.0.1:{port}", pool_size=4)
+        with pytest.raises(NotSent):
+            await client.replenish()
+        rounds = 0
+        replenish = client.replenish
+
+        async def counted(**kw):
+            nonlocal rounds
+            rounds += 1
+            return await replenish(**kw)
+
+        client.replenish = counted
+        keeper = asyncio.create_task(client.keep_full(every_s=0.01, most_s=0.16))
+        await asyncio.sleep(0.6)
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        # Every 10 ms would be ~60 rounds; doubling up to 160 ms leaves 6-7.
+        assert 3 <= rounds <= 8, rounds
+        await client.close()

@@ -104,3 +104,33 @@ async def test_late_answers_under_concurrency_open_no_new_link_connection(healed
         assert after["forwarding"]["idle_connections"] >= 1
     finally:
         world.kill(EU, SERVICE)
+
+
+async def test_a_reset_link_leaves_the_pool_full_before_the_next_write(healed, calendar):
+    """Every pooled connection reset (a middlebox, the primary's restart): the pool is full
+    again within a second or two, in the background, so the next writes open no connection
+    across the ocean (each would cost a second round trip)."""
+    world = calendar
+    port = free_port()
+    world.set_service(EU, SERVICE, calendar_argv(world, EU, 1, extra=["--port", str(port)]))
+    try:
+        wait_up(port)
+        async with aiohttp.ClientSession(
+            f"http://127.0.0.1:{port}", cookie_jar=aiohttp.CookieJar(unsafe=True)
+        ) as s:
+            async with s.post("/login", json={"name": f"reset-{uuid.uuid4().hex[:6]}"}) as r:
+                assert r.status == 200, await r.text()
+            full = status(port)["forwarding"]["warmed"]
+            assert full >= 1
+            await asyncio.to_thread(world.link, "reset", PRIMARY, EU)
+            deadline = time.monotonic() + 10
+            while (pool := status(port)["forwarding"])["idle_connections"] < full:
+                assert time.monotonic() < deadline, f"the pool stayed short after the reset: {pool}"
+                await asyncio.sleep(0.1)
+            opened = pool["opened"]
+            for n in range(3):
+                async with s.post("/events", json={"title": f"after reset {n}"}) as r:
+                    assert r.status == 201, await r.text()
+            assert status(port)["forwarding"]["opened"] == opened
+    finally:
+        world.kill(EU, SERVICE)

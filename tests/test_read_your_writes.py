@@ -52,15 +52,32 @@ def bare(world, region: str = EU) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(url(world, region), cookie_jar=aiohttp.DummyCookieJar())
 
 
-async def login(c: aiohttp.ClientSession, name: str) -> None:
-    async with c.post("/login", json={"name": name}) as r:
-        assert r.status == 200, await r.text()
+async def login(c: aiohttp.ClientSession, name: str, retries: list | None = None) -> None:
+    status, text = await careful_post(c, "/login", {"name": name}, retries)
+    assert status == 200, text
 
 
-async def create(c: aiohttp.ClientSession, title: str) -> int:
-    async with c.post("/events", json={"title": title}) as r:
-        assert r.status == 201, await r.text()
-        return (await r.json())["id"]
+async def create(c: aiohttp.ClientSession, title: str, retries: list | None = None) -> int:
+    status, text = await careful_post(c, "/events", {"title": title}, retries)
+    assert status == 201, text
+    return json.loads(text)["id"]
+
+
+async def careful_post(c, path: str, data: dict, retries: list | None, within_s: float = 20):
+    """A write as a careful client makes it: with an Idempotency-Key, and again with the same
+    key after a 503, 504 or 409 (what the gateway asks of a client whose write met a busy
+    primary, outlasted the deadline or is still running); `retries` collects each retry. The write runs once whatever
+    the retries: the stored outcome answers them."""
+    key = str(uuid.uuid4())
+    deadline = time.monotonic() + within_s
+    while True:
+        async with c.post(path, json=data, headers={"Idempotency-Key": key}) as r:
+            text = await r.text()
+            if r.status not in (503, 504, 409) or time.monotonic() > deadline:
+                return r.status, text
+        if retries is not None:
+            retries.append((path, r.status))
+        await asyncio.sleep(float(r.headers.get("Retry-After", "0.3") or 0.3))
 
 
 async def read(c: aiohttp.ClientSession, event_id: int, **kw) -> tuple[int, dict, float, bool]:
@@ -153,7 +170,9 @@ async def replicated(world, event_id: int, timeout: float = 10.0) -> None:
 # 1,000 pairs. 25 concurrent users rather than 50: on a small machine (2 CPUs) 50 concurrent
 # writers saturate the primary, forwarded writes pass the gateway's fixed 1 s first-attempt
 # timeout and its retries add load, and some logins end in 504 - a load problem, not the
-# property under test.
+# property under test. With the suite in two workers the machine is busier still, so the
+# users write as careful clients do (`careful_post`: a 503 or 504 retried with its key), and
+# the test bounds how often that was needed.
 USERS, PAIRS = 25, 40
 PAUSE_S, RUN_S = 0.25, 0.1  # replay held back, then let run: well under the 0.5 s bound
 
@@ -168,6 +187,7 @@ async def test_writers_always_read_their_writes_through_a_lagging_replica(healed
     before = gateway_stats(world)
     stale: list[tuple] = []
     errors: list[tuple] = []
+    retries: list[tuple] = []
     read_s: list[float] = []
     forwarded_reads = 0
     stop = asyncio.Event()
@@ -188,10 +208,10 @@ async def test_writers_always_read_their_writes_through_a_lagging_replica(healed
     async def one_user(i: int) -> None:
         nonlocal forwarded_reads
         async with user(world) as c:
-            await login(c, f"ryw-{run}-{i}")
+            await login(c, f"ryw-{run}-{i}", retries)
             for j in range(PAIRS):
                 title = f"ryw {run} {i}.{j}"
-                event_id = await create(c, title)
+                event_id = await create(c, title, retries)
                 status, body, elapsed, forwarded = await read(c, event_id)
                 read_s.append(elapsed)
                 forwarded_reads += forwarded
@@ -217,6 +237,8 @@ async def test_writers_always_read_their_writes_through_a_lagging_replica(healed
     assert stale == [], f"{len(stale)} stale reads out of {USERS * PAIRS}: {stale[:5]}"
     assert errors == [], f"{len(errors)} failed reads out of {USERS * PAIRS}: {errors[:5]}"
     assert cycles >= 3, "the replica was not held back during the run"
+    # A retry now and then is load; a write in twenty needing one is not.
+    assert len(retries) <= USERS * (PAIRS + 1) // 20, retries[:10]
     after = await stats_when(
         world,
         before,
@@ -237,7 +259,7 @@ async def test_writers_always_read_their_writes_through_a_lagging_replica(healed
         f"{delta(after, before, 'reads_forwarded'):.0f} ({forwarded_reads} seen by clients), "
         f"mean wait {delta(after, before, 'wait_ms_total') / max(waited, 1):.0f} ms, "
         f"read p50 {sorted(read_s)[len(read_s) // 2] * 1000:.0f} ms, "
-        f"max {max(read_s) * 1000:.0f} ms, {cycles} pause cycles"
+        f"max {max(read_s) * 1000:.0f} ms, {cycles} pause cycles, {len(retries)} retried writes"
     )
 
 

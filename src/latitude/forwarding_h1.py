@@ -45,6 +45,7 @@ class _Connection(asyncio.Protocol):
         self.limit = limit
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.used_at = time.monotonic()  # when it last finished an answer (`replenish`)
         self._parser = httptools.HttpResponseParser(self)
         self._answer: asyncio.Future[ForwardedResponse] | None = None
         self._can_write = asyncio.Event()
@@ -268,6 +269,7 @@ class H1ForwardingClient(ForwardingBase):
         finally:
             self._busy.discard(conn)
             if reusable and self.pooling:  # a fresh connection that answered is a good one too
+                conn.used_at = time.monotonic()
                 self._idle.append(conn)
             else:
                 conn.close()
@@ -276,33 +278,79 @@ class H1ForwardingClient(ForwardingBase):
         """Open `pool_size` connections now, so the first requests find them ready."""
         if not self.pooling:
             return 0
-
-        async def one() -> _Connection | None:
-            try:
-                conn = await self._connect()
-            except NotSent:
-                return None
-            try:
-                answer = await asyncio.wait_for(
-                    conn.exchange(self._head("GET", "/_latitude/health", [], None), None, False),
-                    5,
-                )
-            except (NoAnswer, AnswerTooLarge, TimeoutError, OSError):
-                conn.close()
-                return None
-            except BaseException:  # a warm-up cut short (the caller's timeout) leaves no socket
-                conn.close()
-                raise
-            if not conn.keep_alive or conn.closed or answer.status >= 500:
-                conn.close()
-                return None
-            return conn
-
-        opened = await asyncio.gather(*(one() for _ in range(self.pool_size)))
+        opened = await asyncio.gather(*(self._checked_connection() for _ in range(self.pool_size)))
         ready = [c for c in opened if c is not None]
         self._idle.extend(ready)
         self.stats.warmed = len(ready)
         return self.stats.warmed
+
+    async def replenish(self, idle_for_s: float = 60.0) -> int:
+        """Keep the pool full while no request needs it: a connection the primary closed (its
+        restart, a reset link, its keep-alive timeout) is replaced now, in the background,
+        instead of by the next write, which would pay a handshake across the ocean for it
+        (a second round trip: the talk's "sometimes +200 ms"); a connection idle for
+        `idle_for_s` asks the primary's health, so the primary's keep-alive timer (300 s
+        under `latitude serve`) never closes it. Returns the connections opened; raises
+        `NotSent` if the primary could not be reached (`keep_full` then backs off)."""
+        if not self.pooling:
+            return 0
+        self._idle = [c for c in self._idle if not c.closed and not c.transport.is_closing()]
+        now = time.monotonic()
+        quiet = [c for c in self._idle if now - c.used_at >= idle_for_s]
+        for conn in quiet:
+            self._idle.remove(conn)  # no request takes it while it is asked
+        kept = await asyncio.gather(*(self._still_alive(c) for c in quiet))
+        self._idle.extend(c for c, ok in zip(quiet, kept, strict=True) if ok)
+        missing = self.pool_size - len(self._idle) - len(self._busy)
+        if missing <= 0:
+            return 0
+        opened = await asyncio.gather(
+            *(self._checked_connection(raises=True) for _ in range(missing)),
+            return_exceptions=True,
+        )
+        ready = [c for c in opened if isinstance(c, _Connection)]
+        self._idle.extend(ready)
+        failed = next((c for c in opened if isinstance(c, BaseException)), None)
+        if failed is not None and not ready:
+            raise failed if isinstance(failed, NotSent) else NotSent(str(failed))
+        return len(ready)
+
+    async def _still_alive(self, conn: _Connection) -> bool:
+        self._busy.add(conn)
+        try:
+            return await self._health(conn)
+        finally:
+            self._busy.discard(conn)
+
+    async def _checked_connection(self, raises: bool = False) -> _Connection | None:
+        """A new connection that has answered the primary's health check, or None (`raises`:
+        `NotSent` when the primary cannot be reached at all)."""
+        try:
+            conn = await self._connect()
+        except NotSent:
+            if raises:
+                raise
+            return None
+        return conn if await self._health(conn) else None
+
+    async def _health(self, conn: _Connection) -> bool:
+        """Ask the primary's health over `conn`; a connection that does not answer well is
+        closed."""
+        try:
+            answer = await asyncio.wait_for(
+                conn.exchange(self._head("GET", "/_latitude/health", [], None), None, False), 5
+            )
+        except (NoAnswer, AnswerTooLarge, TimeoutError, OSError):
+            conn.close()
+            return False
+        except BaseException:  # cut short (the caller's timeout, a shutdown): no socket left
+            conn.close()
+            raise
+        if not conn.keep_alive or conn.closed or answer.status >= 500:
+            conn.close()
+            return False
+        conn.used_at = time.monotonic()
+        return True
 
     def pool_info(self) -> dict[str, int | bool]:
         return {

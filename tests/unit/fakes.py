@@ -258,6 +258,9 @@ class ASGIForwarding:
     async def warm(self) -> int:
         return 0
 
+    async def keep_full(self) -> None:
+        return None  # nothing to keep: the primary is in process
+
     def pool_info(self) -> dict:
         return {"pooling": True, "idle_connections": 0}
 

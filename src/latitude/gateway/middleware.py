@@ -87,6 +87,7 @@ class RegionGateway:
         self._start_lock = asyncio.Lock()
         self._stats_task: asyncio.Task | None = None
         self._purge_task: asyncio.Task | None = None
+        self._pool_task: asyncio.Task | None = None  # the forwarding pool's keeper
         self._primary_db_seen_at = float("-inf")  # when a fallback last reached the primary DB
         # The primary epoch: which region is primary now (latitude.promotion); it may swap
         # `config`, and the route that runs requests here as the primary.
@@ -129,6 +130,7 @@ class RegionGateway:
             if moved:
                 retired.append(self.forwarding)
                 self.forwarding = None
+                self._keep_pool()
             if self.nonce_cache is None:
                 self.nonce_cache = await nonce_cache_for(region.session_store_url)
             if self.idempotency is None:
@@ -151,6 +153,7 @@ class RegionGateway:
             # (promotion.follow retires it).
             retired += [self.forwarding, await self.fallback.detach()]
             self.forwarding = None
+            self._keep_pool()
             if self._purge_task is not None:
                 self._purge_task.cancel()
                 self._purge_task = None
@@ -169,11 +172,21 @@ class RegionGateway:
                     await asyncio.wait_for(self.forwarding.warm(), 2.0)
             else:
                 await self.forwarding.warm()
+            self._keep_pool()
         if region.primary_database_url and not moved:
             # The fallback's pool connects now, in the background: a first fallback write
             # then has no connection to set up over the ocean within its deadline.
             await self.fallback.open()
         return retired
+
+    def _keep_pool(self) -> None:
+        """The pool to the primary kept full while this region forwards to it: connections
+        lost to a restart or a reset link are replaced before a write needs them."""
+        if self._pool_task is not None:
+            self._pool_task.cancel()  # the client it kept is retired
+            self._pool_task = None
+        if self.forwarding is not None:
+            self._pool_task = asyncio.create_task(self.forwarding.keep_full())
 
     async def _publish_stats(self, client, interval_s: float = 1.0) -> None:
         """Add this process's counters to the region's shared tally (a Valkey hash), so a
@@ -199,12 +212,12 @@ class RegionGateway:
                 log.debug("could not publish gateway stats: %s", exc)
 
     async def shutdown(self) -> None:
-        for task in (self._stats_task, self._purge_task):
+        for task in (self._stats_task, self._purge_task, self._pool_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        self._stats_task = self._purge_task = None
+        self._stats_task = self._purge_task = self._pool_task = None
         for closer in (
             getattr(self.forwarding, "close", None),
             getattr(self.idempotency, "close", None),
