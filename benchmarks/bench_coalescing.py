@@ -1,6 +1,7 @@
-"""One send per answer: uvicorn's own httptools protocol against the one `latitude serve` runs
+"""One send per answer: uvicorn's own httptools protocol, the one `latitude serve` runs
 (`BoundedHttpToolsProtocol`: the header bounds, and the head held back for its body,
-`latitude/gateway/coalescing.py`), serving the same small app in the same run.
+`latitude/gateway/coalescing.py`), and that one with the head sent on its own, serving the
+same small app in the same run.
 
     python benchmarks/bench_coalescing.py [--json FILE] [--seconds S] [--rounds N]
 
@@ -30,6 +31,7 @@ from latitude import atomic
 
 PROTOCOLS = {
     "uvicorn": "httptools",
+    "latitude_one_send_off": "benchmarks._floor_apps:UncoalescedHttpToolsProtocol",
     "latitude": "latitude.gateway.connections:BoundedHttpToolsProtocol",
 }
 
@@ -85,7 +87,7 @@ def main() -> int:
         for name, port in ports.items():
             wait_http(f"http://{HOST}:{port}/", 30, f"uvicorn with the {name} protocol")
         for i in range(args.rounds):
-            say(f"round {i + 1} of {args.rounds}: uvicorn's protocol, then Latitude's")
+            say(f"round {i + 1} of {args.rounds}: uvicorn's protocol, Latitude's without and with")
             rounds.append(asyncio.run(one_round(ports, pids, args.seconds)))
     figures = summarize(rounds)
     figures["load_average"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
@@ -96,12 +98,16 @@ def main() -> int:
 
 
 def summarize(rounds: list[dict]) -> dict:
+    """Per figure: each server's values, and Latitude's protocol's ratios to uvicorn's own and
+    to itself with one send per answer off (the baselines, round by round)."""
     out: dict = {}
     for figure in ("cpu_ms_one_connection", "cpu_ms_32_connections", "p50_ms_one_connection"):
-        ratios = [r["latitude"][figure] / max(r["uvicorn"][figure], 1e-9) for r in rounds]
-        out[figure] = {name: [r[name][figure] for r in rounds] for name in PROTOCOLS}
-        out[figure]["ratios"] = [round(x, 3) for x in ratios]
-        out[figure]["median_ratio"] = round(statistics.median(ratios), 3)
+        row: dict = {name: [r[name][figure] for r in rounds] for name in PROTOCOLS}
+        for base in ("uvicorn", "latitude_one_send_off"):
+            ratios = [r["latitude"][figure] / max(r[base][figure], 1e-9) for r in rounds]
+            row[f"ratios_to_{base}"] = [round(x, 3) for x in ratios]
+            row[f"median_ratio_to_{base}"] = round(statistics.median(ratios), 3)
+        out[figure] = row
     return out
 
 
@@ -113,11 +119,13 @@ def report(f: dict) -> None:
         ("p50_ms_one_connection", "p50 latency, one connection"),
     ):
         row = f[figure]
-        print(
-            f"{what}: uvicorn {', '.join(f'{v:g}' for v in row['uvicorn'])} ms, "
-            f"latitude {', '.join(f'{v:g}' for v in row['latitude'])} ms -> "
-            f"ratio {', '.join(f'{v:g}' for v in row['ratios'])} (median {row['median_ratio']:g})"
-        )
+        print(f"{what} (ms):")
+        for name in PROTOCOLS:
+            print(f"  {name:24} {', '.join(f'{v:g}' for v in row[name])}")
+        for base in ("uvicorn", "latitude_one_send_off"):
+            ratios = ", ".join(f"{v:g}" for v in row[f"ratios_to_{base}"])
+            median = row[f"median_ratio_to_{base}"]
+            print(f"  latitude / {base}: {ratios} (median {median:g})")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,19 @@ class _HeaderBounds:
         self._pending: _PendingHeaders = server_state.latitude_pending_headers
         self._waiting_since: float | None = None
 
+    # One send per answer, its head with its body (coalescing.py); off only to measure it
+    # (benchmarks/bench_coalescing.py).
+    coalesce_answers = True
+
+    def _answers_through(self, transport):
+        if self.coalesce_answers:
+            return CoalescingTransport(transport, self.loop)
+        return transport
+
+    def _answer_complete(self) -> None:
+        if self.coalesce_answers:
+            self.transport.flush()  # an answer with no body: its head goes now, not a turn later
+
     def _between_requests(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
 
@@ -134,12 +147,11 @@ class BoundedHttpToolsProtocol(_HeaderBounds, HttpToolsProtocol):
         self._header_bytes = 0
 
     def connection_made(self, transport) -> None:
-        # One send per answer, its head with its body (coalescing.py).
-        super().connection_made(CoalescingTransport(transport, self.loop))
+        super().connection_made(self._answers_through(transport))
         self._await_headers()
 
     def on_response_complete(self) -> None:
-        self.transport.flush()  # an answer with no body: its head goes now, not a turn later
+        self._answer_complete()
         super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
@@ -181,12 +193,11 @@ class BoundedH11Protocol(_HeaderBounds, H11Protocol):
         self._init_bounds(config, server_state)
 
     def connection_made(self, transport) -> None:
-        # One send per answer, its head with its body (coalescing.py).
-        super().connection_made(CoalescingTransport(transport, self.loop))
+        super().connection_made(self._answers_through(transport))
         self._await_headers()
 
     def on_response_complete(self) -> None:
-        self.transport.flush()  # an answer with no body: its head goes now, not a turn later
+        self._answer_complete()
         super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
