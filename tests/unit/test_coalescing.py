@@ -68,12 +68,18 @@ def body(data: bytes, more: bool = False) -> dict:
     return {"type": "http.response.body", "body": data, "more_body": more}
 
 
-async def serve(app, requests: bytes, settle_s: float = 0.05) -> RecordingTransport:
+def connected(app) -> tuple[BoundedHttpToolsProtocol, RecordingTransport]:
+    """`latitude serve`'s protocol for `app`, on a connection just made."""
     config = uvicorn.Config(app, lifespan="off", log_level="error")
     config.load()
     protocol = BoundedHttpToolsProtocol(config, ServerState(), {}, asyncio.get_running_loop())
     transport = RecordingTransport()
     protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def serve(app, requests: bytes, settle_s: float = 0.05) -> RecordingTransport:
+    protocol, transport = connected(app)
     protocol.data_received(requests)
     await asyncio.sleep(settle_s)
     protocol.connection_lost(None)
@@ -107,11 +113,7 @@ async def test_answers_without_a_body_are_sent():
 
 async def test_a_streamed_answers_head_is_held_no_longer_than_a_turn_of_the_loop():
     app = answering(start(), body(b"first", more=True), body(b"last"), pause_s=0.2)
-    config = uvicorn.Config(app, lifespan="off", log_level="error")
-    config.load()
-    protocol = BoundedHttpToolsProtocol(config, ServerState(), {}, asyncio.get_running_loop())
-    transport = RecordingTransport()
-    protocol.connection_made(transport)
+    protocol, transport = connected(app)
     protocol.data_received(GET)
     await asyncio.sleep(0.05)
     assert len(transport.writes) == 1 and transport.writes[0].startswith(b"HTTP/1.1 200 OK")
