@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import pytest
 
@@ -286,7 +287,7 @@ async def test_a_quiet_connection_is_kept_open_by_asking_the_primarys_health(pri
 
 
 async def test_an_unreachable_primary_is_asked_less_and_less_often():
-    with contextlib.closing(__import__("socket").socket()) as s:
+    with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connections are refused
         client = H1ForwardingClient(f"http://127.0.0.1:{port}", pool_size=4)
