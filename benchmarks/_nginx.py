@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,6 +77,15 @@ def find_nginx(install: bool) -> tuple[str | None, str]:
         os.kill(int(Path("/run/nginx.pid").read_text()), signal.SIGQUIT)
     found = shutil.which("nginx") or "/usr/sbin/nginx"
     return (found, "") if os.access(found, os.X_OK) else (None, "nginx-light installed no nginx")
+
+
+def nginx_or_exit(install: bool) -> str:
+    """nginx's path, for a benchmark that has no figure without it: else its error, exit 2."""
+    nginx, why = find_nginx(install)
+    if nginx is None:
+        print(f"error: {why}", file=sys.stderr)
+        raise SystemExit(2)
+    return nginx
 
 
 def nginx_version(nginx: str) -> str:

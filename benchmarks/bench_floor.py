@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from _lab import HOST, build_request, free_port, run_load, say, uvicorn_argv, wait_http
-from _nginx import find_nginx, nginx_version, running_nginx
+from _nginx import nginx_or_exit, nginx_version, running_nginx
 
 from latitude import atomic
 
@@ -105,10 +105,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="Alternating rounds of all three.")
     ap.add_argument("--install-nginx", action="store_true", help="apt-get nginx if missing.")
     args = ap.parse_args()
-    nginx, why = find_nginx(args.install_nginx)
-    if nginx is None:
-        print(f"error: {why}", file=sys.stderr)
-        return 2
+    nginx = nginx_or_exit(args.install_nginx)
     load0 = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         up_port, up = uvicorn_app("upstream", "the upstream")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 from _lab import HOST, pct, say, summary, throwaway_world
-from _nginx import find_nginx, nginx_version, running_nginx
+from _nginx import nginx_or_exit, nginx_version, running_nginx
 from bench_gateway import (
     PRIMARY,
     REPLICA,
@@ -43,6 +43,19 @@ from bench_gateway import (
 from latitude import atomic
 
 
+def connections_by_purpose(world) -> dict[str, float]:
+    """What the replica's gateway has opened across the link so far, by its own counters: the
+    forwarding pool, its liveness probes, the dashboard's sampler, the epoch follower."""
+    status = gateway_status(port_of(world, REPLICA))
+    return {
+        "pool_at_requests": status["forwarding"]["opened"],
+        "pool_refills": status["forwarding"]["refilled"],
+        "liveness_probes": status["forwarding"]["probes"],
+        "dashboard_sampler": status["decisions"].get("sampler_connections", 0),
+        "epoch_peers": status["epoch"].get("peer_connections", 0),
+    }
+
+
 async def attempt(c: aiohttp.ClientSession) -> tuple[int, float]:
     """One write: its status and, for a 201, its time in ms."""
     t0 = time.perf_counter()
@@ -55,9 +68,9 @@ async def rounds(world, targets: dict[str, tuple[int, int]], n: int, quiet_s: fl
     clients = {name: fresh_client(port) for name, (port, _) in targets.items()}
     near = fresh_client(port_of(world, PRIMARY))
     out = {name: {"first": [], "second": [], "failed": 0, "opened": 0} for name in targets}
-    pool_opened = (
-        0  # the replica gateway's own count: the relay also carries its dashboard's probes
-    )
+    # The replica gateway's own counts of what it opened across the link, by purpose: its
+    # relay also carries the dashboard's samples and the epoch follower's peer questions.
+    opened_by: dict[str, float] = {}
     direct: list[float] = []
     try:
         for c in [*clients.values(), near]:
@@ -69,7 +82,7 @@ async def rounds(world, targets: dict[str, tuple[int, int]], n: int, quiet_s: fl
             await asyncio.to_thread(world.link, "reset", PRIMARY, REPLICA)
             await asyncio.sleep(quiet_s)
             before = {name: relay_connections(world, relay) for name, (_, relay) in targets.items()}
-            pool_before = gateway_status(port_of(world, REPLICA))["forwarding"]["opened"]
+            by_before = connections_by_purpose(world)
             for name, c in clients.items():
                 for which in ("first", "second"):
                     status, ms = await attempt(c)
@@ -79,9 +92,8 @@ async def rounds(world, targets: dict[str, tuple[int, int]], n: int, quiet_s: fl
                         out[name]["failed"] += 1
             for name, (_, relay) in targets.items():
                 out[name]["opened"] += relay_connections(world, relay) - before[name]
-            pool_opened += (
-                gateway_status(port_of(world, REPLICA))["forwarding"]["opened"] - pool_before
-            )
+            for purpose, count in connections_by_purpose(world).items():
+                opened_by[purpose] = opened_by.get(purpose, 0) + count - by_before.get(purpose, 0)
             for _ in range(3):
                 direct.append(await timed_write(near, PRIMARY))
             say(f"  round {i + 1}/{n}")
@@ -90,7 +102,9 @@ async def rounds(world, targets: dict[str, tuple[int, int]], n: int, quiet_s: fl
             await c.close()
     ideal = RTT_MS + pct(direct, 50)
     result: dict = {"rounds": n, "quiet_s": quiet_s, "ideal_ms": round(ideal, 2)}
-    result["latitude_pool_connections_per_round"] = round(pool_opened / n, 2)
+    result["latitude_connections_per_round_by_purpose"] = {
+        purpose: round(count / n, 2) for purpose, count in opened_by.items()
+    }
     for name, x in out.items():
         result[name] = {
             "first_write": summary(x["first"]) if x["first"] else None,
@@ -113,10 +127,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.rounds < 1 or args.quiet_s < 0:
         ap.error("--rounds >= 1 and --quiet-s >= 0, please")
-    nginx, why = find_nginx(args.install_nginx)
-    if nginx is None:
-        print(f"error: {why}", file=sys.stderr)
-        return 2
+    nginx = nginx_or_exit(args.install_nginx)
     load0 = os.getloadavg()[0]
     with throwaway_world("bench-reset-", TOPOLOGY) as world:
         start_calendar(world, PRIMARY)
@@ -158,11 +169,11 @@ def report(f: dict) -> None:
             + f"; {x['failed_writes']} failed; {x['new_link_connections_per_round']:g} new link "
             "connections per round at write time"
         )
-    print(
-        "  latitude's pool opened "
-        f"{f['latitude_pool_connections_per_round']:g} per round at write time (the rest of its "
-        "relay's: the dashboard's probes)"
+    by = ", ".join(
+        f"{purpose} {count:g}"
+        for purpose, count in f["latitude_connections_per_round_by_purpose"].items()
     )
+    print(f"  the replica gateway's own count of those, per round: {by}")
 
 
 if __name__ == "__main__":

@@ -310,3 +310,30 @@ async def test_an_unreachable_primary_is_asked_less_and_less_often():
         # Every 10 ms would be ~60 rounds; doubling up to 160 ms leaves 6-7.
         assert 3 <= rounds <= 8, rounds
         await client.close()
+
+
+async def test_the_pool_is_refilled_as_soon_as_an_answer_proves_the_primary_back():
+    primary = Primary()
+    server = await asyncio.start_server(primary.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()  # the primary is down: connections are refused
+    client = H1ForwardingClient(f"http://127.0.0.1:{port}", pool_size=3, connect_timeout_s=1.0)
+    keeper = asyncio.create_task(client.keep_full(every_s=0.02, most_s=30))
+    try:
+        await asyncio.sleep(1.5)  # failed rounds: the back-off has grown past a second
+        assert client.pool_info()["idle_connections"] == 0
+        server = await asyncio.start_server(primary.handle, "127.0.0.1", port, reuse_address=True)
+        answer = await client.send("POST", "/echo", [], b"x", timeout_s=2)  # a request's own
+        assert answer.status == 201
+        await asyncio.sleep(0.3)  # a few of the keeper's ticks, far less than its back-off
+        info = client.pool_info()
+        assert info["idle_connections"] == 3 and info["refilled"] == 2, info
+        assert info["opened"] == 1  # the request's connection; the rest refilled in the background
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        await client.close()
+        server.close()
+        await server.wait_closed()

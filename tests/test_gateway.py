@@ -311,7 +311,7 @@ def gateway_figures(world, region: str = EU) -> dict:
 # the forwarding pool (retries on a fresh connection included), its path checks, the
 # dashboard's sampler and the epoch follower's peer questions.
 OPENED = ("forwarding_connections", "forwarding_probes", "sampler_connections")
-OPENED += ("epoch_peer_connections",)
+OPENED += ("epoch_peer_connections", "forwarding_refills")
 
 
 def opened_by(figures: dict) -> dict:

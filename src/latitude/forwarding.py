@@ -10,7 +10,6 @@ retry with the same idempotency key is safe).
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -19,8 +18,6 @@ from typing import Protocol
 
 import aiohttp
 import yarl
-
-log = logging.getLogger("latitude.forwarding")
 
 
 class ForwardingError(Exception):
@@ -109,7 +106,8 @@ class ForwardingStats:
     """What `pool_info` reports (the gateway's own counters count requests and failures)."""
 
     warmed: int = 0
-    opened: int = 0  # new connections the pool (and fresh-connection retries) opened
+    opened: int = 0  # new connections requests opened (the pool had none idle, or a retry's)
+    refilled: int = 0  # new connections opened in the background to keep the pool full
     probes: int = 0  # new connections opened by can_connect
     probes_spared: int = 0  # can_connect answered by a recent answer or a shared probe
 
@@ -187,26 +185,10 @@ class ForwardingBase:
         # the probe the others wait on.
         return await asyncio.shield(self._probe)
 
-    async def replenish(self, idle_for_s: float = 60.0) -> int:
-        """Replace the pool's lost connections now (`forwarding_h1`); aiohttp's pool is its
-        own, so this base keeps nothing."""
-        return 0
-
-    async def keep_full(self, every_s: float = 1.0, most_s: float = 30.0) -> None:
-        """`replenish` every `every_s` for as long as the gateway runs (a task it cancels);
-        while the primary cannot be reached, less and less often (doubling up to `most_s`),
-        so an outage is not met with a connection attempt per pool slot every second."""
-        wait = every_s
-        while True:
-            await asyncio.sleep(wait)
-            try:
-                await self.replenish()
-                wait = every_s
-            except NotSent:
-                wait = min(wait * 2, most_s)
-            except Exception as exc:  # a bug must not end the keeping, nor stay unseen
-                log.warning("keeping the pool to %s full failed: %r", self.base_url, exc)
-                wait = min(wait * 2, most_s)
+    async def keep_full(self) -> None:
+        """Keep the pool's connections open while the gateway runs (`forwarding_h1`); aiohttp
+        keeps its pool its own way, so this client only warms it at start-up."""
+        return None
 
     async def _open_probe(self, timeout_s: float | None) -> bool:
         from urllib.parse import urlsplit

@@ -17,6 +17,7 @@ connection in the pool never holds the end of an old answer.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +34,8 @@ from latitude.forwarding import (
 )
 
 __all__ = ["H1ForwardingClient"]
+
+log = logging.getLogger("latitude.forwarding")
 
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
@@ -201,7 +204,6 @@ class H1ForwardingClient(ForwardingBase):
             raise NotSent(f"connecting to {self.base_url} timed out") from exc
         except (OSError, ssl.SSLError) as exc:
             raise NotSent(f"cannot connect to the primary at {self.base_url}: {exc}") from exc
-        self.stats.opened += 1
         return conn
 
     def _idle_connection(self) -> _Connection | None:
@@ -250,6 +252,7 @@ class H1ForwardingClient(ForwardingBase):
         conn = None if fresh_connection or not self.pooling else self._idle_connection()
         if conn is None:
             conn = await self._connect()
+            self.stats.opened += 1
         self._busy.add(conn)
         reusable = False
         try:
@@ -278,11 +281,34 @@ class H1ForwardingClient(ForwardingBase):
         """Open `pool_size` connections now, so the first requests find them ready."""
         if not self.pooling:
             return 0
-        opened = await asyncio.gather(*(self._checked_connection() for _ in range(self.pool_size)))
+        opened = await asyncio.gather(
+            *(self._checked_connection("opened") for _ in range(self.pool_size))
+        )
         ready = [c for c in opened if c is not None]
         self._idle.extend(ready)
         self.stats.warmed = len(ready)
         return self.stats.warmed
+
+    async def keep_full(self, every_s: float = 1.0, most_s: float = 30.0) -> None:
+        """`replenish` every `every_s` for as long as the gateway runs (a task it cancels).
+        While the primary cannot be reached, less and less often (doubling up to `most_s`), so
+        an outage is not met with a connection attempt per pool slot every second; but at once
+        (at the next `every_s`) when an answer or a probe proves the path up again, so the pool
+        is not left short for the rest of a back-off once the outage is over."""
+        wait, failed_at = every_s, None
+        while True:
+            slept = 0.0
+            while slept < wait and (failed_at is None or self._alive_at <= failed_at):
+                await asyncio.sleep(every_s)
+                slept += every_s
+            try:
+                await self.replenish()
+                wait, failed_at = every_s, None
+            except NotSent:
+                wait, failed_at = min(wait * 2, most_s), time.monotonic()
+            except Exception as exc:  # a bug must not end the keeping, nor stay unseen
+                log.warning("keeping the pool to %s full failed: %r", self.base_url, exc)
+                wait, failed_at = min(wait * 2, most_s), time.monotonic()
 
     async def replenish(self, idle_for_s: float = 60.0) -> int:
         """Keep the pool full while no request needs it: a connection the primary closed (its
@@ -305,7 +331,7 @@ class H1ForwardingClient(ForwardingBase):
         if missing <= 0:
             return 0
         opened = await asyncio.gather(
-            *(self._checked_connection(raises=True) for _ in range(missing)),
+            *(self._checked_connection("refilled", raises=True) for _ in range(missing)),
             return_exceptions=True,
         )
         ready = [c for c in opened if isinstance(c, _Connection)]
@@ -322,15 +348,16 @@ class H1ForwardingClient(ForwardingBase):
         finally:
             self._busy.discard(conn)
 
-    async def _checked_connection(self, raises: bool = False) -> _Connection | None:
+    async def _checked_connection(self, counter: str, raises: bool = False) -> _Connection | None:
         """A new connection that has answered the primary's health check, or None (`raises`:
-        `NotSent` when the primary cannot be reached at all)."""
+        `NotSent` when the primary cannot be reached at all); counted in `stats.<counter>`."""
         try:
             conn = await self._connect()
         except NotSent:
             if raises:
                 raise
             return None
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         return conn if await self._health(conn) else None
 
     async def _health(self, conn: _Connection) -> bool:
@@ -358,6 +385,7 @@ class H1ForwardingClient(ForwardingBase):
             "idle_connections": sum(1 for c in self._idle if not c.closed),
             "warmed": self.stats.warmed,
             "opened": self.stats.opened,
+            "refilled": self.stats.refilled,
             "probes": self.stats.probes,
             "probes_spared": self.stats.probes_spared,
         }

@@ -200,6 +200,7 @@ class RegionGateway:
             if self.forwarding is not None:  # new connections: the pool's, the path checks'
                 info = self.forwarding.pool_info()
                 now["forwarding_connections"] = info.get("opened", 0)
+                now["forwarding_refills"] = info.get("refilled", 0)
                 now["forwarding_probes"] = info.get("probes", 0)
             delta = {k: v - sent.get(k, 0) for k, v in now.items() if v != sent.get(k, 0)}
             if not delta:
