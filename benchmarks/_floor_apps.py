@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 from latitude.forwarding_h1 import H1ForwardingClient
-from latitude.gateway.connections import BoundedHttpToolsProtocol
 
 # The size of the calendar's answer to a created event.
 ANSWER = b'{"id": 1, "title": "standup", "when": "2026-12-02T10:00:00Z", "by": "ada"}' * 3
@@ -77,10 +76,3 @@ class _Hop:
 
 
 hop = _Hop()
-
-
-class UncoalescedHttpToolsProtocol(BoundedHttpToolsProtocol):
-    """`latitude serve`'s protocol with each answer's head sent on its own, as uvicorn does
-    (bench_coalescing.py measures the difference)."""
-
-    coalesce_answers = False

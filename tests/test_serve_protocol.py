@@ -1,7 +1,7 @@
-"""The protocol `latitude serve` runs (`BoundedHttpToolsProtocol`, with one send per answer)
-under a real uvicorn on a real socket, driven by clients nobody here wrote: a WebSocket
-upgrade hands the connection on through the coalescing transport, and keep-alive HTTP answers
-arrive whole and in order."""
+"""The protocol `latitude serve` runs (`BoundedHttpToolsProtocol`: uvicorn's, with header
+bounds) under a real uvicorn on a real socket, driven by clients nobody here wrote: a
+WebSocket upgrade hands the connection on, and pipelined keep-alive answers arrive whole and
+in order."""
 
 from __future__ import annotations
 
@@ -64,19 +64,19 @@ def server():
     assert not thread.is_alive()
 
 
-def test_a_websocket_upgrade_goes_through_the_coalescing_transport(server):
+def test_a_websocket_upgrade_is_handed_on_by_latitude_serves_protocol(server):
     ws = websocket.create_connection(f"ws://127.0.0.1:{server}/chat", timeout=5)
     try:
         for n in range(50):
             ws.send(f"m{n}")
-            assert ws.recv() == f"echo m{n}"  # each answer at once: nothing held back for good
+            assert ws.recv() == f"echo m{n}"
     finally:
         ws.close()
 
 
 def test_keep_alive_answers_arrive_whole_and_in_order(server):
     with socket.create_connection(("127.0.0.1", server), timeout=5) as s:
-        sizes = [1, 5000, 2, 20000]  # bodies under and over what is held back
+        sizes = [1, 5000, 2, 20000]
         s.sendall(b"".join(b"GET /%d HTTP/1.1\r\nhost: x\r\n\r\n" % n for n in sizes))
         data = b""
         expected = [("caf\u00e9 " * n).encode() for n in sizes]

@@ -27,7 +27,6 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from latitude.gateway.coalescing import CoalescingTransport
 from latitude.gateway.config import DEFAULT_MAX_PENDING_HEADERS
 
 _TIMEOUT_ANSWER = (
@@ -57,19 +56,6 @@ class _HeaderBounds:
             )
         self._pending: _PendingHeaders = server_state.latitude_pending_headers
         self._waiting_since: float | None = None
-
-    # One send per answer, its head with its body (coalescing.py); off only to measure it
-    # (benchmarks/bench_coalescing.py).
-    coalesce_answers = True
-
-    def _answers_through(self, transport):
-        if self.coalesce_answers:
-            return CoalescingTransport(transport, self.loop)
-        return transport
-
-    def _answer_complete(self) -> None:
-        if self.coalesce_answers:
-            self.transport.flush()  # an answer with no body: its head goes now, not a turn later
 
     def _between_requests(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
@@ -147,12 +133,8 @@ class BoundedHttpToolsProtocol(_HeaderBounds, HttpToolsProtocol):
         self._header_bytes = 0
 
     def connection_made(self, transport) -> None:
-        super().connection_made(self._answers_through(transport))
+        super().connection_made(transport)
         self._await_headers()
-
-    def on_response_complete(self) -> None:
-        self._answer_complete()
-        super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._waiting_since is None and self._between_requests():
@@ -193,12 +175,8 @@ class BoundedH11Protocol(_HeaderBounds, H11Protocol):
         self._init_bounds(config, server_state)
 
     def connection_made(self, transport) -> None:
-        super().connection_made(self._answers_through(transport))
+        super().connection_made(transport)
         self._await_headers()
-
-    def on_response_complete(self) -> None:
-        self._answer_complete()
-        super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._waiting_since is None and self._between_requests():
