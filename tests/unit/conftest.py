@@ -99,7 +99,7 @@ def calendar_app(db: Database):
             session.clear()
         elif method == "POST" and path == "/grow":
             session["blob"] = "x" * 10_000  # past session_limit_bytes
-        elif method == "POST" and path == "/boom":
+        elif path == "/boom":  # any method: a GET of it is served where it is asked
             raise RuntimeError("the app failed")
         elif method == "POST" and path == "/write-then-boom":
             db.begin()

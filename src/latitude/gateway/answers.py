@@ -86,6 +86,16 @@ class GatewayFault(Refused):
     request whose answer had not started: the client hears so, with the request's key."""
 
 
+class FailedHere(Refused):
+    """An error that no part names (the app's, unhandled, or the gateway's) stopped a request
+    served in this region before its answer started: a named 500, logged with its traceback,
+    never the server's bare one. `changes`: the request was one that may change things."""
+
+    def __init__(self, region: str, *, changes: bool) -> None:
+        super().__init__(region)
+        self.changes = changes
+
+
 class AppFailed(Refused):
     """The app raised, or left a session no store can keep, while running a forwarded request."""
 
@@ -141,6 +151,13 @@ def _fault(exc: BaseException) -> str:
         f"the primary region: retry with the header Idempotency-Key: {exc.key}; it will not be "
         "applied twice."
     )
+
+
+def _failed_here(exc: BaseException) -> str:
+    detail = f"An error stopped the request in region {exc} before its answer started; it is logged there."
+    if getattr(exc, "changes", False):
+        detail += " A change it made may stand: reload to see before trying again."
+    return detail
 
 
 def _stalled(exc: BaseException) -> str:
@@ -220,6 +237,7 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (BadEnvelope, Refusal(400, "Bad forwarding envelope")),
     (GatewayFault, Refusal(502, "The gateway failed", 1, _fault)),
     (AppFailed, Refusal(500, "Internal error")),
+    (FailedHere, Refusal(500, "Internal error", None, _failed_here)),
 )
 
 

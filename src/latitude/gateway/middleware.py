@@ -21,7 +21,7 @@ from collections import Counter
 from latitude import db
 from latitude.forwarding import Forwarding, ForwardingClient
 from latitude.forwarding_h1 import H1ForwardingClient
-from latitude.gateway.answers import DeadlinePassed, refuse
+from latitude.gateway.answers import DeadlinePassed, FailedHere, refuse
 from latitude.gateway.classify import SAFE_METHODS, Decision, classify
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.envelope import FORWARDED_FROM
@@ -300,22 +300,35 @@ class RegionGateway:
         )
         self.counters[decision.value] += 1
         note(scope, decision=decision.value)
+        box, send = watch_answer(scope, send)
         try:
-            if decision is Decision.LATITUDE:
-                await self._own_endpoint(scope, send)
-            elif decision is Decision.VERIFY:
-                await self.primary(scope, receive, send)
-            elif decision is Decision.PRIMARY:
-                await self.run_here(scope, receive, send, self.primary_route)
-            elif decision is Decision.LOCAL and scope["method"] not in SAFE_METHODS:
-                # Listed `local`: a POST that only reads runs here, never forwarded.
-                await self.run_here(scope, receive, send, db.REPLICA)
-            elif decision is Decision.LOCAL:
-                await self._serve_read(scope, receive, send)
-            else:
-                await self.replica.forward(scope, receive, send)
+            await self._dispatch(decision, scope, receive, send)
         except ClientDisconnected:
             self.counters["client_disconnected"] += 1
+        except Exception:
+            if TTFB in box:  # half an answer is out: only closing the connection is left
+                raise
+            region = self.config.region.name
+            log.exception("%s %s failed in %s", scope["method"], scope["path"], region)
+            self.counters["failed_here"] += 1
+            changes = scope["method"] not in SAFE_METHODS
+            await refuse(scope, send, FailedHere(region, changes=changes))
+
+    async def _dispatch(self, decision: Decision, scope: Scope, receive: Receive, send: Send):
+        """The request's way, as `classify` decided it (the module doc lists each one's home)."""
+        if decision is Decision.LATITUDE:
+            await self._own_endpoint(scope, send)
+        elif decision is Decision.VERIFY:
+            await self.primary(scope, receive, send)
+        elif decision is Decision.PRIMARY:
+            await self.run_here(scope, receive, send, self.primary_route)
+        elif decision is Decision.LOCAL and scope["method"] not in SAFE_METHODS:
+            # Listed `local`: a POST that only reads runs here, never forwarded.
+            await self.run_here(scope, receive, send, db.REPLICA)
+        elif decision is Decision.LOCAL:
+            await self._serve_read(scope, receive, send)
+        else:
+            await self.replica.forward(scope, receive, send)
 
     def edge_scope(self, scope: Scope) -> Scope:
         """The request as the app may see it: no client-set trust headers."""

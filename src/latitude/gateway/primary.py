@@ -26,6 +26,7 @@ from latitude.gateway.answers import (
     BudgetSpent,
     Busy,
     Demoted,
+    GatewayFault,
     KeyInProgress,
     KeyReused,
     NotPrimary,
@@ -60,6 +61,7 @@ from latitude.gateway.envelope import (
 from latitude.gateway.messages import (
     BodyTooLarge,
     CapturedResponse,
+    ClientDisconnected,
     Receive,
     Scope,
     Send,
@@ -67,7 +69,7 @@ from latitude.gateway.messages import (
     header,
     send_response,
 )
-from latitude.gateway.observe import note
+from latitude.gateway.observe import TTFB, note, watch_answer
 from latitude.gateway.positions import request_route
 from latitude.gateway.upstream import HttpUpstream
 from latitude.idempotency import Claim, IdempotencyUnavailable, Outcome
@@ -161,6 +163,7 @@ class PrimarySide:
         gw = self.gateway
         cfg = gw.config
         headers = scope["headers"]
+        box, send = watch_answer(scope, send)
         try:
             # The replica's gateway bounds the body; the session rides after it.
             body = await SpooledBody.read(
@@ -187,6 +190,19 @@ class PrimarySide:
             if isinstance(exc, IdempotencyUnavailable):  # a retry with the key is the way on
                 with_key(exc, header(headers, IDEMPOTENCY_KEY))
             await self._refuse_signed(send, headers, exc)
+        except ClientDisconnected:
+            raise
+        except Exception as exc:
+            if TTFB in box:  # half an answer is out: only closing the connection is left
+                raise
+            # A bug of ours or an error no part names, before the answer: signed, so the
+            # replica relays it with the key (a claim of a run that failed was released, one
+            # whose effects committed answers a retry as applied, not by running again).
+            log.exception("a forwarded %s %s failed", scope["method"], scope["path"])
+            gw.counters["gateway_fault"] += 1
+            key = header(headers, IDEMPOTENCY_KEY)
+            fault = GatewayFault(f"{type(exc).__name__} at the primary region", key=key)
+            await self._refuse_signed(send, headers, fault)
         finally:
             body.close()
 
