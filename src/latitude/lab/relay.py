@@ -143,7 +143,7 @@ class LinkRelay:
             self._cut = True
             self._drop_listener()
 
-    def _target_refused(self) -> None:
+    def target_refused(self) -> None:
         """The service behind the relay refused a connect: it is down (its host is not).
 
         A real client would have seen that refusal as ECONNREFUSED from its own connect; here
@@ -320,19 +320,34 @@ class LinkRelay:
             # Started under the lock so close() either sees this connection or refuses it.
             conn.start()
 
-    def _forget(self, conn: Connection) -> None:
-        with self._lock:
-            self._connections.discard(conn)
+    # -- what its connections ask of it ----------------------------------------------------
 
-    def _count(self, direction: str, sent: int) -> None:
-        with self._lock:
-            self._bytes[direction] += sent
+    @property
+    def is_cut(self) -> bool:
+        return self._cut
 
-    def _one_way_delay(self) -> float:
+    @property
+    def target_addresses(self) -> list[tuple[int, tuple]]:
+        """Where the service behind the link listens: (address family, address) pairs."""
+        return self._target_addresses
+
+    def one_way_delay(self) -> float:
+        """Seconds a piece of data sent now spends crossing the link (half the RTT, plus
+        jitter drawn afresh for each piece)."""
         delay_ms = self._rtt_ms / 2
         if self._jitter_ms:
             delay_ms += self._random.uniform(0, self._jitter_ms)
         return delay_ms / 1000
+
+    def count(self, direction: str, sent: int) -> None:
+        """`sent` bytes crossed the link towards the target ("to_target") or the client."""
+        with self._lock:
+            self._bytes[direction] += sent
+
+    def forget(self, conn: Connection) -> None:
+        """A connection has ended: it is no longer the link's to reset or close."""
+        with self._lock:
+            self._connections.discard(conn)
 
 
 def check_ms(name: str, value: float) -> None:

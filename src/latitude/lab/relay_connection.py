@@ -90,7 +90,7 @@ class _Direction:
 
     def push(self, arrival: float, payload: bytes | None) -> None:
         """Schedule ``payload`` to cross the link; it never overtakes what is queued before it."""
-        delay = self.conn.relay._one_way_delay()
+        delay = self.conn.relay.one_way_delay()
         with self.lock:
             deadline = max(self.last_deadline, arrival + delay)
             self.last_deadline = deadline
@@ -112,7 +112,7 @@ class _Direction:
         conn, relay = self.conn, self.conn.relay
         with self.lock:
             while not conn.aborted:
-                if relay._cut:
+                if relay.is_cut:
                     self.has_data.wait()
                     continue
                 remaining = deadline - time.monotonic()
@@ -149,7 +149,7 @@ class _Direction:
                 while True:
                     if conn.aborted:
                         return
-                    if not self.queue or relay._cut:
+                    if not self.queue or relay.is_cut:
                         self.has_data.wait()
                         continue
                     deadline, payload = self.queue[0]
@@ -191,10 +191,10 @@ class _Direction:
             except OSError:
                 # The receiver is gone (it closed or reset). The sender learns of it the way
                 # TCP would tell it: a reset crossing the link back.
-                conn.abort_after(conn.relay._one_way_delay())
+                conn.abort_after(conn.relay.one_way_delay())
                 return False
             view = view[sent:]
-            conn.relay._count(self.name, sent)
+            conn.relay.count(self.name, sent)
         return True
 
 
@@ -217,7 +217,7 @@ class Connection:
         # The client's connect() returned at once here, but across a real link it returns after
         # the SYN / SYN-ACK round trip, and its first bytes arrive half a round trip later: a
         # new connection costs one RTT more than a warm one, as it does over an ocean.
-        self.up.last_deadline = self.accepted_at + 3 * relay._one_way_delay()
+        self.up.last_deadline = self.accepted_at + 3 * relay.one_way_delay()
         self.down = _Direction(self, "to_client")
         self.up.src = client
         self.down.dst = client
@@ -228,14 +228,14 @@ class Connection:
 
     def _connect_then_forward(self) -> None:
         # The SYN crosses the link: the target hears of the connection one-way delay later.
-        if not self.up.wait_until(self.accepted_at + self.relay._one_way_delay()):
+        if not self.up.wait_until(self.accepted_at + self.relay.one_way_delay()):
             return
         sock = self._open_target()
         if sock is None:
             if not self.aborted:
                 # The client's connect already "succeeded" locally; the closest we can get to
                 # the refusal it would have seen is a reset, one crossing of the link later.
-                self.abort_after(self.relay._one_way_delay())
+                self.abort_after(self.relay.one_way_delay())
             return
         self.up.dst = sock
         self.down.src = sock
@@ -246,7 +246,7 @@ class Connection:
 
     def _open_target(self) -> socket.socket | None:
         """Connect to the target, trying each of its addresses like ``create_connection``."""
-        for family, address in self.relay._target_addresses:
+        for family, address in self.relay.target_addresses:
             sock = socket.socket(family, socket.SOCK_STREAM)
             with self.lock:
                 if self.aborted:
@@ -265,7 +265,7 @@ class Connection:
                     self.target = None
                     sock.close()
                 if isinstance(exc, ConnectionRefusedError):
-                    self.relay._target_refused()
+                    self.relay.target_refused()
         return None
 
     def _spawn(self, target: Callable[[], None], role: str) -> bool:
@@ -295,7 +295,7 @@ class Connection:
                     # them: closing under a blocked call would neither wake it nor be safe.
                     self._close_sockets()
             if last:
-                self.relay._forget(self)
+                self.relay.forget(self)
 
     def _close_sockets(self) -> None:
         if self._sockets_closed:
