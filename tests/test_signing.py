@@ -672,12 +672,12 @@ async def test_memory_nonce_cache_expires():
     assert await cache.add_if_new("a", 10)
 
 
-async def test_the_gateways_nonce_cache_closes_its_own_connection(valkey_port):
-    """The primary's replay cache is made with its own client; closing the cache (at the
-    gateway's shutdown) closes that connection, seen from Valkey's side."""
+async def test_a_nonce_cache_closes_the_connection_it_owns(valkey_port):
+    """A replay cache made with its own client closes that connection with it, seen from
+    Valkey's side."""
     import redis.asyncio as aioredis
 
-    from latitude.gateway.primary import nonce_cache_for
+    from latitude.sessions import valkey_client
 
     watcher = aioredis.Redis(host="127.0.0.1", port=valkey_port)
 
@@ -686,7 +686,9 @@ async def test_the_gateways_nonce_cache_closes_its_own_connection(valkey_port):
 
     try:
         before = await clients()
-        cache = await nonce_cache_for(f"valkey://127.0.0.1:{valkey_port}")
+        cache = ValkeyNonceCache(
+            valkey_client(f"valkey://127.0.0.1:{valkey_port}"), owns_client=True
+        )
         assert await cache.add_if_new(f"n-{uuid.uuid4().hex}", 5)
         opened = await clients() - before
         assert len(opened) == 1  # the cache's own connection

@@ -20,6 +20,9 @@ __all__ = [
     "LOST_ANSWER_BODY",
     "LOST_ANSWER_HEADERS",
     "LOST_ANSWER_STATUS",
+    "NONCES",
+    "NONCE_INSERT",
+    "NONCE_PURGE_EVERY_S",
     "SCHEMA",
     "TABLE",
     "check_key",
@@ -30,6 +33,12 @@ __all__ = [
 ]
 
 TABLE = "latitude_idempotency"
+# The primary's replay cache of forwarded requests' nonces, beside the claims: an eager claim
+# records its request's nonce in its own statement (one round trip for both, and no session
+# store on a forwarded write's way at the primary); replicated with the claims, so a promotion
+# keeps it. `runner` tells a store's own retry of a statement (same runner) from a replay.
+NONCES = "latitude_nonces"
+NONCE_PURGE_EVERY_S = 60.0
 DEFAULT_STALE_AFTER_S = 60.0
 DEFAULT_RETENTION_S = 24 * 3600.0
 DEFAULT_PURGE_EVERY_S = 3600.0
@@ -54,8 +63,26 @@ create table if not exists {TABLE} (
 alter table {TABLE} add column if not exists applied boolean not null default false;
 alter table {TABLE} add column if not exists runner text;
 alter table {TABLE} add column if not exists owner int;
-create index if not exists {TABLE}_created_at on {TABLE} (created_at)
+create index if not exists {TABLE}_created_at on {TABLE} (created_at);
+create table if not exists {NONCES} (
+    nonce text primary key,
+    runner text not null,
+    expires_at timestamptz not null
+);
+create index if not exists {NONCES}_expires_at on {NONCES} (expires_at)
 """
+
+# The nonce, recorded unless it is there already: it returns a row if it is new, or this
+# runner's own (a retry of a statement that reached the database). Parameters: nonce, runner,
+# seconds to keep it. Its commit waits for no flush: a record lost in a crash reopens replays
+# only for signatures still valid then, and claims still keep those from running twice.
+NONCE_INSERT = (
+    f"insert into {NONCES} as s (nonce, runner, expires_at) "
+    "select %s, %s, clock_timestamp() + make_interval(secs => %s) "
+    "where set_config('synchronous_commit', 'off', true) is not null "
+    "on conflict (nonce) do update set runner = excluded.runner "
+    "where s.runner = excluded.runner returning 1"
+)
 
 # Run by `latitude.db` as the first statement of each of the app's transactions on the primary
 # while a claimed request runs: the mark commits with the transaction or not at all, and it

@@ -78,6 +78,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
@@ -92,6 +94,9 @@ from latitude.claims import (
     LOST_ANSWER_BODY,
     LOST_ANSWER_HEADERS,
     LOST_ANSWER_STATUS,
+    NONCE_INSERT,
+    NONCE_PURGE_EVERY_S,
+    NONCES,
     SCHEMA,
     TABLE,
     check_key,
@@ -107,6 +112,8 @@ from latitude.outcome_store import (
     ClaimTooLate,
     IdempotencyError,
     IdempotencyUnavailable,
+    NonceRecord,
+    NonceUsed,
     Outcome,
     OutcomeStore,
 )
@@ -127,6 +134,30 @@ __all__ = [
     "claim_statement",
     "fence_statement",
 ]
+
+
+# Without a deadline (parameter None), one that never passes: the statements stay the same.
+_IN_TIME = "clock_timestamp() < coalesce(to_timestamp(%s), 'infinity')"
+# The claim of a new key (parameters: key, hash, owner, deadline or None): a row, or none if the
+# key is there already or the claim came after its deadline.
+_CLAIM = (
+    f"insert into {TABLE} (key, request_hash, state, owner) "
+    f"select %s, %s, 'running', %s where {_IN_TIME} "
+    "and set_config('synchronous_commit', 'off', true) is not null "
+    "on conflict (key) do nothing returning created_at"
+)
+# The same with the request's nonce recorded first (parameters: the nonce's, then the claim's):
+# whether the nonce is new (or this runner's), and the claim's time if one was made. A nonce
+# recorded before claims nothing: the parts share one snapshot, so the claim sees the nonce's
+# insert only through its returned row.
+_CLAIM_WITH_NONCE = (
+    f"with n as ({NONCE_INSERT}), c as ("
+    f"insert into {TABLE} (key, request_hash, state, owner) "
+    f"select %s, %s, 'running', %s where exists (select 1 from n) and {_IN_TIME} "
+    "and set_config('synchronous_commit', 'off', true) is not null "
+    "on conflict (key) do nothing returning created_at) "
+    "select exists (select 1 from n), (select created_at from c)"
+)
 
 
 class IdempotencyStore:
@@ -238,15 +269,33 @@ class IdempotencyStore:
         *,
         not_after: float | None = None,
         timeout_s: float | None = None,
+        nonce: NonceRecord | None = None,
     ) -> Claim:
         """Claim ``key`` for the request identified by ``request_hash`` (see the module doc).
 
         With ``not_after`` (wall-clock seconds), a claim that reaches the database later claims
         nothing and raises :class:`ClaimTooLate`. ``timeout_s`` bounds the wait for a pooled
-        connection (then :class:`IdempotencyUnavailable` with ``sent`` False)."""
+        connection (then :class:`IdempotencyUnavailable` with ``sent`` False). With ``nonce``,
+        the request's nonce is recorded in the claim's own statement, and a nonce recorded
+        before claims nothing and raises :class:`NonceUsed`."""
+        runner = uuid.uuid4().hex  # the same in a retry of the statement: its nonce is its own
         return await self._retrying(
-            lambda: self._begin_once(key, request_hash, stale_after_s, not_after, timeout_s)
+            lambda: self._begin_once(
+                key, request_hash, stale_after_s, not_after, timeout_s, nonce, runner
+            )
         )
+
+    async def record_nonce(self, nonce: NonceRecord, *, timeout_s: float | None = None) -> bool:
+        """Record a forwarded request's nonce (one that claims no key: a read, a claim made in
+        the app's transaction); False if it was recorded before."""
+        runner = uuid.uuid4().hex
+
+        async def once() -> bool:
+            async with self._connection(timeout_s) as conn:
+                cur = await conn.execute(NONCE_INSERT, (nonce.name, runner, float(nonce.ttl_s)))
+                return await cur.fetchone() is not None
+
+        return await self._retrying(once)
 
     async def ping(self, timeout_s: float | None = None) -> None:
         """One round trip to the database (through a healthy pooled connection)."""
@@ -296,14 +345,15 @@ class IdempotencyStore:
         stale_after_s: float,
         not_after: float | None,
         timeout_s: float | None,
+        nonce: NonceRecord | None = None,
+        runner: str = "",
     ) -> Claim:
         check_key(key)
         if not request_hash or not isinstance(request_hash, str):
             raise ValueError("request_hash must be a non-empty string")
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be positive, not {stale_after_s!r}")
-        # Without a deadline, one that never passes: the statements stay the same.
-        in_time = "clock_timestamp() < coalesce(to_timestamp(%s), 'infinity')"
+        in_time = _IN_TIME
         limit = None if not_after is None else float(not_after)
         # The row can vanish between the insert and the select (abandoned or purged meanwhile):
         # then claim again. Three rounds are plenty; a fourth would mean a pathological loop.
@@ -319,14 +369,17 @@ class IdempotencyStore:
                 # with it (a retry then runs afresh, correctly). A run that commits nothing
                 # leaves nothing to run twice. One WAL flush (and quorum round trip) less per
                 # forwarded write: 0.47-0.70 -> 0.17-0.22 ms with fsync on (benchmarks/README.md).
-                cur = await conn.execute(
-                    f"insert into {TABLE} (key, request_hash, state, owner) "
-                    f"select %s, %s, 'running', %s where {in_time} "
-                    "and set_config('synchronous_commit', 'off', true) is not null "
-                    "on conflict (key) do nothing returning created_at",
-                    (key, request_hash, self.owner, limit),
-                )
-                inserted = await cur.fetchone()
+                claimed = (key, request_hash, self.owner, limit)
+                if nonce is None:
+                    cur = await conn.execute(_CLAIM, claimed)
+                    inserted = await cur.fetchone()
+                else:
+                    recorded = (nonce.name, runner, float(nonce.ttl_s))
+                    cur = await conn.execute(_CLAIM_WITH_NONCE, recorded + claimed)
+                    fresh, created_at = await cur.fetchone()
+                    if not fresh:
+                        raise NonceUsed(f"nonce {nonce.name!r} was recorded before")
+                    inserted = None if created_at is None else (created_at,)
                 if inserted:
                     return Claim(Outcome.NEW, key, started_at=inserted[0])
                 cur = await conn.execute(
@@ -535,27 +588,40 @@ class IdempotencyStore:
             )
             return cur.rowcount
 
+    async def purge_nonces(self) -> int:
+        """Delete the nonces whose signatures have expired; return how many."""
+        async with self._transaction() as conn:
+            cur = await conn.execute(f"delete from {NONCES} where expires_at < clock_timestamp()")
+            return cur.rowcount
+
     async def purge_periodically(
         self,
         retention_s: float = DEFAULT_RETENTION_S,
         every_s: float = DEFAULT_PURGE_EVERY_S,
         on_error=None,
+        nonces_every_s: float = NONCE_PURGE_EVERY_S,
     ) -> None:
         """Run :meth:`purge` (rows older than ``retention_s``) now and then every ``every_s``,
-        until cancelled. A failed purge (the database is away) is reported to ``on_error`` and
-        tried again at the next turn: outcomes must not grow without bound, but a purge is
-        never urgent."""
-        if retention_s <= 0 or every_s <= 0:
+        and :meth:`purge_nonces` every ``nonces_every_s`` (a nonce is kept for seconds, but one
+        is recorded per forwarded request), until cancelled. A failed purge (the database is
+        away) is reported to ``on_error`` and tried again at the next turn: the tables must not
+        grow without bound, but a purge is never urgent."""
+        if retention_s <= 0 or every_s <= 0 or nonces_every_s <= 0:
             raise ValueError(
-                f"retention_s and every_s must be positive, not {retention_s!r} / {every_s!r}"
+                "retention_s, every_s and nonces_every_s must be positive, not "
+                f"{retention_s!r} / {every_s!r} / {nonces_every_s!r}"
             )
+        outcomes_due = time.monotonic()
         while True:
             try:
-                await self.purge(retention_s)
+                await self.purge_nonces()
+                if time.monotonic() >= outcomes_due:
+                    outcomes_due = time.monotonic() + every_s
+                    await self.purge(retention_s)
             except (IdempotencyError, psycopg.Error) as exc:
                 if on_error is not None:
                     on_error(exc)
-            await asyncio.sleep(every_s)
+            await asyncio.sleep(min(every_s, nonces_every_s))
 
     @contextlib.asynccontextmanager
     async def _connection(

@@ -10,13 +10,15 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = [
     "Claim",
     "ClaimTooLate",
     "IdempotencyError",
     "IdempotencyUnavailable",
+    "NonceRecord",
+    "NonceUsed",
     "Outcome",
     "OutcomeStore",
 ]
@@ -39,6 +41,18 @@ class IdempotencyUnavailable(IdempotencyError):
 
 class ClaimTooLate(IdempotencyError):
     """The claim reached the database after its ``not_after`` time: nothing was claimed."""
+
+
+class NonceUsed(IdempotencyError):
+    """The forwarded request's nonce was recorded before (a replay): nothing was claimed."""
+
+
+class NonceRecord(NamedTuple):
+    """A forwarded request's nonce as the primary's replay cache keeps it: its name (scoped by
+    the key that signed it) and how long to keep it (as long as its signature is valid)."""
+
+    name: str
+    ttl_s: float
 
 
 class Outcome(enum.StrEnum):
@@ -85,7 +99,10 @@ class OutcomeStore(Protocol):
         *,
         not_after: float | None = None,
         timeout_s: float | None = None,
+        nonce: NonceRecord | None = None,
     ) -> Claim: ...
+
+    async def record_nonce(self, nonce: NonceRecord, *, timeout_s: float | None = None) -> bool: ...
 
     async def complete_at_position(
         self,

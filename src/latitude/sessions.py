@@ -180,7 +180,7 @@ def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
 
 
 def valkey_client(url: str) -> Any:
-    """A client of the region's Valkey (sessions, nonces), as every part uses it: one pipelined
+    """A client of the region's Valkey (sessions), as every part uses it: one pipelined
     connection (`latitude.resp_client`); a connection to a Valkey that restarted fails once and
     the command is sent again on a new one; a store that is down or cut fails within the
     timeouts, not forever."""

@@ -13,7 +13,6 @@ from latitude.db import ClaimInTransaction, ClaimRefused, current_claim
 from latitude.gateway.config import GatewayConfig
 from latitude.gateway.middleware import RegionGateway
 from latitude.sessions import MemorySessionStore, SessionMiddleware
-from latitude.signing import MemoryNonceCache
 from latitude.topology import parse_topology
 from tests.unit.fakes import ASGIForwarding, MemoryOutcomeStore, MemoryReplayWatcher, call
 
@@ -145,14 +144,13 @@ class Regions:
         self.outcomes = MemoryOutcomeStore()
         self.db = Database(outcomes=self.outcomes)
         self.sessions = {"us-west": MemorySessionStore(), "eu-west": MemorySessionStore()}
-        self.nonces = MemoryNonceCache()
 
         def gateway_for(region: str, **parts) -> RegionGateway:
             config = GatewayConfig.from_topology(topology, region, environ=environ, **gateway)
             app = SessionMiddleware(calendar_app(self.db), self.sessions[region])
             return RegionGateway(app, config, session_store=self.sessions[region], **parts)
 
-        self.primary = gateway_for("us-west", nonce_cache=self.nonces, idempotency=self.outcomes)
+        self.primary = gateway_for("us-west", idempotency=self.outcomes)
         self.link = ASGIForwarding(self.primary)
         self.watcher = MemoryReplayWatcher()
         self.replica = gateway_for(

@@ -1,6 +1,6 @@
 """In-memory stand-ins for the gateway's parts, behind the same interfaces as the real ones:
-the outcome table (`OutcomeStore`), the way to the primary (`Forwarding`). With
-`MemorySessionStore` and `MemoryNonceCache` (which ship with Latitude) they let two regions'
+the outcome table with its replay cache of nonces (`OutcomeStore`), the way to the primary
+(`Forwarding`). With `MemorySessionStore` (which ships with Latitude) they let two regions'
 gateways run in one process, with no database, no Valkey and no sockets."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from latitude.claims import LOST_ANSWER_BODY, LOST_ANSWER_HEADERS, LOST_ANSWER_STATUS
 from latitude.forwarding import ForwardedResponse, NoAnswer, NotSent
 from latitude.idempotency import Claim, ClaimTooLate, IdempotencyUnavailable, Outcome
+from latitude.outcome_store import NonceUsed
 
 
 @dataclass
@@ -38,6 +39,7 @@ class MemoryOutcomeStore:
         self.down = False  # the database does not answer: nothing is sent
         self._lsn = itertools.count(0x1000, 0x10)
         self.owner = None  # no liveness lock: claims of a dead process wait for staleness
+        self.nonces: dict[str, float] = {}  # recorded nonce -> when it expires (monotonic)
 
     def _call(self, name: str) -> None:
         self.calls[name] += 1
@@ -47,8 +49,23 @@ class MemoryOutcomeStore:
     def _position(self) -> str:
         return f"0/{next(self._lsn):X}"
 
-    async def begin(self, key, request_hash, stale_after_s=30.0, *, not_after=None, timeout_s=None):
+    def _nonce_is_new(self, nonce) -> bool:
+        now = time.monotonic()
+        if self.nonces.get(nonce.name, now) > now:
+            return False
+        self.nonces[nonce.name] = now + nonce.ttl_s
+        return True
+
+    async def record_nonce(self, nonce, *, timeout_s=None) -> bool:
+        self._call("record_nonce")
+        return self._nonce_is_new(nonce)
+
+    async def begin(
+        self, key, request_hash, stale_after_s=30.0, *, not_after=None, timeout_s=None, nonce=None
+    ):
         self._call("begin")
+        if nonce is not None and not self._nonce_is_new(nonce):  # recorded in the claim's statement
+            raise NonceUsed(f"nonce {nonce.name!r} was recorded before")
         if not_after is not None and time.time() > not_after:
             raise ClaimTooLate(f"idempotency key {key!r}: the claim came after its deadline")
         row = self.rows.get(key)

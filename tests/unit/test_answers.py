@@ -25,7 +25,7 @@ from latitude.gateway.envelope import BadEnvelope
 from latitude.gateway.messages import BodyStalled
 from latitude.idempotency import IdempotencyUnavailable
 from latitude.sessions import CorruptSession, SessionStoreUnavailable, SessionTooLarge
-from latitude.signing import DigestMismatch, NonceCacheError, SignatureError
+from latitude.signing import DigestMismatch, SignatureError
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,6 @@ from latitude.signing import DigestMismatch, NonceCacheError, SignatureError
         (Demoted("x"), 503),
         (SignatureError("x"), 401),
         (DigestMismatch("x"), 401),
-        (NonceCacheError("x"), 503),
         (IdempotencyUnavailable("x"), 503),
         (BadEnvelope("x"), 400),
         (AppFailed("x"), 500),

@@ -1,6 +1,7 @@
 """`idempotency_claim = "in_transaction"`: the primary claims nothing before the app runs; the
 app's first transaction makes the claim, and a forwarded write costs one call of the outcome
-store (the outcome and position) instead of two. A retry, a duplicate, another request under
+store for its key (the outcome and position) instead of two (its nonce has a round trip of its
+own, overlapping the body's read; the eager claim records it in the claim's statement). A retry, a duplicate, another request under
 the key: the transaction is refused and the gateway answers from the store."""
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ async def regions(make_regions):
 
 
 def gateway_calls(outcomes) -> dict[str, int]:
-    """The outcome store's calls made by the gateway (not the app's own claim statement)."""
-    return {k: v for k, v in outcomes.calls.items() if k != "claim_in_transaction" and v}
+    """The outcome store's calls made by the gateway for the key (not the app's own claim
+    statement, nor the nonce's record)."""
+    skipped = ("claim_in_transaction", "record_nonce")
+    return {k: v for k, v in outcomes.calls.items() if k not in skipped and v}
 
 
 async def test_a_first_write_costs_one_store_call(regions):
@@ -35,6 +38,7 @@ async def test_a_first_write_costs_one_store_call(regions):
     assert regions.db.runs == 1
     assert gateway_calls(regions.outcomes) == {"complete_run": 1}
     assert regions.outcomes.calls["claim_in_transaction"] == 1  # in the app's transaction
+    assert regions.outcomes.calls["record_nonce"] == 1
     (row,) = regions.outcomes.rows.values()
     assert row.state == "completed" and row.status == 201
 
@@ -45,6 +49,7 @@ async def test_the_eager_claim_stays_the_default(make_regions):
     try:
         assert (await world.request("POST", "/events", {"title": "x"})).status == 201
         assert gateway_calls(world.outcomes) == {"begin": 1, "complete": 1}
+        assert world.outcomes.calls["record_nonce"] == 0  # recorded by the claim's statement
     finally:
         await world.stop()
 

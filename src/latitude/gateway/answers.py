@@ -18,7 +18,7 @@ from latitude.gateway.envelope import IDEMPOTENCY_KEY, BadEnvelope
 from latitude.gateway.messages import BodyStalled, BodyTooLarge, Scope, Send, send_error
 from latitude.idempotency import IdempotencyUnavailable
 from latitude.sessions import SessionError, SessionStoreUnavailable, SessionTooLarge
-from latitude.signing import DigestMismatch, NonceCacheError, SignatureError
+from latitude.signing import DigestMismatch, SignatureError
 
 
 class Refused(Exception):
@@ -176,10 +176,6 @@ def _too_big(exc: BaseException) -> str:
     )
 
 
-def _no_nonces(exc: BaseException) -> str:
-    return f"Cannot verify forwarded requests: {exc}"
-
-
 def _store_down(exc: BaseException) -> str:
     detail = f"This region's session store does not answer ({exc}). Retry in a few seconds."
     key = getattr(exc, "key", None)
@@ -232,7 +228,6 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (NotPrimary, Refusal(421, "Misdirected request", 1)),
     (DigestMismatch, Refusal(401, "Forwarded request rejected")),
     (SignatureError, Refusal(401, "Forwarded request rejected")),
-    (NonceCacheError, Refusal(503, "Cannot verify forwarded requests", 2, _no_nonces)),
     (IdempotencyUnavailable, Refusal(503, "Idempotency store unavailable", 1)),
     (BadEnvelope, Refusal(400, "Bad forwarding envelope")),
     (GatewayFault, Refusal(502, "The gateway failed", 1, _fault)),

@@ -41,7 +41,7 @@ from latitude.gateway.messages import (
 )
 from latitude.gateway.observe import TTFB, note, watch_answer
 from latitude.gateway.positions import PositionTracker, request_route
-from latitude.gateway.primary import PrimarySide, nonce_cache_for
+from latitude.gateway.primary import PrimarySide
 from latitude.gateway.replica import ReplicaSide
 from latitude.idempotency import IdempotencyStore, OutcomeStore
 from latitude.promotion.follow import EpochFollower
@@ -51,7 +51,6 @@ from latitude.sessions import (
     SessionStoreUnavailable,
     session_store_from_url,
 )
-from latitude.signing import NonceCache
 
 log = logging.getLogger("latitude.gateway")
 
@@ -63,7 +62,6 @@ class RegionGateway:
         config: GatewayConfig,
         *,
         session_store: SessionStore | None = None,
-        nonce_cache: NonceCache | None = None,
         forwarding: Forwarding | None = None,
         idempotency: OutcomeStore | None = None,
         fallback_store: OutcomeStore | None = None,
@@ -78,7 +76,6 @@ class RegionGateway:
         self.config = config
         self.codec = SessionCodec(limit_bytes=config.session_limit_bytes)
         self.session_store = session_store
-        self.nonce_cache = nonce_cache
         self.forwarding = forwarding
         self.idempotency = idempotency
         self.positions = PositionTracker(config, watcher=replay_watcher)
@@ -131,8 +128,6 @@ class RegionGateway:
                 retired.append(self.forwarding)
                 self.forwarding = None
                 self._keep_pool()
-            if self.nonce_cache is None:
-                self.nonce_cache = await nonce_cache_for(region.session_store_url)
             if self.idempotency is None:
                 self.idempotency = await IdempotencyStore.open(
                     region.database_url, hold_liveness=True
@@ -224,7 +219,6 @@ class RegionGateway:
             getattr(self.idempotency, "close", None),
             self.fallback.close,
             getattr(self.session_store, "close", None),
-            getattr(self.nonce_cache, "close", None),
             self.positions.close,
             self.epochs.close,
         ):

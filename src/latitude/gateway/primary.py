@@ -17,6 +17,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 from latitude import db
 from latitude.cookies import set_cookie_value
@@ -73,16 +74,16 @@ from latitude.gateway.observe import TTFB, note, watch_answer
 from latitude.gateway.positions import request_route
 from latitude.gateway.upstream import HttpUpstream
 from latitude.idempotency import Claim, IdempotencyUnavailable, Outcome
+from latitude.outcome_store import NonceRecord, NonceUsed
 from latitude.sessions import SessionError, SessionStoreUnavailable, carried_sessions
 from latitude.signing import (
     DigestMismatch,
-    MemoryNonceCache,
-    NonceCache,
-    NonceCacheError,
     SignatureError,
+    VerifiedSignature,
     check_request,
     content_digest,
-    record_nonce,
+    nonce_entry,
+    replayed,
     sign_response,
     verify_content_digest,
 )
@@ -93,12 +94,21 @@ log = logging.getLogger("latitude.gateway")
 # it: the session's home is its own region.
 PRIMARY_SESSION_COPY_TTL_S = 60
 # What a signed refusal can be (anything else is a bug, and propagates).
-_SIGNED_REFUSALS = (Refused, SessionError, IdempotencyUnavailable, BadEnvelope, NonceCacheError)
+_SIGNED_REFUSALS = (Refused, SessionError, IdempotencyUnavailable, BadEnvelope)
+
+
+@dataclass
+class NonceCheck:
+    """A forwarded request's nonce on its way into the replay cache: recorded by the eager
+    claim's own statement, or meanwhile by `task`."""
+
+    verified: VerifiedSignature
+    task: asyncio.Future | None = None
 
 
 class PrimarySide:
     """Runs the requests other regions forward here. Holds no request state of its own: the
-    gateway's parts (`config`, `session_store`, `idempotency`, `nonce_cache`, `epochs`) are read
+    gateway's parts (`config`, `session_store`, `idempotency`, `epochs`) are read
     from it at each request, as a promotion may replace them."""
 
     def __init__(self, gateway) -> None:
@@ -140,17 +150,33 @@ class PrimarySide:
         except SignatureError as exc:
             await self._reject(scope, send, exc)
             return
-        # The nonce's round trip overlaps the body's read, the wait for a run slot and the
-        # claim's round trip; nothing of the request is run, replayed or stored before it is
-        # known to be new (`_claim`, `_execute`).
-        nonce = asyncio.ensure_future(record_nonce(gw.nonce_cache, verified))
+        # The replay cache is the primary database: an eager claim records the nonce in its
+        # own statement; any other request's nonce is recorded while its body is read and it
+        # waits for a run slot. Nothing of a request is run, replayed or stored before its
+        # nonce is known to be new (`_claim`, `_execute`).
+        nonce = NonceCheck(verified)
+        if not self._claims_eagerly(scope):
+            nonce.task = asyncio.ensure_future(self._record_nonce(verified))
         try:
             await self._verified(scope, receive, send, arrived, nonce)
         finally:
-            if not nonce.done():
-                nonce.cancel()  # refused before it mattered
-            with contextlib.suppress(BaseException):
-                await nonce
+            if nonce.task is not None:
+                if not nonce.task.done():
+                    nonce.task.cancel()  # refused before it mattered
+                with contextlib.suppress(BaseException):
+                    await nonce.task
+
+    def _claims_eagerly(self, scope: Scope) -> bool:
+        """Whether the request's key is claimed before it runs (not by the app's transaction;
+        a read claims nothing)."""
+        return (
+            scope["method"] not in SAFE_METHODS
+            and self.gateway.config.idempotency_claim != CLAIM_IN_TRANSACTION
+        )
+
+    async def _record_nonce(self, verified: VerifiedSignature) -> None:
+        if not await self.gateway.idempotency.record_nonce(NonceRecord(*nonce_entry(verified))):
+            raise replayed(verified)
 
     async def _reject(self, scope: Scope, send: Send, exc: SignatureError) -> None:
         self.gateway.counters["rejected"] += 1
@@ -158,7 +184,7 @@ class PrimarySide:
         await refuse(scope, send, exc)  # not signed: it may not come from a gateway at all
 
     async def _verified(
-        self, scope: Scope, receive: Receive, send: Send, arrived: float, nonce: asyncio.Future
+        self, scope: Scope, receive: Receive, send: Send, arrived: float, nonce: NonceCheck
     ) -> None:
         gw = self.gateway
         cfg = gw.config
@@ -185,8 +211,6 @@ class PrimarySide:
         except SignatureError as exc:  # a replayed nonce, known only now
             await self._reject(scope, send, exc)
         except _SIGNED_REFUSALS as exc:
-            # NonceCacheError: the signature is good, only its nonce cannot be checked (the
-            # session store is down); signed, so the replica relays the 503.
             if isinstance(exc, IdempotencyUnavailable):  # a retry with the key is the way on
                 with_key(exc, header(headers, IDEMPOTENCY_KEY))
             await self._refuse_signed(send, headers, exc)
@@ -207,7 +231,7 @@ class PrimarySide:
             body.close()
 
     async def _execute_in_turn(
-        self, scope: Scope, send: Send, body: SpooledBody, arrived: float, nonce: asyncio.Future
+        self, scope: Scope, send: Send, body: SpooledBody, arrived: float, nonce: NonceCheck
     ) -> None:
         """Run the request once one of `max_runs` run slots is free; refused unrun (its key
         free) if none could come free in time for it to finish within its budget."""
@@ -231,7 +255,7 @@ class PrimarySide:
         body: SpooledBody,
         request: ForwardedRequest,
         ends: float | None,
-        nonce: asyncio.Future,
+        nonce: NonceCheck,
     ) -> None:
         gw = self.gateway
         headers = scope["headers"]
@@ -243,18 +267,18 @@ class PrimarySide:
             fingerprint = request_fingerprint(
                 scope, body.prefix_digest(body.size - request.session_length), sid
             )
-            if gw.config.idempotency_claim == CLAIM_IN_TRANSACTION:
+            if not self._claims_eagerly(scope):
                 # The app's first transaction makes the claim (docs/gateway.md).
                 pending = db.ClaimInTransaction(
                     request.key, fingerprint, uuid.uuid4().hex, owner=gw.idempotency.owner
                 )
             else:
-                claim = await self._claim(scope, request.key, fingerprint, nonce)
+                claim = await self._claim(scope, request.key, fingerprint, nonce.verified)
                 if claim.outcome is Outcome.REPLAY:
                     await self._send_replay(send, headers, claim)
                     return
-        if claim is None:  # no claim to overlap with: a read, or the claim in the transaction
-            await nonce
+        if nonce.task is not None:  # a read, or the claim in the transaction
+            await nonce.task
         try:
             if claim is not None:  # the claim's round trip may have spent the rest
                 self._check_budget(request, ends)
@@ -323,23 +347,16 @@ class PrimarySide:
         )
 
     async def _claim(
-        self, scope: Scope, key: str, fingerprint: str, nonce: asyncio.Future | None = None
+        self, scope: Scope, key: str, fingerprint: str, verified: VerifiedSignature | None = None
     ) -> Claim:
         """The key's claim: new (run it), or a stored answer to replay; refused otherwise.
-        With `nonce` (the request's nonce being recorded), the two round trips overlap, and a
-        request whose nonce is not new gets nothing of its claim: a new one is released."""
-        store = self.gateway.idempotency
-        claim = await store.begin(key, fingerprint)  # the nonce's own task runs meanwhile
-        if nonce is not None:
-            try:
-                await nonce
-            except BaseException:
-                if claim.outcome is Outcome.NEW:
-                    try:
-                        await store.abandon(key, claim=claim)
-                    except IdempotencyUnavailable as exc:  # the claim goes stale instead
-                        log.warning("could not release the claim of a refused request: %s", exc)
-                raise
+        With `verified`, its nonce is recorded in the claim's statement, and a request whose
+        nonce is not new gets nothing of its key: no claim, no stored answer."""
+        nonce = None if verified is None else NonceRecord(*nonce_entry(verified))
+        try:
+            claim = await self.gateway.idempotency.begin(key, fingerprint, nonce=nonce)
+        except NonceUsed:
+            raise replayed(verified) from None
         note(scope, idempotency=claim.outcome.value)
         if claim.outcome is Outcome.IN_PROGRESS:
             raise KeyInProgress("a request with this Idempotency-Key is running")
@@ -531,14 +548,3 @@ class PrimarySide:
         )
         headers += [(k.lower().encode(), v.encode()) for k, v in signature.items()]
         await send_response(send, status, headers, envelope)
-
-
-async def nonce_cache_for(url: str | None) -> NonceCache:
-    """The replay cache of forwarded requests' nonces: the region's Valkey (shared by all its
-    gateway processes), or in memory for a `memory:` store."""
-    if not url or url.startswith("memory:"):
-        return MemoryNonceCache()
-    from latitude.sessions import valkey_client
-    from latitude.signing import ValkeyNonceCache
-
-    return ValkeyNonceCache(valkey_client(url), owns_client=True)

@@ -4,7 +4,7 @@ is pending, and (with a lease) stop acknowledging writes when cut off from the m
 `RegionGateway` calls four things, each one line there: `start()` at start-up, `gate()` before
 each request, `heard()` with an answer's `Latitude-Epoch` header, `headers()` for its own answers.
 Following an epoch swaps the gateway's config for one whose primary is the epoch's, and opens or
-closes what the new role needs (the forwarding pool, the idempotency store, the nonce cache).
+closes what the new role needs (the forwarding pool, the idempotency store with its nonces).
 """
 
 from __future__ import annotations

@@ -539,11 +539,25 @@ async def record_nonce(
 ) -> None:
     """Record a checked request's nonce for as long as its signature is valid; `ReplayedNonce`
     if it was seen before (`NonceCacheError` if the replay cache is unreachable)."""
+    name, remember = nonce_entry(verified, now=now, clock_skew=clock_skew)
+    if not await nonce_cache.add_if_new(name, remember):
+        raise replayed(verified)
+
+
+def nonce_entry(
+    verified: VerifiedSignature, *, now: float | None = None, clock_skew: int = DEFAULT_CLOCK_SKEW
+) -> tuple[str, float]:
+    """What a replay cache keeps of a checked request: its nonce's name (scoped by the key
+    that signed it) and how many seconds to keep it, as long as the signature is valid."""
     remember = max(1.0, float(verified.expires + clock_skew - _now(now) + 1))
-    if not await nonce_cache.add_if_new(f"{verified.key_id}:{verified.nonce}", remember):
-        raise ReplayedNonce(
-            f"nonce {verified.nonce!r} of signature {verified.label!r} was already used"
-        )
+    return f"{verified.key_id}:{verified.nonce}", remember
+
+
+def replayed(verified: VerifiedSignature) -> ReplayedNonce:
+    """The refusal of a checked request whose nonce a replay cache had already seen."""
+    return ReplayedNonce(
+        f"nonce {verified.nonce!r} of signature {verified.label!r} was already used"
+    )
 
 
 def verify_response(
