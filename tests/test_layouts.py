@@ -111,3 +111,35 @@ def test_a_place_feels_as_far_as_the_model_says(calendar):
     )  # fmt: skip
     assert bad.returncode == 2 and "no place called 'Atlantis'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_series_measured_at_once_do_not_wait_on_each_others_locks(calendar):
+    """The demo's users each write their own team's row: one series' transaction holding its
+    row (the naive layout holds it for four ocean round trips) must not hold up another's
+    writes. Here a transaction holding user A's team row stands in for A's naive write in
+    flight, and B writes meanwhile."""
+    import psycopg
+
+    (primary,) = [r for r in calendar.status()["regions"] if r["role"] == "primary"]
+    port = calendar.state().regions["us-west"].app_port
+
+    async def run() -> None:
+        url = f"http://127.0.0.1:{port}"
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with (
+            aiohttp.ClientSession(url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as a,
+            aiohttp.ClientSession(url, cookie_jar=jar) as b,
+        ):
+            user_a = await demo.sign_in(a, "locks-a-Sydney-naive", "naive", url)
+            user_b = await demo.sign_in(b, "locks-b-Sao-Paulo-latitude", "latitude", url)
+            assert user_a["team_id"] != user_b["team_id"]
+            async with await psycopg.AsyncConnection.connect(primary["database_url"]) as held:
+                await held.execute(
+                    "select 1 from teams where id = %s for no key update", (user_a["team_id"],)
+                )
+                timeout = aiohttp.ClientTimeout(total=2)
+                async with b.post("/events", json={"title": "not held up"}, timeout=timeout) as r:
+                    assert r.status == 201, await r.text()
+                await held.rollback()
+
+    asyncio.run(run())

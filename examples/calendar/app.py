@@ -75,8 +75,9 @@ def current_user(request: Request) -> dict | None:
 
 
 def page(request: Request, name: str, status: int = 200, **ctx) -> Response:
+    team = (current_user(request) or {}).get("team", TEAM)
     return pages.render(
-        request, name, region=region_name, topology=topology, team=TEAM, status=status, **ctx
+        request, name, region=region_name, topology=topology, team=team, status=status, **ctx
     )
 
 
@@ -106,6 +107,9 @@ async def login(request: Request) -> Response:
     name = str(form.get("name", "")).strip()
     if not name or len(name) > 64:
         return refuse(request, 400, "give a name of 1 to 64 characters")
+    team = str(form.get("team") or TEAM).strip()  # the team to join: everyone's by default
+    if not team or len(team) > 64:
+        return refuse(request, 400, "give a team name of 1 to 64 characters, or none")
     async with engines.engine().begin() as db:
         user_id = (
             await db.execute(
@@ -124,10 +128,10 @@ async def login(request: Request) -> Response:
                 text(
                     "insert into teams (name) values (:t) on conflict (name) do nothing returning id"
                 ),
-                {"t": TEAM},
+                {"t": team},
             )
         ).scalar_one_or_none() or (
-            await db.execute(text("select id from teams where name = :t"), {"t": TEAM})
+            await db.execute(text("select id from teams where name = :t"), {"t": team})
         ).scalar_one()
         await db.execute(
             text(
@@ -139,7 +143,7 @@ async def login(request: Request) -> Response:
         await db.execute(
             text("insert into audit (user_id, action) values (:u, 'login')"), {"u": user_id}
         )
-    request.session["user"] = {"id": user_id, "name": name, "team_id": team_id}
+    request.session["user"] = {"id": user_id, "name": name, "team_id": team_id, "team": team}
     request.session["flash"] = f"Welcome, {name}"
     if pages.is_form(request):
         return pages.see_other("/")
