@@ -119,16 +119,20 @@ def log_of(world: LabWorld, region: str, service: str = "app") -> Path:
     return world.service_log(region, service)
 
 
-def start_calendar(world: LabWorld, region: str, *, pooling: bool = True) -> None:
+def start_calendar(
+    world: LabWorld, region: str, *, pooling: bool = True, env: dict[str, str] | None = None
+) -> None:
     """The calendar behind the gateway, as the tests start it; waits until it is healthy."""
     workers = PRIMARY_WORKERS if region == PRIMARY else 1
-    harness.start_calendar(world, region, workers, pooling=pooling, wait=60)
+    harness.start_calendar(world, region, workers, pooling=pooling, wait=60, env=env)
 
 
-def start_uvicorn(world: LabWorld, service: str, app: str) -> int:
+def start_uvicorn(
+    world: LabWorld, service: str, app: str, env: dict[str, str] | None = None
+) -> int:
     """A plain uvicorn (no gateway) in eu-west's environment, as lab service `service`."""
     port = free_port()
-    world.set_service(REPLICA, service, uvicorn_argv(app, port))
+    world.set_service(REPLICA, service, uvicorn_argv(app, port), env)
     # GET /me needs no database: it answers as soon as the app is up.
     wait_http(
         f"http://{HOST}:{port}/me", 60, f"{app} in {REPLICA}", log_of(world, REPLICA, service)
@@ -518,7 +522,12 @@ async def _sequential_reads(ports: dict[str, int], path: str, cookie: str, n: in
 
 def local_reads(world: LabWorld, n: int, seconds: float) -> dict:
     say(f"(4) local reads in {REPLICA}: gateway vs the bare calendar (plain uvicorn)")
-    bare_port = start_uvicorn(world, "bare", CALENDAR)
+    # Both run the calendar with a pool for the load's clients: with SQLAlchemy's default
+    # (5 + 10 overflow) every read past five at a time opened and closed a connection, on
+    # either side at random, and the ratio swung with it (benchmarks/README.md, session 13).
+    quiet = {"CALENDAR_POOL_SIZE": str(CONCURRENCY)}
+    start_calendar(world, REPLICA, env=quiet)
+    bare_port = start_uvicorn(world, "bare", CALENDAR, env=quiet)
     ports = {"gateway": port_of(world, REPLICA), "bare": bare_port}
     pids = {
         "gateway": service_pid(world, REPLICA, "app"),
@@ -551,6 +560,7 @@ def local_reads(world: LabWorld, n: int, seconds: float) -> dict:
             say(f"(4) {name}: {r['rps']:.0f} req/s at concurrency {CONCURRENCY}")
     finally:
         world.kill(REPLICA, "bare")
+        start_calendar(world, REPLICA)  # as the other phases expect it
 
     def mean(name: str, key: str) -> float:
         return round(sum(r[key] for r in runs[name]) / len(runs[name]), 3)
@@ -580,6 +590,7 @@ def local_reads(world: LabWorld, n: int, seconds: float) -> dict:
         "overhead_met": overhead <= TARGET_READ_OVERHEAD_MS,
         "throughput": throughput,
         "concurrency": CONCURRENCY,
+        "calendar_pool_size": CONCURRENCY,
         "throughput_pair_ratios": [round(x, 3) for x in pair_ratios],
         "throughput_ratio": round(ratio, 3),
         # What one core would carry, from CPU time per request: immune to neighbours' load.

@@ -60,6 +60,21 @@ region = topology.region(region_name)
 # CALENDAR_PRIMARY_POOL=none: a new connection to the primary database for every transaction,
 # as the naive layout (`naive.py`) of the demo runs it.
 _unpooled = os.environ.get("CALENDAR_PRIMARY_POOL") == "none"
+
+
+def _pool_size() -> dict:
+    """CALENDAR_POOL_SIZE=N: N pooled connections per database and no overflow, for as many
+    clients at once (a benchmark's). SQLAlchemy's default (5, and 10 more opened and closed
+    again as needed) makes every request past five at a time pay for a new connection: the
+    database's cost, which drowns the one a benchmark measures."""
+    value = os.environ.get("CALENDAR_POOL_SIZE")
+    if value is None:
+        return {}
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"CALENDAR_POOL_SIZE must be a whole number of connections, not {value!r}")
+    return {"pool_size": int(value), "max_overflow": 0}
+
+
 # Pinged before use: a promotion restarts databases, and a dead pooled connection must not fail
 # the request that draws it.
 engines = AsyncRoutedEngines.from_topology(
@@ -67,6 +82,7 @@ engines = AsyncRoutedEngines.from_topology(
     region_name,
     pool_pre_ping=True,
     primary_engine_kwargs={"poolclass": NullPool, "pool_pre_ping": False} if _unpooled else None,
+    **({} if _unpooled else _pool_size()),
 )
 
 

@@ -158,12 +158,14 @@ def start_calendar(
     *,
     pooling: bool = True,
     wait: float | None = None,
+    env: dict[str, str] | None = None,
 ) -> None:
-    """(Re)start the calendar behind the gateway in one region; with `wait`, until healthy."""
+    """(Re)start the calendar behind the gateway in one region (with `env` added to the
+    region's environment); with `wait`, until healthy."""
     from latitude.lab.demo import calendar_argv, wait_healthy
 
     extra = [] if pooling else ["--no-pool"]
-    world.set_app(region, calendar_argv(world, region, workers, extra))
+    world.set_app(region, calendar_argv(world, region, workers, extra), env)
     if wait is not None:
         wait_healthy(world, region, wait)
 
