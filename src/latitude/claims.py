@@ -1,7 +1,9 @@
-"""The idempotency table's schema, and the statements the app's own transactions run for a
-claim: the fence (:func:`fence_statement`) and the claim in the app's transaction
-(:func:`claim_statement`). Shared by the store (:mod:`latitude.idempotency`, which documents
-the table) and :mod:`latitude.db`, which imports no driver of ours beyond these strings.
+"""The schema of the idempotency table and of the replay cache of nonces beside it; the store's
+claim of a new key (with or without the request's nonce) and the nonce's record; and the
+statements the app's own transactions run for a claim: the fence (:func:`fence_statement`) and
+the claim in the app's transaction (:func:`claim_statement`). Shared by the store
+(:mod:`latitude.idempotency`, which documents the table) and :mod:`latitude.db`, which imports
+no driver of ours beyond these strings.
 
 This module is a leaf: it imports no other ``latitude`` module.
 """
@@ -19,6 +21,9 @@ __all__ = [
     "DEFAULT_STALE_AFTER_S",
     "LOST_ANSWER_BODY",
     "LOST_ANSWER_HEADERS",
+    "CLAIM_NEW",
+    "CLAIM_NEW_WITH_NONCE",
+    "IN_TIME",
     "LOST_ANSWER_STATUS",
     "NONCES",
     "NONCE_INSERT",
@@ -82,6 +87,29 @@ NONCE_INSERT = (
     "where set_config('synchronous_commit', 'off', true) is not null "
     "on conflict (nonce) do update set runner = excluded.runner "
     "where s.runner = excluded.runner returning 1"
+)
+
+# Without a deadline (parameter None), one that never passes: the statements stay the same.
+IN_TIME = "clock_timestamp() < coalesce(to_timestamp(%s), 'infinity')"
+# The claim of a new key (parameters: key, hash, owner, deadline or None): a row, or none if the
+# key is there already or the claim came after its deadline.
+CLAIM_NEW = (
+    f"insert into {TABLE} (key, request_hash, state, owner) "
+    f"select %s, %s, 'running', %s where {IN_TIME} "
+    "and set_config('synchronous_commit', 'off', true) is not null "
+    "on conflict (key) do nothing returning created_at"
+)
+# The same with the request's nonce recorded first (parameters: the nonce's, then the claim's):
+# whether the nonce is new (or this runner's), and the claim's time if one was made. A nonce
+# recorded before claims nothing: the parts share one snapshot, so the claim sees the nonce's
+# insert only through its returned row.
+CLAIM_NEW_WITH_NONCE = (
+    f"with n as ({NONCE_INSERT}), c as ("
+    f"insert into {TABLE} (key, request_hash, state, owner) "
+    f"select %s, %s, 'running', %s where exists (select 1 from n) and {IN_TIME} "
+    "and set_config('synchronous_commit', 'off', true) is not null "
+    "on conflict (key) do nothing returning created_at) "
+    "select exists (select 1 from n), (select created_at from c)"
 )
 
 # Run by `latitude.db` as the first statement of each of the app's transactions on the primary

@@ -88,9 +88,12 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from latitude.claims import (
+    CLAIM_NEW,
+    CLAIM_NEW_WITH_NONCE,
     DEFAULT_PURGE_EVERY_S,
     DEFAULT_RETENTION_S,
     DEFAULT_STALE_AFTER_S,
+    IN_TIME,
     LOST_ANSWER_BODY,
     LOST_ANSWER_HEADERS,
     LOST_ANSWER_STATUS,
@@ -134,30 +137,6 @@ __all__ = [
     "claim_statement",
     "fence_statement",
 ]
-
-
-# Without a deadline (parameter None), one that never passes: the statements stay the same.
-_IN_TIME = "clock_timestamp() < coalesce(to_timestamp(%s), 'infinity')"
-# The claim of a new key (parameters: key, hash, owner, deadline or None): a row, or none if the
-# key is there already or the claim came after its deadline.
-_CLAIM = (
-    f"insert into {TABLE} (key, request_hash, state, owner) "
-    f"select %s, %s, 'running', %s where {_IN_TIME} "
-    "and set_config('synchronous_commit', 'off', true) is not null "
-    "on conflict (key) do nothing returning created_at"
-)
-# The same with the request's nonce recorded first (parameters: the nonce's, then the claim's):
-# whether the nonce is new (or this runner's), and the claim's time if one was made. A nonce
-# recorded before claims nothing: the parts share one snapshot, so the claim sees the nonce's
-# insert only through its returned row.
-_CLAIM_WITH_NONCE = (
-    f"with n as ({NONCE_INSERT}), c as ("
-    f"insert into {TABLE} (key, request_hash, state, owner) "
-    f"select %s, %s, 'running', %s where exists (select 1 from n) and {_IN_TIME} "
-    "and set_config('synchronous_commit', 'off', true) is not null "
-    "on conflict (key) do nothing returning created_at) "
-    "select exists (select 1 from n), (select created_at from c)"
-)
 
 
 class IdempotencyStore:
@@ -353,7 +332,7 @@ class IdempotencyStore:
             raise ValueError("request_hash must be a non-empty string")
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be positive, not {stale_after_s!r}")
-        in_time = _IN_TIME
+        in_time = IN_TIME
         limit = None if not_after is None else float(not_after)
         # The row can vanish between the insert and the select (abandoned or purged meanwhile):
         # then claim again. Three rounds are plenty; a fourth would mean a pathological loop.
@@ -371,11 +350,11 @@ class IdempotencyStore:
                 # forwarded write: 0.47-0.70 -> 0.17-0.22 ms with fsync on (benchmarks/README.md).
                 claimed = (key, request_hash, self.owner, limit)
                 if nonce is None:
-                    cur = await conn.execute(_CLAIM, claimed)
+                    cur = await conn.execute(CLAIM_NEW, claimed)
                     inserted = await cur.fetchone()
                 else:
                     recorded = (nonce.name, runner, float(nonce.ttl_s))
-                    cur = await conn.execute(_CLAIM_WITH_NONCE, recorded + claimed)
+                    cur = await conn.execute(CLAIM_NEW_WITH_NONCE, recorded + claimed)
                     fresh, created_at = await cur.fetchone()
                     if not fresh:
                         raise NonceUsed(f"nonce {nonce.name!r} was recorded before")
