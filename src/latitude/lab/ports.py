@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from latitude.lab.errors import LabError
 
-__all__ = ["SERVICE_PORTS", "free_port", "free_ports"]
+__all__ = ["SERVICE_PORTS", "free_port", "free_ports", "service_ports"]
 
 # Services get ports below the kernel's ephemeral range, so that no relay (listening on port 0)
 # or outgoing connection can take a port between our choosing it and the service binding it.
@@ -34,9 +35,27 @@ def _ephemeral_range() -> range:
         return range(32768, 61000)
 
 
+def service_ports(environ=os.environ) -> range:
+    """The ports services are given: `SERVICE_PORTS`, or `LATITUDE_PORTS` ("20000-25999").
+    The memory of ports handed out is one process's: labs run side by side (the test suite's
+    two workers) each take a range of their own, so that one never picks a port another's
+    service has let go for a moment (a restart) and is about to bind again."""
+    spec = environ.get("LATITUDE_PORTS")
+    if not spec:
+        return SERVICE_PORTS
+    low, sep, high = spec.partition("-")
+    if not (sep and low.strip().isdigit() and high.strip().isdigit()):
+        raise LabError(f"LATITUDE_PORTS={spec!r}: expected a range of ports like 20000-25999")
+    ports = range(int(low), int(high) + 1)
+    if not ports or ports.start < 1024 or ports.stop > 65536:
+        raise LabError(f"LATITUDE_PORTS={spec!r}: expected a range within 1024-65535, low first")
+    return ports
+
+
 def free_ports(n: int) -> list[int]:
     ephemeral = _ephemeral_range()
-    candidates = [p for p in SERVICE_PORTS if p not in ephemeral] or list(SERVICE_PORTS)
+    pool = service_ports()
+    candidates = [p for p in pool if p not in ephemeral] or list(pool)
     chosen: list[int] = []
     with _lock:
         recent = set(_handed_out)
@@ -52,7 +71,7 @@ def free_ports(n: int) -> list[int]:
             if len(chosen) == n:
                 _handed_out.extend(chosen)
                 return chosen
-    raise LabError(f"no {n} free ports between {SERVICE_PORTS.start} and {SERVICE_PORTS.stop}")
+    raise LabError(f"no {n} free ports between {pool.start} and {pool.stop}")
 
 
 def free_port() -> int:
