@@ -154,7 +154,10 @@ def _fault(exc: BaseException) -> str:
 
 
 def _failed_here(exc: BaseException) -> str:
-    detail = f"An error stopped the request in region {exc} before its answer started; it is logged there."
+    detail = (
+        f"An error stopped the request in region {exc} before its answer started; it is "
+        "logged there."
+    )
     if getattr(exc, "changes", False):
         detail += " A change it made may stand: reload to see before trying again."
     return detail

@@ -308,7 +308,9 @@ class RegionGateway:
             changes = scope["method"] not in SAFE_METHODS
             await refuse(scope, send, FailedHere(region, changes=changes))
 
-    async def _dispatch(self, decision: Decision, scope: Scope, receive: Receive, send: Send):
+    async def _dispatch(
+        self, decision: Decision, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         """The request's way, as `classify` decided it (the module doc lists each one's home)."""
         if decision is Decision.LATITUDE:
             await self._own_endpoint(scope, send)
