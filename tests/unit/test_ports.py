@@ -8,6 +8,7 @@ from latitude.lab import ports
 
 def test_ports_chosen_one_at_a_time_are_all_different(monkeypatch):
     # A small range makes a repeat certain without the memory: 40 draws from 50 ports.
+    monkeypatch.delenv("LATITUDE_PORTS", raising=False)  # a test worker's own slice
     monkeypatch.setattr(ports, "SERVICE_PORTS", range(30000, 30050))
     monkeypatch.setattr(ports, "_handed_out", ports.deque(maxlen=ports._RECENT))
     chosen = [ports.free_port() for _ in range(40)]
@@ -16,6 +17,7 @@ def test_ports_chosen_one_at_a_time_are_all_different(monkeypatch):
 
 
 def test_a_range_handed_out_entirely_is_an_error_that_says_so(monkeypatch):
+    monkeypatch.delenv("LATITUDE_PORTS", raising=False)
     monkeypatch.setattr(ports, "SERVICE_PORTS", range(30100, 30104))
     monkeypatch.setattr(ports, "_handed_out", ports.deque(maxlen=ports._RECENT))
     ports.free_ports(4)
