@@ -224,6 +224,20 @@ async def test_unreachable_database_is_reported():
         await IdempotencyStore.open(f"postgresql://x@127.0.0.1:{port}/x", timeout_s=1)
 
 
+async def test_a_claim_sent_again_after_a_broken_connection_finds_itself(store, prefix):
+    """`_retrying` sends a claim again when its connection broke, and the first may have
+    committed: the same call's claim (its runner token) is its own, not a run in progress;
+    another call's is still in progress, and neither has run anything."""
+    key = prefix + "again"
+    first = await store._begin_once(key, "h", 60.0, None, None, None, "call-1")
+    again = await store._begin_once(key, "h", 60.0, None, None, None, "call-1")
+    assert first.outcome is again.outcome is Outcome.NEW
+    assert again.started_at == first.started_at and not again.taken_over
+    other = await store._begin_once(key, "h", 60.0, None, None, None, "call-2")
+    assert other.outcome is Outcome.IN_PROGRESS
+    assert (await store.begin(key, "h")).outcome is Outcome.IN_PROGRESS
+
+
 async def test_a_claim_that_arrives_after_its_deadline_claims_nothing(store, prefix, primary_dsn):
     """A claim held up (a cut link delivers it on heal) after its sender gave up must not take
     the key: nothing would ever complete it."""

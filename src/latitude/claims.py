@@ -91,11 +91,11 @@ NONCE_INSERT = (
 
 # Without a deadline (parameter None), one that never passes: the statements stay the same.
 IN_TIME = "clock_timestamp() < coalesce(to_timestamp(%s), 'infinity')"
-# The claim of a new key (parameters: key, hash, owner, deadline or None): a row, or none if the
-# key is there already or the claim came after its deadline.
+# The claim of a new key (parameters: key, hash, owner, the call's runner token, deadline or
+# None): a row, or none if the key is there already or the claim came after its deadline.
 CLAIM_NEW = (
-    f"insert into {TABLE} (key, request_hash, state, owner) "
-    f"select %s, %s, 'running', %s where {IN_TIME} "
+    f"insert into {TABLE} (key, request_hash, state, owner, runner) "
+    f"select %s, %s, 'running', %s, %s where {IN_TIME} "
     "and set_config('synchronous_commit', 'off', true) is not null "
     "on conflict (key) do nothing returning created_at"
 )
@@ -105,8 +105,8 @@ CLAIM_NEW = (
 # insert only through its returned row.
 CLAIM_NEW_WITH_NONCE = (
     f"with n as ({NONCE_INSERT}), c as ("
-    f"insert into {TABLE} (key, request_hash, state, owner) "
-    f"select %s, %s, 'running', %s where exists (select 1 from n) and {IN_TIME} "
+    f"insert into {TABLE} (key, request_hash, state, owner, runner) "
+    f"select %s, %s, 'running', %s, %s where exists (select 1 from n) and {IN_TIME} "
     "and set_config('synchronous_commit', 'off', true) is not null "
     "on conflict (key) do nothing returning created_at) "
     "select exists (select 1 from n), (select created_at from c)"

@@ -22,7 +22,7 @@ by every gateway process::
                           status int, headers jsonb, body bytea,
                           created_at timestamptz default now(), completed_at timestamptz,
                           applied boolean default false,
-                          runner text,                    -- a claim made in the app's transaction
+                          runner text,                    -- the claiming run's token
                           owner int)                      -- the claiming process's liveness id
 
 ``created_at`` is when the current run claimed the key.
@@ -257,7 +257,8 @@ class IdempotencyStore:
         connection (then :class:`IdempotencyUnavailable` with ``sent`` False). With ``nonce``,
         the request's nonce is recorded in the claim's own statement, and a nonce recorded
         before claims nothing and raises :class:`NonceUsed`."""
-        runner = uuid.uuid4().hex  # the same in a retry of the statement: its nonce is its own
+        # The same in a retry of the statement: its claim and its nonce are its own.
+        runner = uuid.uuid4().hex
         return await self._retrying(
             lambda: self._begin_once(
                 key, request_hash, stale_after_s, not_after, timeout_s, nonce, runner
@@ -325,7 +326,7 @@ class IdempotencyStore:
         not_after: float | None,
         timeout_s: float | None,
         nonce: NonceRecord | None = None,
-        runner: str = "",
+        runner: str | None = None,
     ) -> Claim:
         check_key(key)
         if not request_hash or not isinstance(request_hash, str):
@@ -348,7 +349,7 @@ class IdempotencyStore:
                 # with it (a retry then runs afresh, correctly). A run that commits nothing
                 # leaves nothing to run twice. One WAL flush (and quorum round trip) less per
                 # forwarded write: 0.47-0.70 -> 0.17-0.22 ms with fsync on (benchmarks/README.md).
-                claimed = (key, request_hash, self.owner, limit)
+                claimed = (key, request_hash, self.owner, runner or None, limit)
                 if nonce is None:
                     cur = await conn.execute(CLAIM_NEW, claimed)
                     inserted = await cur.fetchone()
@@ -363,7 +364,7 @@ class IdempotencyStore:
                     return Claim(Outcome.NEW, key, started_at=inserted[0])
                 cur = await conn.execute(
                     f"select request_hash, state, status, headers, body, created_at, "
-                    f"{POSITION_SQL}, {in_time} from {TABLE} where key = %s",
+                    f"{POSITION_SQL}, {in_time}, runner, applied from {TABLE} where key = %s",
                     (limit, key),
                 )
                 row = await cur.fetchone()
@@ -374,7 +375,8 @@ class IdempotencyStore:
                             "its deadline; nothing was claimed"
                         )
                     continue
-                stored_hash, state, status, headers, body, created_at, position, ok = row
+                stored_hash, state, status, headers, body, created_at, position, ok = row[:8]
+                stored_runner, applied = row[8:]
                 if stored_hash != request_hash:
                     return Claim(Outcome.MISMATCH, key)
                 if state == "completed":
@@ -391,16 +393,20 @@ class IdempotencyStore:
                         f"idempotency key {key!r}: the claim reached the database after its "
                         "deadline; nothing was claimed"
                     )
+                if runner and stored_runner == runner and not applied:
+                    # This call's own claim: its statement committed, but the connection broke
+                    # before the answer came back, and `_retrying` sent it again. Nothing ran.
+                    return Claim(Outcome.NEW, key, started_at=created_at)
                 # A stale run, or one whose process died, that never committed is taken over;
                 # one that did (its answer lost) is settled as such, never run again. The
                 # update waits for a run still inside a transaction, then sees whether it
                 # committed.
                 over = f"(created_at < now() - make_interval(secs => %s) or {owner_gone()})"
                 cur = await conn.execute(
-                    f"update {TABLE} set created_at = now(), owner = %s where key = %s "
-                    f"and state = 'running' and request_hash = %s and {over} "
+                    f"update {TABLE} set created_at = now(), owner = %s, runner = %s "
+                    f"where key = %s and state = 'running' and request_hash = %s and {over} "
                     f"and not applied and {in_time} returning created_at",
-                    (self.owner, key, request_hash, float(stale_after_s), limit),
+                    (self.owner, runner or None, key, request_hash, float(stale_after_s), limit),
                 )
                 taken = await cur.fetchone()
                 if taken:
