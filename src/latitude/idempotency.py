@@ -53,6 +53,11 @@ with a deadline passes ``not_after`` (a wall-clock time, ``time.time()`` seconds
 that time by its own clock (``clock_timestamp()``), and a late claim changes nothing and raises
 :class:`ClaimTooLate`. This assumes the two clocks agree to well within the deadline (NTP).
 
+**A claim sent twice.** A statement whose connection broke may have committed before the
+answer was lost, and :meth:`IdempotencyStore.begin` sends it again on a fresh connection. Each
+call of it claims with a token of its own (``runner``), so the second send finds the claim its
+own (``NEW``) rather than a run in progress, and the request's nonce its own, not a replay.
+
 **Stale claims.** A ``running`` row whose ``created_at`` is older than ``stale_after_s``
 (default 60 s) is taken to belong to a runner that died (process killed between claim and
 completion). A new request with the same key and the same hash takes it over: the row's
