@@ -105,6 +105,12 @@ class NonceCheck:
     verified: VerifiedSignature
     task: asyncio.Future | None = None
 
+    @property
+    def in_claim(self) -> bool:
+        """Recorded by the key's eager claim (decided once, when the request arrived: a
+        promotion that swaps the config meanwhile must not record it twice)."""
+        return self.task is None
+
 
 class PrimarySide:
     """Runs the requests other regions forward here. Holds no request state of its own: the
@@ -267,7 +273,7 @@ class PrimarySide:
             fingerprint = request_fingerprint(
                 scope, body.prefix_digest(body.size - request.session_length), sid
             )
-            if not self._claims_eagerly(scope):
+            if not nonce.in_claim:
                 # The app's first transaction makes the claim (docs/gateway.md).
                 pending = db.ClaimInTransaction(
                     request.key, fingerprint, uuid.uuid4().hex, owner=gw.idempotency.owner
@@ -277,7 +283,7 @@ class PrimarySide:
                 if claim.outcome is Outcome.REPLAY:
                     await self._send_replay(send, headers, claim)
                     return
-        if nonce.task is not None:  # a read, or the claim in the transaction
+        if not nonce.in_claim:  # a read, or the claim in the transaction
             await nonce.task
         try:
             if claim is not None:  # the claim's round trip may have spent the rest
