@@ -51,6 +51,8 @@ async def app(scope, receive, send):
             break
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
     route = headers.get("latitude-database") or current_route.get()
+    if "x-fail" in headers:  # an app's unhandled error, before any answer
+        raise RuntimeError("the edge app failed on purpose")
     if "x-hold-ms" in headers:
         await asyncio.sleep(int(headers["x-hold-ms"]) / 1000)
     if "x-record" in headers:

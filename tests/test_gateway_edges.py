@@ -287,6 +287,36 @@ def test_forged_host_is_refused_before_anything_runs(edges):
     assert records(edges, record) == []
 
 
+def test_an_apps_unhandled_error_is_a_named_answer_not_the_servers_bare_500(edges):
+    """Through `latitude serve` on real sockets: a read served in eu-west, a write run at the
+    primary's own region, and a write forwarded there, each failing in the app."""
+    cases = [
+        (EU, "GET", "eu-west", "logged there"),  # served where it is asked
+        (PRIMARY, "POST", "us-west", "may stand"),  # run at the primary's own region
+    ]
+    for region, method, named, said in cases:
+        for accept, kind in (("application/json", "application/json"), ("text/html", "text/html")):
+            answer = raw_request(
+                edges.serve[region],
+                method,
+                "/who",
+                [("x-fail", "1"), ("accept", accept)],
+                b"x" if method == "POST" else b"",
+            )
+            assert answer.status == 500, (region, method, answer.body)
+            assert answer.headers["content-type"].startswith(kind), answer.headers
+            assert b"Internal Server Error" not in answer.body  # not uvicorn's plain text
+            assert named.encode() in answer.body and said.encode() in answer.body, answer.body
+    # Forwarded: the primary runs the app, which fails; its signed 500 is relayed, naming where
+    # it is logged (the key was released: this run committed nothing).
+    forwarded = raw_request(
+        edges.serve[EU], "POST", "/who", [("x-fail", "1"), ("accept", "application/json")], b"x"
+    )
+    assert forwarded.status == 500, forwarded.body
+    assert forwarded.json()["error"] == "Internal error"
+    assert "us-west" in forwarded.json()["detail"], forwarded.body
+
+
 @pytest.mark.parametrize("kind", ["serve", "sidecar"])
 def test_the_app_sees_the_real_client_and_scheme(edges, kind):
     port = getattr(edges, kind)[EU]

@@ -453,7 +453,10 @@ class PrimarySide:
             if isinstance(claim, db.ClaimInTransaction) and claim.refused:
                 raise AppFailed("the key is another run's") from exc  # not the app's failure
             log.exception("the app failed on a forwarded %s %s", scope["method"], scope["path"])
-            raise AppFailed("internal error") from exc
+            where = gw.config.region.name
+            raise AppFailed(
+                f"the app failed in the primary region {where}; it is logged there"
+            ) from exc
         return captured
 
     async def _within_budget(self, run, request: ForwardedRequest, ends: float | None) -> None:
